@@ -1,0 +1,102 @@
+//! The commands a storage shard applies, as core types. The gRPC edge converts the protobuf
+//! contract into these; the Raft log carries them.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{AccountId, Amount, Currency, Metadata, Owner, RequestId, TxnId};
+
+/// An account's limits. `lower` bounds `available = balance - pending_out` after debits;
+/// `upper` bounds `balance + pending_in` after credits. `None` is unbounded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Limits {
+    pub lower: Option<Amount>,
+    pub upper: Option<Amount>,
+}
+
+impl Limits {
+    /// Customer accounts by default: no overdraft, no ceiling.
+    pub const NO_OVERDRAFT: Limits = Limits { lower: Some(Amount::ZERO), upper: None };
+    /// System accounts such as `sys:funding:USD` may go negative without bound.
+    pub const UNBOUNDED: Limits = Limits { lower: None, upper: None };
+}
+
+/// One signed movement: negative debits, positive credits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Leg {
+    pub account_id: AccountId,
+    pub amount: Amount,
+    pub currency: Currency,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CommandKind {
+    CreateAccount {
+        account_id: AccountId,
+        currency: Currency,
+        scale: u8,
+        limits: Limits,
+        metadata: Metadata,
+    },
+    UpdateLimits {
+        account_id: AccountId,
+        limits: Limits,
+    },
+    Freeze {
+        account_id: AccountId,
+    },
+    Unfreeze {
+        account_id: AccountId,
+    },
+    Close {
+        account_id: AccountId,
+    },
+    Transfer {
+        from: AccountId,
+        to: AccountId,
+        amount: Amount,
+        currency: Currency,
+        metadata: Metadata,
+    },
+    Batch {
+        legs: Vec<Leg>,
+        txn_id: Option<TxnId>,
+        metadata: Metadata,
+    },
+    Reserve {
+        txn_id: TxnId,
+        owner: Owner,
+        legs: Vec<Leg>,
+        metadata: Metadata,
+    },
+    Post {
+        txn_id: TxnId,
+        owner: Owner,
+    },
+    Void {
+        txn_id: TxnId,
+        owner: Owner,
+    },
+    /// Forgets idempotency records stamped before `older_than_ms` (leader time).
+    PruneDedup {
+        older_than_ms: i64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Command {
+    pub request_id: RequestId,
+    pub kind: CommandKind,
+}
+
+impl CommandKind {
+    /// The coordinator transaction a command belongs to, when it belongs to one.
+    pub fn txn_id(&self) -> Option<&TxnId> {
+        match self {
+            CommandKind::Batch { txn_id, .. } => txn_id.as_ref(),
+            CommandKind::Reserve { txn_id, .. }
+            | CommandKind::Post { txn_id, .. }
+            | CommandKind::Void { txn_id, .. } => Some(txn_id),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Business outcomes: a closed set of values, replicated and stored with each request id.
+//! `Err` is never used for these; it is reserved for I/O failures and bugs.
+
+use serde::{Deserialize, Serialize};
+
+/// The result of applying one command. Every value but `Ok` leaves the state untouched.
+/// The numbers are the protobuf `Outcome` values and never change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Outcome {
+    Ok = 1,
+    InsufficientFunds = 2,
+    LimitExceeded = 3,
+    AccountNotFound = 4,
+    AccountFrozen = 5,
+    AccountClosed = 6,
+    CurrencyMismatch = 7,
+    DuplicateWithDifferentPayload = 8,
+    AccountAlreadyExists = 9,
+    InvalidAmount = 10,
+    SelfTransfer = 11,
+    DuplicateAccountInBatch = 12,
+    NotZeroSum = 13,
+    BatchTooLarge = 14,
+    InvalidAccountId = 15,
+    InvalidCurrency = 16,
+    InvalidLimits = 17,
+    AccountNotEmpty = 18,
+    TransactionTombstoned = 19,
+    LegNotHeld = 20,
+    TransactionOwnedByOther = 21,
+    TransactionAlreadyReserved = 22,
+    TransactionNotFound = 23,
+    InvalidRequestId = 24,
+    InvalidMetadata = 25,
+    AccountNotActive = 26,
+    AmountOverflow = 27,
+    CoordinatorFenced = 28,
+}
+
+impl Outcome {
+    pub fn is_ok(self) -> bool {
+        self == Outcome::Ok
+    }
+}
+
+/// A business rejection: the outcome and, when one account caused it, that account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub outcome: Outcome,
+    pub account_id: Option<super::types::AccountId>,
+}
+
+impl Rejection {
+    pub fn new(outcome: Outcome) -> Rejection {
+        Rejection { outcome, account_id: None }
+    }
+
+    pub fn on(outcome: Outcome, account_id: &super::types::AccountId) -> Rejection {
+        Rejection { outcome, account_id: Some(account_id.clone()) }
+    }
+}

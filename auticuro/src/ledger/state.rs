@@ -1,0 +1,600 @@
+//! The ledger state machine: `(state, command, leader timestamp) → (state', outcome, event?)`.
+//!
+//! Pure and deterministic: no I/O, no clock, no randomness, and no iteration over hash maps
+//! whose order could leak into an outcome, an event or a digest.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::account::{Account, AccountState, within_limits};
+use super::command::{Command, CommandKind, Leg, Limits};
+use super::outcome::{Outcome, Rejection};
+use super::types::{AccountId, Amount, Currency, Metadata, Owner, RequestId, SCALE_MAX, TxnId};
+
+/// The most legs one batch or one reservation may carry.
+pub const BATCH_LEGS_MAX: usize = 64;
+/// The largest magnitude of any amount or limit, in minor units (10^30). Far above any real
+/// balance, and small enough that sums of many of them never overflow `i128`.
+pub const AMOUNT_ABS_MAX: i128 = 1_000_000_000_000_000_000_000_000_000_000;
+
+/// The state of one transaction's legs on this shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LegState {
+    Held,
+    Posted,
+    Voided,
+    /// Voided before any reserve arrived: a late reserve of this transaction is rejected.
+    Tombstone,
+}
+
+/// A two-phase transaction as this shard knows it: its legs here, their state and its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TxnRecord {
+    pub owner: Owner,
+    pub state: LegState,
+    pub legs: Vec<Leg>,
+    /// Leader time of the reserve (or of the tombstone).
+    pub at_ms: i64,
+}
+
+/// What the shard remembers of a request id: the payload's fingerprint and the outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub fingerprint: [u8; 32],
+    pub outcome: Outcome,
+    pub detail_account_id: Option<AccountId>,
+    /// The event seq when accepted, 0 when rejected.
+    pub seq: u64,
+    pub at_ms: i64,
+}
+
+/// The event of an accepted command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub timestamp_ms: i64,
+    pub command: Command,
+    /// Every touched account, after the command, in the order the command names them.
+    pub accounts: Vec<Account>,
+}
+
+/// Everything one command changed, for the storage adapter to persist.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub transactions: Vec<(TxnId, TxnRecord)>,
+    pub dedup_inserted: Option<(RequestId, DedupRecord)>,
+    pub dedup_removed: Vec<RequestId>,
+}
+
+/// The result of `Ledger::apply`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub outcome: Outcome,
+    /// The stored outcome of an earlier command with the same request id and payload.
+    pub duplicate: bool,
+    pub seq: u64,
+    pub detail_account_id: Option<AccountId>,
+    /// Present exactly when a new command was accepted.
+    pub event: Option<Event>,
+    pub changes: Changes,
+}
+
+/// What an accepted command did, before it gets its seq.
+struct Effect {
+    accounts: Vec<Account>,
+    transactions: Vec<(TxnId, TxnRecord)>,
+    dedup_removed: Vec<RequestId>,
+}
+
+impl Effect {
+    fn accounts(accounts: Vec<Account>) -> Effect {
+        Effect { accounts, transactions: Vec::new(), dedup_removed: Vec::new() }
+    }
+}
+
+/// The whole replicated state of one storage shard, in a canonical (sorted) form: what snapshots
+/// carry and what the digest covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerState {
+    pub last_seq: u64,
+    pub accounts: Vec<Account>,
+    pub transactions: Vec<(TxnId, TxnRecord)>,
+    pub dedup: Vec<(RequestId, DedupRecord)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    accounts: HashMap<AccountId, Account>,
+    transactions: HashMap<TxnId, TxnRecord>,
+    dedup: HashMap<RequestId, DedupRecord>,
+    /// Scale of every currency seen on this shard; fixed by its first account.
+    scales: BTreeMap<Currency, u8>,
+    last_seq: u64,
+}
+
+/// SHA-256 of the canonical encoding of a payload (everything but the request id).
+pub fn fingerprint(kind: &CommandKind) -> [u8; 32] {
+    let bytes = postcard::to_stdvec(kind).expect("commands always encode");
+    Sha256::digest(&bytes).into()
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn account(&self, id: &AccountId) -> Option<&Account> {
+        self.accounts.get(id)
+    }
+
+    pub fn transaction(&self, id: &TxnId) -> Option<&TxnRecord> {
+        self.transactions.get(id)
+    }
+
+    pub fn dedup_record(&self, id: &RequestId) -> Option<&DedupRecord> {
+        self.dedup.get(id)
+    }
+
+    /// Applies one command at the leader's timestamp. Never fails: rejections are outcomes.
+    pub fn apply(&mut self, command: &Command, timestamp_ms: i64) -> Applied {
+        let fingerprint = fingerprint(&command.kind);
+        if let Some(record) = self.dedup.get(&command.request_id) {
+            let outcome = if record.fingerprint == fingerprint {
+                record.outcome
+            } else {
+                Outcome::DuplicateWithDifferentPayload
+            };
+            let same = outcome == record.outcome;
+            return Applied {
+                outcome,
+                duplicate: same,
+                seq: if same { record.seq } else { 0 },
+                detail_account_id: if same { record.detail_account_id.clone() } else { None },
+                event: None,
+                changes: Changes::default(),
+            };
+        }
+        let (record, event, changes) = match self.execute(&command.kind, timestamp_ms) {
+            Ok(effect) => self.commit(command, effect, timestamp_ms),
+            Err(rejection) => (
+                DedupRecord {
+                    fingerprint,
+                    outcome: rejection.outcome,
+                    detail_account_id: rejection.account_id,
+                    seq: 0,
+                    at_ms: timestamp_ms,
+                },
+                None,
+                Changes::default(),
+            ),
+        };
+        let record = DedupRecord { fingerprint, ..record };
+        self.dedup.insert(command.request_id.clone(), record.clone());
+        Applied {
+            outcome: record.outcome,
+            duplicate: false,
+            seq: record.seq,
+            detail_account_id: record.detail_account_id.clone(),
+            event,
+            changes: Changes { dedup_inserted: Some((command.request_id.clone(), record)), ..changes },
+        }
+    }
+
+    fn commit(
+        &mut self,
+        command: &Command,
+        effect: Effect,
+        timestamp_ms: i64,
+    ) -> (DedupRecord, Option<Event>, Changes) {
+        self.last_seq += 1;
+        for account in &effect.accounts {
+            self.scales.entry(account.currency.clone()).or_insert(account.scale);
+            self.accounts.insert(account.id.clone(), account.clone());
+        }
+        for (txn_id, record) in &effect.transactions {
+            self.transactions.insert(txn_id.clone(), record.clone());
+        }
+        for request_id in &effect.dedup_removed {
+            self.dedup.remove(request_id);
+        }
+        let record = DedupRecord {
+            fingerprint: [0; 32],
+            outcome: Outcome::Ok,
+            detail_account_id: None,
+            seq: self.last_seq,
+            at_ms: timestamp_ms,
+        };
+        let event = Event {
+            seq: self.last_seq,
+            timestamp_ms,
+            command: command.clone(),
+            accounts: effect.accounts,
+        };
+        let changes = Changes {
+            transactions: effect.transactions,
+            dedup_inserted: None,
+            dedup_removed: effect.dedup_removed,
+        };
+        (record, Some(event), changes)
+    }
+
+    fn execute(&self, kind: &CommandKind, timestamp_ms: i64) -> Result<Effect, Rejection> {
+        match kind {
+            CommandKind::CreateAccount { account_id, currency, scale, limits, metadata } => {
+                self.create_account(account_id, currency, *scale, limits, metadata)
+            }
+            CommandKind::UpdateLimits { account_id, limits } => {
+                self.update_limits(account_id, limits)
+            }
+            CommandKind::Freeze { account_id } => self.freeze(account_id),
+            CommandKind::Unfreeze { account_id } => self.unfreeze(account_id),
+            CommandKind::Close { account_id } => self.close(account_id),
+            CommandKind::Transfer { from, to, amount, currency, metadata: _ } => {
+                self.transfer(from, to, *amount, currency)
+            }
+            CommandKind::Batch { legs, .. } => self.batch(legs),
+            CommandKind::Reserve { txn_id, owner, legs, .. } => {
+                self.reserve(txn_id, *owner, legs, timestamp_ms)
+            }
+            CommandKind::Post { txn_id, owner } => self.post(txn_id, *owner),
+            CommandKind::Void { txn_id, owner } => self.void(txn_id, *owner, timestamp_ms),
+            CommandKind::PruneDedup { older_than_ms } => Ok(self.prune_dedup(*older_than_ms)),
+        }
+    }
+
+    fn create_account(
+        &self,
+        account_id: &AccountId,
+        currency: &Currency,
+        scale: u8,
+        limits: &Limits,
+        metadata: &Metadata,
+    ) -> Result<Effect, Rejection> {
+        if account_id.is_clearing() {
+            return Err(Rejection::on(Outcome::InvalidAccountId, account_id));
+        }
+        if self.accounts.contains_key(account_id) {
+            return Err(Rejection::on(Outcome::AccountAlreadyExists, account_id));
+        }
+        let known_scale = self.scales.get(currency).copied();
+        if scale > SCALE_MAX || known_scale.is_some_and(|known| known != scale) {
+            return Err(Rejection::on(Outcome::InvalidCurrency, account_id));
+        }
+        if !valid_limits(limits) || !within_limits(limits, Amount::ZERO, Amount::ZERO, Amount::ZERO) {
+            return Err(Rejection::on(Outcome::InvalidLimits, account_id));
+        }
+        let new_account = |id: AccountId, limits: Limits, metadata: Metadata| Account {
+            id,
+            currency: currency.clone(),
+            scale,
+            state: AccountState::Active,
+            balance: Amount::ZERO,
+            pending_out: Amount::ZERO,
+            pending_in: Amount::ZERO,
+            limits,
+            version: 1,
+            metadata,
+        };
+        let mut accounts = vec![new_account(account_id.clone(), *limits, metadata.clone())];
+        // The first account of a currency brings the shard's clearing account for it.
+        if known_scale.is_none() {
+            let clearing = AccountId::clearing(currency);
+            accounts.push(new_account(clearing, Limits::UNBOUNDED, Metadata::default()));
+        }
+        Ok(Effect::accounts(accounts))
+    }
+
+    fn update_limits(&self, account_id: &AccountId, limits: &Limits) -> Result<Effect, Rejection> {
+        let mut account = self.open_account(account_id)?.clone();
+        let fits = within_limits(limits, account.balance, account.pending_out, account.pending_in);
+        if !valid_limits(limits) || !fits {
+            return Err(Rejection::on(Outcome::InvalidLimits, account_id));
+        }
+        account.limits = *limits;
+        account.version += 1;
+        Ok(Effect::accounts(vec![account]))
+    }
+
+    fn freeze(&self, account_id: &AccountId) -> Result<Effect, Rejection> {
+        let mut account = self.open_account(account_id)?.clone();
+        if account.state == AccountState::Active {
+            account.state = AccountState::Frozen;
+            account.version += 1;
+        }
+        Ok(Effect::accounts(vec![account]))
+    }
+
+    fn unfreeze(&self, account_id: &AccountId) -> Result<Effect, Rejection> {
+        let mut account = self.open_account(account_id)?.clone();
+        if account.state == AccountState::Frozen {
+            account.state = AccountState::Active;
+            account.version += 1;
+        }
+        Ok(Effect::accounts(vec![account]))
+    }
+
+    fn close(&self, account_id: &AccountId) -> Result<Effect, Rejection> {
+        let mut account = self.open_account(account_id)?.clone();
+        let empty = account.balance == Amount::ZERO
+            && account.pending_out == Amount::ZERO
+            && account.pending_in == Amount::ZERO;
+        if !empty {
+            return Err(Rejection::on(Outcome::AccountNotEmpty, account_id));
+        }
+        account.state = AccountState::Closed;
+        account.version += 1;
+        Ok(Effect::accounts(vec![account]))
+    }
+
+    fn transfer(
+        &self,
+        from: &AccountId,
+        to: &AccountId,
+        amount: Amount,
+        currency: &Currency,
+    ) -> Result<Effect, Rejection> {
+        if !amount.is_positive() || amount.0 > AMOUNT_ABS_MAX {
+            return Err(Rejection::new(Outcome::InvalidAmount));
+        }
+        if from == to {
+            return Err(Rejection::on(Outcome::SelfTransfer, from));
+        }
+        let legs = [
+            Leg { account_id: from.clone(), amount: Amount(-amount.0), currency: currency.clone() },
+            Leg { account_id: to.clone(), amount, currency: currency.clone() },
+        ];
+        self.batch(&legs)
+    }
+
+    fn batch(&self, legs: &[Leg]) -> Result<Effect, Rejection> {
+        check_legs(legs)?;
+        check_zero_sum(legs)?;
+        let mut accounts = self.movable_accounts(legs)?;
+        for (account, leg) in accounts.iter_mut().zip(legs) {
+            account.move_balance(leg.amount)?;
+        }
+        Ok(Effect::accounts(accounts))
+    }
+
+    fn reserve(
+        &self,
+        txn_id: &TxnId,
+        owner: Owner,
+        legs: &[Leg],
+        timestamp_ms: i64,
+    ) -> Result<Effect, Rejection> {
+        if let Some(record) = self.transactions.get(txn_id) {
+            return Err(Rejection::new(match record.state {
+                LegState::Tombstone => Outcome::TransactionTombstoned,
+                _ if record.owner.coordinator_shard_id != owner.coordinator_shard_id => {
+                    Outcome::TransactionOwnedByOther
+                }
+                _ => Outcome::TransactionAlreadyReserved,
+            }));
+        }
+        check_legs(legs)?;
+        let mut accounts = self.movable_accounts(legs)?;
+        for (account, leg) in accounts.iter_mut().zip(legs) {
+            account.hold(leg.amount)?;
+        }
+        let record =
+            TxnRecord { owner, state: LegState::Held, legs: legs.to_vec(), at_ms: timestamp_ms };
+        Ok(Effect { accounts, transactions: vec![(txn_id.clone(), record)], dedup_removed: Vec::new() })
+    }
+
+    /// Settles every held leg. Limits and account states are not checked again: the reserve
+    /// checked them, and a post of a held leg must never fail.
+    fn post(&self, txn_id: &TxnId, owner: Owner) -> Result<Effect, Rejection> {
+        let record = self.held_transaction(txn_id, owner)?;
+        let mut accounts: Vec<Account> = Vec::with_capacity(record.legs.len() + 1);
+        for leg in &record.legs {
+            let mut account = self.accounts[&leg.account_id].clone();
+            account.post(leg.amount);
+            accounts.push(account);
+        }
+        // The clearing account takes the opposite of what this shard's legs moved, so the shard
+        // stays zero-sum while the other shards of the transaction post theirs.
+        for (currency, sum) in sums_per_currency(&record.legs).expect("reserved legs sum in range") {
+            let clearing_id = AccountId::clearing(&currency);
+            let position = accounts.iter().position(|account| account.id == clearing_id);
+            let clearing = match position {
+                Some(index) => &mut accounts[index],
+                None => {
+                    accounts.push(self.accounts[&clearing_id].clone());
+                    accounts.last_mut().expect("just pushed")
+                }
+            };
+            clearing.balance = clearing.balance.checked_sub(sum).expect("clearing stays in range");
+            clearing.version += 1;
+        }
+        let record = TxnRecord { state: LegState::Posted, ..record.clone() };
+        Ok(Effect { accounts, transactions: vec![(txn_id.clone(), record)], dedup_removed: Vec::new() })
+    }
+
+    fn void(&self, txn_id: &TxnId, owner: Owner, timestamp_ms: i64) -> Result<Effect, Rejection> {
+        let Some(record) = self.transactions.get(txn_id) else {
+            let tombstone =
+                TxnRecord { owner, state: LegState::Tombstone, legs: Vec::new(), at_ms: timestamp_ms };
+            return Ok(Effect {
+                accounts: Vec::new(),
+                transactions: vec![(txn_id.clone(), tombstone)],
+                dedup_removed: Vec::new(),
+            });
+        };
+        if record.owner.coordinator_shard_id != owner.coordinator_shard_id {
+            return Err(Rejection::new(Outcome::TransactionOwnedByOther));
+        }
+        match record.state {
+            LegState::Voided | LegState::Tombstone => Ok(Effect::accounts(Vec::new())),
+            LegState::Posted => Err(Rejection::new(Outcome::LegNotHeld)),
+            LegState::Held => {
+                let mut accounts = Vec::with_capacity(record.legs.len());
+                for leg in &record.legs {
+                    let mut account = self.accounts[&leg.account_id].clone();
+                    account.release(leg.amount);
+                    accounts.push(account);
+                }
+                let record = TxnRecord { state: LegState::Voided, ..record.clone() };
+                Ok(Effect {
+                    accounts,
+                    transactions: vec![(txn_id.clone(), record)],
+                    dedup_removed: Vec::new(),
+                })
+            }
+        }
+    }
+
+    fn prune_dedup(&self, older_than_ms: i64) -> Effect {
+        let mut removed: Vec<RequestId> = self
+            .dedup
+            .iter()
+            .filter(|(_, record)| record.at_ms < older_than_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        removed.sort();
+        Effect { accounts: Vec::new(), transactions: Vec::new(), dedup_removed: removed }
+    }
+
+    fn held_transaction(&self, txn_id: &TxnId, owner: Owner) -> Result<&TxnRecord, Rejection> {
+        let record =
+            self.transactions.get(txn_id).ok_or(Rejection::new(Outcome::TransactionNotFound))?;
+        if record.owner.coordinator_shard_id != owner.coordinator_shard_id {
+            return Err(Rejection::new(Outcome::TransactionOwnedByOther));
+        }
+        if record.state != LegState::Held {
+            return Err(Rejection::new(Outcome::LegNotHeld));
+        }
+        Ok(record)
+    }
+
+    /// An existing, not closed, client-addressable account.
+    fn open_account(&self, id: &AccountId) -> Result<&Account, Rejection> {
+        if id.is_clearing() {
+            return Err(Rejection::on(Outcome::InvalidAccountId, id));
+        }
+        let account = self.accounts.get(id).ok_or_else(|| Rejection::on(Outcome::AccountNotFound, id))?;
+        if account.state == AccountState::Closed {
+            return Err(Rejection::on(Outcome::AccountClosed, id));
+        }
+        Ok(account)
+    }
+
+    /// Copies of the legs' accounts, once every one is known to accept movement: an account's
+    /// state is reported before any leg's funds or limits.
+    fn movable_accounts(&self, legs: &[Leg]) -> Result<Vec<Account>, Rejection> {
+        legs.iter().map(|leg| self.movable_account(leg).cloned()).collect()
+    }
+
+    /// An active account in the leg's currency: one that money may move on.
+    fn movable_account(&self, leg: &Leg) -> Result<&Account, Rejection> {
+        let account = self.open_account(&leg.account_id)?;
+        if account.state == AccountState::Frozen {
+            return Err(Rejection::on(Outcome::AccountFrozen, &leg.account_id));
+        }
+        if account.currency != leg.currency {
+            return Err(Rejection::on(Outcome::CurrencyMismatch, &leg.account_id));
+        }
+        Ok(account)
+    }
+
+    /// The canonical form of the whole state, sorted by key.
+    pub fn export(&self) -> LedgerState {
+        let mut accounts: Vec<Account> = self.accounts.values().cloned().collect();
+        accounts.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut transactions: Vec<_> =
+            self.transactions.iter().map(|(id, record)| (id.clone(), record.clone())).collect();
+        transactions.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut dedup: Vec<_> =
+            self.dedup.iter().map(|(id, record)| (id.clone(), record.clone())).collect();
+        dedup.sort_by(|a, b| a.0.cmp(&b.0));
+        LedgerState { last_seq: self.last_seq, accounts, transactions, dedup }
+    }
+
+    /// Rebuilds a ledger from its canonical form (a snapshot, or rows read back from disk).
+    pub fn import(state: LedgerState) -> Ledger {
+        let mut scales = BTreeMap::new();
+        for account in &state.accounts {
+            scales.entry(account.currency.clone()).or_insert(account.scale);
+        }
+        Ledger {
+            accounts: state.accounts.into_iter().map(|a| (a.id.clone(), a)).collect(),
+            transactions: state.transactions.into_iter().collect(),
+            dedup: state.dedup.into_iter().collect(),
+            scales,
+            last_seq: state.last_seq,
+        }
+    }
+
+    /// SHA-256 over the canonical state. Replicas at the same applied seq have equal digests.
+    pub fn digest(&self) -> [u8; 32] {
+        let bytes = postcard::to_stdvec(&self.export()).expect("state always encodes");
+        Sha256::digest(&bytes).into()
+    }
+
+    /// Sum of all balances per currency (zero on every shard, at every seq).
+    pub fn balance_sums(&self) -> BTreeMap<Currency, i128> {
+        let mut sums = BTreeMap::new();
+        for account in self.accounts.values() {
+            *sums.entry(account.currency.clone()).or_insert(0) += account.balance.0;
+        }
+        sums
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Account> {
+        self.accounts.values()
+    }
+}
+
+fn valid_limits(limits: &Limits) -> bool {
+    let in_range = |limit: Option<Amount>| limit.is_none_or(|a| a.0.abs() <= AMOUNT_ABS_MAX);
+    let ordered = match (limits.lower, limits.upper) {
+        (Some(lower), Some(upper)) => lower <= upper,
+        _ => true,
+    };
+    in_range(limits.lower) && in_range(limits.upper) && ordered
+}
+
+/// Count, amounts and distinct accounts of a batch or reservation.
+fn check_legs(legs: &[Leg]) -> Result<(), Rejection> {
+    if legs.is_empty() {
+        return Err(Rejection::new(Outcome::NotZeroSum));
+    }
+    if legs.len() > BATCH_LEGS_MAX {
+        return Err(Rejection::new(Outcome::BatchTooLarge));
+    }
+    for leg in legs {
+        if leg.amount == Amount::ZERO || leg.amount.0.abs() > AMOUNT_ABS_MAX {
+            return Err(Rejection::on(Outcome::InvalidAmount, &leg.account_id));
+        }
+    }
+    for (index, leg) in legs.iter().enumerate() {
+        if legs[..index].iter().any(|earlier| earlier.account_id == leg.account_id) {
+            return Err(Rejection::on(Outcome::DuplicateAccountInBatch, &leg.account_id));
+        }
+    }
+    Ok(())
+}
+
+fn check_zero_sum(legs: &[Leg]) -> Result<(), Rejection> {
+    let sums = sums_per_currency(legs).ok_or(Rejection::new(Outcome::AmountOverflow))?;
+    if sums.values().all(|sum| *sum == Amount::ZERO) {
+        Ok(())
+    } else {
+        Err(Rejection::new(Outcome::NotZeroSum))
+    }
+}
+
+fn sums_per_currency(legs: &[Leg]) -> Option<BTreeMap<Currency, Amount>> {
+    let mut sums: BTreeMap<Currency, Amount> = BTreeMap::new();
+    for leg in legs {
+        let sum = sums.entry(leg.currency.clone()).or_default();
+        *sum = sum.checked_add(leg.amount)?;
+    }
+    Some(sums)
+}

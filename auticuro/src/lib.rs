@@ -1,0 +1,10 @@
+//! Auticuro: the storage shard of the wallet platform.
+//!
+//! `ledger` is the pure, deterministic core. `machine` adapts it to Raft and RocksDB, `convert`
+//! and `service` to gRPC, and `server` starts a replica.
+
+pub mod convert;
+pub mod ledger;
+pub mod machine;
+pub mod server;
+pub mod service;

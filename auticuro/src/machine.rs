@@ -1,0 +1,187 @@
+//! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
+//! each command changed in RocksDB, keeps the event log, and wakes event subscribers.
+
+use consensus::{App, AppStore, Error, Writes};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::ledger::{Account, AccountId, Command, DedupRecord, Event, Ledger, LedgerState, Outcome, RequestId, TxnId, TxnRecord};
+
+const ACCOUNTS: &str = "accounts";
+const TRANSACTIONS: &str = "transactions";
+const DEDUP: &str = "dedup";
+const EVENTS: &str = "events";
+const LEDGER_META: &str = "ledger_meta";
+const LAST_SEQ: &[u8] = b"last_seq";
+
+/// What a command returns to its caller once applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub outcome: Outcome,
+    pub duplicate: bool,
+    pub seq: u64,
+    pub detail_account_id: Option<AccountId>,
+    /// Accounts touched by an accepted command, after it.
+    pub accounts: Vec<Account>,
+}
+
+/// Everything a snapshot carries: the ledger state and the whole event log, so a replica that
+/// catches up through a snapshot can serve `Subscribe` and `ReadEvents` from seq 1.
+#[derive(Serialize, Deserialize)]
+struct LedgerSnapshot {
+    state: LedgerState,
+    events: Vec<Event>,
+}
+
+pub struct LedgerMachine {
+    ledger: Ledger,
+    applied_seq: watch::Sender<u64>,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("in-memory encoding cannot fail")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
+    postcard::from_bytes(bytes).map_err(|source| Error::Decode { what, source })
+}
+
+pub fn event_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn read_all<T: serde::de::DeserializeOwned>(store: &AppStore, family: &str, what: &'static str) -> Result<Vec<T>, Error> {
+    store.scan_from(family, &[], usize::MAX)?.iter().map(|(_, value)| decode(what, value)).collect()
+}
+
+impl LedgerMachine {
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Watches the last applied (and persisted) event seq.
+    pub fn subscribe_applied_seq(&self) -> watch::Receiver<u64> {
+        self.applied_seq.subscribe()
+    }
+
+    fn write_state(state: &LedgerState, writes: &mut Writes<'_>) {
+        for account in &state.accounts {
+            writes.put(ACCOUNTS, account.id.as_str().as_bytes(), &encode(account));
+        }
+        for (txn_id, record) in &state.transactions {
+            writes.put(TRANSACTIONS, txn_id.as_str().as_bytes(), &encode(record));
+        }
+        for (request_id, record) in &state.dedup {
+            writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));
+        }
+        writes.put(LEDGER_META, LAST_SEQ, &encode(&state.last_seq));
+    }
+}
+
+/// Events `from..=to` (at most `limit`) from the event log column family.
+pub fn read_events(store: &AppStore, from: u64, to: u64, limit: usize) -> Result<Vec<Event>, Error> {
+    let rows = store.scan_from(EVENTS, &event_key(from), limit)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for (_, value) in rows {
+        let event: Event = decode("event", &value)?;
+        if event.seq > to {
+            break;
+        }
+        events.push(event);
+    }
+    Ok(events)
+}
+
+impl App for LedgerMachine {
+    type Request = Command;
+    type Response = CommandResult;
+
+    const COLUMN_FAMILIES: &'static [&'static str] = &[ACCOUNTS, TRANSACTIONS, DEDUP, EVENTS, LEDGER_META];
+
+    fn load(store: &AppStore) -> Result<Self, Error> {
+        let last_seq = match store.get(LEDGER_META, LAST_SEQ)? {
+            Some(bytes) => decode("last seq", &bytes)?,
+            None => 0,
+        };
+        let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
+        let transactions: Vec<(TxnId, TxnRecord)> = store
+            .scan_from(TRANSACTIONS, &[], usize::MAX)?
+            .iter()
+            .map(|(key, value)| Ok((txn_key(key)?, decode("transaction", value)?)))
+            .collect::<Result<_, Error>>()?;
+        let dedup: Vec<(RequestId, DedupRecord)> = store
+            .scan_from(DEDUP, &[], usize::MAX)?
+            .iter()
+            .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
+            .collect::<Result<_, Error>>()?;
+        let ledger = Ledger::import(LedgerState { last_seq, accounts, transactions, dedup });
+        let (applied_seq, _) = watch::channel(last_seq);
+        Ok(LedgerMachine { ledger, applied_seq })
+    }
+
+    fn apply(&mut self, command: &Command, timestamp_ms: i64, writes: &mut Writes<'_>) -> CommandResult {
+        let applied = self.ledger.apply(command, timestamp_ms);
+        if let Some(event) = &applied.event {
+            for account in &event.accounts {
+                writes.put(ACCOUNTS, account.id.as_str().as_bytes(), &encode(account));
+            }
+            writes.put(EVENTS, &event_key(event.seq), &encode(event));
+            writes.put(LEDGER_META, LAST_SEQ, &encode(&event.seq));
+        }
+        for (txn_id, record) in &applied.changes.transactions {
+            writes.put(TRANSACTIONS, txn_id.as_str().as_bytes(), &encode(record));
+        }
+        if let Some((request_id, record)) = &applied.changes.dedup_inserted {
+            writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));
+        }
+        for request_id in &applied.changes.dedup_removed {
+            writes.delete(DEDUP, request_id.as_str().as_bytes());
+        }
+        CommandResult {
+            outcome: applied.outcome,
+            duplicate: applied.duplicate,
+            seq: applied.seq,
+            detail_account_id: applied.detail_account_id,
+            accounts: applied.event.map(|event| event.accounts).unwrap_or_default(),
+        }
+    }
+
+    fn persisted(&mut self) {
+        self.applied_seq.send_replace(self.ledger.last_seq());
+    }
+
+    fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error> {
+        let events = read_events(store, 1, u64::MAX, usize::MAX)?;
+        Ok(encode(&LedgerSnapshot { state: self.ledger.export(), events }))
+    }
+
+    fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
+        let snapshot: LedgerSnapshot = decode("ledger snapshot", snapshot)?;
+        Self::write_state(&snapshot.state, writes);
+        for event in &snapshot.events {
+            writes.put(EVENTS, &event_key(event.seq), &encode(event));
+        }
+        self.ledger = Ledger::import(snapshot.state);
+        Ok(())
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        self.ledger.digest()
+    }
+
+    fn applied_seq(&self) -> u64 {
+        self.ledger.last_seq()
+    }
+}
+
+fn key_text(key: &[u8]) -> Result<&str, Error> {
+    std::str::from_utf8(key).map_err(|_| Error::Raft("a stored key is not UTF-8".into()))
+}
+
+fn txn_key(key: &[u8]) -> Result<TxnId, Error> {
+    TxnId::parse(key_text(key)?).map_err(|error| Error::Raft(error.to_string()))
+}
+
+fn request_key(key: &[u8]) -> Result<RequestId, Error> {
+    RequestId::parse(key_text(key)?).map_err(|error| Error::Raft(error.to_string()))
+}

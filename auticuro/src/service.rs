@@ -1,0 +1,193 @@
+//! `wallet.auticuro.v1.Ledger`: commands go through group commit on the leader; reads are
+//! linearizable on the leader or `min_seq`-bounded on any replica; events stream from any replica.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use consensus::{ProposeError, Proposer, Raft, StateMachineStore};
+use futures::Stream;
+use proto::auticuro::v1 as pb;
+use proto::auticuro::v1::ledger_server::Ledger as LedgerRpc;
+use proto::common::v1::Redirect;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::ledger::{AccountId, LegState, TxnId};
+use crate::machine::{LedgerMachine, read_events};
+
+/// The longest a `min_seq` read waits for the replica to catch up.
+pub const READ_WAIT_MAX: Duration = Duration::from_secs(5);
+/// The most events one `ReadEvents` call returns.
+pub const READ_EVENTS_LIMIT_MAX: u32 = 10_000;
+/// Events sent per round to a subscriber.
+const SUBSCRIBE_CHUNK: usize = 512;
+
+pub struct LedgerService {
+    pub shard_id: u32,
+    pub raft: Raft<LedgerMachine>,
+    pub machine: StateMachineStore<LedgerMachine>,
+    pub proposer: Proposer<LedgerMachine>,
+}
+
+impl LedgerService {
+    fn redirect(&self, leader_id: Option<u64>, leader_address: Option<String>) -> Redirect {
+        Redirect { group_id: self.shard_id, leader_node_id: leader_id, leader_address, wrong_shard: false }
+    }
+
+    fn current_redirect(&self) -> Redirect {
+        let metrics = self.raft.metrics().borrow().clone();
+        let address = metrics
+            .current_leader
+            .and_then(|id| metrics.membership_config.membership().get_node(&id).map(|node| node.addr.clone()));
+        self.redirect(metrics.current_leader, address)
+    }
+
+    /// Waits (bounded) until this replica has applied `min_seq`; returns the applied seq.
+    async fn wait_for_seq(&self, min_seq: u64, wait: Duration) -> Result<u64, u64> {
+        let mut applied = self.machine.read(|machine| machine.subscribe_applied_seq());
+        let reached = tokio::time::timeout(wait, applied.wait_for(|seq| *seq >= min_seq)).await.is_ok_and(|r| r.is_ok());
+        let current = *applied.borrow();
+        if reached { Ok(current) } else { Err(current) }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LedgerRpc for LedgerService {
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
+        let command = match convert::command(request.get_ref().command.as_ref()) {
+            Ok(command) => command,
+            Err(invalid) => {
+                let reply = pb::execute_response::Reply::Result(convert::rejection(invalid));
+                return Ok(Response::new(pb::ExecuteResponse { reply: Some(reply) }));
+            }
+        };
+        let reply = match self.proposer.propose(command).await {
+            Ok(result) => pb::execute_response::Reply::Result(convert::command_result(&result)),
+            Err(ProposeError::NotLeader { leader_id, leader_address }) => {
+                pb::execute_response::Reply::Redirect(self.redirect(leader_id, leader_address))
+            }
+            Err(ProposeError::Overloaded) => return Err(Status::resource_exhausted("overloaded, retry later")),
+            Err(ProposeError::Unavailable(message)) => return Err(Status::unavailable(message)),
+        };
+        Ok(Response::new(pb::ExecuteResponse { reply: Some(reply) }))
+    }
+
+    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::GetAccountResponse>, Status> {
+        use pb::get_account_response::Reply;
+        let request = request.into_inner();
+        let account_id = AccountId::parse(&request.account_id)
+            .map_err(|_| Status::invalid_argument("invalid account id"))?;
+        match pb::ReadConsistency::try_from(request.consistency).unwrap_or(pb::ReadConsistency::Unspecified) {
+            pb::ReadConsistency::MinSeq => {
+                let wait = Duration::from_millis(u64::from(request.wait_ms_max)).min(READ_WAIT_MAX);
+                if let Err(applied_seq) = self.wait_for_seq(request.min_seq, wait).await {
+                    let not_caught_up = pb::NotCaughtUp { applied_seq, min_seq: request.min_seq };
+                    return Ok(Response::new(pb::GetAccountResponse { reply: Some(Reply::NotCaughtUp(not_caught_up)) }));
+                }
+            }
+            _ => {
+                // Linearizable: confirm leadership with a quorum, then wait until applied.
+                if let Err(error) = self.raft.ensure_linearizable().await {
+                    return match error.forward_to_leader() {
+                        Some(forward) => {
+                            let redirect = self.redirect(forward.leader_id, forward.leader_node.clone().map(|node| node.addr));
+                            Ok(Response::new(pb::GetAccountResponse { reply: Some(Reply::Redirect(redirect)) }))
+                        }
+                        None => Err(Status::unavailable(error.to_string())),
+                    };
+                }
+            }
+        }
+        let (account, applied_seq) = self.machine.read(|machine| {
+            (machine.ledger().account(&account_id).map(convert::account), machine.ledger().last_seq())
+        });
+        let read = pb::AccountRead { account, applied_seq };
+        Ok(Response::new(pb::GetAccountResponse { reply: Some(Reply::Read(read)) }))
+    }
+
+    async fn get_transaction_legs(
+        &self,
+        request: Request<pb::GetTransactionLegsRequest>,
+    ) -> Result<Response<pb::GetTransactionLegsResponse>, Status> {
+        let txn_id = TxnId::parse(&request.get_ref().txn_id).map_err(|_| Status::invalid_argument("invalid txn id"))?;
+        if self.raft.ensure_linearizable().await.is_err() {
+            let redirect = self.current_redirect();
+            let reply = pb::get_transaction_legs_response::Reply::Redirect(redirect);
+            return Ok(Response::new(pb::GetTransactionLegsResponse { reply: Some(reply) }));
+        }
+        let record = self.machine.read(|machine| machine.ledger().transaction(&txn_id).cloned());
+        let legs = match record {
+            None => pb::TransactionLegs { txn_id: txn_id.to_string(), ..Default::default() },
+            Some(record) => pb::TransactionLegs {
+                txn_id: txn_id.to_string(),
+                owner: Some(pb::Owner { coordinator_shard_id: record.owner.coordinator_shard_id, epoch: record.owner.epoch }),
+                state: match record.state {
+                    LegState::Held => pb::LegState::Held,
+                    LegState::Posted => pb::LegState::Posted,
+                    LegState::Voided => pb::LegState::Voided,
+                    LegState::Tombstone => pb::LegState::Tombstone,
+                } as i32,
+                legs: record
+                    .legs
+                    .iter()
+                    .map(|leg| pb::Leg {
+                        account_id: leg.account_id.to_string(),
+                        amount: Some(convert::pb_amount(leg.amount)),
+                        currency: leg.currency.to_string(),
+                    })
+                    .collect(),
+                reserved_at_ms: record.at_ms,
+            },
+        };
+        let reply = pb::get_transaction_legs_response::Reply::Legs(legs);
+        Ok(Response::new(pb::GetTransactionLegsResponse { reply: Some(reply) }))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
+        let mut next = request.into_inner().from_seq.max(1);
+        let mut applied = self.machine.read(|machine| machine.subscribe_applied_seq());
+        let store = self.machine.store();
+        let shard_id = self.shard_id;
+        let (sender, receiver) = mpsc::channel(SUBSCRIBE_CHUNK);
+        tokio::spawn(async move {
+            loop {
+                // Wait until something at or after `next` is applied, then send it in order.
+                if applied.wait_for(|seq| *seq >= next).await.is_err() {
+                    return;
+                }
+                let events = match read_events(&store, next, u64::MAX, SUBSCRIBE_CHUNK) {
+                    Ok(events) => events,
+                    Err(error) => {
+                        let _ = sender.send(Err(Status::internal(error.to_string()))).await;
+                        return;
+                    }
+                };
+                for event in events {
+                    // The log is gap-free; a hole here is a bug, not something to skip over.
+                    assert_eq!(event.seq, next, "the event log has a gap");
+                    next += 1;
+                    if sender.send(Ok(convert::event(shard_id, &event))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+    }
+
+    async fn read_events(&self, request: Request<pb::ReadEventsRequest>) -> Result<Response<pb::ReadEventsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = if request.limit == 0 { READ_EVENTS_LIMIT_MAX } else { request.limit.min(READ_EVENTS_LIMIT_MAX) };
+        let to = if request.to_seq == 0 { u64::MAX } else { request.to_seq };
+        let applied_seq = self.machine.read(|machine| machine.ledger().last_seq());
+        let events = read_events(&self.machine.store(), request.from_seq.max(1), to.min(applied_seq), limit as usize)
+            .map_err(|error| Status::internal(error.to_string()))?;
+        let events = events.iter().map(|event| convert::event(self.shard_id, event)).collect();
+        Ok(Response::new(pb::ReadEventsResponse { events, applied_seq }))
+    }
+}

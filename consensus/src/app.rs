@@ -1,0 +1,101 @@
+//! The contract between the Raft plumbing and an application state machine.
+
+use std::fmt::Debug;
+
+use rocksdb::{DB, WriteBatch};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// What one Raft log entry carries: the requests the leader packed together (group commit) and
+/// the leader's clock when it packed them. Time is an input to the state machine, never read by it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound = "R: Serialize + DeserializeOwned")]
+pub struct Proposal<R> {
+    pub timestamp_ms: i64,
+    pub requests: Vec<R>,
+}
+
+/// Writes of one applied log entry, committed atomically with the applied log id.
+pub struct Writes<'a> {
+    pub(crate) db: &'a DB,
+    pub(crate) batch: &'a mut WriteBatch,
+}
+
+impl Writes<'_> {
+    pub fn put(&mut self, column_family: &str, key: &[u8], value: &[u8]) {
+        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        self.batch.put_cf(&cf, key, value);
+    }
+
+    pub fn delete(&mut self, column_family: &str, key: &[u8]) {
+        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        self.batch.delete_cf(&cf, key);
+    }
+}
+
+/// Read access to the application's column families, for loading state and serving reads.
+#[derive(Clone)]
+pub struct AppStore {
+    pub(crate) db: std::sync::Arc<DB>,
+}
+
+impl AppStore {
+    pub fn get(&self, column_family: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        Ok(self.db.get_cf(&cf, key)?)
+    }
+
+    /// Key/value pairs of a column family from `start` on, in key order, at most `limit`.
+    pub fn scan_from(
+        &self,
+        column_family: &str,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
+        let mut rows = Vec::new();
+        for item in self.db.iterator_cf(&cf, mode).take(limit) {
+            let (key, value) = item?;
+            rows.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(rows)
+    }
+}
+
+/// A deterministic application state machine replicated by Raft.
+///
+/// `apply` must be a pure function of the state, the request and the timestamp: the same log
+/// gives every replica the same state, the same responses and the same digest.
+pub trait App: Sized + Send + Sync + 'static {
+    type Request: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Response: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// The column families the application keeps its state in.
+    const COLUMN_FAMILIES: &'static [&'static str];
+
+    /// Loads the application state persisted in its column families (empty on a new replica).
+    fn load(store: &AppStore) -> Result<Self, Error>;
+
+    /// Applies one request and records its persistent changes into `writes`.
+    fn apply(&mut self, request: &Self::Request, timestamp_ms: i64, writes: &mut Writes<'_>) -> Self::Response;
+
+    /// Called once the writes of applied entries are durable in RocksDB: the place to wake
+    /// readers and subscribers of the new state.
+    fn persisted(&mut self) {}
+
+    /// The complete state as snapshot bytes.
+    fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error>;
+
+    /// Replaces the state with a snapshot: records every row into `writes` (the application
+    /// column families are emptied first) and returns the new in-memory state.
+    fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error>;
+
+    /// A digest of the replicated state.
+    fn digest(&self) -> [u8; 32];
+
+    /// The last event seq applied (for status and read-your-write waits).
+    fn applied_seq(&self) -> u64;
+}

@@ -1,0 +1,111 @@
+//! Raft plumbing shared by storage shards (`auticuro`) and coordinator shards (`marker`):
+//! openraft over RocksDB, the tonic transport, membership administration and group commit.
+//!
+//! An application plugs in through [`App`]: a deterministic state machine that applies requests
+//! at the leader's timestamp and records what it changed into a RocksDB write batch. This crate
+//! owns everything Raft: the log, votes, applied state, snapshots and replication.
+
+mod admin;
+mod app;
+mod network;
+mod proposer;
+mod store;
+
+pub use admin::RaftAdminService;
+pub use app::{App, AppStore, Proposal, Writes};
+pub use network::{MESSAGE_SIZE_MAX, Network, RaftTransportService};
+pub use proposer::{ProposeError, Proposer, ProposerLimits};
+pub use store::{LogStore, StateMachineStore, open_storage};
+
+use std::fmt;
+use std::marker::PhantomData;
+
+/// The openraft type configuration of a group running application `A`.
+pub struct TypeConfig<A>(PhantomData<fn() -> A>);
+
+impl<A> Clone for TypeConfig<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<A> Copy for TypeConfig<A> {}
+impl<A> Default for TypeConfig<A> {
+    fn default() -> Self {
+        TypeConfig(PhantomData)
+    }
+}
+impl<A> fmt::Debug for TypeConfig<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TypeConfig")
+    }
+}
+impl<A> PartialEq for TypeConfig<A> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl<A> Eq for TypeConfig<A> {}
+impl<A> PartialOrd for TypeConfig<A> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<A> Ord for TypeConfig<A> {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+impl<A: App> openraft::RaftTypeConfig for TypeConfig<A> {
+    type D = Proposal<A::Request>;
+    type R = Vec<A::Response>;
+    type NodeId = NodeId;
+    type Node = openraft::BasicNode;
+    type Entry = openraft::Entry<Self>;
+    type SnapshotData = std::io::Cursor<Vec<u8>>;
+    type AsyncRuntime = openraft::TokioRuntime;
+    type Responder = openraft::impls::OneshotResponder<Self>;
+}
+
+pub type NodeId = u64;
+pub type Raft<A> = openraft::Raft<TypeConfig<A>>;
+
+/// Errors of this crate that are not Raft's own.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage: {0}")]
+    Storage(#[from] rocksdb::Error),
+    #[error("decoding {what}: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Raft timing for groups on one machine or one data-centre network.
+pub fn raft_config(cluster_name: &str) -> openraft::Config {
+    openraft::Config {
+        cluster_name: cluster_name.to_owned(),
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        // Snapshots are sent whole in chunks; give each chunk room on a loaded machine.
+        install_snapshot_timeout: 5_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        purge_batch_size: 1_000,
+        max_payload_entries: 256,
+        ..Default::default()
+    }
+}
+
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("in-memory encoding cannot fail")
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
+    postcard::from_bytes(bytes).map_err(|source| Error::Decode { what, source })
+}

@@ -1,0 +1,370 @@
+//! The Raft log and the state machine in one RocksDB instance, in separate column families.
+//!
+//! - `raft_log`: entries by big-endian index; appended with one synced write per append, so
+//!   group commit turns many client commands into one fsync.
+//! - `raft_meta`: vote, committed log id, last purged log id.
+//! - `sm_meta`: applied log id, membership, last leader timestamp, current snapshot.
+//! - the application's own column families, written in the same batch as the applied log id.
+
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::app::{App, AppStore, Writes};
+use crate::{Error, NodeId, TypeConfig, decode, encode};
+
+const LOG: &str = "raft_log";
+const RAFT_META: &str = "raft_meta";
+const SM_META: &str = "sm_meta";
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+const APPLIED: &[u8] = b"applied";
+const MEMBERSHIP: &[u8] = b"membership";
+const LAST_TIMESTAMP: &[u8] = b"last_timestamp";
+const SNAPSHOT: &[u8] = b"snapshot";
+
+type C<A> = TypeConfig<A>;
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn read_error(error: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read(&error).into()
+}
+
+fn write_error(error: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write(&error).into()
+}
+
+fn synced() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    options
+}
+
+/// Opens (or creates) the replica's RocksDB and returns its log store and state machine.
+pub fn open_storage<A: App>(path: &Path) -> Result<(LogStore<A>, StateMachineStore<A>), Error> {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    let families = [LOG, RAFT_META, SM_META]
+        .iter()
+        .chain(A::COLUMN_FAMILIES)
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
+    let log = LogStore { db: db.clone(), _app: std::marker::PhantomData };
+    let machine = StateMachineStore::load(db)?;
+    Ok((log, machine))
+}
+
+fn get<T: serde::de::DeserializeOwned>(db: &DB, family: &str, key: &'static [u8]) -> Result<Option<T>, Error> {
+    let cf = db.cf_handle(family).expect("raft column families are opened");
+    match db.get_cf(&cf, key)? {
+        Some(bytes) => Ok(Some(decode("raft metadata", &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+// ---- Log ----
+
+pub struct LogStore<A> {
+    db: Arc<DB>,
+    _app: std::marker::PhantomData<fn() -> A>,
+}
+
+impl<A> Clone for LogStore<A> {
+    fn clone(&self) -> Self {
+        LogStore { db: self.db.clone(), _app: std::marker::PhantomData }
+    }
+}
+
+impl<A: App> LogStore<A> {
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T, options: &WriteOptions) -> StorageResult<()> {
+        let cf = self.db.cf_handle(RAFT_META).expect("opened");
+        self.db.put_cf_opt(&cf, key, encode(value), options).map_err(write_error)
+    }
+}
+
+impl<A: App> RaftLogReader<C<A>> for LogStore<A> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<C<A>>>> {
+        let start = match range.start_bound() {
+            Bound::Included(index) => *index,
+            Bound::Excluded(index) => index + 1,
+            Bound::Unbounded => 0,
+        };
+        let cf = self.db.cf_handle(LOG).expect("opened");
+        let mode = rocksdb::IteratorMode::From(&index_key(start), rocksdb::Direction::Forward);
+        let mut entries = Vec::new();
+        for item in self.db.iterator_cf(&cf, mode) {
+            let (key, value) = item.map_err(read_error)?;
+            let index = u64::from_be_bytes(key.as_ref().try_into().expect("log keys are 8 bytes"));
+            if !range.contains(&index) {
+                break;
+            }
+            entries.push(decode("log entry", &value).map_err(read_error)?);
+        }
+        Ok(entries)
+    }
+}
+
+impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<C<A>>> {
+        let last_purged: Option<LogId<NodeId>> = get(&self.db, RAFT_META, LAST_PURGED).map_err(read_error)?;
+        let cf = self.db.cf_handle(LOG).expect("opened");
+        let last = match self.db.iterator_cf(&cf, rocksdb::IteratorMode::End).next() {
+            Some(item) => {
+                let (_, value) = item.map_err(read_error)?;
+                let entry: Entry<C<A>> = decode("log entry", &value).map_err(read_error)?;
+                Some(entry.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(VOTE, vote, &synced())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        get(&self.db, RAFT_META, VOTE).map_err(read_error)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.put_meta(COMMITTED, &committed, &WriteOptions::default())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(get::<Option<LogId<NodeId>>>(&self.db, RAFT_META, COMMITTED).map_err(read_error)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C<A>>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<C<A>>> + OptionalSend,
+    {
+        let cf = self.db.cf_handle(LOG).expect("opened");
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            batch.put_cf(&cf, index_key(entry.log_id.index), encode(&entry));
+        }
+        // One synced write for everything appended together: the fsync behind group commit.
+        let result = self.db.write_opt(batch, &synced());
+        let flushed = result.as_ref().map(|_| ()).map_err(|error| std::io::Error::other(error.to_string()));
+        callback.log_io_completed(flushed);
+        result.map_err(write_error)
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let cf = self.db.cf_handle(LOG).expect("opened");
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(&cf, index_key(log_id.index), index_key(u64::MAX));
+        batch.delete_cf(&cf, index_key(u64::MAX));
+        self.db.write_opt(batch, &synced()).map_err(write_error)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.put_meta(LAST_PURGED, &log_id, &synced())?;
+        let cf = self.db.cf_handle(LOG).expect("opened");
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(&cf, index_key(0), index_key(log_id.index + 1));
+        self.db.write(batch).map_err(write_error)
+    }
+}
+
+// ---- State machine ----
+
+/// The application and the Raft bookkeeping of what it has applied, behind one lock so that
+/// readers and the snapshot builder always see the two agree.
+pub struct Applied<A> {
+    pub app: A,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, openraft::BasicNode>,
+    last_timestamp_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+pub struct StateMachineStore<A> {
+    db: Arc<DB>,
+    state: Arc<RwLock<Applied<A>>>,
+}
+
+impl<A> Clone for StateMachineStore<A> {
+    fn clone(&self) -> Self {
+        StateMachineStore { db: self.db.clone(), state: self.state.clone() }
+    }
+}
+
+impl<A: App> StateMachineStore<A> {
+    fn load(db: Arc<DB>) -> Result<StateMachineStore<A>, Error> {
+        let app = A::load(&AppStore { db: db.clone() })?;
+        let state = Applied {
+            app,
+            last_applied: get(&db, SM_META, APPLIED)?.flatten(),
+            membership: get(&db, SM_META, MEMBERSHIP)?.unwrap_or_default(),
+            last_timestamp_ms: get(&db, SM_META, LAST_TIMESTAMP)?.unwrap_or(0),
+        };
+        Ok(StateMachineStore { db, state: Arc::new(RwLock::new(state)) })
+    }
+
+    /// Runs `read` against the applied state. Readers wait while an entry is being applied.
+    pub fn read<T>(&self, read: impl FnOnce(&A) -> T) -> T {
+        read(&self.state.read().expect("no poisoned lock").app)
+    }
+
+    /// Read access to the application's column families.
+    pub fn store(&self) -> AppStore {
+        AppStore { db: self.db.clone() }
+    }
+
+    pub fn last_applied(&self) -> Option<LogId<NodeId>> {
+        self.state.read().expect("no poisoned lock").last_applied
+    }
+
+    fn put_meta(&self, batch: &mut WriteBatch, state: &Applied<A>) {
+        let cf = self.db.cf_handle(SM_META).expect("opened");
+        batch.put_cf(&cf, APPLIED, encode(&state.last_applied));
+        batch.put_cf(&cf, MEMBERSHIP, encode(&state.membership));
+        batch.put_cf(&cf, LAST_TIMESTAMP, encode(&state.last_timestamp_ms));
+    }
+
+    fn clear_app_families(&self, batch: &mut WriteBatch) -> Result<(), Error> {
+        for family in A::COLUMN_FAMILIES {
+            let cf = self.db.cf_handle(family).expect("opened");
+            for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+                let (key, _) = item?;
+                batch.delete_cf(&cf, key);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<C<A>>> {
+        let stored = {
+            let state = self.state.read().expect("no poisoned lock");
+            let data = state.app.snapshot(&self.store()).map_err(read_error)?;
+            let index = state.last_applied.map(|id| id.index).unwrap_or(0);
+            let meta = SnapshotMeta {
+                last_log_id: state.last_applied,
+                last_membership: state.membership.clone(),
+                snapshot_id: format!("{index}-{}", state.app.applied_seq()),
+            };
+            StoredSnapshot { meta, data }
+        };
+        let cf = self.db.cf_handle(SM_META).expect("opened");
+        self.db.put_cf_opt(&cf, SNAPSHOT, encode(&stored), &synced()).map_err(write_error)?;
+        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+        let state = self.state.read().expect("no poisoned lock");
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<A::Response>>>
+    where
+        I: IntoIterator<Item = Entry<C<A>>> + OptionalSend,
+    {
+        let mut state = self.state.write().expect("no poisoned lock");
+        let mut batch = WriteBatch::default();
+        let mut responses = Vec::new();
+        for entry in entries {
+            state.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Vec::new()),
+                EntryPayload::Membership(membership) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    responses.push(Vec::new());
+                }
+                EntryPayload::Normal(proposal) => {
+                    // A new leader's clock may be behind the old one's: time never goes back.
+                    let timestamp_ms = proposal.timestamp_ms.max(state.last_timestamp_ms);
+                    state.last_timestamp_ms = timestamp_ms;
+                    let mut writes = Writes { db: &self.db, batch: &mut batch };
+                    let results = proposal
+                        .requests
+                        .iter()
+                        .map(|request| state.app.apply(request, timestamp_ms, &mut writes))
+                        .collect();
+                    responses.push(results);
+                }
+            }
+        }
+        self.put_meta(&mut batch, &state);
+        // Not synced: the synced Raft log replays whatever a crash loses here.
+        self.db.write(batch).map_err(write_error)?;
+        state.app.persisted();
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let mut state = self.state.write().expect("no poisoned lock");
+        let mut batch = WriteBatch::default();
+        self.clear_app_families(&mut batch).map_err(write_error)?;
+        let mut writes = Writes { db: &self.db, batch: &mut batch };
+        state.app.install(&data, &mut writes).map_err(write_error)?;
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        self.put_meta(&mut batch, &state);
+        let cf = self.db.cf_handle(SM_META).expect("opened");
+        batch.put_cf(&cf, SNAPSHOT, encode(&StoredSnapshot { meta: meta.clone(), data }));
+        self.db.write_opt(batch, &synced()).map_err(write_error)?;
+        state.app.persisted();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<C<A>>>> {
+        let stored: Option<StoredSnapshot> = get(&self.db, SM_META, SNAPSHOT).map_err(read_error)?;
+        Ok(stored.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}

@@ -1,0 +1,115 @@
+//! Service processes for tests: started on port 0 with a fresh data directory, ready when the
+//! service prints its readiness line, killed when the handle is dropped.
+//!
+//! Every service binary of the platform prints exactly one line `ready <address>` on standard
+//! output once it listens; the address is the one it actually bound (tests pass port 0).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{HarnessError, Result, io_error};
+
+/// The readiness line prefix every service prints.
+pub const READY_PREFIX: &str = "ready ";
+
+/// How long a service may take to print its readiness line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A binary of this workspace, built next to the test executable (`target/<profile>/NAME`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/<profile>/deps/<test binary> → target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("tests run from target/*/deps");
+    profile_dir.join(name)
+}
+
+/// A running service process. Dropping it kills the process.
+pub struct ServiceProcess {
+    child: Child,
+    address: String,
+    pid: u32,
+}
+
+impl ServiceProcess {
+    /// Starts `program` and waits (bounded) for its readiness line. Standard error goes to the
+    /// test's own standard error, so a failing test shows the service's log.
+    pub async fn spawn(program: &Path, args: &[String]) -> Result<ServiceProcess> {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io_error(format!("starting {}", program.display())))?;
+        let pid = child.id().ok_or_else(|| HarnessError::Setup("no pid".into()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = async {
+            while let Some(line) = lines.next_line().await.map_err(io_error("reading stdout"))? {
+                if let Some(address) = line.strip_prefix(READY_PREFIX) {
+                    return Ok(address.trim().to_string());
+                }
+            }
+            Err(HarnessError::Setup(format!("{} exited before it was ready", program.display())))
+        };
+        let address = tokio::time::timeout(READY_TIMEOUT, ready).await.map_err(|_| {
+            HarnessError::Setup(format!("{} was not ready in time", program.display()))
+        })??;
+        // Keep draining standard output so the service never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(ServiceProcess { child, address, pid })
+    }
+
+    /// The address the service reported in its readiness line.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// `kill -9`: the process gets no chance to clean up.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await.map_err(io_error("killing a service"))
+    }
+
+    /// SIGSTOP: the process stays alive but does nothing until resumed.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// SIGCONT after a pause.
+    pub fn resume(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    /// SIGTERM, then waits for the exit; returns whether it exited successfully.
+    pub async fn terminate(&mut self) -> Result<bool> {
+        self.signal("TERM")?;
+        let status = self.child.wait().await.map_err(io_error("waiting for a service"))?;
+        Ok(status.success())
+    }
+
+    fn signal(&self, name: &str) -> Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid.to_string())
+            .status()
+            .map_err(io_error("sending a signal"))?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(HarnessError::Setup(format!("kill -{name} {} failed", self.pid)))
+    }
+}
+
+/// A fresh data directory for one service process, removed when dropped.
+pub fn fresh_data_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(prefix).tempdir().map_err(io_error("creating a data dir"))
+}

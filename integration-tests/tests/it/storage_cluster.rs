@@ -1,0 +1,229 @@
+//! A storage shard of three real `auticuro` processes on loopback: transfers, leader failure,
+//! gap-free events, catch-up through a snapshot, whole-shard restart.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use integration_tests::storage::StorageShard;
+use proto::auticuro::v1 as pb;
+use proto::common::v1::Amount;
+
+fn command(request_id: &str, kind: pb::command::Kind) -> pb::Command {
+    pb::Command { request_id: request_id.into(), kind: Some(kind) }
+}
+
+fn create(account_id: &str, no_lower_limit: bool) -> pb::command::Kind {
+    pb::command::Kind::CreateAccount(pb::CreateAccount {
+        account_id: account_id.into(),
+        currency: "USD".into(),
+        scale: 2,
+        no_lower_limit,
+        ..Default::default()
+    })
+}
+
+fn transfer(from: &str, to: &str, amount: i128) -> pb::command::Kind {
+    pb::command::Kind::Transfer(pb::Transfer {
+        from_account_id: from.into(),
+        to_account_id: to.into(),
+        amount: Some(Amount { minor_units: amount.to_string() }),
+        currency: "USD".into(),
+        metadata: HashMap::new(),
+    })
+}
+
+fn ok(result: &pb::CommandResult) -> bool {
+    result.outcome == pb::Outcome::Ok as i32
+}
+
+/// Creates the funding account and `count` customer accounts, each funded with 1,000.
+async fn open_accounts(shard: &StorageShard, count: usize) -> Vec<String> {
+    assert!(ok(&shard.execute(command("create-funding", create("sys:funding:USD", true))).await.unwrap()));
+    let mut accounts = Vec::new();
+    for index in 0..count {
+        let account = format!("user-{index}");
+        assert!(ok(&shard.execute(command(&format!("create-{index}"), create(&account, false))).await.unwrap()));
+        let fund = transfer("sys:funding:USD", &account, 1_000);
+        assert!(ok(&shard.execute(command(&format!("fund-{index}"), fund)).await.unwrap()));
+        accounts.push(account);
+    }
+    accounts
+}
+
+async fn balance(shard: &StorageShard, node_id: u64, account: &str) -> i128 {
+    let mut client = shard.ledger(node_id).await.unwrap();
+    let request = pb::GetAccountRequest {
+        account_id: account.into(),
+        consistency: pb::ReadConsistency::MinSeq as i32,
+        min_seq: 0,
+        wait_ms_max: 0,
+    };
+    let reply = client.get_account(request).await.unwrap().into_inner().reply.unwrap();
+    let pb::get_account_response::Reply::Read(read) = reply else { panic!("unexpected {reply:?}") };
+    read.account.unwrap().balance.unwrap().minor_units.parse().unwrap()
+}
+
+async fn read_all_events(shard: &StorageShard, node_id: u64) -> Vec<pb::Event> {
+    let mut client = shard.ledger(node_id).await.unwrap();
+    let mut events = Vec::new();
+    loop {
+        let request = pb::ReadEventsRequest { from_seq: events.len() as u64 + 1, to_seq: 0, limit: 1_000 };
+        let page = client.read_events(request).await.unwrap().into_inner();
+        if page.events.is_empty() {
+            return events;
+        }
+        events.extend(page.events);
+    }
+}
+
+fn assert_gap_free(events: &[pb::Event]) {
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(event.seq, index as u64 + 1, "events must be consecutive from 1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfers_survive_a_leader_kill_with_nothing_lost_or_applied_twice() {
+    let shard = StorageShard::start(1, 3, &[]).await.unwrap();
+    let accounts = open_accounts(&shard, 8).await;
+    let first_leader = shard.leader().await.unwrap();
+    let follower = shard.running().map(|replica| replica.node_id).find(|id| *id != first_leader).unwrap();
+
+    // A live subscriber on a follower sees every event across the failover.
+    let mut stream = shard.ledger(follower).await.unwrap().subscribe(pb::SubscribeRequest { from_seq: 1 }).await.unwrap().into_inner();
+
+    // Each client moves 1 from one account to the next, 40 times, retrying unknown outcomes
+    // with the same request id. The leader is killed in the middle of it.
+    let shard = std::sync::Arc::new(tokio::sync::RwLock::new(shard));
+    let mut clients = Vec::new();
+    for client in 0..accounts.len() {
+        let shard = shard.clone();
+        let from = accounts[client].clone();
+        let to = accounts[(client + 1) % accounts.len()].clone();
+        clients.push(tokio::spawn(async move {
+            let mut acknowledged = 0;
+            for step in 0..40 {
+                let request = command(&format!("pay-{client}-{step}"), transfer(&from, &to, 1));
+                let result = shard.read().await.execute(request).await.unwrap();
+                assert!(ok(&result), "{result:?}");
+                acknowledged += 1;
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    shard.write().await.kill(first_leader).await.unwrap();
+    let mut acknowledged = 0;
+    for client in clients {
+        acknowledged += client.await.unwrap();
+    }
+    assert_eq!(acknowledged, 8 * 40);
+
+    let shard = shard.read().await;
+    let new_leader = shard.leader().await.unwrap();
+    assert_ne!(new_leader, first_leader);
+    // A ring of equal transfers leaves every balance where it started: none lost, none doubled.
+    for account in &accounts {
+        assert_eq!(balance(&shard, new_leader, account).await, 1_000, "{account}");
+    }
+    // 1 funding account + 8 × (create, fund) + 320 transfers.
+    let expected_seq = 1 + 8 * 2 + 320;
+    let digests = shard.digests_at(expected_seq).await.unwrap();
+    assert!(digests.iter().all(|digest| digest.applied_seq == expected_seq));
+    assert!(digests.windows(2).all(|pair| pair[0].digest == pair[1].digest));
+
+    let mut seen = Vec::new();
+    while (seen.len() as u64) < expected_seq {
+        seen.push(stream.next().await.unwrap().unwrap());
+    }
+    assert_gap_free(&seen);
+    let transfers = seen.iter().filter(|event| event.request_id.starts_with("pay-")).count();
+    assert_eq!(transfers, 320, "every transfer has exactly one event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
+    let args = ["--snapshot-after-logs", "20", "--logs-kept-after-snapshot", "0"];
+    let mut shard = StorageShard::start(2, 3, &args).await.unwrap();
+    let accounts = open_accounts(&shard, 4).await;
+    for step in 0..100 {
+        let from = &accounts[step % 4];
+        let to = &accounts[(step + 1) % 4];
+        assert!(ok(&shard.execute(command(&format!("t-{step}"), transfer(from, to, 3))).await.unwrap()));
+    }
+    let leader = shard.leader().await.unwrap();
+    let lost = shard.running().map(|replica| replica.node_id).find(|id| *id != leader).unwrap();
+    shard.kill(lost).await.unwrap();
+    let mut admin = shard.admin(leader).await.unwrap();
+    admin.remove_node(proto::raft::v1::RemoveNodeRequest { node_id: lost }).await.unwrap();
+    // The leader's log was compacted behind a snapshot, so a new replica must install it.
+    admin.trigger_snapshot(proto::raft::v1::TriggerSnapshotRequest {}).await.unwrap();
+    let status = shard.status(leader).await.unwrap();
+    assert!(status.snapshot_index.is_some());
+
+    // A brand-new replica (a new node id: ids are never reused) joins with an empty disk.
+    let address = shard.add_process(4).await.unwrap().address.clone();
+    let node = proto::raft::v1::Node { node_id: 4, address };
+    admin.add_learner(proto::raft::v1::AddLearnerRequest { node: Some(node), wait_caught_up: true }).await.unwrap();
+    let voters: Vec<u64> = shard.running().map(|replica| replica.node_id).collect();
+    admin.change_membership(proto::raft::v1::ChangeMembershipRequest { voter_ids: voters, retain_as_learners: false }).await.unwrap();
+
+    let expected_seq = 1 + 4 * 2 + 100;
+    let digests = shard.digests_at(expected_seq).await.unwrap();
+    assert!(digests.windows(2).all(|pair| pair[0].digest == pair[1].digest));
+    let events = read_all_events(&shard, 4).await;
+    assert_eq!(events.len() as u64, expected_seq);
+    assert_gap_free(&events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_shard_restart_keeps_every_balance_and_event() {
+    let mut shard = StorageShard::start(3, 3, &[]).await.unwrap();
+    let accounts = open_accounts(&shard, 3).await;
+    assert!(ok(&shard.execute(command("move", transfer(&accounts[0], &accounts[1], 250))).await.unwrap()));
+    let before = shard.digests_at(1 + 3 * 2 + 1).await.unwrap();
+    for node_id in 1..=3 {
+        shard.kill(node_id).await.unwrap();
+    }
+    for node_id in 1..=3 {
+        shard.restart(node_id).await.unwrap();
+    }
+    let leader = shard.leader().await.unwrap();
+    assert_eq!(balance(&shard, leader, &accounts[0]).await, 750);
+    assert_eq!(balance(&shard, leader, &accounts[1]).await, 1_250);
+    let after = shard.digests_at(before[0].applied_seq).await.unwrap();
+    assert!(after.iter().all(|digest| digest.digest == before[0].digest));
+    // A retry of a command from before the restart is still recognised.
+    let retry = shard.execute(command("move", transfer(&accounts[0], &accounts[1], 250))).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(balance(&shard, leader, &accounts[0]).await, 750);
+    assert_gap_free(&read_all_events(&shard, leader).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_rejected_with_a_typed_outcome_and_no_event() {
+    let shard = StorageShard::start(4, 3, &[]).await.unwrap();
+    let accounts = open_accounts(&shard, 2).await;
+    let seq_before = shard.digests_at(5).await.unwrap()[0].applied_seq;
+    let cases = [
+        (transfer("bad id!", &accounts[1], 1), pb::Outcome::InvalidAccountId),
+        (transfer(&accounts[0], &accounts[1], 0), pb::Outcome::InvalidAmount),
+        (transfer(&accounts[0], &accounts[1], -3), pb::Outcome::InvalidAmount),
+        (transfer(&accounts[0], &accounts[0], 3), pb::Outcome::SelfTransfer),
+        (transfer(&accounts[0], "nobody", 3), pb::Outcome::AccountNotFound),
+        (transfer(&accounts[0], &accounts[1], 5_000), pb::Outcome::InsufficientFunds),
+    ];
+    for (index, (kind, outcome)) in cases.into_iter().enumerate() {
+        let result = shard.execute(command(&format!("bad-{index}"), kind)).await.unwrap();
+        assert_eq!(result.outcome, outcome as i32, "case {index}");
+        assert_eq!(result.seq, 0);
+    }
+    let mut too_precise = command("bad-amount", transfer(&accounts[0], &accounts[1], 1));
+    if let Some(pb::command::Kind::Transfer(transfer)) = &mut too_precise.kind {
+        transfer.amount = Some(Amount { minor_units: "1.005".into() });
+    }
+    assert_eq!(shard.execute(too_precise).await.unwrap().outcome, pb::Outcome::InvalidAmount as i32);
+    let leader = shard.leader().await.unwrap();
+    assert_eq!(shard.digest(leader).await.unwrap().applied_seq, seq_before);
+    assert_eq!(balance(&shard, leader, &accounts[0]).await, 1_000);
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sourced by the project's commands: installs what the build and the local cluster need and
+# exports CARGO_TARGET_DIR (outside the clone, so rebuilds on this machine are incremental) and
+# TANSU_BIN (the broker).
+
+export WALLET_CACHE_DIR="${WALLET_CACHE_DIR:-$HOME/.cache/wallet-platform}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$WALLET_CACHE_DIR/target}"
+mkdir -p "$WALLET_CACHE_DIR" "$CARGO_TARGET_DIR"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# libclang-dev: bindgen for RocksDB; postgresql: initdb/pg_ctl for the private test server.
+missing=()
+for package in libclang-dev postgresql pkg-config g++ make; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+TANSU_BIN="$(scripts/install-broker.sh)"
+export TANSU_BIN
