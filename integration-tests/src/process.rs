@@ -32,17 +32,31 @@ pub struct ServiceProcess {
     child: Child,
     address: String,
     pid: u32,
+    log_path: PathBuf,
 }
 
+/// Where service logs go: one directory per test process, kept after the run for diagnosis.
+fn log_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join("wallet-test-logs").join(std::process::id().to_string());
+    std::fs::create_dir_all(&dir).map_err(io_error("creating the log directory"))?;
+    Ok(dir)
+}
+
+static LOG_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl ServiceProcess {
-    /// Starts `program` and waits (bounded) for its readiness line. Standard error goes to the
-    /// test's own standard error, so a failing test shows the service's log.
+    /// Starts `program` and waits (bounded) for its readiness line. Standard error goes to a
+    /// log file (see `log_path`), named in every error about the process.
     pub async fn spawn(program: &Path, args: &[String]) -> Result<ServiceProcess> {
+        let name = program.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let number = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log_path = log_dir()?.join(format!("{name}-{number}.log"));
+        let log = std::fs::File::create(&log_path).map_err(io_error("creating a service log"))?;
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .map_err(io_error(format!("starting {}", program.display())))?;
@@ -55,19 +69,28 @@ impl ServiceProcess {
                     return Ok(address.trim().to_string());
                 }
             }
-            Err(HarnessError::Setup(format!("{} exited before it was ready", program.display())))
+            Err(HarnessError::Setup(format!(
+                "{} exited before it was ready (log: {})",
+                program.display(),
+                log_path.display()
+            )))
         };
         let address = tokio::time::timeout(READY_TIMEOUT, ready).await.map_err(|_| {
-            HarnessError::Setup(format!("{} was not ready in time", program.display()))
+            HarnessError::Setup(format!("{} was not ready in time (log: {})", program.display(), log_path.display()))
         })??;
         // Keep draining standard output so the service never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(ServiceProcess { child, address, pid })
+        Ok(ServiceProcess { child, address, pid, log_path })
     }
 
     /// The address the service reported in its readiness line.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The file the service's standard error goes to.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
     }
 
     pub fn pid(&self) -> u32 {

@@ -93,31 +93,35 @@ async fn transfers_survive_a_leader_kill_with_nothing_lost_or_applied_twice() {
     let mut stream = shard.ledger(follower).await.unwrap().subscribe(pb::SubscribeRequest { from_seq: 1 }).await.unwrap().into_inner();
 
     // Each client moves 1 from one account to the next, 40 times, retrying unknown outcomes
-    // with the same request id. The leader is killed in the middle of it.
+    // with the same request id. The leader is killed once a quarter of the transfers are
+    // acknowledged, while every client is still sending.
     let shard = std::sync::Arc::new(tokio::sync::RwLock::new(shard));
+    let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let quarter_done = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut clients = Vec::new();
     for client in 0..accounts.len() {
-        let shard = shard.clone();
+        let (shard, acknowledged, quarter_done) = (shard.clone(), acknowledged.clone(), quarter_done.clone());
         let from = accounts[client].clone();
         let to = accounts[(client + 1) % accounts.len()].clone();
         clients.push(tokio::spawn(async move {
-            let mut acknowledged = 0;
             for step in 0..40 {
                 let request = command(&format!("pay-{client}-{step}"), transfer(&from, &to, 1));
                 let result = shard.read().await.execute(request).await.unwrap();
                 assert!(ok(&result), "{result:?}");
-                acknowledged += 1;
+                if acknowledged.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == 80 {
+                    quarter_done.notify_one();
+                }
             }
-            acknowledged
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    quarter_done.notified().await;
     shard.write().await.kill(first_leader).await.unwrap();
-    let mut acknowledged = 0;
+    let acknowledged_at_kill = acknowledged.load(std::sync::atomic::Ordering::SeqCst);
     for client in clients {
-        acknowledged += client.await.unwrap();
+        client.await.unwrap();
     }
-    assert_eq!(acknowledged, 8 * 40);
+    assert!(acknowledged_at_kill < 8 * 40, "the leader died while transfers were in flight");
+    assert_eq!(acknowledged.load(std::sync::atomic::Ordering::SeqCst), 8 * 40);
 
     let shard = shard.read().await;
     let new_leader = shard.leader().await.unwrap();
@@ -170,6 +174,7 @@ async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
 
     let expected_seq = 1 + 4 * 2 + 100;
     let digests = shard.digests_at(expected_seq).await.unwrap();
+    assert!(shard.status(4).await.unwrap().snapshot_index.is_some(), "node 4 installed a snapshot");
     assert!(digests.windows(2).all(|pair| pair[0].digest == pair[1].digest));
     let events = read_all_events(&shard, 4).await;
     assert_eq!(events.len() as u64, expected_seq);
