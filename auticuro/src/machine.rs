@@ -175,13 +175,13 @@ impl App for LedgerMachine {
 }
 
 fn key_text(key: &[u8]) -> Result<&str, Error> {
-    std::str::from_utf8(key).map_err(|_| Error::Raft("a stored key is not UTF-8".into()))
+    std::str::from_utf8(key).map_err(|_| Error::Corrupt("a stored key is not UTF-8".into()))
 }
 
 fn txn_key(key: &[u8]) -> Result<TxnId, Error> {
-    TxnId::parse(key_text(key)?).map_err(|error| Error::Raft(error.to_string()))
+    TxnId::parse(key_text(key)?).map_err(|error| Error::Corrupt(error.to_string()))
 }
 
 fn request_key(key: &[u8]) -> Result<RequestId, Error> {
-    RequestId::parse(key_text(key)?).map_err(|error| Error::Raft(error.to_string()))
+    RequestId::parse(key_text(key)?).map_err(|error| Error::Corrupt(error.to_string()))
 }

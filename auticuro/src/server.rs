@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use consensus::{Network, Proposer, ProposerLimits, RaftAdminService, RaftTransportService, open_storage};
+use consensus::{
+    Network, Proposer, ProposerLimits, RaftAdminService, RaftMetrics, RaftTransportService, open_storage,
+};
 use proto::auticuro::v1::ledger_server::LedgerServer;
 use proto::raft::v1::raft_admin_server::RaftAdminServer;
 use proto::raft::v1::raft_transport_server::RaftTransportServer;
@@ -34,7 +36,10 @@ pub struct Replica {
 
 pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
     std::fs::create_dir_all(&options.data_dir)?;
-    let (log_store, machine) = open_storage::<LedgerMachine>(&options.data_dir.join("rocksdb"))?;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("auticuro");
+    let raft_metrics = RaftMetrics::register(&mut registry);
+    let commands = crate::service::register_metrics(&mut registry);
+    let (log_store, machine) = open_storage::<LedgerMachine>(&options.data_dir.join("rocksdb"), &raft_metrics)?;
     let mut config = consensus::raft_config(&format!("storage-shard-{}", options.shard_id));
     config.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(options.snapshot_after_logs);
     config.max_in_snapshot_log_to_keep = options.logs_kept_after_snapshot;
@@ -47,7 +52,7 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
         machine.clone(),
     )
     .await?;
-    let proposer = Proposer::start(raft.clone(), ProposerLimits::default());
+    let proposer = Proposer::start(raft.clone(), ProposerLimits::default(), &raft_metrics);
 
     let listener = TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
@@ -57,9 +62,12 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let ledger = LedgerService { shard_id: options.shard_id, raft: raft.clone(), machine: machine.clone(), proposer };
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let ledger =
+        LedgerService { shard_id: options.shard_id, raft: raft.clone(), machine: machine.clone(), proposer, commands };
+    let metrics_route =
+        consensus::metrics::route(Arc::new(registry), raft_metrics, raft.clone(), machine.clone());
+    let mut routes = tonic::service::Routes::from(metrics_route);
+    routes = routes
         .add_service(health)
         .add_service(reflection)
         .add_service(LedgerServer::new(ledger))
@@ -69,6 +77,8 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
                 .max_encoding_message_size(size_max),
         )
         .add_service(RaftAdminServer::new(RaftAdminService::new(options.shard_id, raft.clone(), machine)));
+    // HTTP/1.1 as well, so Prometheus can scrape `/metrics` on the gRPC port.
+    let router = tonic::transport::Server::builder().tcp_nodelay(true).accept_http1(true).add_routes(routes);
     let serve = async move {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;

@@ -13,7 +13,11 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::ledger::{AccountId, LegState, TxnId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::ledger::{AccountId, Command, CommandKind, LegState, TxnId};
 use crate::machine::{LedgerMachine, read_events};
 
 /// The longest a `min_seq` read waits for the replica to catch up.
@@ -28,6 +32,32 @@ pub struct LedgerService {
     pub raft: Raft<LedgerMachine>,
     pub machine: StateMachineStore<LedgerMachine>,
     pub proposer: Proposer<LedgerMachine>,
+    pub commands: CommandCounter,
+}
+
+/// Commands answered by this replica, by command kind and outcome.
+pub type CommandCounter = Family<Vec<(&'static str, String)>, Counter>;
+
+pub fn register_metrics(registry: &mut Registry) -> CommandCounter {
+    let commands = CommandCounter::default();
+    registry.register("commands", "Ledger commands answered, by kind and outcome", commands.clone());
+    commands
+}
+
+fn kind_label(command: &Command) -> &'static str {
+    match command.kind {
+        CommandKind::CreateAccount { .. } => "create_account",
+        CommandKind::UpdateLimits { .. } => "update_limits",
+        CommandKind::Freeze { .. } => "freeze",
+        CommandKind::Unfreeze { .. } => "unfreeze",
+        CommandKind::Close { .. } => "close",
+        CommandKind::Transfer { .. } => "transfer",
+        CommandKind::Batch { .. } => "batch",
+        CommandKind::Reserve { .. } => "reserve",
+        CommandKind::Post { .. } => "post",
+        CommandKind::Void { .. } => "void",
+        CommandKind::PruneDedup { .. } => "prune_dedup",
+    }
 }
 
 impl LedgerService {
@@ -60,12 +90,17 @@ impl LedgerRpc for LedgerService {
         let command = match convert::command(request.get_ref().command.as_ref()) {
             Ok(command) => command,
             Err(invalid) => {
+                self.commands.get_or_create(&vec![("kind", "invalid".to_owned()), ("outcome", format!("{invalid:?}"))]).inc();
                 let reply = pb::execute_response::Reply::Result(convert::rejection(invalid));
                 return Ok(Response::new(pb::ExecuteResponse { reply: Some(reply) }));
             }
         };
+        let kind = kind_label(&command);
         let reply = match self.proposer.propose(command).await {
-            Ok(result) => pb::execute_response::Reply::Result(convert::command_result(&result)),
+            Ok(result) => {
+                self.commands.get_or_create(&vec![("kind", kind.to_owned()), ("outcome", format!("{:?}", result.outcome))]).inc();
+                pb::execute_response::Reply::Result(convert::command_result(&result))
+            }
             Err(ProposeError::NotLeader { leader_id, leader_address }) => {
                 pb::execute_response::Reply::Redirect(self.redirect(leader_id, leader_address))
             }

@@ -7,12 +7,14 @@
 
 mod admin;
 mod app;
+pub mod metrics;
 mod network;
 mod proposer;
 mod store;
 
 pub use admin::RaftAdminService;
 pub use app::{App, AppStore, Proposal, Writes};
+pub use metrics::RaftMetrics;
 pub use network::{MESSAGE_SIZE_MAX, Network, RaftTransportService};
 pub use proposer::{ProposeError, Proposer, ProposerLimits};
 pub use store::{LogStore, StateMachineStore, open_storage};
@@ -83,6 +85,8 @@ pub enum Error {
     },
     #[error("raft: {0}")]
     Raft(String),
+    #[error("corrupt storage: {0}")]
+    Corrupt(String),
 }
 
 /// Raft timing for groups on one machine or one data-centre network.

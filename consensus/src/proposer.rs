@@ -12,7 +12,9 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::{App, NodeId, Proposal, Raft};
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::{App, NodeId, Proposal, Raft, RaftMetrics};
 
 #[derive(Clone, Copy, Debug)]
 pub struct ProposerLimits {
@@ -62,9 +64,9 @@ impl<A: App> Clone for Proposer<A> {
 }
 
 impl<A: App> Proposer<A> {
-    pub fn start(raft: Raft<A>, limits: ProposerLimits) -> Proposer<A> {
+    pub fn start(raft: Raft<A>, limits: ProposerLimits, metrics: &RaftMetrics) -> Proposer<A> {
         let (queue, receiver) = mpsc::channel(limits.queue_max);
-        tokio::spawn(pack(raft, limits, receiver));
+        tokio::spawn(pack(raft, limits, receiver, metrics.entry_requests.clone()));
         Proposer { queue }
     }
 
@@ -79,7 +81,12 @@ impl<A: App> Proposer<A> {
     }
 }
 
-async fn pack<A: App>(raft: Raft<A>, limits: ProposerLimits, mut queue: mpsc::Receiver<(A::Request, Reply<A>)>) {
+async fn pack<A: App>(
+    raft: Raft<A>,
+    limits: ProposerLimits,
+    mut queue: mpsc::Receiver<(A::Request, Reply<A>)>,
+    entry_requests: Histogram,
+) {
     let in_flight = Arc::new(Semaphore::new(limits.entries_in_flight_max));
     while let Some(first) = queue.recv().await {
         let permit = in_flight.clone().acquire_owned().await.expect("the semaphore is never closed");
@@ -95,6 +102,7 @@ async fn pack<A: App>(raft: Raft<A>, limits: ProposerLimits, mut queue: mpsc::Re
                 },
             }
         }
+        entry_requests.observe(requests.len() as f64);
         let raft = raft.clone();
         tokio::spawn(async move {
             commit(&raft, requests).await;

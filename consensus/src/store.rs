@@ -19,6 +19,9 @@ use openraft::{
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::RaftMetrics;
 use crate::app::{App, AppStore, Writes};
 use crate::{Error, NodeId, TypeConfig, decode, encode};
 
@@ -52,7 +55,7 @@ fn synced() -> WriteOptions {
 }
 
 /// Opens (or creates) the replica's RocksDB and returns its log store and state machine.
-pub fn open_storage<A: App>(path: &Path) -> Result<(LogStore<A>, StateMachineStore<A>), Error> {
+pub fn open_storage<A: App>(path: &Path, metrics: &RaftMetrics) -> Result<(LogStore<A>, StateMachineStore<A>), Error> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -62,7 +65,7 @@ pub fn open_storage<A: App>(path: &Path) -> Result<(LogStore<A>, StateMachineSto
         .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
     let log = LogStore { db: db.clone(), _app: std::marker::PhantomData };
-    let machine = StateMachineStore::load(db)?;
+    let machine = StateMachineStore::load(db, metrics.apply_seconds.clone())?;
     Ok((log, machine))
 }
 
@@ -213,16 +216,17 @@ struct StoredSnapshot {
 pub struct StateMachineStore<A> {
     db: Arc<DB>,
     state: Arc<RwLock<Applied<A>>>,
+    apply_seconds: Histogram,
 }
 
 impl<A> Clone for StateMachineStore<A> {
     fn clone(&self) -> Self {
-        StateMachineStore { db: self.db.clone(), state: self.state.clone() }
+        StateMachineStore { db: self.db.clone(), state: self.state.clone(), apply_seconds: self.apply_seconds.clone() }
     }
 }
 
 impl<A: App> StateMachineStore<A> {
-    fn load(db: Arc<DB>) -> Result<StateMachineStore<A>, Error> {
+    fn load(db: Arc<DB>, apply_seconds: Histogram) -> Result<StateMachineStore<A>, Error> {
         let app = A::load(&AppStore { db: db.clone() })?;
         let state = Applied {
             app,
@@ -230,7 +234,7 @@ impl<A: App> StateMachineStore<A> {
             membership: get(&db, SM_META, MEMBERSHIP)?.unwrap_or_default(),
             last_timestamp_ms: get(&db, SM_META, LAST_TIMESTAMP)?.unwrap_or(0),
         };
-        Ok(StateMachineStore { db, state: Arc::new(RwLock::new(state)) })
+        Ok(StateMachineStore { db, state: Arc::new(RwLock::new(state)), apply_seconds })
     }
 
     /// Runs `read` against the applied state. Readers wait while an entry is being applied.
@@ -299,6 +303,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
     where
         I: IntoIterator<Item = Entry<C<A>>> + OptionalSend,
     {
+        let started = std::time::Instant::now();
         let mut state = self.state.write().expect("no poisoned lock");
         let mut batch = WriteBatch::default();
         let mut responses = Vec::new();
@@ -328,6 +333,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
         // Not synced: the synced Raft log replays whatever a crash loses here.
         self.db.write(batch).map_err(write_error)?;
         state.app.persisted();
+        self.apply_seconds.observe(started.elapsed().as_secs_f64());
         Ok(responses)
     }
 

@@ -19,12 +19,16 @@ pub const READY_PREFIX: &str = "ready ";
 /// How long a service may take to print its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A binary of this workspace, built next to the test executable (`target/<profile>/NAME`).
+/// A binary of this workspace, built with the same profile as the running executable: next to
+/// it for a program (`target/<profile>/NAME`), one level up for a test (`target/<profile>/deps/`).
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    // target/<profile>/deps/<test binary> → target/<profile>/<name>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("tests run from target/*/deps");
-    profile_dir.join(name)
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    let beside = dir.join(name);
+    if beside.is_file() || dir.file_name().is_none_or(|dir| dir != "deps") {
+        return beside;
+    }
+    dir.parent().expect("deps has a parent").join(name)
 }
 
 /// A running service process. Dropping it kills the process.

@@ -28,7 +28,11 @@ pub struct StorageShard {
     pub shard_id: u32,
     pub replicas: Vec<Replica>,
     extra_args: Vec<String>,
+    channels: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
 }
+
+/// How long one attempt of a command may take before it is retried (same request id).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn setup_error(what: &str) -> impl FnOnce(tonic::Status) -> HarnessError + '_ {
     move |status| HarnessError::Setup(format!("{what}: {status}"))
@@ -61,7 +65,7 @@ impl StorageShard {
     /// Starts `size` replicas with node ids 1..=size and initializes the group.
     pub async fn start(shard_id: u32, size: u64, extra_args: &[&str]) -> Result<StorageShard> {
         let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
-        let mut shard = StorageShard { shard_id, replicas: Vec::new(), extra_args };
+        let mut shard = StorageShard { shard_id, replicas: Vec::new(), extra_args, channels: Default::default() };
         for node_id in 1..=size {
             shard.add_process(node_id).await?;
         }
@@ -116,14 +120,26 @@ impl StorageShard {
         self.replicas.iter().filter(|replica| replica.process.is_some())
     }
 
+    /// One shared (lazily connecting) channel per address.
+    pub async fn channel(&self, address: &str) -> Result<Channel> {
+        if let Some(channel) = self.channels.lock().expect("no poisoned lock").get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = connect(address).await?;
+        self.channels.lock().expect("no poisoned lock").insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn address(&self, node_id: u64) -> &str {
+        &self.replicas.iter().find(|replica| replica.node_id == node_id).expect("a replica").address
+    }
+
     pub async fn admin(&self, node_id: u64) -> Result<RaftAdminClient<Channel>> {
-        let replica = self.replicas.iter().find(|replica| replica.node_id == node_id).expect("a replica");
-        Ok(RaftAdminClient::new(connect(&replica.address).await?))
+        Ok(RaftAdminClient::new(self.channel(self.address(node_id)).await?))
     }
 
     pub async fn ledger(&self, node_id: u64) -> Result<LedgerClient<Channel>> {
-        let replica = self.replicas.iter().find(|replica| replica.node_id == node_id).expect("a replica");
-        Ok(LedgerClient::new(connect(&replica.address).await?))
+        Ok(LedgerClient::new(self.channel(self.address(node_id)).await?))
     }
 
     /// Waits until the running replicas agree on one leader among them; returns its node id.
@@ -187,8 +203,9 @@ impl StorageShard {
         let mut attempt = 0usize;
         loop {
             attempt += 1;
-            let mut client = LedgerClient::new(connect(&target).await?);
-            let request = pb::ExecuteRequest { command: Some(command.clone()) };
+            let mut client = LedgerClient::new(self.channel(&target).await?);
+            let mut request = tonic::Request::new(pb::ExecuteRequest { command: Some(command.clone()) });
+            request.set_timeout(ATTEMPT_TIMEOUT);
             match client.execute(request).await.map(|reply| reply.into_inner().reply) {
                 Ok(Some(pb::execute_response::Reply::Result(result))) => return Ok(result),
                 Ok(Some(pb::execute_response::Reply::Redirect(redirect))) if redirect.leader_address.is_some() => {

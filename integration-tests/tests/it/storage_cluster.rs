@@ -232,3 +232,25 @@ async fn bad_input_is_rejected_with_a_typed_outcome_and_no_event() {
     assert_eq!(shard.digest(leader).await.unwrap().applied_seq, seq_before);
     assert_eq!(balance(&shard, leader, &accounts[0]).await, 1_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_export_prometheus_metrics_on_their_grpc_port() {
+    let mut shard = StorageShard::start(5, 3, &[]).await.unwrap();
+    let accounts = open_accounts(&shard, 2).await;
+    let rejected = shard.execute(command("too-much", transfer(&accounts[0], &accounts[1], 5_000))).await.unwrap();
+    assert_eq!(rejected.outcome, pb::Outcome::InsufficientFunds as i32);
+    let leader = shard.leader().await.unwrap();
+    let address = shard.replica(leader).address.clone();
+    let (status, body) = integration_tests::http_get(&address, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for expected in [
+        r#"auticuro_commands_total{kind="transfer",outcome="Ok"} 2"#,
+        r#"auticuro_commands_total{kind="transfer",outcome="InsufficientFunds"} 1"#,
+        "auticuro_raft_is_leader 1",
+        "auticuro_raft_applied_seq 5",
+        "auticuro_raft_entry_requests_count",
+        "auticuro_raft_apply_seconds_count",
+    ] {
+        assert!(body.contains(expected), "missing {expected} in\n{body}");
+    }
+}
