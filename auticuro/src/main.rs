@@ -1,31 +1,86 @@
 //! `auticuro`: one replica of one storage shard.
+//!
+//! Settings come from flags, then environment variables, then an optional TOML config file
+//! (`--config`, keys named like the flags with underscores), then defaults.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
+use serde::Deserialize;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Default, Deserialize)]
 #[command(version, about = "One replica of a wallet storage shard")]
-struct Args {
+#[serde(deny_unknown_fields)]
+struct Settings {
+    /// A TOML file with any of the settings below.
+    #[arg(long, env = "AUTICURO_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
     /// The storage shard (Raft group) this replica belongs to.
     #[arg(long, env = "AUTICURO_SHARD_ID")]
-    shard_id: u32,
+    shard_id: Option<u32>,
     /// This replica's node id; never reuse one for a different replica.
     #[arg(long, env = "AUTICURO_NODE_ID")]
-    node_id: u64,
-    /// Address to listen on for gRPC (port 0 picks a free port; the ready line says which).
-    #[arg(long, env = "AUTICURO_LISTEN", default_value = "127.0.0.1:0")]
-    listen: SocketAddr,
+    node_id: Option<u64>,
+    /// Address to listen on for gRPC and `/metrics` [default: 127.0.0.1:0, a free port; the
+    /// readiness line `ready ADDRESS` says which].
+    #[arg(long, env = "AUTICURO_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Where the replica keeps its RocksDB.
     #[arg(long, env = "AUTICURO_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Build a snapshot after this many log entries since the last one.
-    #[arg(long, env = "AUTICURO_SNAPSHOT_AFTER_LOGS", default_value_t = 20_000)]
-    snapshot_after_logs: u64,
-    /// Log entries kept behind a snapshot for slow followers.
-    #[arg(long, env = "AUTICURO_LOGS_KEPT_AFTER_SNAPSHOT", default_value_t = 1_000)]
-    logs_kept_after_snapshot: u64,
+    data_dir: Option<PathBuf>,
+    /// Build a snapshot after this many log entries since the last one [default: 20000].
+    #[arg(long, env = "AUTICURO_SNAPSHOT_AFTER_LOGS")]
+    snapshot_after_logs: Option<u64>,
+    /// Log entries kept behind a snapshot for slow followers [default: 1000].
+    #[arg(long, env = "AUTICURO_LOGS_KEPT_AFTER_SNAPSHOT")]
+    logs_kept_after_snapshot: Option<u64>,
+    /// How long request ids are remembered for idempotency, in hours [default: 168].
+    #[arg(long, env = "AUTICURO_DEDUP_RETENTION_HOURS")]
+    dedup_retention_hours: Option<u64>,
+    /// How often the leader proposes pruning of expired request ids, in seconds [default: 3600].
+    #[arg(long, env = "AUTICURO_DEDUP_PRUNE_INTERVAL_SECONDS")]
+    dedup_prune_interval_seconds: Option<u64>,
+}
+
+impl Settings {
+    /// Flags and environment first, then the config file.
+    fn merge(self, file: Settings) -> Settings {
+        Settings {
+            config: self.config,
+            shard_id: self.shard_id.or(file.shard_id),
+            node_id: self.node_id.or(file.node_id),
+            listen: self.listen.or(file.listen),
+            data_dir: self.data_dir.or(file.data_dir),
+            snapshot_after_logs: self.snapshot_after_logs.or(file.snapshot_after_logs),
+            logs_kept_after_snapshot: self.logs_kept_after_snapshot.or(file.logs_kept_after_snapshot),
+            dedup_retention_hours: self.dedup_retention_hours.or(file.dedup_retention_hours),
+            dedup_prune_interval_seconds: self.dedup_prune_interval_seconds.or(file.dedup_prune_interval_seconds),
+        }
+    }
+}
+
+fn load_settings() -> anyhow::Result<auticuro::server::ReplicaOptions> {
+    let flags = Settings::parse();
+    let file = match &flags.config {
+        Some(path) => toml::from_str(&std::fs::read_to_string(path)?)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?,
+        None => Settings::default(),
+    };
+    let settings = flags.merge(file);
+    let required = |name: &str| anyhow::anyhow!("{name} is required (flag, environment or config file)");
+    Ok(auticuro::server::ReplicaOptions {
+        shard_id: settings.shard_id.ok_or_else(|| required("shard_id"))?,
+        node_id: settings.node_id.ok_or_else(|| required("node_id"))?,
+        listen: settings.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        data_dir: settings.data_dir.ok_or_else(|| required("data_dir"))?,
+        snapshot_after_logs: settings.snapshot_after_logs.unwrap_or(20_000),
+        logs_kept_after_snapshot: settings.logs_kept_after_snapshot.unwrap_or(1_000),
+        dedup_retention: Duration::from_secs(3_600 * settings.dedup_retention_hours.unwrap_or(7 * 24)),
+        dedup_prune_interval: Duration::from_secs(settings.dedup_prune_interval_seconds.unwrap_or(3_600).max(1)),
+    })
 }
 
 #[tokio::main]
@@ -34,16 +89,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let replica = auticuro::server::start(auticuro::server::ReplicaOptions {
-        shard_id: args.shard_id,
-        node_id: args.node_id,
-        listen: args.listen,
-        data_dir: args.data_dir,
-        snapshot_after_logs: args.snapshot_after_logs,
-        logs_kept_after_snapshot: args.logs_kept_after_snapshot,
-    })
-    .await?;
+    let replica = auticuro::server::start(load_settings()?).await?;
     // The readiness line the launcher and the test harness wait for.
     println!("ready {}", replica.address);
     replica.serve.await

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use consensus::{
     Network, Proposer, ProposerLimits, RaftAdminService, RaftMetrics, RaftTransportService, open_storage,
@@ -13,6 +14,7 @@ use proto::raft::v1::raft_transport_server::RaftTransportServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::ledger::{Command, CommandKind, RequestId};
 use crate::machine::LedgerMachine;
 use crate::service::LedgerService;
 
@@ -26,6 +28,10 @@ pub struct ReplicaOptions {
     pub snapshot_after_logs: u64,
     /// Log entries kept behind a snapshot for slow followers before they are purged.
     pub logs_kept_after_snapshot: u64,
+    /// How long request ids are remembered for idempotency (leader time).
+    pub dedup_retention: Duration,
+    /// How often the leader proposes pruning of expired request ids.
+    pub dedup_prune_interval: Duration,
 }
 
 /// A started replica: the address it listens on, and a future that serves until shutdown.
@@ -53,6 +59,7 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
     )
     .await?;
     let proposer = Proposer::start(raft.clone(), ProposerLimits::default(), &raft_metrics);
+    tokio::spawn(prune_dedup_while_leader(raft.clone(), proposer.clone(), options.dedup_retention, options.dedup_prune_interval));
 
     let listener = TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
@@ -88,4 +95,31 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
         Ok(())
     };
     Ok(Replica { address, serve: Box::pin(serve) })
+}
+
+/// Idempotency records expire by a replicated command, never by a local timer on each replica:
+/// the leader proposes `PruneDedup` with a cutoff from its own clock, and every replica applies
+/// the same cutoff.
+async fn prune_dedup_while_leader(
+    raft: consensus::Raft<LedgerMachine>,
+    proposer: Proposer<LedgerMachine>,
+    retention: Duration,
+    interval: Duration,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(metrics.id) {
+            continue;
+        }
+        let now_ms = consensus::now_ms();
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let Ok(request_id) = RequestId::parse(&format!("sys:prune-dedup:{now_ms}")) else { continue };
+        let command = Command { request_id, kind: CommandKind::PruneDedup { older_than_ms: now_ms.saturating_sub(retention_ms) } };
+        if let Err(error) = proposer.propose(command).await {
+            tracing::warn!(%error, "pruning idempotency records failed; the next tick retries");
+        }
+    }
 }

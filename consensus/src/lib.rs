@@ -16,7 +16,7 @@ pub use admin::RaftAdminService;
 pub use app::{App, AppStore, Proposal, Writes};
 pub use metrics::RaftMetrics;
 pub use network::{MESSAGE_SIZE_MAX, Network, RaftTransportService};
-pub use proposer::{ProposeError, Proposer, ProposerLimits};
+pub use proposer::{ProposeError, Proposer, ProposerLimits, now_ms};
 pub use store::{LogStore, StateMachineStore, open_storage};
 
 use std::fmt;

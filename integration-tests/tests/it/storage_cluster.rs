@@ -254,3 +254,36 @@ async fn replicas_export_prometheus_metrics_on_their_grpc_port() {
         assert!(body.contains(expected), "missing {expected} in\n{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("auticuro.toml");
+    std::fs::write(&config, "dedup_retention_hours = 0\ndedup_prune_interval_seconds = 1\n").unwrap();
+    let shard = StorageShard::start(6, 3, &["--config", config.to_str().unwrap()]).await.unwrap();
+    let accounts = open_accounts(&shard, 2).await;
+    let pay = || command("pay-once", transfer(&accounts[0], &accounts[1], 10));
+    let first = shard.execute(pay()).await.unwrap();
+    assert!(ok(&first) && !first.duplicate);
+
+    // Wait for a prune whose cutoff (its leader time) is past the payment's time; it is in
+    // every replica's log.
+    let leader = shard.leader().await.unwrap();
+    let mut client = shard.ledger(leader).await.unwrap();
+    let read = pb::ReadEventsRequest { from_seq: first.seq, to_seq: first.seq, limit: 1 };
+    let paid_at = client.read_events(read).await.unwrap().into_inner().events[0].timestamp_ms;
+    let mut events = client.subscribe(pb::SubscribeRequest { from_seq: first.seq + 1 }).await.unwrap().into_inner();
+    let prune = loop {
+        let event = events.next().await.unwrap().unwrap();
+        if event.request_id.starts_with("sys:prune-dedup:") && event.timestamp_ms > paid_at {
+            break event;
+        }
+    };
+    assert!(matches!(prune.command.unwrap().kind, Some(pb::command::Kind::PruneDedup(_))));
+
+    // With its record pruned, the same request id is a new command again.
+    let again = shard.execute(pay()).await.unwrap();
+    assert!(ok(&again) && !again.duplicate);
+    assert!(again.seq > first.seq);
+    assert_eq!(balance(&shard, leader, &accounts[1]).await, 1_020);
+}
