@@ -287,3 +287,38 @@ async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file
     assert!(again.seq > first.seq);
     assert_eq!(balance(&shard, leader, &accounts[1]).await, 1_020);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_are_linearizable_on_the_leader_and_bounded_by_min_seq_on_followers() {
+    let shard = StorageShard::start(7, 3, &[]).await.unwrap();
+    let accounts = open_accounts(&shard, 1).await;
+    let leader = shard.leader().await.unwrap();
+    let follower = shard.running().map(|replica| replica.node_id).find(|id| *id != leader).unwrap();
+    let read = |consistency: pb::ReadConsistency, min_seq: u64| pb::GetAccountRequest {
+        account_id: accounts[0].clone(),
+        consistency: consistency as i32,
+        min_seq,
+        wait_ms_max: 200,
+    };
+
+    // A follower sends linearizable reads to the leader with a typed redirect.
+    let mut on_follower = shard.ledger(follower).await.unwrap();
+    let reply = on_follower.get_account(read(pb::ReadConsistency::Linearizable, 0)).await.unwrap().into_inner().reply.unwrap();
+    let pb::get_account_response::Reply::Redirect(redirect) = reply else { panic!("expected a redirect, got {reply:?}") };
+    assert_eq!(redirect.leader_node_id, Some(leader));
+    assert_eq!(redirect.leader_address.as_deref(), Some(shard.replicas.iter().find(|r| r.node_id == leader).unwrap().address.as_str()));
+
+    // The leader answers it, with what it has applied.
+    let mut on_leader = shard.ledger(leader).await.unwrap();
+    let reply = on_leader.get_account(read(pb::ReadConsistency::Linearizable, 0)).await.unwrap().into_inner().reply.unwrap();
+    let pb::get_account_response::Reply::Read(account_read) = reply else { panic!("expected a read, got {reply:?}") };
+    assert_eq!(account_read.applied_seq, 3);
+    assert_eq!(account_read.account.unwrap().version, 2);
+
+    // A follower serves a min_seq read once it has applied that seq, and says so when it has not.
+    let reply = on_follower.get_account(read(pb::ReadConsistency::MinSeq, 3)).await.unwrap().into_inner().reply.unwrap();
+    assert!(matches!(reply, pb::get_account_response::Reply::Read(_)), "{reply:?}");
+    let reply = on_follower.get_account(read(pb::ReadConsistency::MinSeq, 99)).await.unwrap().into_inner().reply.unwrap();
+    let pb::get_account_response::Reply::NotCaughtUp(lag) = reply else { panic!("expected NotCaughtUp, got {reply:?}") };
+    assert_eq!((lag.applied_seq, lag.min_seq), (3, 99));
+}
