@@ -3,6 +3,7 @@
 //! `ledger` is the pure, deterministic core. `machine` adapts it to Raft and RocksDB, `convert`
 //! and `service` to gRPC, and `server` starts a replica.
 
+pub mod client;
 pub mod convert;
 pub mod ledger;
 pub mod machine;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use proto::auticuro::v1 as pb;
+use auticuro::client::ShardClient;
 use proto::auticuro::v1::ledger_client::LedgerClient;
 use proto::raft::v1 as raft;
 use proto::raft::v1::raft_admin_client::RaftAdminClient;
@@ -28,23 +29,13 @@ pub struct StorageShard {
     pub shard_id: u32,
     pub replicas: Vec<Replica>,
     extra_args: Vec<String>,
-    channels: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
+    client: Option<ShardClient>,
 }
-
-/// How long one attempt of a command may take before it is retried (same request id).
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn setup_error(what: &str) -> impl FnOnce(tonic::Status) -> HarnessError + '_ {
     move |status| HarnessError::Setup(format!("{what}: {status}"))
 }
 
-pub async fn connect(address: &str) -> Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|error| HarnessError::Setup(error.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10));
-    Ok(endpoint.connect_lazy())
-}
 
 async fn spawn_replica(shard_id: u32, node_id: u64, listen: &str, data_dir: &std::path::Path, extra: &[String]) -> Result<ServiceProcess> {
     let mut args = vec![
@@ -65,7 +56,7 @@ impl StorageShard {
     /// Starts `size` replicas with node ids 1..=size and initializes the group.
     pub async fn start(shard_id: u32, size: u64, extra_args: &[&str]) -> Result<StorageShard> {
         let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
-        let mut shard = StorageShard { shard_id, replicas: Vec::new(), extra_args, channels: Default::default() };
+        let mut shard = StorageShard { shard_id, replicas: Vec::new(), extra_args, client: None };
         for node_id in 1..=size {
             shard.add_process(node_id).await?;
         }
@@ -91,6 +82,7 @@ impl StorageShard {
         let process = spawn_replica(self.shard_id, node_id, "127.0.0.1:0", &data_dir, &self.extra_args).await?;
         let address = process.address().to_string();
         self.replicas.push(Replica { node_id, address, data_dir, process: Some(process), _dir: dir });
+        self.refresh_client();
         Ok(self.replicas.last().expect("just pushed"))
     }
 
@@ -103,6 +95,7 @@ impl StorageShard {
         if let Some(mut process) = self.replica(node_id).process.take() {
             process.kill().await?;
         }
+        self.refresh_client();
         Ok(())
     }
 
@@ -113,6 +106,7 @@ impl StorageShard {
         let replica = self.replica(node_id);
         let process = spawn_replica(shard_id, node_id, &replica.address, &replica.data_dir, &extra).await?;
         replica.process = Some(process);
+        self.refresh_client();
         Ok(())
     }
 
@@ -120,14 +114,25 @@ impl StorageShard {
         self.replicas.iter().filter(|replica| replica.process.is_some())
     }
 
+    /// Points the shard client at the running replicas.
+    fn refresh_client(&mut self) {
+        let running: Vec<String> = self.running().map(|replica| replica.address.clone()).collect();
+        if running.is_empty() {
+            return;
+        }
+        match &self.client {
+            Some(client) => client.set_replicas(running),
+            None => self.client = Some(ShardClient::new(self.shard_id, running)),
+        }
+    }
+
+    fn client(&self) -> &ShardClient {
+        self.client.as_ref().expect("a started shard has a client")
+    }
+
     /// One shared (lazily connecting) channel per address.
     pub async fn channel(&self, address: &str) -> Result<Channel> {
-        if let Some(channel) = self.channels.lock().expect("no poisoned lock").get(address) {
-            return Ok(channel.clone());
-        }
-        let channel = connect(address).await?;
-        self.channels.lock().expect("no poisoned lock").insert(address.to_string(), channel.clone());
-        Ok(channel)
+        self.client().channel(address).map_err(HarnessError::Setup)
     }
 
     fn address(&self, node_id: u64) -> &str {
@@ -199,28 +204,6 @@ impl StorageShard {
     /// (transport errors, unavailability) with the same request id until there is an answer.
     pub async fn execute(&self, command: pb::Command) -> Result<pb::CommandResult> {
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
-        let mut target = self.running().next().map(|replica| replica.address.clone()).expect("a running replica");
-        let mut attempt = 0usize;
-        loop {
-            attempt += 1;
-            let mut client = LedgerClient::new(self.channel(&target).await?);
-            let mut request = tonic::Request::new(pb::ExecuteRequest { command: Some(command.clone()) });
-            request.set_timeout(ATTEMPT_TIMEOUT);
-            match client.execute(request).await.map(|reply| reply.into_inner().reply) {
-                Ok(Some(pb::execute_response::Reply::Result(result))) => return Ok(result),
-                Ok(Some(pb::execute_response::Reply::Redirect(redirect))) if redirect.leader_address.is_some() => {
-                    target = redirect.leader_address.expect("checked");
-                }
-                _ => {
-                    // Unknown outcome or no known leader: try the next replica, after a pause.
-                    let running: Vec<String> = self.running().map(|replica| replica.address.clone()).collect();
-                    target = running[attempt % running.len()].clone();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(HarnessError::Setup(format!("no answer for {}", command.request_id)));
-            }
-        }
+        self.client().execute(command, deadline).await.map_err(|unknown| HarnessError::Setup(unknown.to_string()))
     }
 }

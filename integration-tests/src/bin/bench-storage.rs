@@ -235,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     let leader_address = shard.replica(leader).address.clone();
     let mut channels = Vec::new();
     for _ in 0..args.connections {
-        channels.push(integration_tests::storage::connect(&leader_address).await?);
+        channels.push(auticuro::client::channel(&leader_address)?);
     }
     let clients = || (0..args.clients).map(|i| LedgerClient::new(channels[i % channels.len()].clone())).collect();
 

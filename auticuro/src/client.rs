@@ -1,0 +1,125 @@
+//! A client of one storage shard: finds the leader, follows typed redirects, and retries an
+//! unknown outcome (timeout, unreachable replica, overload) with the same request id until a
+//! definite answer or the deadline. Because every command is idempotent by its request id, a
+//! retry can never apply a command twice.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use proto::auticuro::v1 as pb;
+use proto::auticuro::v1::ledger_client::LedgerClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long one attempt may take before it counts as unknown and is retried.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The pause after an attempt that reached no leader, before the next one.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// The outcome could not be learned before the deadline: the command may or may not have applied.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("outcome unknown after retrying until the deadline: {last_error}")]
+pub struct Unknown {
+    pub last_error: String,
+}
+
+pub struct ShardClient {
+    shard_id: u32,
+    replicas: Mutex<Vec<String>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    leader: Mutex<Option<String>>,
+}
+
+/// A lazily connecting channel with the platform's timeouts.
+pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl ShardClient {
+    pub fn new(shard_id: u32, replicas: Vec<String>) -> ShardClient {
+        assert!(!replicas.is_empty(), "a shard has at least one replica");
+        ShardClient { shard_id, replicas: Mutex::new(replicas), channels: Mutex::default(), leader: Mutex::default() }
+    }
+
+    pub fn shard_id(&self) -> u32 {
+        self.shard_id
+    }
+
+    /// Replaces the replica addresses (after a membership change).
+    pub fn set_replicas(&self, replicas: Vec<String>) {
+        assert!(!replicas.is_empty(), "a shard has at least one replica");
+        *self.replicas.lock().expect("no poisoned lock") = replicas;
+        self.remember_leader(None);
+    }
+
+    /// One shared channel per replica address.
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().expect("no poisoned lock");
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = channel(address).map_err(|error| error.to_string())?;
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// A client of the replica believed to lead, or of any replica when none is known.
+    pub fn ledger(&self, attempt: usize) -> Result<(String, LedgerClient<Channel>), String> {
+        let address = self
+            .leader
+            .lock()
+            .expect("no poisoned lock")
+            .clone()
+            .unwrap_or_else(|| {
+                let replicas = self.replicas.lock().expect("no poisoned lock");
+                replicas[attempt % replicas.len()].clone()
+            });
+        Ok((address.clone(), LedgerClient::new(self.channel(&address)?)))
+    }
+
+    fn remember_leader(&self, address: Option<String>) {
+        *self.leader.lock().expect("no poisoned lock") = address;
+    }
+
+    /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
+    pub async fn execute(&self, command: pb::Command, deadline: Instant) -> Result<pb::CommandResult, Unknown> {
+        let mut attempt = 0usize;
+        let mut last_error = String::from("no attempt made");
+        while Instant::now() < deadline {
+            attempt += 1;
+            let (address, mut client) = match self.ledger(attempt) {
+                Ok(found) => found,
+                Err(error) => {
+                    last_error = error;
+                    self.remember_leader(None);
+                    continue;
+                }
+            };
+            let mut request = tonic::Request::new(pb::ExecuteRequest { command: Some(command.clone()) });
+            request.set_timeout(ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())));
+            match client.execute(request).await.map(|reply| reply.into_inner().reply) {
+                Ok(Some(pb::execute_response::Reply::Result(result))) => {
+                    self.remember_leader(Some(address));
+                    return Ok(result);
+                }
+                Ok(Some(pb::execute_response::Reply::Redirect(redirect))) => {
+                    last_error = format!("redirected by {address}");
+                    if redirect.leader_address.is_none() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    self.remember_leader(redirect.leader_address);
+                }
+                Ok(None) => last_error = format!("empty reply from {address}"),
+                Err(status) => {
+                    last_error = format!("{address}: {status}");
+                    self.remember_leader(None);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+        Err(Unknown { last_error })
+    }
+}
