@@ -7,5 +7,6 @@ pub mod client;
 pub mod convert;
 pub mod ledger;
 pub mod machine;
+pub mod routing;
 pub mod server;
 pub mod service;

@@ -1,1 +1,6 @@
-//! placeholder
+//! Marker: transaction coordinators that run multi-account transfers over the storage shards.
+//!
+//! `saga` is the pure core (the replicated transaction records); `machine` adapts it to Raft;
+//! `driver` carries in-flight transactions to their outcome on the storage shards.
+
+pub mod saga;

@@ -560,6 +560,13 @@ fn valid_limits(limits: &Limits) -> bool {
     in_range(limits.lower) && in_range(limits.upper) && ordered
 }
 
+/// Checks the legs of a multi-account transaction before it is begun anywhere: the same rules
+/// an atomic batch enforces (count, amounts, distinct accounts, zero-sum per currency).
+pub fn check_transaction_legs(legs: &[Leg]) -> Result<(), Rejection> {
+    check_legs(legs)?;
+    check_zero_sum(legs)
+}
+
 /// Count, amounts and distinct accounts of a batch or reservation.
 fn check_legs(legs: &[Leg]) -> Result<(), Rejection> {
     if legs.is_empty() {
