@@ -1,7 +1,7 @@
 //! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
 //! each command changed in RocksDB, keeps the event log, and wakes event subscribers.
 
-use consensus::{App, AppStore, Error, Writes};
+use consensus::{App, AppStore, Error, Writes, event_log};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -10,7 +10,6 @@ use crate::ledger::{Account, AccountId, Command, DedupRecord, Event, Ledger, Led
 const ACCOUNTS: &str = "accounts";
 const TRANSACTIONS: &str = "transactions";
 const DEDUP: &str = "dedup";
-const EVENTS: &str = "events";
 const LEDGER_META: &str = "ledger_meta";
 const LAST_SEQ: &[u8] = b"last_seq";
 
@@ -46,10 +45,6 @@ fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
     postcard::from_bytes(bytes).map_err(|source| Error::Decode { what, source })
 }
 
-pub fn event_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
-
 fn read_all<T: serde::de::DeserializeOwned>(store: &AppStore, family: &str, what: &'static str) -> Result<Vec<T>, Error> {
     store.scan_from(family, &[], usize::MAX)?.iter().map(|(_, value)| decode(what, value)).collect()
 }
@@ -78,25 +73,16 @@ impl LedgerMachine {
     }
 }
 
-/// Events `from..=to` (at most `limit`) from the event log column family.
+/// Events `from..=to` (at most `limit`) from the event log.
 pub fn read_events(store: &AppStore, from: u64, to: u64, limit: usize) -> Result<Vec<Event>, Error> {
-    let rows = store.scan_from(EVENTS, &event_key(from), limit)?;
-    let mut events = Vec::with_capacity(rows.len());
-    for (_, value) in rows {
-        let event: Event = decode("event", &value)?;
-        if event.seq > to {
-            break;
-        }
-        events.push(event);
-    }
-    Ok(events)
+    Ok(event_log::read(store, from, to, limit)?.into_iter().map(|(_, event)| event).collect())
 }
 
 impl App for LedgerMachine {
     type Request = Command;
     type Response = CommandResult;
 
-    const COLUMN_FAMILIES: &'static [&'static str] = &[ACCOUNTS, TRANSACTIONS, DEDUP, EVENTS, LEDGER_META];
+    const COLUMN_FAMILIES: &'static [&'static str] = &[ACCOUNTS, TRANSACTIONS, DEDUP, event_log::EVENTS, LEDGER_META];
 
     fn load(store: &AppStore) -> Result<Self, Error> {
         let last_seq = match store.get(LEDGER_META, LAST_SEQ)? {
@@ -125,7 +111,7 @@ impl App for LedgerMachine {
             for account in &event.accounts {
                 writes.put(ACCOUNTS, account.id.as_str().as_bytes(), &encode(account));
             }
-            writes.put(EVENTS, &event_key(event.seq), &encode(event));
+            event_log::append(writes, event.seq, event);
             writes.put(LEDGER_META, LAST_SEQ, &encode(&event.seq));
         }
         for (txn_id, record) in &applied.changes.transactions {
@@ -159,7 +145,7 @@ impl App for LedgerMachine {
         let snapshot: LedgerSnapshot = decode("ledger snapshot", snapshot)?;
         Self::write_state(&snapshot.state, writes);
         for event in &snapshot.events {
-            writes.put(EVENTS, &event_key(event.seq), &encode(event));
+            event_log::append(writes, event.seq, event);
         }
         self.ledger = Ledger::import(snapshot.state);
         Ok(())

@@ -4,12 +4,11 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use consensus::{ProposeError, Proposer, Raft, StateMachineStore};
+use consensus::{ProposeError, Proposer, Raft, StateMachineStore, event_log};
 use futures::Stream;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_server::Ledger as LedgerRpc;
 use proto::common::v1::Redirect;
-use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -24,8 +23,6 @@ use crate::machine::{LedgerMachine, read_events};
 pub const READ_WAIT_MAX: Duration = Duration::from_secs(5);
 /// The most events one `ReadEvents` call returns.
 pub const READ_EVENTS_LIMIT_MAX: u32 = 10_000;
-/// Events sent per round to a subscriber.
-const SUBSCRIBE_CHUNK: usize = 512;
 
 pub struct LedgerService {
     pub shard_id: u32,
@@ -184,34 +181,10 @@ impl LedgerRpc for LedgerService {
     type SubscribeStream = EventStream;
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
-        let mut next = request.into_inner().from_seq.max(1);
-        let mut applied = self.machine.read(|machine| machine.subscribe_applied_seq());
-        let store = self.machine.store();
+        let applied = self.machine.read(|machine| machine.subscribe_applied_seq());
+        let from = request.into_inner().from_seq;
         let shard_id = self.shard_id;
-        let (sender, receiver) = mpsc::channel(SUBSCRIBE_CHUNK);
-        tokio::spawn(async move {
-            loop {
-                // Wait until something at or after `next` is applied, then send it in order.
-                if applied.wait_for(|seq| *seq >= next).await.is_err() {
-                    return;
-                }
-                let events = match read_events(&store, next, u64::MAX, SUBSCRIBE_CHUNK) {
-                    Ok(events) => events,
-                    Err(error) => {
-                        let _ = sender.send(Err(Status::internal(error.to_string()))).await;
-                        return;
-                    }
-                };
-                for event in events {
-                    // The log is gap-free; a hole here is a bug, not something to skip over.
-                    assert_eq!(event.seq, next, "the event log has a gap");
-                    next += 1;
-                    if sender.send(Ok(convert::event(shard_id, &event))).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let receiver = event_log::stream(self.machine.store(), applied, from, move |event| convert::event(shard_id, &event));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 

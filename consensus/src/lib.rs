@@ -7,6 +7,7 @@
 
 mod admin;
 mod app;
+pub mod event_log;
 pub mod metrics;
 mod network;
 mod proposer;

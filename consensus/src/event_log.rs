@@ -1,0 +1,74 @@
+//! The per-group event log: one event per accepted command under consecutive seqs from 1, in
+//! the `events` column family, and the live stream that serves `Subscribe` from any replica.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+
+use crate::{AppStore, Error, Writes, decode, encode};
+
+/// The column family of the event log; applications list it in their `COLUMN_FAMILIES`.
+pub const EVENTS: &str = "events";
+
+/// Events sent per read to a subscriber.
+const STREAM_CHUNK: usize = 512;
+
+fn key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub fn append<E: Serialize>(writes: &mut Writes<'_>, seq: u64, event: &E) {
+    writes.put(EVENTS, &key(seq), &encode(event));
+}
+
+/// Events with seqs `from..=to`, at most `limit`, in order.
+pub fn read<E: DeserializeOwned>(store: &AppStore, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, E)>, Error> {
+    let mut events = Vec::new();
+    for (stored_key, value) in store.scan_from(EVENTS, &key(from), limit)? {
+        let seq = u64::from_be_bytes(stored_key.as_slice().try_into().map_err(|_| Error::Corrupt("event key".into()))?);
+        if seq > to {
+            break;
+        }
+        events.push((seq, decode("event", &value)?));
+    }
+    Ok(events)
+}
+
+/// A live stream of events from `from` on: waits for each to be applied (`applied` carries the
+/// last applied seq), sends them in order with no gap, and ends when the receiver goes away.
+pub fn stream<E, T>(
+    store: AppStore,
+    mut applied: watch::Receiver<u64>,
+    from: u64,
+    to_message: impl Fn(E) -> T + Send + 'static,
+) -> mpsc::Receiver<Result<T, tonic::Status>>
+where
+    E: DeserializeOwned + Send + 'static,
+    T: Send + 'static,
+{
+    let (sender, receiver) = mpsc::channel(STREAM_CHUNK);
+    tokio::spawn(async move {
+        let mut next = from.max(1);
+        loop {
+            if applied.wait_for(|seq| *seq >= next).await.is_err() {
+                return;
+            }
+            let events = match read::<E>(&store, next, u64::MAX, STREAM_CHUNK) {
+                Ok(events) => events,
+                Err(error) => {
+                    let _ = sender.send(Err(tonic::Status::internal(error.to_string()))).await;
+                    return;
+                }
+            };
+            for (seq, event) in events {
+                // The log is gap-free; a hole is a bug, never something to skip over.
+                assert_eq!(seq, next, "the event log has a gap");
+                next += 1;
+                if sender.send(Ok(to_message(event))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    receiver
+}
