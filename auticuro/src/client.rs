@@ -41,7 +41,12 @@ pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
 impl ShardClient {
     pub fn new(shard_id: u32, replicas: Vec<String>) -> ShardClient {
         assert!(!replicas.is_empty(), "a shard has at least one replica");
-        ShardClient { shard_id, replicas: Mutex::new(replicas), channels: Mutex::default(), leader: Mutex::default() }
+        ShardClient {
+            shard_id,
+            replicas: Mutex::new(replicas),
+            channels: Mutex::default(),
+            leader: Mutex::default(),
+        }
     }
 
     pub fn shard_id(&self) -> u32 {
@@ -85,7 +90,11 @@ impl ShardClient {
     }
 
     /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
-    pub async fn execute(&self, command: pb::Command, deadline: Instant) -> Result<pb::CommandResult, Unknown> {
+    pub async fn execute(
+        &self,
+        command: pb::Command,
+        deadline: Instant,
+    ) -> Result<pb::CommandResult, Unknown> {
         let mut attempt = 0usize;
         let mut last_error = String::from("no attempt made");
         while Instant::now() < deadline {
@@ -98,9 +107,17 @@ impl ShardClient {
                     continue;
                 }
             };
-            let mut request = tonic::Request::new(pb::ExecuteRequest { command: Some(command.clone()) });
-            request.set_timeout(ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())));
-            match client.execute(request).await.map(|reply| reply.into_inner().reply) {
+            let mut request = tonic::Request::new(pb::ExecuteRequest {
+                command: Some(command.clone()),
+            });
+            request.set_timeout(
+                ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())),
+            );
+            match client
+                .execute(request)
+                .await
+                .map(|reply| reply.into_inner().reply)
+            {
                 Ok(Some(pb::execute_response::Reply::Result(result))) => {
                     self.remember_leader(Some(address));
                     return Ok(result);
@@ -122,4 +139,55 @@ impl ShardClient {
         }
         Err(Unknown { last_error })
     }
+}
+
+/// Every storage shard and the slot table that routes accounts to them.
+pub struct StorageShards {
+    slots: crate::routing::SlotTable,
+    shards: std::collections::BTreeMap<u32, ShardClient>,
+}
+
+impl StorageShards {
+    /// Shards with their replica addresses; slots dealt evenly over them.
+    pub fn new(shards: std::collections::BTreeMap<u32, Vec<String>>) -> StorageShards {
+        let ids: Vec<u32> = shards.keys().copied().collect();
+        let slots = crate::routing::SlotTable::uniform(&ids);
+        let shards = shards
+            .into_iter()
+            .map(|(id, replicas)| (id, ShardClient::new(id, replicas)))
+            .collect();
+        StorageShards { slots, shards }
+    }
+
+    pub fn shard_of(&self, account_id: &crate::ledger::AccountId) -> u32 {
+        self.slots.shard_of(account_id)
+    }
+
+    pub fn shard(&self, shard_id: u32) -> Option<&ShardClient> {
+        self.shards.get(&shard_id)
+    }
+
+    pub fn shards(&self) -> impl Iterator<Item = &ShardClient> {
+        self.shards.values()
+    }
+}
+
+/// Parses `ID=ADDRESS,ADDRESS,…` (one storage shard and its replicas), as flags give them.
+pub fn parse_shard_spec(spec: &str) -> Result<(u32, Vec<String>), String> {
+    let (id, addresses) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=ADDRESS,…, got {spec:?}"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad shard id in {spec:?}"))?;
+    let addresses: Vec<String> = addresses
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addresses.is_empty() {
+        return Err(format!("no replica address in {spec:?}"));
+    }
+    Ok((id, addresses))
 }

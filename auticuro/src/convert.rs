@@ -7,8 +7,8 @@ use proto::auticuro::v1 as pb;
 use proto::common::v1::Amount as PbAmount;
 
 use crate::ledger::{
-    Account, AccountId, AccountState, Amount, Command, CommandKind, Currency, Event, Leg, Limits, Metadata,
-    Outcome, Owner, RequestId, TxnId,
+    Account, AccountId, AccountState, Amount, Command, CommandKind, Currency, Event, Leg, Limits,
+    Metadata, Outcome, Owner, RequestId, TxnId,
 };
 use crate::machine::CommandResult;
 
@@ -36,17 +36,23 @@ fn optional_amount(value: Option<&PbAmount>) -> Result<Option<Amount>, Invalid> 
     value.map(|value| amount(Some(value))).transpose()
 }
 
-fn metadata(entries: &HashMap<String, String>) -> Result<Metadata, Invalid> {
-    let sorted: BTreeMap<String, String> = entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+pub fn metadata(entries: &HashMap<String, String>) -> Result<Metadata, Invalid> {
+    let sorted: BTreeMap<String, String> = entries
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     Metadata::new(sorted).map_err(|_| Outcome::InvalidMetadata)
 }
 
 fn owner(value: Option<&pb::Owner>) -> Result<Owner, Invalid> {
     let value = value.ok_or(Outcome::InvalidRequestId)?;
-    Ok(Owner { coordinator_shard_id: value.coordinator_shard_id, epoch: value.epoch })
+    Ok(Owner {
+        coordinator_shard_id: value.coordinator_shard_id,
+        epoch: value.epoch,
+    })
 }
 
-fn legs(values: &[pb::Leg]) -> Result<Vec<Leg>, Invalid> {
+pub fn legs(values: &[pb::Leg]) -> Result<Vec<Leg>, Invalid> {
     values
         .iter()
         .map(|leg| {
@@ -61,30 +67,56 @@ fn legs(values: &[pb::Leg]) -> Result<Vec<Leg>, Invalid> {
 
 /// Lower limit: absent means the safe default of no overdraft, unless `no_lower_limit` says the
 /// account (a system funding account, say) may go negative without bound.
-fn limits(lower: Option<&PbAmount>, no_lower_limit: bool, upper: Option<&PbAmount>) -> Result<Limits, Invalid> {
-    let lower = if no_lower_limit { None } else { Some(optional_amount(lower)?.unwrap_or(Amount::ZERO)) };
-    Ok(Limits { lower, upper: optional_amount(upper)? })
+fn limits(
+    lower: Option<&PbAmount>,
+    no_lower_limit: bool,
+    upper: Option<&PbAmount>,
+) -> Result<Limits, Invalid> {
+    let lower = if no_lower_limit {
+        None
+    } else {
+        Some(optional_amount(lower)?.unwrap_or(Amount::ZERO))
+    };
+    Ok(Limits {
+        lower,
+        upper: optional_amount(upper)?,
+    })
 }
 
 pub fn command(command: Option<&pb::Command>) -> Result<Command, Invalid> {
     use pb::command::Kind;
     let command = command.ok_or(Outcome::InvalidRequestId)?;
-    let request_id = RequestId::parse(&command.request_id).map_err(|_| Outcome::InvalidRequestId)?;
+    let request_id =
+        RequestId::parse(&command.request_id).map_err(|_| Outcome::InvalidRequestId)?;
     let kind = match command.kind.as_ref().ok_or(Outcome::InvalidRequestId)? {
         Kind::CreateAccount(create) => CommandKind::CreateAccount {
             account_id: account_id(&create.account_id)?,
             currency: currency(&create.currency)?,
             scale: u8::try_from(create.scale).map_err(|_| Outcome::InvalidCurrency)?,
-            limits: limits(create.lower_limit.as_ref(), create.no_lower_limit, create.upper_limit.as_ref())?,
+            limits: limits(
+                create.lower_limit.as_ref(),
+                create.no_lower_limit,
+                create.upper_limit.as_ref(),
+            )?,
             metadata: metadata(&create.metadata)?,
         },
         Kind::UpdateLimits(update) => CommandKind::UpdateLimits {
             account_id: account_id(&update.account_id)?,
-            limits: limits(update.lower_limit.as_ref(), update.no_lower_limit, update.upper_limit.as_ref())?,
+            limits: limits(
+                update.lower_limit.as_ref(),
+                update.no_lower_limit,
+                update.upper_limit.as_ref(),
+            )?,
         },
-        Kind::Freeze(freeze) => CommandKind::Freeze { account_id: account_id(&freeze.account_id)? },
-        Kind::Unfreeze(unfreeze) => CommandKind::Unfreeze { account_id: account_id(&unfreeze.account_id)? },
-        Kind::Close(close) => CommandKind::Close { account_id: account_id(&close.account_id)? },
+        Kind::Freeze(freeze) => CommandKind::Freeze {
+            account_id: account_id(&freeze.account_id)?,
+        },
+        Kind::Unfreeze(unfreeze) => CommandKind::Unfreeze {
+            account_id: account_id(&unfreeze.account_id)?,
+        },
+        Kind::Close(close) => CommandKind::Close {
+            account_id: account_id(&close.account_id)?,
+        },
         Kind::Transfer(transfer) => CommandKind::Transfer {
             from: account_id(&transfer.from_account_id)?,
             to: account_id(&transfer.to_account_id)?,
@@ -94,7 +126,11 @@ pub fn command(command: Option<&pb::Command>) -> Result<Command, Invalid> {
         },
         Kind::Batch(batch) => CommandKind::Batch {
             legs: legs(&batch.legs)?,
-            txn_id: if batch.txn_id.is_empty() { None } else { Some(txn_id(&batch.txn_id)?) },
+            txn_id: if batch.txn_id.is_empty() {
+                None
+            } else {
+                Some(txn_id(&batch.txn_id)?)
+            },
             metadata: metadata(&batch.metadata)?,
         },
         Kind::Reserve(reserve) => CommandKind::Reserve {
@@ -103,15 +139,25 @@ pub fn command(command: Option<&pb::Command>) -> Result<Command, Invalid> {
             legs: legs(&reserve.legs)?,
             metadata: metadata(&reserve.metadata)?,
         },
-        Kind::Post(post) => CommandKind::Post { txn_id: txn_id(&post.txn_id)?, owner: owner(post.owner.as_ref())? },
-        Kind::Void(void) => CommandKind::Void { txn_id: txn_id(&void.txn_id)?, owner: owner(void.owner.as_ref())? },
-        Kind::PruneDedup(prune) => CommandKind::PruneDedup { older_than_ms: prune.older_than_ms },
+        Kind::Post(post) => CommandKind::Post {
+            txn_id: txn_id(&post.txn_id)?,
+            owner: owner(post.owner.as_ref())?,
+        },
+        Kind::Void(void) => CommandKind::Void {
+            txn_id: txn_id(&void.txn_id)?,
+            owner: owner(void.owner.as_ref())?,
+        },
+        Kind::PruneDedup(prune) => CommandKind::PruneDedup {
+            older_than_ms: prune.older_than_ms,
+        },
     };
     Ok(Command { request_id, kind })
 }
 
 pub fn pb_amount(amount: Amount) -> PbAmount {
-    PbAmount { minor_units: amount.0.to_string() }
+    PbAmount {
+        minor_units: amount.0.to_string(),
+    }
 }
 
 pub fn outcome(outcome: Outcome) -> pb::Outcome {
@@ -134,12 +180,20 @@ pub fn account(account: &Account) -> pb::Account {
         lower_limit: account.limits.lower.map(pb_amount),
         upper_limit: account.limits.upper.map(pb_amount),
         version: account.version,
-        metadata: account.metadata.entries().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        metadata: account
+            .metadata
+            .entries()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
 pub fn rejection(invalid: Invalid) -> pb::CommandResult {
-    pb::CommandResult { outcome: outcome(invalid) as i32, ..Default::default() }
+    pb::CommandResult {
+        outcome: outcome(invalid) as i32,
+        ..Default::default()
+    }
 }
 
 pub fn command_result(result: &CommandResult) -> pb::CommandResult {
@@ -147,32 +201,57 @@ pub fn command_result(result: &CommandResult) -> pb::CommandResult {
         outcome: outcome(result.outcome) as i32,
         duplicate: result.duplicate,
         seq: result.seq,
-        detail_account_id: result.detail_account_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+        detail_account_id: result
+            .detail_account_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         accounts: result.accounts.iter().map(account).collect(),
     }
 }
 
-fn pb_leg(leg: &Leg) -> pb::Leg {
-    pb::Leg { account_id: leg.account_id.to_string(), amount: Some(pb_amount(leg.amount)), currency: leg.currency.to_string() }
+pub fn pb_leg(leg: &Leg) -> pb::Leg {
+    pb::Leg {
+        account_id: leg.account_id.to_string(),
+        amount: Some(pb_amount(leg.amount)),
+        currency: leg.currency.to_string(),
+    }
 }
 
-fn pb_owner(owner: &Owner) -> pb::Owner {
-    pb::Owner { coordinator_shard_id: owner.coordinator_shard_id, epoch: owner.epoch }
+pub fn pb_owner(owner: &Owner) -> pb::Owner {
+    pb::Owner {
+        coordinator_shard_id: owner.coordinator_shard_id,
+        epoch: owner.epoch,
+    }
 }
 
-fn pb_metadata(metadata: &Metadata) -> HashMap<String, String> {
-    metadata.entries().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+pub fn pb_metadata(metadata: &Metadata) -> HashMap<String, String> {
+    metadata
+        .entries()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn pb_limits(limits: &Limits) -> (Option<PbAmount>, bool, Option<PbAmount>) {
-    (limits.lower.map(pb_amount), limits.lower.is_none(), limits.upper.map(pb_amount))
+    (
+        limits.lower.map(pb_amount),
+        limits.lower.is_none(),
+        limits.upper.map(pb_amount),
+    )
 }
 
 /// The protobuf form of a ledger command (for events).
 pub fn pb_command(command: &Command) -> pb::Command {
     use pb::command::Kind;
     let kind = match &command.kind {
-        CommandKind::CreateAccount { account_id, currency, scale, limits, metadata } => {
+        CommandKind::CreateAccount {
+            account_id,
+            currency,
+            scale,
+            limits,
+            metadata,
+        } => {
             let (lower_limit, no_lower_limit, upper_limit) = pb_limits(limits);
             Kind::CreateAccount(pb::CreateAccount {
                 account_id: account_id.to_string(),
@@ -186,34 +265,71 @@ pub fn pb_command(command: &Command) -> pb::Command {
         }
         CommandKind::UpdateLimits { account_id, limits } => {
             let (lower_limit, no_lower_limit, upper_limit) = pb_limits(limits);
-            Kind::UpdateLimits(pb::UpdateLimits { account_id: account_id.to_string(), lower_limit, upper_limit, no_lower_limit })
+            Kind::UpdateLimits(pb::UpdateLimits {
+                account_id: account_id.to_string(),
+                lower_limit,
+                upper_limit,
+                no_lower_limit,
+            })
         }
-        CommandKind::Freeze { account_id } => Kind::Freeze(pb::Freeze { account_id: account_id.to_string() }),
-        CommandKind::Unfreeze { account_id } => Kind::Unfreeze(pb::Unfreeze { account_id: account_id.to_string() }),
-        CommandKind::Close { account_id } => Kind::Close(pb::Close { account_id: account_id.to_string() }),
-        CommandKind::Transfer { from, to, amount, currency, metadata } => Kind::Transfer(pb::Transfer {
+        CommandKind::Freeze { account_id } => Kind::Freeze(pb::Freeze {
+            account_id: account_id.to_string(),
+        }),
+        CommandKind::Unfreeze { account_id } => Kind::Unfreeze(pb::Unfreeze {
+            account_id: account_id.to_string(),
+        }),
+        CommandKind::Close { account_id } => Kind::Close(pb::Close {
+            account_id: account_id.to_string(),
+        }),
+        CommandKind::Transfer {
+            from,
+            to,
+            amount,
+            currency,
+            metadata,
+        } => Kind::Transfer(pb::Transfer {
             from_account_id: from.to_string(),
             to_account_id: to.to_string(),
             amount: Some(pb_amount(*amount)),
             currency: currency.to_string(),
             metadata: pb_metadata(metadata),
         }),
-        CommandKind::Batch { legs, txn_id, metadata } => Kind::Batch(pb::Batch {
+        CommandKind::Batch {
+            legs,
+            txn_id,
+            metadata,
+        } => Kind::Batch(pb::Batch {
             legs: legs.iter().map(pb_leg).collect(),
             txn_id: txn_id.as_ref().map(ToString::to_string).unwrap_or_default(),
             metadata: pb_metadata(metadata),
         }),
-        CommandKind::Reserve { txn_id, owner, legs, metadata } => Kind::Reserve(pb::Reserve {
+        CommandKind::Reserve {
+            txn_id,
+            owner,
+            legs,
+            metadata,
+        } => Kind::Reserve(pb::Reserve {
             txn_id: txn_id.to_string(),
             owner: Some(pb_owner(owner)),
             legs: legs.iter().map(pb_leg).collect(),
             metadata: pb_metadata(metadata),
         }),
-        CommandKind::Post { txn_id, owner } => Kind::Post(pb::Post { txn_id: txn_id.to_string(), owner: Some(pb_owner(owner)) }),
-        CommandKind::Void { txn_id, owner } => Kind::Void(pb::Void { txn_id: txn_id.to_string(), owner: Some(pb_owner(owner)) }),
-        CommandKind::PruneDedup { older_than_ms } => Kind::PruneDedup(pb::PruneDedup { older_than_ms: *older_than_ms }),
+        CommandKind::Post { txn_id, owner } => Kind::Post(pb::Post {
+            txn_id: txn_id.to_string(),
+            owner: Some(pb_owner(owner)),
+        }),
+        CommandKind::Void { txn_id, owner } => Kind::Void(pb::Void {
+            txn_id: txn_id.to_string(),
+            owner: Some(pb_owner(owner)),
+        }),
+        CommandKind::PruneDedup { older_than_ms } => Kind::PruneDedup(pb::PruneDedup {
+            older_than_ms: *older_than_ms,
+        }),
     };
-    pb::Command { request_id: command.request_id.to_string(), kind: Some(kind) }
+    pb::Command {
+        request_id: command.request_id.to_string(),
+        kind: Some(kind),
+    }
 }
 
 pub fn event(shard_id: u32, event: &Event) -> pb::Event {
@@ -222,7 +338,12 @@ pub fn event(shard_id: u32, event: &Event) -> pb::Event {
         seq: event.seq,
         timestamp_ms: event.timestamp_ms,
         request_id: event.command.request_id.to_string(),
-        txn_id: event.command.kind.txn_id().map(ToString::to_string).unwrap_or_default(),
+        txn_id: event
+            .command
+            .kind
+            .txn_id()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         command: Some(pb_command(&event.command)),
         accounts: event.accounts.iter().map(account).collect(),
     }
@@ -234,8 +355,15 @@ mod tests {
 
     #[test]
     fn every_command_survives_the_round_trip_through_protobuf() {
-        let owner = Owner { coordinator_shard_id: 3, epoch: 9 };
-        let leg = Leg { account_id: AccountId::parse("a").unwrap(), amount: Amount(-5), currency: Currency::parse("USD").unwrap() };
+        let owner = Owner {
+            coordinator_shard_id: 3,
+            epoch: 9,
+        };
+        let leg = Leg {
+            account_id: AccountId::parse("a").unwrap(),
+            amount: Amount(-5),
+            currency: Currency::parse("USD").unwrap(),
+        };
         let metadata = Metadata::new(BTreeMap::from([("k".to_owned(), "v".to_owned())])).unwrap();
         let kinds = vec![
             CommandKind::CreateAccount {
@@ -245,14 +373,32 @@ mod tests {
                 limits: Limits::NO_OVERDRAFT,
                 metadata: metadata.clone(),
             },
-            CommandKind::UpdateLimits { account_id: AccountId::parse("a").unwrap(), limits: Limits::UNBOUNDED },
-            CommandKind::Batch { legs: vec![leg.clone()], txn_id: Some(TxnId::parse("t").unwrap()), metadata: metadata.clone() },
-            CommandKind::Reserve { txn_id: TxnId::parse("t").unwrap(), owner, legs: vec![leg], metadata },
-            CommandKind::Void { txn_id: TxnId::parse("t").unwrap(), owner },
+            CommandKind::UpdateLimits {
+                account_id: AccountId::parse("a").unwrap(),
+                limits: Limits::UNBOUNDED,
+            },
+            CommandKind::Batch {
+                legs: vec![leg.clone()],
+                txn_id: Some(TxnId::parse("t").unwrap()),
+                metadata: metadata.clone(),
+            },
+            CommandKind::Reserve {
+                txn_id: TxnId::parse("t").unwrap(),
+                owner,
+                legs: vec![leg],
+                metadata,
+            },
+            CommandKind::Void {
+                txn_id: TxnId::parse("t").unwrap(),
+                owner,
+            },
             CommandKind::PruneDedup { older_than_ms: 17 },
         ];
         for kind in kinds {
-            let original = Command { request_id: RequestId::parse("r-1").unwrap(), kind };
+            let original = Command {
+                request_id: RequestId::parse("r-1").unwrap(),
+                kind,
+            };
             assert_eq!(command(Some(&pb_command(&original))), Ok(original));
         }
     }
@@ -264,18 +410,35 @@ mod tests {
             kind: Some(pb::command::Kind::Transfer(pb::Transfer {
                 from_account_id: from.into(),
                 to_account_id: "b".into(),
-                amount: Some(PbAmount { minor_units: amount.into() }),
+                amount: Some(PbAmount {
+                    minor_units: amount.into(),
+                }),
                 currency: currency.into(),
                 metadata: HashMap::new(),
             })),
         };
-        assert_eq!(command(Some(&transfer("bad id", "5", "USD"))), Err(Outcome::InvalidAccountId));
-        assert_eq!(command(Some(&transfer("a", "5.00", "USD"))), Err(Outcome::InvalidAmount));
-        assert_eq!(command(Some(&transfer("a", &"9".repeat(40), "USD"))), Err(Outcome::InvalidAmount));
-        assert_eq!(command(Some(&transfer("a", "5", "usd"))), Err(Outcome::InvalidCurrency));
+        assert_eq!(
+            command(Some(&transfer("bad id", "5", "USD"))),
+            Err(Outcome::InvalidAccountId)
+        );
+        assert_eq!(
+            command(Some(&transfer("a", "5.00", "USD"))),
+            Err(Outcome::InvalidAmount)
+        );
+        assert_eq!(
+            command(Some(&transfer("a", &"9".repeat(40), "USD"))),
+            Err(Outcome::InvalidAmount)
+        );
+        assert_eq!(
+            command(Some(&transfer("a", "5", "usd"))),
+            Err(Outcome::InvalidCurrency)
+        );
         let mut no_request_id = transfer("a", "5", "USD");
         no_request_id.request_id.clear();
-        assert_eq!(command(Some(&no_request_id)), Err(Outcome::InvalidRequestId));
+        assert_eq!(
+            command(Some(&no_request_id)),
+            Err(Outcome::InvalidRequestId)
+        );
         assert_eq!(command(None), Err(Outcome::InvalidRequestId));
     }
 }

@@ -1,11 +1,14 @@
 //! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
 //! each command changed in RocksDB, keeps the event log, and wakes event subscribers.
 
-use consensus::{App, AppStore, Error, Writes, event_log};
+use consensus::{App, AppStore, Error, Writes, decode, encode, event_log};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::ledger::{Account, AccountId, Command, DedupRecord, Event, Ledger, LedgerState, Outcome, RequestId, TxnId, TxnRecord};
+use crate::ledger::{
+    Account, AccountId, Command, DedupRecord, Event, Ledger, LedgerState, Outcome, RequestId,
+    TxnId, TxnRecord,
+};
 
 const ACCOUNTS: &str = "accounts";
 const TRANSACTIONS: &str = "transactions";
@@ -37,16 +40,16 @@ pub struct LedgerMachine {
     applied_seq: watch::Sender<u64>,
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("in-memory encoding cannot fail")
-}
-
-fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
-    postcard::from_bytes(bytes).map_err(|source| Error::Decode { what, source })
-}
-
-fn read_all<T: serde::de::DeserializeOwned>(store: &AppStore, family: &str, what: &'static str) -> Result<Vec<T>, Error> {
-    store.scan_from(family, &[], usize::MAX)?.iter().map(|(_, value)| decode(what, value)).collect()
+fn read_all<T: serde::de::DeserializeOwned>(
+    store: &AppStore,
+    family: &str,
+    what: &'static str,
+) -> Result<Vec<T>, Error> {
+    store
+        .scan_from(family, &[], usize::MAX)?
+        .iter()
+        .map(|(_, value)| decode(what, value))
+        .collect()
 }
 
 impl LedgerMachine {
@@ -74,15 +77,29 @@ impl LedgerMachine {
 }
 
 /// Events `from..=to` (at most `limit`) from the event log.
-pub fn read_events(store: &AppStore, from: u64, to: u64, limit: usize) -> Result<Vec<Event>, Error> {
-    Ok(event_log::read(store, from, to, limit)?.into_iter().map(|(_, event)| event).collect())
+pub fn read_events(
+    store: &AppStore,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Result<Vec<Event>, Error> {
+    Ok(event_log::read(store, from, to, limit)?
+        .into_iter()
+        .map(|(_, event)| event)
+        .collect())
 }
 
 impl App for LedgerMachine {
     type Request = Command;
     type Response = CommandResult;
 
-    const COLUMN_FAMILIES: &'static [&'static str] = &[ACCOUNTS, TRANSACTIONS, DEDUP, event_log::EVENTS, LEDGER_META];
+    const COLUMN_FAMILIES: &'static [&'static str] = &[
+        ACCOUNTS,
+        TRANSACTIONS,
+        DEDUP,
+        event_log::EVENTS,
+        LEDGER_META,
+    ];
 
     fn load(store: &AppStore) -> Result<Self, Error> {
         let last_seq = match store.get(LEDGER_META, LAST_SEQ)? {
@@ -100,12 +117,25 @@ impl App for LedgerMachine {
             .iter()
             .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
             .collect::<Result<_, Error>>()?;
-        let ledger = Ledger::import(LedgerState { last_seq, accounts, transactions, dedup });
+        let ledger = Ledger::import(LedgerState {
+            last_seq,
+            accounts,
+            transactions,
+            dedup,
+        });
         let (applied_seq, _) = watch::channel(last_seq);
-        Ok(LedgerMachine { ledger, applied_seq })
+        Ok(LedgerMachine {
+            ledger,
+            applied_seq,
+        })
     }
 
-    fn apply(&mut self, command: &Command, timestamp_ms: i64, writes: &mut Writes<'_>) -> CommandResult {
+    fn apply(
+        &mut self,
+        command: &Command,
+        timestamp_ms: i64,
+        writes: &mut Writes<'_>,
+    ) -> CommandResult {
         let applied = self.ledger.apply(command, timestamp_ms);
         if let Some(event) = &applied.event {
             for account in &event.accounts {
@@ -128,7 +158,10 @@ impl App for LedgerMachine {
             duplicate: applied.duplicate,
             seq: applied.seq,
             detail_account_id: applied.detail_account_id,
-            accounts: applied.event.map(|event| event.accounts).unwrap_or_default(),
+            accounts: applied
+                .event
+                .map(|event| event.accounts)
+                .unwrap_or_default(),
         }
     }
 
@@ -138,7 +171,10 @@ impl App for LedgerMachine {
 
     fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error> {
         let events = read_events(store, 1, u64::MAX, usize::MAX)?;
-        Ok(encode(&LedgerSnapshot { state: self.ledger.export(), events }))
+        Ok(encode(&LedgerSnapshot {
+            state: self.ledger.export(),
+            events,
+        }))
     }
 
     fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {

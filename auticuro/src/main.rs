@@ -55,9 +55,13 @@ impl Settings {
             listen: self.listen.or(file.listen),
             data_dir: self.data_dir.or(file.data_dir),
             snapshot_after_logs: self.snapshot_after_logs.or(file.snapshot_after_logs),
-            logs_kept_after_snapshot: self.logs_kept_after_snapshot.or(file.logs_kept_after_snapshot),
+            logs_kept_after_snapshot: self
+                .logs_kept_after_snapshot
+                .or(file.logs_kept_after_snapshot),
             dedup_retention_hours: self.dedup_retention_hours.or(file.dedup_retention_hours),
-            dedup_prune_interval_seconds: self.dedup_prune_interval_seconds.or(file.dedup_prune_interval_seconds),
+            dedup_prune_interval_seconds: self
+                .dedup_prune_interval_seconds
+                .or(file.dedup_prune_interval_seconds),
         }
     }
 }
@@ -70,23 +74,35 @@ fn load_settings() -> anyhow::Result<auticuro::server::ReplicaOptions> {
         None => Settings::default(),
     };
     let settings = flags.merge(file);
-    let required = |name: &str| anyhow::anyhow!("{name} is required (flag, environment or config file)");
+    let required =
+        |name: &str| anyhow::anyhow!("{name} is required (flag, environment or config file)");
     Ok(auticuro::server::ReplicaOptions {
         shard_id: settings.shard_id.ok_or_else(|| required("shard_id"))?,
         node_id: settings.node_id.ok_or_else(|| required("node_id"))?,
-        listen: settings.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        listen: settings
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
         data_dir: settings.data_dir.ok_or_else(|| required("data_dir"))?,
         snapshot_after_logs: settings.snapshot_after_logs.unwrap_or(20_000),
         logs_kept_after_snapshot: settings.logs_kept_after_snapshot.unwrap_or(1_000),
-        dedup_retention: Duration::from_secs(3_600 * settings.dedup_retention_hours.unwrap_or(7 * 24)),
-        dedup_prune_interval: Duration::from_secs(settings.dedup_prune_interval_seconds.unwrap_or(3_600).max(1)),
+        dedup_retention: Duration::from_secs(
+            3_600 * settings.dedup_retention_hours.unwrap_or(7 * 24),
+        ),
+        dedup_prune_interval: Duration::from_secs(
+            settings
+                .dedup_prune_interval_seconds
+                .unwrap_or(3_600)
+                .max(1),
+        ),
     })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let replica = auticuro::server::start(load_settings()?).await?;

@@ -31,7 +31,11 @@ impl SlotTable {
     /// Slots dealt round-robin over `shards`.
     pub fn uniform(shards: &[u32]) -> SlotTable {
         assert!(!shards.is_empty(), "at least one storage shard");
-        SlotTable { owners: (0..SLOT_COUNT).map(|slot| shards[slot % shards.len()]).collect() }
+        SlotTable {
+            owners: (0..SLOT_COUNT)
+                .map(|slot| shards[slot % shards.len()])
+                .collect(),
+        }
     }
 
     /// A table from the topology's list; `None` unless it has exactly `SLOT_COUNT` entries.
@@ -62,6 +66,9 @@ mod tests {
         let on_first = (0..1000)
             .filter(|i| table.shard_of(&AccountId::parse(&format!("user:{i}")).unwrap()) == 1)
             .count();
-        assert!((400..600).contains(&on_first), "{on_first} of 1000 on shard 1");
+        assert!(
+            (400..600).contains(&on_first),
+            "{on_first} of 1000 on shard 1"
+        );
     }
 }

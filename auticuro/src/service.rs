@@ -37,7 +37,11 @@ pub type CommandCounter = Family<Vec<(&'static str, String)>, Counter>;
 
 pub fn register_metrics(registry: &mut Registry) -> CommandCounter {
     let commands = CommandCounter::default();
-    registry.register("commands", "Ledger commands answered, by kind and outcome", commands.clone());
+    registry.register(
+        "commands",
+        "Ledger commands answered, by kind and outcome",
+        commands.clone(),
+    );
     commands
 }
 
@@ -59,21 +63,32 @@ fn kind_label(command: &Command) -> &'static str {
 
 impl LedgerService {
     fn redirect(&self, leader_id: Option<u64>, leader_address: Option<String>) -> Redirect {
-        Redirect { group_id: self.shard_id, leader_node_id: leader_id, leader_address, wrong_shard: false }
+        Redirect {
+            group_id: self.shard_id,
+            leader_node_id: leader_id,
+            leader_address,
+            wrong_shard: false,
+        }
     }
 
     fn current_redirect(&self) -> Redirect {
         let metrics = self.raft.metrics().borrow().clone();
-        let address = metrics
-            .current_leader
-            .and_then(|id| metrics.membership_config.membership().get_node(&id).map(|node| node.addr.clone()));
+        let address = metrics.current_leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|node| node.addr.clone())
+        });
         self.redirect(metrics.current_leader, address)
     }
 
     /// Waits (bounded) until this replica has applied `min_seq`; returns the applied seq.
     async fn wait_for_seq(&self, min_seq: u64, wait: Duration) -> Result<u64, u64> {
         let mut applied = self.machine.read(|machine| machine.subscribe_applied_seq());
-        let reached = tokio::time::timeout(wait, applied.wait_for(|seq| *seq >= min_seq)).await.is_ok_and(|r| r.is_ok());
+        let reached = tokio::time::timeout(wait, applied.wait_for(|seq| *seq >= min_seq))
+            .await
+            .is_ok_and(|r| r.is_ok());
         let current = *applied.borrow();
         if reached { Ok(current) } else { Err(current) }
     }
@@ -83,11 +98,19 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 
 #[tonic::async_trait]
 impl LedgerRpc for LedgerService {
-    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteResponse>, Status> {
         let command = match convert::command(request.get_ref().command.as_ref()) {
             Ok(command) => command,
             Err(invalid) => {
-                self.commands.get_or_create(&vec![("kind", "invalid".to_owned()), ("outcome", format!("{invalid:?}"))]).inc();
+                self.commands
+                    .get_or_create(&vec![
+                        ("kind", "invalid".to_owned()),
+                        ("outcome", format!("{invalid:?}")),
+                    ])
+                    .inc();
                 let reply = pb::execute_response::Reply::Result(convert::rejection(invalid));
                 return Ok(Response::new(pb::ExecuteResponse { reply: Some(reply) }));
             }
@@ -95,29 +118,47 @@ impl LedgerRpc for LedgerService {
         let kind = kind_label(&command);
         let reply = match self.proposer.propose(command).await {
             Ok(result) => {
-                self.commands.get_or_create(&vec![("kind", kind.to_owned()), ("outcome", format!("{:?}", result.outcome))]).inc();
+                self.commands
+                    .get_or_create(&vec![
+                        ("kind", kind.to_owned()),
+                        ("outcome", format!("{:?}", result.outcome)),
+                    ])
+                    .inc();
                 pb::execute_response::Reply::Result(convert::command_result(&result))
             }
-            Err(ProposeError::NotLeader { leader_id, leader_address }) => {
-                pb::execute_response::Reply::Redirect(self.redirect(leader_id, leader_address))
+            Err(ProposeError::NotLeader {
+                leader_id,
+                leader_address,
+            }) => pb::execute_response::Reply::Redirect(self.redirect(leader_id, leader_address)),
+            Err(ProposeError::Overloaded) => {
+                return Err(Status::resource_exhausted("overloaded, retry later"));
             }
-            Err(ProposeError::Overloaded) => return Err(Status::resource_exhausted("overloaded, retry later")),
             Err(ProposeError::Unavailable(message)) => return Err(Status::unavailable(message)),
         };
         Ok(Response::new(pb::ExecuteResponse { reply: Some(reply) }))
     }
 
-    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::GetAccountResponse>, Status> {
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::GetAccountResponse>, Status> {
         use pb::get_account_response::Reply;
         let request = request.into_inner();
         let account_id = AccountId::parse(&request.account_id)
             .map_err(|_| Status::invalid_argument("invalid account id"))?;
-        match pb::ReadConsistency::try_from(request.consistency).unwrap_or(pb::ReadConsistency::Unspecified) {
+        match pb::ReadConsistency::try_from(request.consistency)
+            .unwrap_or(pb::ReadConsistency::Unspecified)
+        {
             pb::ReadConsistency::MinSeq => {
                 let wait = Duration::from_millis(u64::from(request.wait_ms_max)).min(READ_WAIT_MAX);
                 if let Err(applied_seq) = self.wait_for_seq(request.min_seq, wait).await {
-                    let not_caught_up = pb::NotCaughtUp { applied_seq, min_seq: request.min_seq };
-                    return Ok(Response::new(pb::GetAccountResponse { reply: Some(Reply::NotCaughtUp(not_caught_up)) }));
+                    let not_caught_up = pb::NotCaughtUp {
+                        applied_seq,
+                        min_seq: request.min_seq,
+                    };
+                    return Ok(Response::new(pb::GetAccountResponse {
+                        reply: Some(Reply::NotCaughtUp(not_caught_up)),
+                    }));
                 }
             }
             _ => {
@@ -125,8 +166,13 @@ impl LedgerRpc for LedgerService {
                 if let Err(error) = self.raft.ensure_linearizable().await {
                     return match error.forward_to_leader() {
                         Some(forward) => {
-                            let redirect = self.redirect(forward.leader_id, forward.leader_node.clone().map(|node| node.addr));
-                            Ok(Response::new(pb::GetAccountResponse { reply: Some(Reply::Redirect(redirect)) }))
+                            let redirect = self.redirect(
+                                forward.leader_id,
+                                forward.leader_node.clone().map(|node| node.addr),
+                            );
+                            Ok(Response::new(pb::GetAccountResponse {
+                                reply: Some(Reply::Redirect(redirect)),
+                            }))
                         }
                         None => Err(Status::unavailable(error.to_string())),
                     };
@@ -134,28 +180,47 @@ impl LedgerRpc for LedgerService {
             }
         }
         let (account, applied_seq) = self.machine.read(|machine| {
-            (machine.ledger().account(&account_id).map(convert::account), machine.ledger().last_seq())
+            (
+                machine.ledger().account(&account_id).map(convert::account),
+                machine.ledger().last_seq(),
+            )
         });
-        let read = pb::AccountRead { account, applied_seq };
-        Ok(Response::new(pb::GetAccountResponse { reply: Some(Reply::Read(read)) }))
+        let read = pb::AccountRead {
+            account,
+            applied_seq,
+        };
+        Ok(Response::new(pb::GetAccountResponse {
+            reply: Some(Reply::Read(read)),
+        }))
     }
 
     async fn get_transaction_legs(
         &self,
         request: Request<pb::GetTransactionLegsRequest>,
     ) -> Result<Response<pb::GetTransactionLegsResponse>, Status> {
-        let txn_id = TxnId::parse(&request.get_ref().txn_id).map_err(|_| Status::invalid_argument("invalid txn id"))?;
+        let txn_id = TxnId::parse(&request.get_ref().txn_id)
+            .map_err(|_| Status::invalid_argument("invalid txn id"))?;
         if self.raft.ensure_linearizable().await.is_err() {
             let redirect = self.current_redirect();
             let reply = pb::get_transaction_legs_response::Reply::Redirect(redirect);
-            return Ok(Response::new(pb::GetTransactionLegsResponse { reply: Some(reply) }));
+            return Ok(Response::new(pb::GetTransactionLegsResponse {
+                reply: Some(reply),
+            }));
         }
-        let record = self.machine.read(|machine| machine.ledger().transaction(&txn_id).cloned());
+        let record = self
+            .machine
+            .read(|machine| machine.ledger().transaction(&txn_id).cloned());
         let legs = match record {
-            None => pb::TransactionLegs { txn_id: txn_id.to_string(), ..Default::default() },
+            None => pb::TransactionLegs {
+                txn_id: txn_id.to_string(),
+                ..Default::default()
+            },
             Some(record) => pb::TransactionLegs {
                 txn_id: txn_id.to_string(),
-                owner: Some(pb::Owner { coordinator_shard_id: record.owner.coordinator_shard_id, epoch: record.owner.epoch }),
+                owner: Some(pb::Owner {
+                    coordinator_shard_id: record.owner.coordinator_shard_id,
+                    epoch: record.owner.epoch,
+                }),
                 state: match record.state {
                     LegState::Held => pb::LegState::Held,
                     LegState::Posted => pb::LegState::Posted,
@@ -175,27 +240,58 @@ impl LedgerRpc for LedgerService {
             },
         };
         let reply = pb::get_transaction_legs_response::Reply::Legs(legs);
-        Ok(Response::new(pb::GetTransactionLegsResponse { reply: Some(reply) }))
+        Ok(Response::new(pb::GetTransactionLegsResponse {
+            reply: Some(reply),
+        }))
     }
 
     type SubscribeStream = EventStream;
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let applied = self.machine.read(|machine| machine.subscribe_applied_seq());
         let from = request.into_inner().from_seq;
         let shard_id = self.shard_id;
-        let receiver = event_log::stream(self.machine.store(), applied, from, move |event| convert::event(shard_id, &event));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        let receiver = event_log::stream(self.machine.store(), applied, from, move |event| {
+            convert::event(shard_id, &event)
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
-    async fn read_events(&self, request: Request<pb::ReadEventsRequest>) -> Result<Response<pb::ReadEventsResponse>, Status> {
+    async fn read_events(
+        &self,
+        request: Request<pb::ReadEventsRequest>,
+    ) -> Result<Response<pb::ReadEventsResponse>, Status> {
         let request = request.into_inner();
-        let limit = if request.limit == 0 { READ_EVENTS_LIMIT_MAX } else { request.limit.min(READ_EVENTS_LIMIT_MAX) };
-        let to = if request.to_seq == 0 { u64::MAX } else { request.to_seq };
+        let limit = if request.limit == 0 {
+            READ_EVENTS_LIMIT_MAX
+        } else {
+            request.limit.min(READ_EVENTS_LIMIT_MAX)
+        };
+        let to = if request.to_seq == 0 {
+            u64::MAX
+        } else {
+            request.to_seq
+        };
         let applied_seq = self.machine.read(|machine| machine.ledger().last_seq());
-        let events = read_events(&self.machine.store(), request.from_seq.max(1), to.min(applied_seq), limit as usize)
-            .map_err(|error| Status::internal(error.to_string()))?;
-        let events = events.iter().map(|event| convert::event(self.shard_id, event)).collect();
-        Ok(Response::new(pb::ReadEventsResponse { events, applied_seq }))
+        let events = read_events(
+            &self.machine.store(),
+            request.from_seq.max(1),
+            to.min(applied_seq),
+            limit as usize,
+        )
+        .map_err(|error| Status::internal(error.to_string()))?;
+        let events = events
+            .iter()
+            .map(|event| convert::event(self.shard_id, event))
+            .collect();
+        Ok(Response::new(pb::ReadEventsResponse {
+            events,
+            applied_seq,
+        }))
     }
 }

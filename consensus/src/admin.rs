@@ -20,18 +20,33 @@ pub struct RaftAdminService<A: App> {
 
 impl<A: App> RaftAdminService<A> {
     pub fn new(group_id: u32, raft: Raft<A>, machine: StateMachineStore<A>) -> RaftAdminService<A> {
-        RaftAdminService { group_id, raft, machine }
+        RaftAdminService {
+            group_id,
+            raft,
+            machine,
+        }
     }
 
     fn membership(&self, log_index: u64) -> pb::Membership {
         let metrics = self.raft.metrics().borrow().clone();
         let config = metrics.membership_config.membership();
         let voter_ids: BTreeSet<NodeId> = config.voter_ids().collect();
-        let node = |(id, node): (&NodeId, &BasicNode)| pb::Node { node_id: *id, address: node.addr.clone() };
+        let node = |(id, node): (&NodeId, &BasicNode)| pb::Node {
+            node_id: *id,
+            address: node.addr.clone(),
+        };
         pb::Membership {
             log_index,
-            voters: config.nodes().filter(|(id, _)| voter_ids.contains(id)).map(node).collect(),
-            learners: config.nodes().filter(|(id, _)| !voter_ids.contains(id)).map(node).collect(),
+            voters: config
+                .nodes()
+                .filter(|(id, _)| voter_ids.contains(id))
+                .map(node)
+                .collect(),
+            learners: config
+                .nodes()
+                .filter(|(id, _)| !voter_ids.contains(id))
+                .map(node)
+                .collect(),
         }
     }
 
@@ -70,7 +85,10 @@ fn server_state(state: ServerState) -> pb::ServerState {
 
 #[tonic::async_trait]
 impl<A: App> RaftAdmin for RaftAdminService<A> {
-    async fn initialize(&self, request: Request<pb::InitializeRequest>) -> Result<Response<pb::InitializeResponse>, Status> {
+    async fn initialize(
+        &self,
+        request: Request<pb::InitializeRequest>,
+    ) -> Result<Response<pb::InitializeResponse>, Status> {
         let members: BTreeMap<NodeId, BasicNode> = request
             .into_inner()
             .members
@@ -78,7 +96,9 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
             .map(|node| (node.node_id, BasicNode { addr: node.address }))
             .collect();
         if members.is_empty() {
-            return Err(Status::invalid_argument("a group needs at least one member"));
+            return Err(Status::invalid_argument(
+                "a group needs at least one member",
+            ));
         }
         match self.raft.initialize(members).await {
             Ok(()) => Ok(Response::new(pb::InitializeResponse {})),
@@ -90,12 +110,21 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
         }
     }
 
-    async fn add_learner(&self, request: Request<pb::AddLearnerRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
+    async fn add_learner(
+        &self,
+        request: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
         let request = request.into_inner();
-        let node = request.node.ok_or_else(|| Status::invalid_argument("node is required"))?;
+        let node = request
+            .node
+            .ok_or_else(|| Status::invalid_argument("node is required"))?;
         let result = self
             .raft
-            .add_learner(node.node_id, BasicNode { addr: node.address }, request.wait_caught_up)
+            .add_learner(
+                node.node_id,
+                BasicNode { addr: node.address },
+                request.wait_caught_up,
+            )
             .await
             .map(|written| written.log_id.index);
         self.membership_reply(result)
@@ -118,7 +147,10 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
         self.membership_reply(result)
     }
 
-    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
         let node_id = request.into_inner().node_id;
         let metrics = self.raft.metrics().borrow().clone();
         let config = metrics.membership_config.membership();
@@ -127,16 +159,33 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
             return Err(Status::failed_precondition("cannot remove the last voter"));
         }
         // Dropping the node from the voters without keeping it as a learner removes it entirely.
-        let result = self.raft.change_membership(voters, false).await.map(|written| written.log_id.index);
+        let result = self
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map(|written| written.log_id.index);
         self.membership_reply(result)
     }
 
-    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let metrics = self.raft.metrics().borrow().clone();
-        let leader_address = metrics
-            .current_leader
-            .and_then(|leader| metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone()));
-        let membership = self.membership(metrics.membership_config.log_id().map(|id| id.index).unwrap_or(0));
+        let leader_address = metrics.current_leader.and_then(|leader| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|node| node.addr.clone())
+        });
+        let membership = self.membership(
+            metrics
+                .membership_config
+                .log_id()
+                .map(|id| id.index)
+                .unwrap_or(0),
+        );
         Ok(Response::new(pb::StatusResponse {
             group_id: self.group_id,
             node_id: metrics.id,
@@ -152,26 +201,42 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
         }))
     }
 
-    async fn digest(&self, _: Request<pb::DigestRequest>) -> Result<Response<pb::DigestResponse>, Status> {
+    async fn digest(
+        &self,
+        _: Request<pb::DigestRequest>,
+    ) -> Result<Response<pb::DigestResponse>, Status> {
         let applied_index = self.machine.last_applied().map(|id| id.index).unwrap_or(0);
         let (applied_seq, digest) = self.machine.read(|app| (app.applied_seq(), app.digest()));
-        Ok(Response::new(pb::DigestResponse { applied_index, applied_seq, digest: digest.to_vec() }))
+        Ok(Response::new(pb::DigestResponse {
+            applied_index,
+            applied_seq,
+            digest: digest.to_vec(),
+        }))
     }
 
     async fn trigger_snapshot(
         &self,
         _: Request<pb::TriggerSnapshotRequest>,
     ) -> Result<Response<pb::TriggerSnapshotResponse>, Status> {
-        self.raft.trigger().snapshot().await.map_err(|error| Status::unavailable(error.to_string()))?;
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|error| Status::unavailable(error.to_string()))?;
         let target = self.machine.last_applied().map(|id| id.index);
         // Wait (bounded) for the snapshot to cover what was applied when asked.
         let snapshot = self
             .raft
             .wait(Some(std::time::Duration::from_secs(30)))
-            .metrics(|metrics| metrics.snapshot.map(|id| id.index) >= target, "snapshot built")
+            .metrics(
+                |metrics| metrics.snapshot.map(|id| id.index) >= target,
+                "snapshot built",
+            )
             .await
             .map_err(|error| Status::deadline_exceeded(error.to_string()))?
             .snapshot;
-        Ok(Response::new(pb::TriggerSnapshotResponse { snapshot_index: snapshot.map(|id| id.index) }))
+        Ok(Response::new(pb::TriggerSnapshotResponse {
+            snapshot_index: snapshot.map(|id| id.index),
+        }))
     }
 }

@@ -25,12 +25,18 @@ pub struct Writes<'a> {
 
 impl Writes<'_> {
     pub fn put(&mut self, column_family: &str, key: &[u8], value: &[u8]) {
-        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        let cf = self
+            .db
+            .cf_handle(column_family)
+            .expect("application column families are opened");
         self.batch.put_cf(&cf, key, value);
     }
 
     pub fn delete(&mut self, column_family: &str, key: &[u8]) {
-        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        let cf = self
+            .db
+            .cf_handle(column_family)
+            .expect("application column families are opened");
         self.batch.delete_cf(&cf, key);
     }
 }
@@ -43,7 +49,10 @@ pub struct AppStore {
 
 impl AppStore {
     pub fn get(&self, column_family: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        let cf = self
+            .db
+            .cf_handle(column_family)
+            .expect("application column families are opened");
         Ok(self.db.get_cf(&cf, key)?)
     }
 
@@ -54,7 +63,10 @@ impl AppStore {
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
-        let cf = self.db.cf_handle(column_family).expect("application column families are opened");
+        let cf = self
+            .db
+            .cf_handle(column_family)
+            .expect("application column families are opened");
         let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
         let mut rows = Vec::new();
         for item in self.db.iterator_cf(&cf, mode).take(limit) {
@@ -80,7 +92,12 @@ pub trait App: Sized + Send + Sync + 'static {
     fn load(store: &AppStore) -> Result<Self, Error>;
 
     /// Applies one request and records its persistent changes into `writes`.
-    fn apply(&mut self, request: &Self::Request, timestamp_ms: i64, writes: &mut Writes<'_>) -> Self::Response;
+    fn apply(
+        &mut self,
+        request: &Self::Request,
+        timestamp_ms: i64,
+        writes: &mut Writes<'_>,
+    ) -> Self::Response;
 
     /// Called once the writes of applied entries are durable in RocksDB: the place to wake
     /// readers and subscribers of the new state.

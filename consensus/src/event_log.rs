@@ -22,10 +22,20 @@ pub fn append<E: Serialize>(writes: &mut Writes<'_>, seq: u64, event: &E) {
 }
 
 /// Events with seqs `from..=to`, at most `limit`, in order.
-pub fn read<E: DeserializeOwned>(store: &AppStore, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, E)>, Error> {
+pub fn read<E: DeserializeOwned>(
+    store: &AppStore,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Result<Vec<(u64, E)>, Error> {
     let mut events = Vec::new();
     for (stored_key, value) in store.scan_from(EVENTS, &key(from), limit)? {
-        let seq = u64::from_be_bytes(stored_key.as_slice().try_into().map_err(|_| Error::Corrupt("event key".into()))?);
+        let seq = u64::from_be_bytes(
+            stored_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("event key".into()))?,
+        );
         if seq > to {
             break;
         }
@@ -56,7 +66,9 @@ where
             let events = match read::<E>(&store, next, u64::MAX, STREAM_CHUNK) {
                 Ok(events) => events,
                 Err(error) => {
-                    let _ = sender.send(Err(tonic::Status::internal(error.to_string()))).await;
+                    let _ = sender
+                        .send(Err(tonic::Status::internal(error.to_string())))
+                        .await;
                     return;
                 }
             };

@@ -8,6 +8,7 @@
 mod admin;
 mod app;
 pub mod event_log;
+pub mod group;
 pub mod metrics;
 mod network;
 mod proposer;
@@ -15,6 +16,7 @@ mod store;
 
 pub use admin::RaftAdminService;
 pub use app::{App, AppStore, Proposal, Writes};
+pub use group::{Group, GroupOptions, serve};
 pub use metrics::RaftMetrics;
 pub use network::{MESSAGE_SIZE_MAX, Network, RaftTransportService};
 pub use proposer::{ProposeError, Proposer, ProposerLimits, now_ms};
@@ -107,10 +109,14 @@ pub fn raft_config(cluster_name: &str) -> openraft::Config {
     }
 }
 
-pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+/// The encoding of everything a group stores or sends: log entries, state rows, snapshots.
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("in-memory encoding cannot fail")
 }
 
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, Error> {
     postcard::from_bytes(bytes).map_err(|source| Error::Decode { what, source })
 }

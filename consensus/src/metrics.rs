@@ -35,13 +35,37 @@ impl RaftMetrics {
             applied_index: Gauge::default(),
             applied_seq: Gauge::default(),
         };
-        registry.register("raft_entry_requests", "Requests packed into one Raft entry", metrics.entry_requests.clone());
-        registry.register("raft_apply_seconds", "Time to apply a batch of committed entries", metrics.apply_seconds.clone());
+        registry.register(
+            "raft_entry_requests",
+            "Requests packed into one Raft entry",
+            metrics.entry_requests.clone(),
+        );
+        registry.register(
+            "raft_apply_seconds",
+            "Time to apply a batch of committed entries",
+            metrics.apply_seconds.clone(),
+        );
         registry.register("raft_term", "Current Raft term", metrics.term.clone());
-        registry.register("raft_is_leader", "1 on the leader, 0 elsewhere", metrics.is_leader.clone());
-        registry.register("raft_last_log_index", "Index of the last log entry", metrics.last_log_index.clone());
-        registry.register("raft_applied_index", "Index of the last applied entry", metrics.applied_index.clone());
-        registry.register("raft_applied_seq", "Last event seq applied by the state machine", metrics.applied_seq.clone());
+        registry.register(
+            "raft_is_leader",
+            "1 on the leader, 0 elsewhere",
+            metrics.is_leader.clone(),
+        );
+        registry.register(
+            "raft_last_log_index",
+            "Index of the last log entry",
+            metrics.last_log_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "Index of the last applied entry",
+            metrics.applied_index.clone(),
+        );
+        registry.register(
+            "raft_applied_seq",
+            "Last event seq applied by the state machine",
+            metrics.applied_seq.clone(),
+        );
         metrics
     }
 
@@ -49,15 +73,24 @@ impl RaftMetrics {
         let metrics = raft.metrics().borrow().clone();
         let as_gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         self.term.set(as_gauge(metrics.current_term));
-        self.is_leader.set(i64::from(metrics.current_leader == Some(metrics.id)));
-        self.last_log_index.set(as_gauge(metrics.last_log_index.unwrap_or(0)));
-        self.applied_index.set(as_gauge(metrics.last_applied.map(|id| id.index).unwrap_or(0)));
+        self.is_leader
+            .set(i64::from(metrics.current_leader == Some(metrics.id)));
+        self.last_log_index
+            .set(as_gauge(metrics.last_log_index.unwrap_or(0)));
+        self.applied_index.set(as_gauge(
+            metrics.last_applied.map(|id| id.index).unwrap_or(0),
+        ));
         self.applied_seq.set(as_gauge(applied_seq));
     }
 }
 
 /// Renders the registry in the Prometheus text format, with the Raft gauges brought up to date.
-pub fn render<A: App>(registry: &Registry, metrics: &RaftMetrics, raft: &Raft<A>, applied_seq: u64) -> String {
+pub fn render<A: App>(
+    registry: &Registry,
+    metrics: &RaftMetrics,
+    raft: &Raft<A>,
+    applied_seq: u64,
+) -> String {
     metrics.refresh(raft, applied_seq);
     let mut text = String::new();
     encode(&mut text, registry).expect("writing to a String cannot fail");
@@ -74,8 +107,21 @@ pub fn route<A: App>(
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let body = render(&registry, &metrics, &raft, machine.read(|app| app.applied_seq()));
-            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            let body = render(
+                &registry,
+                &metrics,
+                &raft,
+                machine.read(|app| app.applied_seq()),
+            );
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    body,
+                )
+            }
         }),
     )
 }

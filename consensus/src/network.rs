@@ -1,13 +1,13 @@
 //! The Raft transport over gRPC: openraft messages travel as postcard payloads inside
 //! `wallet.raft.v1.RaftPayload`, tagged with the group id so a misrouted message is refused.
 
+use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use proto::raft::v1::RaftPayload;
 use proto::raft::v1::raft_transport_client::RaftTransportClient;
 use proto::raft::v1::raft_transport_server::RaftTransport;
@@ -50,14 +50,23 @@ impl<A: App> RaftNetworkFactory<TypeConfig<A>> for Network {
                     .max_encoding_message_size(MESSAGE_SIZE_MAX)
             })
             .map_err(|error| format!("bad address {}: {error}", node.addr));
-        Connection { group_id: self.group_id, target, client }
+        Connection {
+            group_id: self.group_id,
+            target,
+            client,
+        }
     }
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl Connection {
-    async fn call<Req, Resp, E>(&mut self, kind: Kind, request: &Req, option: &RPCOption) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: Kind,
+        request: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -66,7 +75,10 @@ impl Connection {
         let client = self.client.as_mut().map_err(|message| {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(message.clone())))
         })?;
-        let mut grpc_request = Request::new(RaftPayload { group_id: self.group_id, payload: encode(request) });
+        let mut grpc_request = Request::new(RaftPayload {
+            group_id: self.group_id,
+            payload: encode(request),
+        });
         grpc_request.set_timeout(option.hard_ttl());
         let reply = match kind {
             Kind::AppendEntries => client.append_entries(grpc_request).await,
@@ -77,9 +89,12 @@ impl Connection {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
             _ => RPCError::Network(NetworkError::new(&status)),
         })?;
-        let result: Result<Resp, RaftError<NodeId, E>> = decode("raft response", &payload.into_inner().payload)
-            .map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
-        result.map_err(|error| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, error)))
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode("raft response", &payload.into_inner().payload)
+                .map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        result.map_err(|error| {
+            RPCError::RemoteError(openraft::error::RemoteError::new(self.target, error))
+        })
     }
 }
 
@@ -135,17 +150,24 @@ impl<A: App> RaftTransportService<A> {
                 self.group_id, message.group_id
             )));
         }
-        decode("raft request", &message.payload).map_err(|error| Status::invalid_argument(error.to_string()))
+        decode("raft request", &message.payload)
+            .map_err(|error| Status::invalid_argument(error.to_string()))
     }
 
     fn reply<T: Serialize>(&self, result: T) -> Result<Response<RaftPayload>, Status> {
-        Ok(Response::new(RaftPayload { group_id: self.group_id, payload: encode(&result) }))
+        Ok(Response::new(RaftPayload {
+            group_id: self.group_id,
+            payload: encode(&result),
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl<A: App> RaftTransport for RaftTransportService<A> {
-    async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let request: AppendEntriesRequest<TypeConfig<A>> = self.open(request)?;
         self.reply(self.raft.append_entries(request).await)
     }
@@ -155,7 +177,10 @@ impl<A: App> RaftTransport for RaftTransportService<A> {
         self.reply(self.raft.vote(request).await)
     }
 
-    async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let request: InstallSnapshotRequest<TypeConfig<A>> = self.open(request)?;
         self.reply(self.raft.install_snapshot(request).await)
     }

@@ -44,7 +44,10 @@ impl Default for ProposerLimits {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     #[error("not the leader")]
-    NotLeader { leader_id: Option<NodeId>, leader_address: Option<String> },
+    NotLeader {
+        leader_id: Option<NodeId>,
+        leader_address: Option<String>,
+    },
     #[error("overloaded: too many requests queued")]
     Overloaded,
     #[error("unavailable: {0}")]
@@ -59,7 +62,9 @@ pub struct Proposer<A: App> {
 
 impl<A: App> Clone for Proposer<A> {
     fn clone(&self) -> Self {
-        Proposer { queue: self.queue.clone() }
+        Proposer {
+            queue: self.queue.clone(),
+        }
     }
 }
 
@@ -73,11 +78,17 @@ impl<A: App> Proposer<A> {
     /// Replicates and applies one request; returns the application's response.
     pub async fn propose(&self, request: A::Request) -> Result<A::Response, ProposeError> {
         let (reply, response) = oneshot::channel();
-        self.queue.try_send((request, reply)).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => ProposeError::Unavailable("shutting down".into()),
-        })?;
-        response.await.map_err(|_| ProposeError::Unavailable("shutting down".into()))?
+        self.queue
+            .try_send((request, reply))
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
+                    ProposeError::Unavailable("shutting down".into())
+                }
+            })?;
+        response
+            .await
+            .map_err(|_| ProposeError::Unavailable("shutting down".into()))?
     }
 }
 
@@ -89,17 +100,23 @@ async fn pack<A: App>(
 ) {
     let in_flight = Arc::new(Semaphore::new(limits.entries_in_flight_max));
     while let Some(first) = queue.recv().await {
-        let permit = in_flight.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let mut requests = vec![first];
         let deadline = tokio::time::Instant::now() + limits.window;
         while requests.len() < limits.entry_requests_max {
             match queue.try_recv() {
                 Ok(next) => requests.push(next),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, queue.recv()).await {
-                    Ok(Some(next)) => requests.push(next),
-                    Ok(None) | Err(_) => break,
-                },
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, queue.recv()).await {
+                        Ok(Some(next)) => requests.push(next),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
             }
         }
         entry_requests.observe(requests.len() as f64);
@@ -113,7 +130,10 @@ async fn pack<A: App>(
 
 async fn commit<A: App>(raft: &Raft<A>, requests: Vec<(A::Request, Reply<A>)>) {
     let (payload, replies): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
-    let proposal = Proposal { timestamp_ms: now_ms(), requests: payload };
+    let proposal = Proposal {
+        timestamp_ms: now_ms(),
+        requests: payload,
+    };
     match raft.client_write(proposal).await {
         Ok(written) => {
             for (reply, response) in replies.into_iter().zip(written.data) {
@@ -129,12 +149,16 @@ async fn commit<A: App>(raft: &Raft<A>, requests: Vec<(A::Request, Reply<A>)>) {
     }
 }
 
-fn propose_error(error: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>) -> ProposeError {
+fn propose_error(
+    error: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>,
+) -> ProposeError {
     match error {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => ProposeError::NotLeader {
-            leader_id: forward.leader_id,
-            leader_address: forward.leader_node.map(|node| node.addr),
-        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            ProposeError::NotLeader {
+                leader_id: forward.leader_id,
+                leader_address: forward.leader_node.map(|node| node.addr),
+            }
+        }
         other => ProposeError::Unavailable(other.to_string()),
     }
 }

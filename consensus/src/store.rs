@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
-    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
@@ -55,7 +55,10 @@ fn synced() -> WriteOptions {
 }
 
 /// Opens (or creates) the replica's RocksDB and returns its log store and state machine.
-pub fn open_storage<A: App>(path: &Path, metrics: &RaftMetrics) -> Result<(LogStore<A>, StateMachineStore<A>), Error> {
+pub fn open_storage<A: App>(
+    path: &Path,
+    metrics: &RaftMetrics,
+) -> Result<(LogStore<A>, StateMachineStore<A>), Error> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -64,13 +67,22 @@ pub fn open_storage<A: App>(path: &Path, metrics: &RaftMetrics) -> Result<(LogSt
         .chain(A::COLUMN_FAMILIES)
         .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
-    let log = LogStore { db: db.clone(), _app: std::marker::PhantomData };
+    let log = LogStore {
+        db: db.clone(),
+        _app: std::marker::PhantomData,
+    };
     let machine = StateMachineStore::load(db, metrics.apply_seconds.clone())?;
     Ok((log, machine))
 }
 
-fn get<T: serde::de::DeserializeOwned>(db: &DB, family: &str, key: &'static [u8]) -> Result<Option<T>, Error> {
-    let cf = db.cf_handle(family).expect("raft column families are opened");
+fn get<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    family: &str,
+    key: &'static [u8],
+) -> Result<Option<T>, Error> {
+    let cf = db
+        .cf_handle(family)
+        .expect("raft column families are opened");
     match db.get_cf(&cf, key)? {
         Some(bytes) => Ok(Some(decode("raft metadata", &bytes)?)),
         None => Ok(None),
@@ -90,14 +102,24 @@ pub struct LogStore<A> {
 
 impl<A> Clone for LogStore<A> {
     fn clone(&self) -> Self {
-        LogStore { db: self.db.clone(), _app: std::marker::PhantomData }
+        LogStore {
+            db: self.db.clone(),
+            _app: std::marker::PhantomData,
+        }
     }
 }
 
 impl<A: App> LogStore<A> {
-    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T, options: &WriteOptions) -> StorageResult<()> {
+    fn put_meta<T: Serialize>(
+        &self,
+        key: &[u8],
+        value: &T,
+        options: &WriteOptions,
+    ) -> StorageResult<()> {
         let cf = self.db.cf_handle(RAFT_META).expect("opened");
-        self.db.put_cf_opt(&cf, key, encode(value), options).map_err(write_error)
+        self.db
+            .put_cf_opt(&cf, key, encode(value), options)
+            .map_err(write_error)
     }
 }
 
@@ -130,7 +152,8 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<C<A>>> {
-        let last_purged: Option<LogId<NodeId>> = get(&self.db, RAFT_META, LAST_PURGED).map_err(read_error)?;
+        let last_purged: Option<LogId<NodeId>> =
+            get(&self.db, RAFT_META, LAST_PURGED).map_err(read_error)?;
         let cf = self.db.cf_handle(LOG).expect("opened");
         let last = match self.db.iterator_cf(&cf, rocksdb::IteratorMode::End).next() {
             Some(item) => {
@@ -140,7 +163,10 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
             }
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -160,7 +186,9 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(get::<Option<LogId<NodeId>>>(&self.db, RAFT_META, COMMITTED).map_err(read_error)?.flatten())
+        Ok(get::<Option<LogId<NodeId>>>(&self.db, RAFT_META, COMMITTED)
+            .map_err(read_error)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<C<A>>) -> StorageResult<()>
@@ -174,7 +202,10 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
         }
         // One synced write for everything appended together: the fsync behind group commit.
         let result = self.db.write_opt(batch, &synced());
-        let flushed = result.as_ref().map(|_| ()).map_err(|error| std::io::Error::other(error.to_string()));
+        let flushed = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|error| std::io::Error::other(error.to_string()));
         callback.log_io_completed(flushed);
         result.map_err(write_error)
     }
@@ -221,7 +252,11 @@ pub struct StateMachineStore<A> {
 
 impl<A> Clone for StateMachineStore<A> {
     fn clone(&self) -> Self {
-        StateMachineStore { db: self.db.clone(), state: self.state.clone(), apply_seconds: self.apply_seconds.clone() }
+        StateMachineStore {
+            db: self.db.clone(),
+            state: self.state.clone(),
+            apply_seconds: self.apply_seconds.clone(),
+        }
     }
 }
 
@@ -234,7 +269,11 @@ impl<A: App> StateMachineStore<A> {
             membership: get(&db, SM_META, MEMBERSHIP)?.unwrap_or_default(),
             last_timestamp_ms: get(&db, SM_META, LAST_TIMESTAMP)?.unwrap_or(0),
         };
-        Ok(StateMachineStore { db, state: Arc::new(RwLock::new(state)), apply_seconds })
+        Ok(StateMachineStore {
+            db,
+            state: Arc::new(RwLock::new(state)),
+            apply_seconds,
+        })
     }
 
     /// Runs `read` against the applied state. Readers wait while an entry is being applied.
@@ -244,7 +283,9 @@ impl<A: App> StateMachineStore<A> {
 
     /// Read access to the application's column families.
     pub fn store(&self) -> AppStore {
-        AppStore { db: self.db.clone() }
+        AppStore {
+            db: self.db.clone(),
+        }
     }
 
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
@@ -284,8 +325,13 @@ impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
             StoredSnapshot { meta, data }
         };
         let cf = self.db.cf_handle(SM_META).expect("opened");
-        self.db.put_cf_opt(&cf, SNAPSHOT, encode(&stored), &synced()).map_err(write_error)?;
-        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        self.db
+            .put_cf_opt(&cf, SNAPSHOT, encode(&stored), &synced())
+            .map_err(write_error)?;
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }
 
@@ -294,7 +340,10 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
 
     async fn applied_state(
         &mut self,
-    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+    ) -> StorageResult<(
+        Option<LogId<NodeId>>,
+        StoredMembership<NodeId, openraft::BasicNode>,
+    )> {
         let state = self.state.read().expect("no poisoned lock");
         Ok((state.last_applied, state.membership.clone()))
     }
@@ -319,7 +368,10 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
                     // A new leader's clock may be behind the old one's: time never goes back.
                     let timestamp_ms = proposal.timestamp_ms.max(state.last_timestamp_ms);
                     state.last_timestamp_ms = timestamp_ms;
-                    let mut writes = Writes { db: &self.db, batch: &mut batch };
+                    let mut writes = Writes {
+                        db: &self.db,
+                        batch: &mut batch,
+                    };
                     let results = proposal
                         .requests
                         .iter()
@@ -354,20 +406,31 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
         let mut state = self.state.write().expect("no poisoned lock");
         let mut batch = WriteBatch::default();
         self.clear_app_families(&mut batch).map_err(write_error)?;
-        let mut writes = Writes { db: &self.db, batch: &mut batch };
+        let mut writes = Writes {
+            db: &self.db,
+            batch: &mut batch,
+        };
         state.app.install(&data, &mut writes).map_err(write_error)?;
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
         self.put_meta(&mut batch, &state);
         let cf = self.db.cf_handle(SM_META).expect("opened");
-        batch.put_cf(&cf, SNAPSHOT, encode(&StoredSnapshot { meta: meta.clone(), data }));
+        batch.put_cf(
+            &cf,
+            SNAPSHOT,
+            encode(&StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            }),
+        );
         self.db.write_opt(batch, &synced()).map_err(write_error)?;
         state.app.persisted();
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<C<A>>>> {
-        let stored: Option<StoredSnapshot> = get(&self.db, SM_META, SNAPSHOT).map_err(read_error)?;
+        let stored: Option<StoredSnapshot> =
+            get(&self.db, SM_META, SNAPSHOT).map_err(read_error)?;
         Ok(stored.map(|stored| Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),

@@ -66,11 +66,18 @@ impl KafkaBroker {
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io_error("sharing the broker log"))?)
+            .stdout(
+                log.try_clone()
+                    .map_err(io_error("sharing the broker log"))?,
+            )
             .stderr(log)
             .spawn()
             .map_err(io_error(format!("starting {}", binary.display())))?;
-        reap_after_this_process(&format!("kill -9 {}; rm -rf '{}'", child.id(), log_dir.display()))?;
+        reap_after_this_process(&format!(
+            "kill -9 {}; rm -rf '{}'",
+            child.id(),
+            log_dir.display()
+        ))?;
         let bootstrap = format!("127.0.0.1:{port}");
         wait_until_accepting(&bootstrap)?;
         Ok(KafkaBroker { bootstrap })
@@ -124,7 +131,9 @@ fn wait_until_accepting(address: &str) -> Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(HarnessError::Setup(format!("the broker at {address} never listened")));
+            return Err(HarnessError::Setup(format!(
+                "the broker at {address} never listened"
+            )));
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_millis(200));

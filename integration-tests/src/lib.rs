@@ -5,10 +5,10 @@
 //! process exits, however it exits; each test then takes what it needs fresh from them (a new
 //! database, new topics).
 
+pub mod group;
 pub mod kafka;
 pub mod postgres;
 pub mod process;
-pub mod storage;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -37,7 +37,10 @@ pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -
 /// report the port they got (PostgreSQL, the broker); a lost race shows as a start failure.
 pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_error("binding a free port"))?;
-    let port = listener.local_addr().map_err(io_error("reading a bound port"))?.port();
+    let port = listener
+        .local_addr()
+        .map_err(io_error("reading a bound port"))?
+        .port();
     Ok(port)
 }
 
@@ -71,17 +74,28 @@ pub(crate) fn reap_after_this_process(cleanup: &str) -> Result<()> {
 /// A plain HTTP/1.1 GET on loopback (for `/metrics` and health pages); returns status and body.
 pub async fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.map_err(io_error("connecting"))?;
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(io_error("connecting"))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(io_error("sending a request"))?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(io_error("sending a request"))?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.map_err(io_error("reading a response"))?;
+    stream
+        .read_to_end(&mut response)
+        .await
+        .map_err(io_error("reading a response"))?;
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| HarnessError::Setup(format!("not an HTTP response: {text:.200}")))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

@@ -57,9 +57,18 @@ impl PostgresServer {
         run(server_command("initdb")
             .arg("--pgdata")
             .arg(&pg_data)
-            .args(["--username=postgres", "--auth=trust", "--encoding=UTF8", "--no-sync"]))?;
+            .args([
+                "--username=postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ]))?;
         let dir = data_dir.display();
-        let as_server_user = if running_as_root() { "runuser -u postgres -- " } else { "" };
+        let as_server_user = if running_as_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
         reap_after_this_process(&format!(
             "{as_server_user}{} --pgdata '{}' stop -m immediate; rm -rf '{dir}'",
             server_binary("pg_ctl").display(),
@@ -97,12 +106,17 @@ impl PostgresServer {
         let number = DATABASE_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("test_{number}");
         let setup = |error: sqlx::Error| HarnessError::Setup(format!("creating {name}: {error}"));
-        let mut admin = PgConnection::connect(&self.url("postgres")).await.map_err(setup)?;
+        let mut admin = PgConnection::connect(&self.url("postgres"))
+            .await
+            .map_err(setup)?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await
             .map_err(|error| HarnessError::Setup(format!("creating {name}: {error}")))?;
-        Ok(TestDatabase { url: self.url(&name), name })
+        Ok(TestDatabase {
+            url: self.url(&name),
+            name,
+        })
     }
 }
 
@@ -130,13 +144,17 @@ pub fn server_binary(name: &str) -> PathBuf {
 /// runs as the `postgres` system user that Debian's server package creates.
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|meta| meta.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|meta| meta.uid() == 0)
+        .unwrap_or(false)
 }
 
 fn server_command(name: &str) -> Command {
     if running_as_root() {
         let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(server_binary(name));
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(server_binary(name));
         return command;
     }
     Command::new(server_binary(name))
@@ -151,7 +169,9 @@ fn hand_over_to_server_user(dir: &std::path::Path) -> Result<()> {
 
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 fn run(command: &mut Command) -> Result<()> {

@@ -41,7 +41,9 @@ pub struct ServiceProcess {
 
 /// Where service logs go: one directory per test process, kept after the run for diagnosis.
 fn log_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join("wallet-test-logs").join(std::process::id().to_string());
+    let dir = std::env::temp_dir()
+        .join("wallet-test-logs")
+        .join(std::process::id().to_string());
     std::fs::create_dir_all(&dir).map_err(io_error("creating the log directory"))?;
     Ok(dir)
 }
@@ -52,7 +54,10 @@ impl ServiceProcess {
     /// Starts `program` and waits (bounded) for its readiness line. Standard error goes to a
     /// log file (see `log_path`), named in every error about the process.
     pub async fn spawn(program: &Path, args: &[String]) -> Result<ServiceProcess> {
-        let name = program.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = program
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let number = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log_path = log_dir()?.join(format!("{name}-{number}.log"));
         let log = std::fs::File::create(&log_path).map_err(io_error("creating a service log"))?;
@@ -64,11 +69,17 @@ impl ServiceProcess {
             .kill_on_drop(true)
             .spawn()
             .map_err(io_error(format!("starting {}", program.display())))?;
-        let pid = child.id().ok_or_else(|| HarnessError::Setup("no pid".into()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| HarnessError::Setup("no pid".into()))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let ready = async {
-            while let Some(line) = lines.next_line().await.map_err(io_error("reading stdout"))? {
+            while let Some(line) = lines
+                .next_line()
+                .await
+                .map_err(io_error("reading stdout"))?
+            {
                 if let Some(address) = line.strip_prefix(READY_PREFIX) {
                     return Ok(address.trim().to_string());
                 }
@@ -79,12 +90,23 @@ impl ServiceProcess {
                 log_path.display()
             )))
         };
-        let address = tokio::time::timeout(READY_TIMEOUT, ready).await.map_err(|_| {
-            HarnessError::Setup(format!("{} was not ready in time (log: {})", program.display(), log_path.display()))
-        })??;
+        let address = tokio::time::timeout(READY_TIMEOUT, ready)
+            .await
+            .map_err(|_| {
+                HarnessError::Setup(format!(
+                    "{} was not ready in time (log: {})",
+                    program.display(),
+                    log_path.display()
+                ))
+            })??;
         // Keep draining standard output so the service never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(ServiceProcess { child, address, pid, log_path })
+        Ok(ServiceProcess {
+            child,
+            address,
+            pid,
+            log_path,
+        })
     }
 
     /// The address the service reported in its readiness line.
@@ -103,7 +125,10 @@ impl ServiceProcess {
 
     /// `kill -9`: the process gets no chance to clean up.
     pub async fn kill(&mut self) -> Result<()> {
-        self.child.kill().await.map_err(io_error("killing a service"))
+        self.child
+            .kill()
+            .await
+            .map_err(io_error("killing a service"))
     }
 
     /// SIGSTOP: the process stays alive but does nothing until resumed.
@@ -119,7 +144,11 @@ impl ServiceProcess {
     /// SIGTERM, then waits for the exit; returns whether it exited successfully.
     pub async fn terminate(&mut self) -> Result<bool> {
         self.signal("TERM")?;
-        let status = self.child.wait().await.map_err(io_error("waiting for a service"))?;
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(io_error("waiting for a service"))?;
         Ok(status.success())
     }
 
@@ -132,11 +161,17 @@ impl ServiceProcess {
         if status.success() {
             return Ok(());
         }
-        Err(HarnessError::Setup(format!("kill -{name} {} failed", self.pid)))
+        Err(HarnessError::Setup(format!(
+            "kill -{name} {} failed",
+            self.pid
+        )))
     }
 }
 
 /// A fresh data directory for one service process, removed when dropped.
 pub fn fresh_data_dir(prefix: &str) -> Result<tempfile::TempDir> {
-    tempfile::Builder::new().prefix(prefix).tempdir().map_err(io_error("creating a data dir"))
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(io_error("creating a data dir"))
 }

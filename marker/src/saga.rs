@@ -32,7 +32,11 @@ pub enum AbortReason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
     Commit,
-    Abort { reason: AbortReason, outcome: Outcome, detail_account_id: Option<AccountId> },
+    Abort {
+        reason: AbortReason,
+        outcome: Outcome,
+        detail_account_id: Option<AccountId>,
+    },
 }
 
 /// What a client submits; becomes a `Transaction` once begun.
@@ -77,15 +81,23 @@ impl Transaction {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CoordinatorCommand {
     Begin(Box<NewTransaction>),
-    Decide { txn_id: TxnId, decision: Decision },
-    Done { txn_id: TxnId, shard_seqs: BTreeMap<u32, u64> },
+    Decide {
+        txn_id: TxnId,
+        decision: Decision,
+    },
+    Done {
+        txn_id: TxnId,
+        shard_seqs: BTreeMap<u32, u64>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CoordinatorResponse {
     Transaction(Box<Transaction>),
     /// The idempotency key was used with another body.
-    IdempotencyMismatch { txn_id: TxnId },
+    IdempotencyMismatch {
+        txn_id: TxnId,
+    },
     NotFound,
 }
 
@@ -113,7 +125,10 @@ pub fn txn_id_for(tenant_id: &str, idempotency_key: &str) -> TxnId {
     hasher.update([0]);
     hasher.update(idempotency_key.as_bytes());
     let digest = hasher.finalize();
-    let hex: String = digest[..20].iter().map(|byte| format!("{byte:02x}")).collect();
+    let hex: String = digest[..20]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
     TxnId::parse(&format!("t:{hex}")).expect("a hex id is a valid transaction id")
 }
 
@@ -131,7 +146,10 @@ pub fn plan(legs: &[Leg], shard_of: impl Fn(&AccountId) -> u32) -> Vec<ShardLegs
         let shard_id = shard_of(&leg.account_id);
         match groups.iter_mut().find(|group| group.shard_id == shard_id) {
             Some(group) => group.legs.push(leg.clone()),
-            None => groups.push(ShardLegs { shard_id, legs: vec![leg.clone()] }),
+            None => groups.push(ShardLegs {
+                shard_id,
+                legs: vec![leg.clone()],
+            }),
         }
     }
     let has_debit = |group: &ShardLegs| group.legs.iter().any(|leg| leg.amount.0 < 0);
@@ -165,28 +183,50 @@ impl Coordinator {
 
     /// Transactions not done yet, oldest first.
     pub fn in_flight(&self) -> impl Iterator<Item = &Transaction> {
-        self.in_flight.iter().map(|(_, txn_id)| &self.transactions[txn_id])
+        self.in_flight
+            .iter()
+            .map(|(_, txn_id)| &self.transactions[txn_id])
     }
 
     pub fn in_flight_count(&self) -> usize {
         self.in_flight.len()
     }
 
-    pub fn apply(&mut self, command: &CoordinatorCommand, timestamp_ms: i64) -> (CoordinatorResponse, Option<LifecycleEvent>) {
+    pub fn apply(
+        &mut self,
+        command: &CoordinatorCommand,
+        timestamp_ms: i64,
+    ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         match command {
             CoordinatorCommand::Begin(new) => self.begin(new, timestamp_ms),
-            CoordinatorCommand::Decide { txn_id, decision } => self.decide(txn_id, decision, timestamp_ms),
-            CoordinatorCommand::Done { txn_id, shard_seqs } => self.done(txn_id, shard_seqs, timestamp_ms),
+            CoordinatorCommand::Decide { txn_id, decision } => {
+                self.decide(txn_id, decision, timestamp_ms)
+            }
+            CoordinatorCommand::Done { txn_id, shard_seqs } => {
+                self.done(txn_id, shard_seqs, timestamp_ms)
+            }
         }
     }
 
-    fn begin(&mut self, new: &NewTransaction, timestamp_ms: i64) -> (CoordinatorResponse, Option<LifecycleEvent>) {
+    fn begin(
+        &mut self,
+        new: &NewTransaction,
+        timestamp_ms: i64,
+    ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         let fingerprint = fingerprint(&new.legs, &new.metadata);
         if let Some(existing) = self.transactions.get(&new.txn_id) {
             if existing.fingerprint != fingerprint {
-                return (CoordinatorResponse::IdempotencyMismatch { txn_id: new.txn_id.clone() }, None);
+                return (
+                    CoordinatorResponse::IdempotencyMismatch {
+                        txn_id: new.txn_id.clone(),
+                    },
+                    None,
+                );
             }
-            return (CoordinatorResponse::Transaction(Box::new(existing.clone())), None);
+            return (
+                CoordinatorResponse::Transaction(Box::new(existing.clone())),
+                None,
+            );
         }
         let transaction = Transaction {
             txn_id: new.txn_id.clone(),
@@ -203,16 +243,25 @@ impl Coordinator {
             done: false,
             shard_seqs: BTreeMap::new(),
         };
-        self.in_flight.insert((timestamp_ms, transaction.txn_id.clone()));
+        self.in_flight
+            .insert((timestamp_ms, transaction.txn_id.clone()));
         self.record(transaction, LifecycleKind::Begun, timestamp_ms)
     }
 
-    fn decide(&mut self, txn_id: &TxnId, decision: &Decision, timestamp_ms: i64) -> (CoordinatorResponse, Option<LifecycleEvent>) {
+    fn decide(
+        &mut self,
+        txn_id: &TxnId,
+        decision: &Decision,
+        timestamp_ms: i64,
+    ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         let Some(existing) = self.transactions.get(txn_id) else {
             return (CoordinatorResponse::NotFound, None);
         };
         if existing.decision.is_some() {
-            return (CoordinatorResponse::Transaction(Box::new(existing.clone())), None);
+            return (
+                CoordinatorResponse::Transaction(Box::new(existing.clone())),
+                None,
+            );
         }
         let mut transaction = existing.clone();
         transaction.decision = Some(decision.clone());
@@ -220,32 +269,58 @@ impl Coordinator {
         self.record(transaction, LifecycleKind::Decided, timestamp_ms)
     }
 
-    fn done(&mut self, txn_id: &TxnId, shard_seqs: &BTreeMap<u32, u64>, timestamp_ms: i64) -> (CoordinatorResponse, Option<LifecycleEvent>) {
+    fn done(
+        &mut self,
+        txn_id: &TxnId,
+        shard_seqs: &BTreeMap<u32, u64>,
+        timestamp_ms: i64,
+    ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         let Some(existing) = self.transactions.get(txn_id) else {
             return (CoordinatorResponse::NotFound, None);
         };
         // Only a decided transaction can be done, and only once.
         if existing.decision.is_none() || existing.done {
-            return (CoordinatorResponse::Transaction(Box::new(existing.clone())), None);
+            return (
+                CoordinatorResponse::Transaction(Box::new(existing.clone())),
+                None,
+            );
         }
         let mut transaction = existing.clone();
         transaction.done = true;
         transaction.shard_seqs = shard_seqs.clone();
-        self.in_flight.remove(&(transaction.begun_at_ms, transaction.txn_id.clone()));
+        self.in_flight
+            .remove(&(transaction.begun_at_ms, transaction.txn_id.clone()));
         self.record(transaction, LifecycleKind::Done, timestamp_ms)
     }
 
-    fn record(&mut self, transaction: Transaction, kind: LifecycleKind, timestamp_ms: i64) -> (CoordinatorResponse, Option<LifecycleEvent>) {
+    fn record(
+        &mut self,
+        transaction: Transaction,
+        kind: LifecycleKind,
+        timestamp_ms: i64,
+    ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         self.last_seq += 1;
-        self.transactions.insert(transaction.txn_id.clone(), transaction.clone());
-        let event = LifecycleEvent { seq: self.last_seq, timestamp_ms, kind, transaction: transaction.clone() };
-        (CoordinatorResponse::Transaction(Box::new(transaction)), Some(event))
+        self.transactions
+            .insert(transaction.txn_id.clone(), transaction.clone());
+        let event = LifecycleEvent {
+            seq: self.last_seq,
+            timestamp_ms,
+            kind,
+            transaction: transaction.clone(),
+        };
+        (
+            CoordinatorResponse::Transaction(Box::new(transaction)),
+            Some(event),
+        )
     }
 
     pub fn export(&self) -> CoordinatorState {
         let mut transactions: Vec<Transaction> = self.transactions.values().cloned().collect();
         transactions.sort_by(|a, b| a.txn_id.cmp(&b.txn_id));
-        CoordinatorState { last_seq: self.last_seq, transactions }
+        CoordinatorState {
+            last_seq: self.last_seq,
+            transactions,
+        }
     }
 
     pub fn import(state: CoordinatorState) -> Coordinator {
@@ -255,8 +330,16 @@ impl Coordinator {
             .filter(|transaction| !transaction.done)
             .map(|transaction| (transaction.begun_at_ms, transaction.txn_id.clone()))
             .collect();
-        let transactions = state.transactions.into_iter().map(|t| (t.txn_id.clone(), t)).collect();
-        Coordinator { transactions, in_flight, last_seq: state.last_seq }
+        let transactions = state
+            .transactions
+            .into_iter()
+            .map(|t| (t.txn_id.clone(), t))
+            .collect();
+        Coordinator {
+            transactions,
+            in_flight,
+            last_seq: state.last_seq,
+        }
     }
 
     pub fn digest(&self) -> [u8; 32] {
@@ -271,11 +354,21 @@ mod tests {
     use super::*;
 
     fn leg(account: &str, amount: i128) -> Leg {
-        Leg { account_id: AccountId::parse(account).unwrap(), amount: Amount(amount), currency: Currency::parse("USD").unwrap() }
+        Leg {
+            account_id: AccountId::parse(account).unwrap(),
+            amount: Amount(amount),
+            currency: Currency::parse("USD").unwrap(),
+        }
     }
 
     fn new_transaction(key: &str, legs: Vec<Leg>) -> NewTransaction {
-        let plan = plan(&legs, |account| if account.as_str().starts_with('a') { 1 } else { 2 });
+        let plan = plan(&legs, |account| {
+            if account.as_str().starts_with('a') {
+                1
+            } else {
+                2
+            }
+        });
         NewTransaction {
             txn_id: txn_id_for("tenant", key),
             tenant_id: "tenant".into(),
@@ -288,7 +381,9 @@ mod tests {
     }
 
     fn begin(coordinator: &mut Coordinator, new: &NewTransaction, at: i64) -> CoordinatorResponse {
-        coordinator.apply(&CoordinatorCommand::Begin(Box::new(new.clone())), at).0
+        coordinator
+            .apply(&CoordinatorCommand::Begin(Box::new(new.clone())), at)
+            .0
     }
 
     #[test]
@@ -301,21 +396,38 @@ mod tests {
     #[test]
     fn plans_reserve_debit_shards_first() {
         let legs = vec![leg("bob", 10), leg("alice", -10)];
-        let plan = plan(&legs, |account| if account.as_str() == "alice" { 7 } else { 3 });
-        assert_eq!(plan.iter().map(|group| group.shard_id).collect::<Vec<_>>(), vec![7, 3]);
+        let plan = plan(
+            &legs,
+            |account| if account.as_str() == "alice" { 7 } else { 3 },
+        );
+        assert_eq!(
+            plan.iter().map(|group| group.shard_id).collect::<Vec<_>>(),
+            vec![7, 3]
+        );
     }
 
     #[test]
     fn begin_is_idempotent_and_refuses_another_body_under_the_same_key() {
         let mut coordinator = Coordinator::default();
         let new = new_transaction("k", vec![leg("alice", -5), leg("bob", 5)]);
-        let CoordinatorResponse::Transaction(first) = begin(&mut coordinator, &new, 100) else { panic!() };
+        let CoordinatorResponse::Transaction(first) = begin(&mut coordinator, &new, 100) else {
+            panic!()
+        };
         assert_eq!(first.decide_by_ms, 1_100);
-        let (again, event) = coordinator.apply(&CoordinatorCommand::Begin(Box::new(new.clone())), 200);
+        let (again, event) =
+            coordinator.apply(&CoordinatorCommand::Begin(Box::new(new.clone())), 200);
         assert_eq!(again, CoordinatorResponse::Transaction(first.clone()));
-        assert!(event.is_none(), "a repeated begin is not a new lifecycle step");
+        assert!(
+            event.is_none(),
+            "a repeated begin is not a new lifecycle step"
+        );
         let other_body = new_transaction("k", vec![leg("alice", -6), leg("bob", 6)]);
-        assert_eq!(begin(&mut coordinator, &other_body, 300), CoordinatorResponse::IdempotencyMismatch { txn_id: new.txn_id.clone() });
+        assert_eq!(
+            begin(&mut coordinator, &other_body, 300),
+            CoordinatorResponse::IdempotencyMismatch {
+                txn_id: new.txn_id.clone()
+            }
+        );
         assert_eq!(coordinator.in_flight_count(), 1);
     }
 
@@ -324,13 +436,28 @@ mod tests {
         let mut coordinator = Coordinator::default();
         let new = new_transaction("k", vec![leg("alice", -5), leg("bob", 5)]);
         begin(&mut coordinator, &new, 100);
-        let commit = CoordinatorCommand::Decide { txn_id: new.txn_id.clone(), decision: Decision::Commit };
+        let commit = CoordinatorCommand::Decide {
+            txn_id: new.txn_id.clone(),
+            decision: Decision::Commit,
+        };
         let (_, event) = coordinator.apply(&commit, 150);
         assert_eq!(event.unwrap().kind, LifecycleKind::Decided);
-        let abort = Decision::Abort { reason: AbortReason::Forced, outcome: Outcome::Ok, detail_account_id: None };
-        let (response, event) = coordinator.apply(&CoordinatorCommand::Decide { txn_id: new.txn_id.clone(), decision: abort }, 160);
+        let abort = Decision::Abort {
+            reason: AbortReason::Forced,
+            outcome: Outcome::Ok,
+            detail_account_id: None,
+        };
+        let (response, event) = coordinator.apply(
+            &CoordinatorCommand::Decide {
+                txn_id: new.txn_id.clone(),
+                decision: abort,
+            },
+            160,
+        );
         assert!(event.is_none());
-        let CoordinatorResponse::Transaction(transaction) = response else { panic!() };
+        let CoordinatorResponse::Transaction(transaction) = response else {
+            panic!()
+        };
         assert_eq!(transaction.decision, Some(Decision::Commit));
         assert_eq!(transaction.decided_at_ms, Some(150));
     }
@@ -340,13 +467,28 @@ mod tests {
         let mut coordinator = Coordinator::default();
         let new = new_transaction("k", vec![leg("alice", -5), leg("bob", 5)]);
         begin(&mut coordinator, &new, 100);
-        let done = CoordinatorCommand::Done { txn_id: new.txn_id.clone(), shard_seqs: BTreeMap::from([(1, 9)]) };
-        assert!(coordinator.apply(&done, 120).1.is_none(), "undecided transactions are not done");
-        coordinator.apply(&CoordinatorCommand::Decide { txn_id: new.txn_id.clone(), decision: Decision::Commit }, 130);
+        let done = CoordinatorCommand::Done {
+            txn_id: new.txn_id.clone(),
+            shard_seqs: BTreeMap::from([(1, 9)]),
+        };
+        assert!(
+            coordinator.apply(&done, 120).1.is_none(),
+            "undecided transactions are not done"
+        );
+        coordinator.apply(
+            &CoordinatorCommand::Decide {
+                txn_id: new.txn_id.clone(),
+                decision: Decision::Commit,
+            },
+            130,
+        );
         let (_, event) = coordinator.apply(&done, 140);
         assert_eq!(event.unwrap().kind, LifecycleKind::Done);
         assert_eq!(coordinator.in_flight_count(), 0);
-        assert_eq!(coordinator.transaction(&new.txn_id).unwrap().shard_seqs, BTreeMap::from([(1, 9)]));
+        assert_eq!(
+            coordinator.transaction(&new.txn_id).unwrap().shard_seqs,
+            BTreeMap::from([(1, 9)])
+        );
         assert_eq!(coordinator.last_seq(), 3);
     }
 
@@ -358,7 +500,10 @@ mod tests {
         begin(&mut coordinator, &later, 200);
         begin(&mut coordinator, &earlier, 100);
         let restored = Coordinator::import(coordinator.export());
-        let order: Vec<_> = restored.in_flight().map(|t| t.idempotency_key.clone()).collect();
+        let order: Vec<_> = restored
+            .in_flight()
+            .map(|t| t.idempotency_key.clone())
+            .collect();
         assert_eq!(order, vec!["earlier", "later"]);
         assert_eq!(restored.digest(), coordinator.digest());
     }
@@ -367,9 +512,21 @@ mod tests {
     fn unknown_transactions_cannot_be_decided_or_done() {
         let mut coordinator = Coordinator::default();
         let txn_id = txn_id_for("tenant", "nothing");
-        let decide = CoordinatorCommand::Decide { txn_id: txn_id.clone(), decision: Decision::Commit };
-        assert_eq!(coordinator.apply(&decide, 1), (CoordinatorResponse::NotFound, None));
-        let done = CoordinatorCommand::Done { txn_id, shard_seqs: BTreeMap::new() };
-        assert_eq!(coordinator.apply(&done, 2), (CoordinatorResponse::NotFound, None));
+        let decide = CoordinatorCommand::Decide {
+            txn_id: txn_id.clone(),
+            decision: Decision::Commit,
+        };
+        assert_eq!(
+            coordinator.apply(&decide, 1),
+            (CoordinatorResponse::NotFound, None)
+        );
+        let done = CoordinatorCommand::Done {
+            txn_id,
+            shard_seqs: BTreeMap::new(),
+        };
+        assert_eq!(
+            coordinator.apply(&done, 2),
+            (CoordinatorResponse::NotFound, None)
+        );
     }
 }

@@ -42,13 +42,21 @@ impl Account {
 
     /// Whether the account is within both of its limits as it stands.
     pub fn within_limits(&self) -> bool {
-        within_limits(&self.limits, self.balance, self.pending_out, self.pending_in)
+        within_limits(
+            &self.limits,
+            self.balance,
+            self.pending_out,
+            self.pending_in,
+        )
     }
 
     /// Moves `delta` (signed) into the posted balance. A debit must keep `available` at or above
     /// the lower limit; a credit must keep `balance + pending_in` at or below the upper limit.
     pub fn move_balance(&mut self, delta: Amount) -> Result<(), Rejection> {
-        let balance = self.balance.checked_add(delta).ok_or_else(|| overflow(self))?;
+        let balance = self
+            .balance
+            .checked_add(delta)
+            .ok_or_else(|| overflow(self))?;
         self.check_limits(balance, self.pending_out, self.pending_in, delta)?;
         self.balance = balance;
         self.version += 1;
@@ -58,7 +66,8 @@ impl Account {
     /// Holds `delta` (signed): a debit grows `pending_out`, a credit grows `pending_in`, each
     /// checked against the limit it could break once posted.
     pub fn hold(&mut self, delta: Amount) -> Result<(), Rejection> {
-        let (pending_out, pending_in) = self.pending_after(delta, 1).ok_or_else(|| overflow(self))?;
+        let (pending_out, pending_in) =
+            self.pending_after(delta, 1).ok_or_else(|| overflow(self))?;
         self.check_limits(self.balance, pending_out, pending_in, delta)?;
         self.pending_out = pending_out;
         self.pending_in = pending_in;
@@ -68,8 +77,9 @@ impl Account {
 
     /// Releases a hold made by `hold(delta)`. Cannot fail: it only shrinks what is pending.
     pub fn release(&mut self, delta: Amount) {
-        let (pending_out, pending_in) =
-            self.pending_after(delta, -1).expect("a release undoes an earlier hold");
+        let (pending_out, pending_in) = self
+            .pending_after(delta, -1)
+            .expect("a release undoes an earlier hold");
         self.pending_out = pending_out;
         self.pending_in = pending_in;
         self.version += 1;
@@ -78,11 +88,15 @@ impl Account {
     /// Posts a hold made by `hold(delta)`: the pending amount becomes balance. Cannot fail: the
     /// hold already checked the limits and the range.
     pub fn post(&mut self, delta: Amount) {
-        let (pending_out, pending_in) =
-            self.pending_after(delta, -1).expect("a post settles an earlier hold");
+        let (pending_out, pending_in) = self
+            .pending_after(delta, -1)
+            .expect("a post settles an earlier hold");
         self.pending_out = pending_out;
         self.pending_in = pending_in;
-        self.balance = self.balance.checked_add(delta).expect("a posted hold fits its range");
+        self.balance = self
+            .balance
+            .checked_add(delta)
+            .expect("a posted hold fits its range");
         self.version += 1;
     }
 
@@ -102,8 +116,12 @@ impl Account {
         pending_in: Amount,
         delta: Amount,
     ) -> Result<(), Rejection> {
-        let available = balance.checked_sub(pending_out).ok_or_else(|| overflow(self))?;
-        let committed = balance.checked_add(pending_in).ok_or_else(|| overflow(self))?;
+        let available = balance
+            .checked_sub(pending_out)
+            .ok_or_else(|| overflow(self))?;
+        let committed = balance
+            .checked_add(pending_in)
+            .ok_or_else(|| overflow(self))?;
         if delta.0 < 0 && self.limits.lower.is_some_and(|lower| available < lower) {
             return Err(Rejection::on(Outcome::InsufficientFunds, &self.id));
         }
@@ -115,7 +133,12 @@ impl Account {
 }
 
 /// Whether an account with these amounts sits within `limits`.
-pub fn within_limits(limits: &Limits, balance: Amount, pending_out: Amount, pending_in: Amount) -> bool {
+pub fn within_limits(
+    limits: &Limits,
+    balance: Amount,
+    pending_out: Amount,
+    pending_in: Amount,
+) -> bool {
     let available = balance.checked_sub(pending_out);
     let committed = balance.checked_add(pending_in);
     let lower_ok = match (limits.lower, available) {

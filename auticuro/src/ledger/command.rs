@@ -15,9 +15,15 @@ pub struct Limits {
 
 impl Limits {
     /// Customer accounts by default: no overdraft, no ceiling.
-    pub const NO_OVERDRAFT: Limits = Limits { lower: Some(Amount::ZERO), upper: None };
+    pub const NO_OVERDRAFT: Limits = Limits {
+        lower: Some(Amount::ZERO),
+        upper: None,
+    };
     /// System accounts such as `sys:funding:USD` may go negative without bound.
-    pub const UNBOUNDED: Limits = Limits { lower: None, upper: None };
+    pub const UNBOUNDED: Limits = Limits {
+        lower: None,
+        upper: None,
+    };
 }
 
 /// One signed movement: negative debits, positive credits.

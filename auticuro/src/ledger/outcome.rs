@@ -39,8 +39,46 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 28] = [
+        Outcome::Ok,
+        Outcome::InsufficientFunds,
+        Outcome::LimitExceeded,
+        Outcome::AccountNotFound,
+        Outcome::AccountFrozen,
+        Outcome::AccountClosed,
+        Outcome::CurrencyMismatch,
+        Outcome::DuplicateWithDifferentPayload,
+        Outcome::AccountAlreadyExists,
+        Outcome::InvalidAmount,
+        Outcome::SelfTransfer,
+        Outcome::DuplicateAccountInBatch,
+        Outcome::NotZeroSum,
+        Outcome::BatchTooLarge,
+        Outcome::InvalidAccountId,
+        Outcome::InvalidCurrency,
+        Outcome::InvalidLimits,
+        Outcome::AccountNotEmpty,
+        Outcome::TransactionTombstoned,
+        Outcome::LegNotHeld,
+        Outcome::TransactionOwnedByOther,
+        Outcome::TransactionAlreadyReserved,
+        Outcome::TransactionNotFound,
+        Outcome::InvalidRequestId,
+        Outcome::InvalidMetadata,
+        Outcome::AccountNotActive,
+        Outcome::AmountOverflow,
+        Outcome::CoordinatorFenced,
+    ];
+
     pub fn is_ok(self) -> bool {
         self == Outcome::Ok
+    }
+
+    /// The outcome with this protobuf number.
+    pub fn from_number(number: i32) -> Option<Outcome> {
+        Outcome::ALL
+            .into_iter()
+            .find(|outcome| *outcome as i32 == number)
     }
 }
 
@@ -53,10 +91,16 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(outcome: Outcome) -> Rejection {
-        Rejection { outcome, account_id: None }
+        Rejection {
+            outcome,
+            account_id: None,
+        }
     }
 
     pub fn on(outcome: Outcome, account_id: &super::types::AccountId) -> Rejection {
-        Rejection { outcome, account_id: Some(account_id.clone()) }
+        Rejection {
+            outcome,
+            account_id: Some(account_id.clone()),
+        }
     }
 }

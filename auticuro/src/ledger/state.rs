@@ -90,7 +90,11 @@ struct Effect {
 
 impl Effect {
     fn accounts(accounts: Vec<Account>) -> Effect {
-        Effect { accounts, transactions: Vec::new(), dedup_removed: Vec::new() }
+        Effect {
+            accounts,
+            transactions: Vec::new(),
+            dedup_removed: Vec::new(),
+        }
     }
 }
 
@@ -155,7 +159,11 @@ impl Ledger {
                 outcome,
                 duplicate: same,
                 seq: if same { record.seq } else { 0 },
-                detail_account_id: if same { record.detail_account_id.clone() } else { None },
+                detail_account_id: if same {
+                    record.detail_account_id.clone()
+                } else {
+                    None
+                },
                 event: None,
                 changes: Changes::default(),
             };
@@ -174,15 +182,22 @@ impl Ledger {
                 Changes::default(),
             ),
         };
-        let record = DedupRecord { fingerprint, ..record };
-        self.dedup.insert(command.request_id.clone(), record.clone());
+        let record = DedupRecord {
+            fingerprint,
+            ..record
+        };
+        self.dedup
+            .insert(command.request_id.clone(), record.clone());
         Applied {
             outcome: record.outcome,
             duplicate: false,
             seq: record.seq,
             detail_account_id: record.detail_account_id.clone(),
             event,
-            changes: Changes { dedup_inserted: Some((command.request_id.clone(), record)), ..changes },
+            changes: Changes {
+                dedup_inserted: Some((command.request_id.clone(), record)),
+                ..changes
+            },
         }
     }
 
@@ -194,7 +209,9 @@ impl Ledger {
     ) -> (DedupRecord, Option<Event>, Changes) {
         self.last_seq += 1;
         for account in &effect.accounts {
-            self.scales.entry(account.currency.clone()).or_insert(account.scale);
+            self.scales
+                .entry(account.currency.clone())
+                .or_insert(account.scale);
             self.accounts.insert(account.id.clone(), account.clone());
         }
         for (txn_id, record) in &effect.transactions {
@@ -226,22 +243,33 @@ impl Ledger {
 
     fn execute(&self, kind: &CommandKind, timestamp_ms: i64) -> Result<Effect, Rejection> {
         match kind {
-            CommandKind::CreateAccount { account_id, currency, scale, limits, metadata } => {
-                self.create_account(account_id, currency, *scale, limits, metadata)
-            }
+            CommandKind::CreateAccount {
+                account_id,
+                currency,
+                scale,
+                limits,
+                metadata,
+            } => self.create_account(account_id, currency, *scale, limits, metadata),
             CommandKind::UpdateLimits { account_id, limits } => {
                 self.update_limits(account_id, limits)
             }
             CommandKind::Freeze { account_id } => self.freeze(account_id),
             CommandKind::Unfreeze { account_id } => self.unfreeze(account_id),
             CommandKind::Close { account_id } => self.close(account_id),
-            CommandKind::Transfer { from, to, amount, currency, metadata: _ } => {
-                self.transfer(from, to, *amount, currency)
-            }
+            CommandKind::Transfer {
+                from,
+                to,
+                amount,
+                currency,
+                metadata: _,
+            } => self.transfer(from, to, *amount, currency),
             CommandKind::Batch { legs, .. } => self.batch(legs),
-            CommandKind::Reserve { txn_id, owner, legs, .. } => {
-                self.reserve(txn_id, *owner, legs, timestamp_ms)
-            }
+            CommandKind::Reserve {
+                txn_id,
+                owner,
+                legs,
+                ..
+            } => self.reserve(txn_id, *owner, legs, timestamp_ms),
             CommandKind::Post { txn_id, owner } => self.post(txn_id, *owner),
             CommandKind::Void { txn_id, owner } => self.void(txn_id, *owner, timestamp_ms),
             CommandKind::PruneDedup { older_than_ms } => Ok(self.prune_dedup(*older_than_ms)),
@@ -266,7 +294,8 @@ impl Ledger {
         if scale > SCALE_MAX || known_scale.is_some_and(|known| known != scale) {
             return Err(Rejection::on(Outcome::InvalidCurrency, account_id));
         }
-        if !valid_limits(limits) || !within_limits(limits, Amount::ZERO, Amount::ZERO, Amount::ZERO) {
+        if !valid_limits(limits) || !within_limits(limits, Amount::ZERO, Amount::ZERO, Amount::ZERO)
+        {
             return Err(Rejection::on(Outcome::InvalidLimits, account_id));
         }
         let new_account = |id: AccountId, limits: Limits, metadata: Metadata| Account {
@@ -285,14 +314,23 @@ impl Ledger {
         // The first account of a currency brings the shard's clearing account for it.
         if known_scale.is_none() {
             let clearing = AccountId::clearing(currency);
-            accounts.push(new_account(clearing, Limits::UNBOUNDED, Metadata::default()));
+            accounts.push(new_account(
+                clearing,
+                Limits::UNBOUNDED,
+                Metadata::default(),
+            ));
         }
         Ok(Effect::accounts(accounts))
     }
 
     fn update_limits(&self, account_id: &AccountId, limits: &Limits) -> Result<Effect, Rejection> {
         let mut account = self.open_account(account_id)?.clone();
-        let fits = within_limits(limits, account.balance, account.pending_out, account.pending_in);
+        let fits = within_limits(
+            limits,
+            account.balance,
+            account.pending_out,
+            account.pending_in,
+        );
         if !valid_limits(limits) || !fits {
             return Err(Rejection::on(Outcome::InvalidLimits, account_id));
         }
@@ -346,8 +384,16 @@ impl Ledger {
             return Err(Rejection::on(Outcome::SelfTransfer, from));
         }
         let legs = [
-            Leg { account_id: from.clone(), amount: Amount(-amount.0), currency: currency.clone() },
-            Leg { account_id: to.clone(), amount, currency: currency.clone() },
+            Leg {
+                account_id: from.clone(),
+                amount: Amount(-amount.0),
+                currency: currency.clone(),
+            },
+            Leg {
+                account_id: to.clone(),
+                amount,
+                currency: currency.clone(),
+            },
         ];
         self.batch(&legs)
     }
@@ -383,9 +429,17 @@ impl Ledger {
         for (account, leg) in accounts.iter_mut().zip(legs) {
             account.hold(leg.amount)?;
         }
-        let record =
-            TxnRecord { owner, state: LegState::Held, legs: legs.to_vec(), at_ms: timestamp_ms };
-        Ok(Effect { accounts, transactions: vec![(txn_id.clone(), record)], dedup_removed: Vec::new() })
+        let record = TxnRecord {
+            owner,
+            state: LegState::Held,
+            legs: legs.to_vec(),
+            at_ms: timestamp_ms,
+        };
+        Ok(Effect {
+            accounts,
+            transactions: vec![(txn_id.clone(), record)],
+            dedup_removed: Vec::new(),
+        })
     }
 
     /// Settles every held leg. Limits and account states are not checked again: the reserve
@@ -400,9 +454,12 @@ impl Ledger {
         }
         // The clearing account takes the opposite of what this shard's legs moved, so the shard
         // stays zero-sum while the other shards of the transaction post theirs.
-        for (currency, sum) in sums_per_currency(&record.legs).expect("reserved legs sum in range") {
+        for (currency, sum) in sums_per_currency(&record.legs).expect("reserved legs sum in range")
+        {
             let clearing_id = AccountId::clearing(&currency);
-            let position = accounts.iter().position(|account| account.id == clearing_id);
+            let position = accounts
+                .iter()
+                .position(|account| account.id == clearing_id);
             let clearing = match position {
                 Some(index) => &mut accounts[index],
                 None => {
@@ -410,17 +467,31 @@ impl Ledger {
                     accounts.last_mut().expect("just pushed")
                 }
             };
-            clearing.balance = clearing.balance.checked_sub(sum).expect("clearing stays in range");
+            clearing.balance = clearing
+                .balance
+                .checked_sub(sum)
+                .expect("clearing stays in range");
             clearing.version += 1;
         }
-        let record = TxnRecord { state: LegState::Posted, ..record.clone() };
-        Ok(Effect { accounts, transactions: vec![(txn_id.clone(), record)], dedup_removed: Vec::new() })
+        let record = TxnRecord {
+            state: LegState::Posted,
+            ..record.clone()
+        };
+        Ok(Effect {
+            accounts,
+            transactions: vec![(txn_id.clone(), record)],
+            dedup_removed: Vec::new(),
+        })
     }
 
     fn void(&self, txn_id: &TxnId, owner: Owner, timestamp_ms: i64) -> Result<Effect, Rejection> {
         let Some(record) = self.transactions.get(txn_id) else {
-            let tombstone =
-                TxnRecord { owner, state: LegState::Tombstone, legs: Vec::new(), at_ms: timestamp_ms };
+            let tombstone = TxnRecord {
+                owner,
+                state: LegState::Tombstone,
+                legs: Vec::new(),
+                at_ms: timestamp_ms,
+            };
             return Ok(Effect {
                 accounts: Vec::new(),
                 transactions: vec![(txn_id.clone(), tombstone)],
@@ -440,7 +511,10 @@ impl Ledger {
                     account.release(leg.amount);
                     accounts.push(account);
                 }
-                let record = TxnRecord { state: LegState::Voided, ..record.clone() };
+                let record = TxnRecord {
+                    state: LegState::Voided,
+                    ..record.clone()
+                };
                 Ok(Effect {
                     accounts,
                     transactions: vec![(txn_id.clone(), record)],
@@ -458,12 +532,18 @@ impl Ledger {
             .map(|(id, _)| id.clone())
             .collect();
         removed.sort();
-        Effect { accounts: Vec::new(), transactions: Vec::new(), dedup_removed: removed }
+        Effect {
+            accounts: Vec::new(),
+            transactions: Vec::new(),
+            dedup_removed: removed,
+        }
     }
 
     fn held_transaction(&self, txn_id: &TxnId, owner: Owner) -> Result<&TxnRecord, Rejection> {
-        let record =
-            self.transactions.get(txn_id).ok_or(Rejection::new(Outcome::TransactionNotFound))?;
+        let record = self
+            .transactions
+            .get(txn_id)
+            .ok_or(Rejection::new(Outcome::TransactionNotFound))?;
         if record.owner.coordinator_shard_id != owner.coordinator_shard_id {
             return Err(Rejection::new(Outcome::TransactionOwnedByOther));
         }
@@ -478,7 +558,10 @@ impl Ledger {
         if id.is_clearing() {
             return Err(Rejection::on(Outcome::InvalidAccountId, id));
         }
-        let account = self.accounts.get(id).ok_or_else(|| Rejection::on(Outcome::AccountNotFound, id))?;
+        let account = self
+            .accounts
+            .get(id)
+            .ok_or_else(|| Rejection::on(Outcome::AccountNotFound, id))?;
         if account.state == AccountState::Closed {
             return Err(Rejection::on(Outcome::AccountClosed, id));
         }
@@ -488,7 +571,9 @@ impl Ledger {
     /// Copies of the legs' accounts, once every one is known to accept movement: an account's
     /// state is reported before any leg's funds or limits.
     fn movable_accounts(&self, legs: &[Leg]) -> Result<Vec<Account>, Rejection> {
-        legs.iter().map(|leg| self.movable_account(leg).cloned()).collect()
+        legs.iter()
+            .map(|leg| self.movable_account(leg).cloned())
+            .collect()
     }
 
     /// An active account in the leg's currency: one that money may move on.
@@ -507,23 +592,40 @@ impl Ledger {
     pub fn export(&self) -> LedgerState {
         let mut accounts: Vec<Account> = self.accounts.values().cloned().collect();
         accounts.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut transactions: Vec<_> =
-            self.transactions.iter().map(|(id, record)| (id.clone(), record.clone())).collect();
+        let mut transactions: Vec<_> = self
+            .transactions
+            .iter()
+            .map(|(id, record)| (id.clone(), record.clone()))
+            .collect();
         transactions.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut dedup: Vec<_> =
-            self.dedup.iter().map(|(id, record)| (id.clone(), record.clone())).collect();
+        let mut dedup: Vec<_> = self
+            .dedup
+            .iter()
+            .map(|(id, record)| (id.clone(), record.clone()))
+            .collect();
         dedup.sort_by(|a, b| a.0.cmp(&b.0));
-        LedgerState { last_seq: self.last_seq, accounts, transactions, dedup }
+        LedgerState {
+            last_seq: self.last_seq,
+            accounts,
+            transactions,
+            dedup,
+        }
     }
 
     /// Rebuilds a ledger from its canonical form (a snapshot, or rows read back from disk).
     pub fn import(state: LedgerState) -> Ledger {
         let mut scales = BTreeMap::new();
         for account in &state.accounts {
-            scales.entry(account.currency.clone()).or_insert(account.scale);
+            scales
+                .entry(account.currency.clone())
+                .or_insert(account.scale);
         }
         Ledger {
-            accounts: state.accounts.into_iter().map(|a| (a.id.clone(), a)).collect(),
+            accounts: state
+                .accounts
+                .into_iter()
+                .map(|a| (a.id.clone(), a))
+                .collect(),
             transactions: state.transactions.into_iter().collect(),
             dedup: state.dedup.into_iter().collect(),
             scales,
@@ -581,8 +683,14 @@ fn check_legs(legs: &[Leg]) -> Result<(), Rejection> {
         }
     }
     for (index, leg) in legs.iter().enumerate() {
-        if legs[..index].iter().any(|earlier| earlier.account_id == leg.account_id) {
-            return Err(Rejection::on(Outcome::DuplicateAccountInBatch, &leg.account_id));
+        if legs[..index]
+            .iter()
+            .any(|earlier| earlier.account_id == leg.account_id)
+        {
+            return Err(Rejection::on(
+                Outcome::DuplicateAccountInBatch,
+                &leg.account_id,
+            ));
         }
     }
     Ok(())

@@ -8,8 +8,14 @@ use proptest::prelude::*;
 use super::*;
 
 const T0: i64 = 1_700_000_000_000;
-const COORDINATOR: Owner = Owner { coordinator_shard_id: 1, epoch: 1 };
-const OTHER_COORDINATOR: Owner = Owner { coordinator_shard_id: 2, epoch: 1 };
+const COORDINATOR: Owner = Owner {
+    coordinator_shard_id: 1,
+    epoch: 1,
+};
+const OTHER_COORDINATOR: Owner = Owner {
+    coordinator_shard_id: 2,
+    epoch: 1,
+};
 
 fn id(text: &str) -> AccountId {
     AccountId::parse(text).unwrap()
@@ -35,13 +41,17 @@ struct Shard {
 
 impl Shard {
     fn new() -> Shard {
-        Shard { ledger: Ledger::new(), next_request: 0 }
+        Shard {
+            ledger: Ledger::new(),
+            next_request: 0,
+        }
     }
 
     fn run(&mut self, kind: CommandKind) -> Applied {
         self.next_request += 1;
         let request_id = RequestId::parse(&format!("req-{}", self.next_request)).unwrap();
-        self.ledger.apply(&Command { request_id, kind }, T0 + self.next_request as i64)
+        self.ledger
+            .apply(&Command { request_id, kind }, T0 + self.next_request as i64)
     }
 
     fn create(&mut self, account: &str, currency: Currency, limits: Limits) -> Applied {
@@ -71,27 +81,62 @@ impl Shard {
     /// `funding` (unbounded) and customers `alice` and `bob` (no overdraft) in USD; alice holds 100.
     fn with_customers() -> Shard {
         let mut shard = Shard::new();
-        assert!(shard.create("sys:funding:USD", usd(), Limits::UNBOUNDED).outcome.is_ok());
-        assert!(shard.create("alice", usd(), Limits::NO_OVERDRAFT).outcome.is_ok());
-        assert!(shard.create("bob", usd(), Limits::NO_OVERDRAFT).outcome.is_ok());
-        assert!(shard.transfer("sys:funding:USD", "alice", 100).outcome.is_ok());
+        assert!(
+            shard
+                .create("sys:funding:USD", usd(), Limits::UNBOUNDED)
+                .outcome
+                .is_ok()
+        );
+        assert!(
+            shard
+                .create("alice", usd(), Limits::NO_OVERDRAFT)
+                .outcome
+                .is_ok()
+        );
+        assert!(
+            shard
+                .create("bob", usd(), Limits::NO_OVERDRAFT)
+                .outcome
+                .is_ok()
+        );
+        assert!(
+            shard
+                .transfer("sys:funding:USD", "alice", 100)
+                .outcome
+                .is_ok()
+        );
         shard
     }
 
     fn reserve(&mut self, txn_id: &str, owner: Owner, legs: &[(&str, i128)]) -> Applied {
         let legs = legs
             .iter()
-            .map(|(account, amount)| Leg { account_id: id(account), amount: Amount(*amount), currency: usd() })
+            .map(|(account, amount)| Leg {
+                account_id: id(account),
+                amount: Amount(*amount),
+                currency: usd(),
+            })
             .collect();
-        self.run(CommandKind::Reserve { txn_id: txn(txn_id), owner, legs, metadata: Metadata::default() })
+        self.run(CommandKind::Reserve {
+            txn_id: txn(txn_id),
+            owner,
+            legs,
+            metadata: Metadata::default(),
+        })
     }
 
     fn post(&mut self, txn_id: &str, owner: Owner) -> Applied {
-        self.run(CommandKind::Post { txn_id: txn(txn_id), owner })
+        self.run(CommandKind::Post {
+            txn_id: txn(txn_id),
+            owner,
+        })
     }
 
     fn void(&mut self, txn_id: &str, owner: Owner) -> Applied {
-        self.run(CommandKind::Void { txn_id: txn(txn_id), owner })
+        self.run(CommandKind::Void {
+            txn_id: txn(txn_id),
+            owner,
+        })
     }
 
     /// Asserts a rejection changed nothing and produced no event.
@@ -103,17 +148,27 @@ impl Shard {
         assert_eq!(applied.seq, 0);
         let mut after = self.ledger.export();
         // The rejection itself is remembered for its request id, and nothing else changes.
-        after.dedup.retain(|(request_id, _)| before.dedup.iter().any(|(known, _)| known == request_id));
+        after
+            .dedup
+            .retain(|(request_id, _)| before.dedup.iter().any(|(known, _)| known == request_id));
         assert_eq!(before, after);
     }
 }
 
 fn leg(account: &str, amount: i128) -> Leg {
-    Leg { account_id: id(account), amount: Amount(amount), currency: usd() }
+    Leg {
+        account_id: id(account),
+        amount: Amount(amount),
+        currency: usd(),
+    }
 }
 
 fn batch(legs: Vec<Leg>) -> CommandKind {
-    CommandKind::Batch { legs, txn_id: None, metadata: Metadata::default() }
+    CommandKind::Batch {
+        legs,
+        txn_id: None,
+        metadata: Metadata::default(),
+    }
 }
 
 // ---- Accounts ----
@@ -126,7 +181,10 @@ fn creating_an_account_starts_it_active_and_empty_at_version_one() {
     assert_eq!(applied.seq, 1);
     let account = shard.ledger.account(&id("alice")).unwrap();
     assert_eq!(account.state, AccountState::Active);
-    assert_eq!((account.balance, account.pending_out, account.pending_in), (Amount::ZERO, Amount::ZERO, Amount::ZERO));
+    assert_eq!(
+        (account.balance, account.pending_out, account.pending_in),
+        (Amount::ZERO, Amount::ZERO, Amount::ZERO)
+    );
     assert_eq!(account.version, 1);
 }
 
@@ -134,7 +192,13 @@ fn creating_an_account_starts_it_active_and_empty_at_version_one() {
 fn the_first_account_of_a_currency_brings_the_clearing_account() {
     let mut shard = Shard::new();
     let applied = shard.create("alice", usd(), Limits::NO_OVERDRAFT);
-    let ids: Vec<_> = applied.event.unwrap().accounts.into_iter().map(|a| a.id).collect();
+    let ids: Vec<_> = applied
+        .event
+        .unwrap()
+        .accounts
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
     assert_eq!(ids, vec![id("alice"), id("sys:clearing:USD")]);
     let applied = shard.create("bob", usd(), Limits::NO_OVERDRAFT);
     assert_eq!(applied.event.unwrap().accounts.len(), 1);
@@ -164,8 +228,16 @@ fn clearing_accounts_cannot_be_created_or_moved_by_clients() {
         metadata: Metadata::default(),
     };
     shard.assert_rejected(create, Outcome::InvalidAccountId);
-    shard.assert_rejected(batch(vec![leg("alice", -5), leg("sys:clearing:USD", 5)]), Outcome::InvalidAccountId);
-    shard.assert_rejected(CommandKind::Freeze { account_id: id("sys:clearing:USD") }, Outcome::InvalidAccountId);
+    shard.assert_rejected(
+        batch(vec![leg("alice", -5), leg("sys:clearing:USD", 5)]),
+        Outcome::InvalidAccountId,
+    );
+    shard.assert_rejected(
+        CommandKind::Freeze {
+            account_id: id("sys:clearing:USD"),
+        },
+        Outcome::InvalidAccountId,
+    );
 }
 
 #[test]
@@ -192,7 +264,10 @@ fn a_currency_keeps_the_scale_of_its_first_account() {
 #[test]
 fn an_account_cannot_be_created_outside_its_own_limits() {
     let mut shard = Shard::new();
-    let positive_floor = Limits { lower: Some(Amount(1)), upper: None };
+    let positive_floor = Limits {
+        lower: Some(Amount(1)),
+        upper: None,
+    };
     let kind = |limits| CommandKind::CreateAccount {
         account_id: id("alice"),
         currency: usd(),
@@ -201,45 +276,99 @@ fn an_account_cannot_be_created_outside_its_own_limits() {
         metadata: Metadata::default(),
     };
     shard.assert_rejected(kind(positive_floor), Outcome::InvalidLimits);
-    let crossed = Limits { lower: Some(Amount(-5)), upper: Some(Amount(-10)) };
+    let crossed = Limits {
+        lower: Some(Amount(-5)),
+        upper: Some(Amount(-10)),
+    };
     shard.assert_rejected(kind(crossed), Outcome::InvalidLimits);
 }
 
 #[test]
 fn limits_can_be_updated_only_to_values_the_account_already_satisfies() {
     let mut shard = Shard::with_customers();
-    let overdraft = Limits { lower: Some(Amount(-50)), upper: Some(Amount(1_000)) };
-    let applied = shard.run(CommandKind::UpdateLimits { account_id: id("alice"), limits: overdraft });
+    let overdraft = Limits {
+        lower: Some(Amount(-50)),
+        upper: Some(Amount(1_000)),
+    };
+    let applied = shard.run(CommandKind::UpdateLimits {
+        account_id: id("alice"),
+        limits: overdraft,
+    });
     assert_eq!(applied.outcome, Outcome::Ok);
-    assert_eq!(shard.ledger.account(&id("alice")).unwrap().limits, overdraft);
+    assert_eq!(
+        shard.ledger.account(&id("alice")).unwrap().limits,
+        overdraft
+    );
     assert_eq!(shard.ledger.account(&id("alice")).unwrap().version, 3);
-    let below_balance = Limits { lower: None, upper: Some(Amount(99)) };
-    shard.assert_rejected(CommandKind::UpdateLimits { account_id: id("alice"), limits: below_balance }, Outcome::InvalidLimits);
+    let below_balance = Limits {
+        lower: None,
+        upper: Some(Amount(99)),
+    };
+    shard.assert_rejected(
+        CommandKind::UpdateLimits {
+            account_id: id("alice"),
+            limits: below_balance,
+        },
+        Outcome::InvalidLimits,
+    );
 }
 
 #[test]
 fn frozen_accounts_neither_send_nor_receive_until_unfrozen() {
     let mut shard = Shard::with_customers();
-    assert!(shard.run(CommandKind::Freeze { account_id: id("alice") }).outcome.is_ok());
-    assert_eq!(shard.ledger.account(&id("alice")).unwrap().state, AccountState::Frozen);
+    assert!(
+        shard
+            .run(CommandKind::Freeze {
+                account_id: id("alice")
+            })
+            .outcome
+            .is_ok()
+    );
+    assert_eq!(
+        shard.ledger.account(&id("alice")).unwrap().state,
+        AccountState::Frozen
+    );
     shard.assert_rejected(
-        CommandKind::Transfer { from: id("alice"), to: id("bob"), amount: Amount(1), currency: usd(), metadata: Metadata::default() },
+        CommandKind::Transfer {
+            from: id("alice"),
+            to: id("bob"),
+            amount: Amount(1),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
         Outcome::AccountFrozen,
     );
     shard.assert_rejected(
-        CommandKind::Transfer { from: id("bob"), to: id("alice"), amount: Amount(1), currency: usd(), metadata: Metadata::default() },
+        CommandKind::Transfer {
+            from: id("bob"),
+            to: id("alice"),
+            amount: Amount(1),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
         Outcome::AccountFrozen,
     );
-    assert!(shard.run(CommandKind::Unfreeze { account_id: id("alice") }).outcome.is_ok());
+    assert!(
+        shard
+            .run(CommandKind::Unfreeze {
+                account_id: id("alice")
+            })
+            .outcome
+            .is_ok()
+    );
     assert!(shard.transfer("alice", "bob", 1).outcome.is_ok());
 }
 
 #[test]
 fn freezing_twice_changes_nothing_the_second_time() {
     let mut shard = Shard::with_customers();
-    shard.run(CommandKind::Freeze { account_id: id("alice") });
+    shard.run(CommandKind::Freeze {
+        account_id: id("alice"),
+    });
     let version = shard.ledger.account(&id("alice")).unwrap().version;
-    let applied = shard.run(CommandKind::Freeze { account_id: id("alice") });
+    let applied = shard.run(CommandKind::Freeze {
+        account_id: id("alice"),
+    });
     assert_eq!(applied.outcome, Outcome::Ok);
     assert_eq!(shard.ledger.account(&id("alice")).unwrap().version, version);
 }
@@ -247,13 +376,46 @@ fn freezing_twice_changes_nothing_the_second_time() {
 #[test]
 fn an_account_closes_only_when_empty_and_stays_closed() {
     let mut shard = Shard::with_customers();
-    shard.assert_rejected(CommandKind::Close { account_id: id("alice") }, Outcome::AccountNotEmpty);
-    assert!(shard.transfer("alice", "sys:funding:USD", 100).outcome.is_ok());
-    assert!(shard.run(CommandKind::Close { account_id: id("alice") }).outcome.is_ok());
-    shard.assert_rejected(CommandKind::Unfreeze { account_id: id("alice") }, Outcome::AccountClosed);
-    shard.assert_rejected(CommandKind::Close { account_id: id("alice") }, Outcome::AccountClosed);
     shard.assert_rejected(
-        CommandKind::Transfer { from: id("bob"), to: id("alice"), amount: Amount(1), currency: usd(), metadata: Metadata::default() },
+        CommandKind::Close {
+            account_id: id("alice"),
+        },
+        Outcome::AccountNotEmpty,
+    );
+    assert!(
+        shard
+            .transfer("alice", "sys:funding:USD", 100)
+            .outcome
+            .is_ok()
+    );
+    assert!(
+        shard
+            .run(CommandKind::Close {
+                account_id: id("alice")
+            })
+            .outcome
+            .is_ok()
+    );
+    shard.assert_rejected(
+        CommandKind::Unfreeze {
+            account_id: id("alice"),
+        },
+        Outcome::AccountClosed,
+    );
+    shard.assert_rejected(
+        CommandKind::Close {
+            account_id: id("alice"),
+        },
+        Outcome::AccountClosed,
+    );
+    shard.assert_rejected(
+        CommandKind::Transfer {
+            from: id("bob"),
+            to: id("alice"),
+            amount: Amount(1),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
         Outcome::AccountClosed,
     );
 }
@@ -261,19 +423,40 @@ fn an_account_closes_only_when_empty_and_stays_closed() {
 #[test]
 fn an_account_with_a_hold_cannot_close() {
     let mut shard = Shard::with_customers();
-    assert!(shard.reserve("t1", COORDINATOR, &[("bob", 5)]).outcome.is_ok());
-    shard.assert_rejected(CommandKind::Close { account_id: id("bob") }, Outcome::AccountNotEmpty);
+    assert!(
+        shard
+            .reserve("t1", COORDINATOR, &[("bob", 5)])
+            .outcome
+            .is_ok()
+    );
+    shard.assert_rejected(
+        CommandKind::Close {
+            account_id: id("bob"),
+        },
+        Outcome::AccountNotEmpty,
+    );
 }
 
 #[test]
 fn accounts_are_never_created_implicitly() {
     let mut shard = Shard::with_customers();
     shard.assert_rejected(
-        CommandKind::Transfer { from: id("alice"), to: id("nobody"), amount: Amount(1), currency: usd(), metadata: Metadata::default() },
+        CommandKind::Transfer {
+            from: id("alice"),
+            to: id("nobody"),
+            amount: Amount(1),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
         Outcome::AccountNotFound,
     );
     assert!(shard.ledger.account(&id("nobody")).is_none());
-    shard.assert_rejected(CommandKind::Freeze { account_id: id("nobody") }, Outcome::AccountNotFound);
+    shard.assert_rejected(
+        CommandKind::Freeze {
+            account_id: id("nobody"),
+        },
+        Outcome::AccountNotFound,
+    );
 }
 
 // ---- Transfers and batches ----
@@ -285,8 +468,15 @@ fn a_transfer_moves_money_and_reports_both_accounts() {
     assert_eq!(applied.outcome, Outcome::Ok);
     let event = applied.event.unwrap();
     assert_eq!(event.seq, applied.seq);
-    let balances: Vec<_> = event.accounts.iter().map(|a| (a.id.to_string(), a.balance.0)).collect();
-    assert_eq!(balances, vec![("alice".to_string(), 70), ("bob".to_string(), 30)]);
+    let balances: Vec<_> = event
+        .accounts
+        .iter()
+        .map(|a| (a.id.to_string(), a.balance.0))
+        .collect();
+    assert_eq!(
+        balances,
+        vec![("alice".to_string(), 70), ("bob".to_string(), 30)]
+    );
     assert_eq!((shard.balance("alice"), shard.balance("bob")), (70, 30));
 }
 
@@ -294,7 +484,13 @@ fn a_transfer_moves_money_and_reports_both_accounts() {
 fn transfer_is_rejected_when_funds_are_insufficient() {
     let mut shard = Shard::with_customers();
     shard.assert_rejected(
-        CommandKind::Transfer { from: id("alice"), to: id("bob"), amount: Amount(101), currency: usd(), metadata: Metadata::default() },
+        CommandKind::Transfer {
+            from: id("alice"),
+            to: id("bob"),
+            amount: Amount(101),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
         Outcome::InsufficientFunds,
     );
     let applied = shard.transfer("alice", "bob", 101);
@@ -304,11 +500,23 @@ fn transfer_is_rejected_when_funds_are_insufficient() {
 #[test]
 fn transfer_is_rejected_when_the_credit_passes_the_upper_limit() {
     let mut shard = Shard::with_customers();
-    let capped = Limits { lower: Some(Amount::ZERO), upper: Some(Amount(50)) };
-    shard.run(CommandKind::UpdateLimits { account_id: id("bob"), limits: capped });
+    let capped = Limits {
+        lower: Some(Amount::ZERO),
+        upper: Some(Amount(50)),
+    };
+    shard.run(CommandKind::UpdateLimits {
+        account_id: id("bob"),
+        limits: capped,
+    });
     assert!(shard.transfer("alice", "bob", 50).outcome.is_ok());
     shard.assert_rejected(
-        CommandKind::Transfer { from: id("alice"), to: id("bob"), amount: Amount(1), currency: usd(), metadata: Metadata::default() },
+        CommandKind::Transfer {
+            from: id("alice"),
+            to: id("bob"),
+            amount: Amount(1),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
         Outcome::LimitExceeded,
     );
 }
@@ -325,33 +533,79 @@ fn bad_transfers_are_rejected_without_any_change() {
     };
     shard.assert_rejected(transfer("alice", "bob", 0, usd()), Outcome::InvalidAmount);
     shard.assert_rejected(transfer("alice", "bob", -5, usd()), Outcome::InvalidAmount);
-    shard.assert_rejected(transfer("alice", "bob", state::AMOUNT_ABS_MAX + 1, usd()), Outcome::InvalidAmount);
+    shard.assert_rejected(
+        transfer("alice", "bob", state::AMOUNT_ABS_MAX + 1, usd()),
+        Outcome::InvalidAmount,
+    );
     shard.assert_rejected(transfer("alice", "alice", 5, usd()), Outcome::SelfTransfer);
-    shard.assert_rejected(transfer("alice", "bob", 5, eur()), Outcome::CurrencyMismatch);
+    shard.assert_rejected(
+        transfer("alice", "bob", 5, eur()),
+        Outcome::CurrencyMismatch,
+    );
 }
 
 #[test]
 fn a_batch_applies_all_legs_or_none() {
     let mut shard = Shard::with_customers();
     shard.create("carol", usd(), Limits::NO_OVERDRAFT);
-    let applied = shard.run(batch(vec![leg("alice", -60), leg("bob", 50), leg("carol", 10)]));
+    let applied = shard.run(batch(vec![
+        leg("alice", -60),
+        leg("bob", 50),
+        leg("carol", 10),
+    ]));
     assert_eq!(applied.outcome, Outcome::Ok);
-    assert_eq!((shard.balance("alice"), shard.balance("bob"), shard.balance("carol")), (40, 50, 10));
+    assert_eq!(
+        (
+            shard.balance("alice"),
+            shard.balance("bob"),
+            shard.balance("carol")
+        ),
+        (40, 50, 10)
+    );
     // The last leg fails its limit, so the first two must not apply either.
-    shard.assert_rejected(batch(vec![leg("bob", 10), leg("carol", 10), leg("alice", -20), leg("sys:funding:USD", 0)]), Outcome::InvalidAmount);
-    shard.assert_rejected(batch(vec![leg("bob", 41), leg("alice", -41)]), Outcome::InsufficientFunds);
+    shard.assert_rejected(
+        batch(vec![
+            leg("bob", 10),
+            leg("carol", 10),
+            leg("alice", -20),
+            leg("sys:funding:USD", 0),
+        ]),
+        Outcome::InvalidAmount,
+    );
+    shard.assert_rejected(
+        batch(vec![leg("bob", 41), leg("alice", -41)]),
+        Outcome::InsufficientFunds,
+    );
 }
 
 #[test]
 fn bad_batches_are_rejected_without_any_change() {
     let mut shard = Shard::with_customers();
     shard.assert_rejected(batch(vec![]), Outcome::NotZeroSum);
-    shard.assert_rejected(batch(vec![leg("alice", -5), leg("bob", 4)]), Outcome::NotZeroSum);
-    shard.assert_rejected(batch(vec![leg("alice", -5), leg("alice", 5)]), Outcome::DuplicateAccountInBatch);
-    shard.assert_rejected(batch(vec![leg("alice", -5), leg("ghost", 5)]), Outcome::AccountNotFound);
-    let many: Vec<Leg> = (0..=state::BATCH_LEGS_MAX).map(|i| leg(&format!("a{i}"), 1)).collect();
+    shard.assert_rejected(
+        batch(vec![leg("alice", -5), leg("bob", 4)]),
+        Outcome::NotZeroSum,
+    );
+    shard.assert_rejected(
+        batch(vec![leg("alice", -5), leg("alice", 5)]),
+        Outcome::DuplicateAccountInBatch,
+    );
+    shard.assert_rejected(
+        batch(vec![leg("alice", -5), leg("ghost", 5)]),
+        Outcome::AccountNotFound,
+    );
+    let many: Vec<Leg> = (0..=state::BATCH_LEGS_MAX)
+        .map(|i| leg(&format!("a{i}"), 1))
+        .collect();
     shard.assert_rejected(batch(many), Outcome::BatchTooLarge);
-    let mixed = vec![leg("alice", -5), Leg { account_id: id("bob"), amount: Amount(5), currency: eur() }];
+    let mixed = vec![
+        leg("alice", -5),
+        Leg {
+            account_id: id("bob"),
+            amount: Amount(5),
+            currency: eur(),
+        },
+    ];
     shard.assert_rejected(batch(mixed), Outcome::NotZeroSum);
     let overflow = vec![
         leg("alice", -state::AMOUNT_ABS_MAX),
@@ -369,8 +623,16 @@ fn a_batch_may_move_several_currencies_each_zero_sum() {
     let legs = vec![
         leg("alice", -10),
         leg("bob", 10),
-        Leg { account_id: id("sys:funding:EUR"), amount: Amount(-7), currency: eur() },
-        Leg { account_id: id("alice-eur"), amount: Amount(7), currency: eur() },
+        Leg {
+            account_id: id("sys:funding:EUR"),
+            amount: Amount(-7),
+            currency: eur(),
+        },
+        Leg {
+            account_id: id("alice-eur"),
+            amount: Amount(7),
+            currency: eur(),
+        },
     ];
     assert!(shard.run(batch(legs)).outcome.is_ok());
     assert!(shard.ledger.balance_sums().values().all(|sum| *sum == 0));
@@ -383,7 +645,13 @@ fn a_retried_command_returns_the_stored_outcome_marked_duplicate() {
     let mut shard = Shard::with_customers();
     let command = Command {
         request_id: RequestId::parse("pay-1").unwrap(),
-        kind: CommandKind::Transfer { from: id("alice"), to: id("bob"), amount: Amount(30), currency: usd(), metadata: Metadata::default() },
+        kind: CommandKind::Transfer {
+            from: id("alice"),
+            to: id("bob"),
+            amount: Amount(30),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
     };
     let first = shard.ledger.apply(&command, T0);
     let retry = shard.ledger.apply(&command, T0 + 5);
@@ -399,12 +667,24 @@ fn a_rejection_is_remembered_even_when_the_state_later_allows_the_command() {
     let mut shard = Shard::with_customers();
     let command = Command {
         request_id: RequestId::parse("pay-2").unwrap(),
-        kind: CommandKind::Transfer { from: id("bob"), to: id("alice"), amount: Amount(10), currency: usd(), metadata: Metadata::default() },
+        kind: CommandKind::Transfer {
+            from: id("bob"),
+            to: id("alice"),
+            amount: Amount(10),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
     };
-    assert_eq!(shard.ledger.apply(&command, T0).outcome, Outcome::InsufficientFunds);
+    assert_eq!(
+        shard.ledger.apply(&command, T0).outcome,
+        Outcome::InsufficientFunds
+    );
     shard.transfer("alice", "bob", 50);
     let retry = shard.ledger.apply(&command, T0 + 1);
-    assert_eq!((retry.outcome, retry.duplicate), (Outcome::InsufficientFunds, true));
+    assert_eq!(
+        (retry.outcome, retry.duplicate),
+        (Outcome::InsufficientFunds, true)
+    );
     assert_eq!(shard.balance("bob"), 50);
 }
 
@@ -412,14 +692,38 @@ fn a_rejection_is_remembered_even_when_the_state_later_allows_the_command() {
 fn the_same_request_id_with_another_payload_is_rejected() {
     let mut shard = Shard::with_customers();
     let request_id = RequestId::parse("pay-3").unwrap();
-    let transfer = |amount| CommandKind::Transfer { from: id("alice"), to: id("bob"), amount: Amount(amount), currency: usd(), metadata: Metadata::default() };
-    shard.ledger.apply(&Command { request_id: request_id.clone(), kind: transfer(10) }, T0);
-    let different = shard.ledger.apply(&Command { request_id: request_id.clone(), kind: transfer(11) }, T0);
+    let transfer = |amount| CommandKind::Transfer {
+        from: id("alice"),
+        to: id("bob"),
+        amount: Amount(amount),
+        currency: usd(),
+        metadata: Metadata::default(),
+    };
+    shard.ledger.apply(
+        &Command {
+            request_id: request_id.clone(),
+            kind: transfer(10),
+        },
+        T0,
+    );
+    let different = shard.ledger.apply(
+        &Command {
+            request_id: request_id.clone(),
+            kind: transfer(11),
+        },
+        T0,
+    );
     assert_eq!(different.outcome, Outcome::DuplicateWithDifferentPayload);
     assert!(!different.duplicate);
     assert!(different.event.is_none());
     // The stored outcome of the id never changes.
-    let again = shard.ledger.apply(&Command { request_id, kind: transfer(10) }, T0);
+    let again = shard.ledger.apply(
+        &Command {
+            request_id,
+            kind: transfer(10),
+        },
+        T0,
+    );
     assert_eq!((again.outcome, again.duplicate), (Outcome::Ok, true));
     assert_eq!(shard.balance("bob"), 10);
 }
@@ -428,13 +732,30 @@ fn the_same_request_id_with_another_payload_is_rejected() {
 fn pruning_forgets_only_records_older_than_the_cutoff() {
     let mut shard = Shard::with_customers();
     let old = RequestId::parse("req-1").unwrap();
-    let cutoff = shard.ledger.dedup_record(&RequestId::parse("req-3").unwrap()).unwrap().at_ms;
-    let applied = shard.run(CommandKind::PruneDedup { older_than_ms: cutoff });
+    let cutoff = shard
+        .ledger
+        .dedup_record(&RequestId::parse("req-3").unwrap())
+        .unwrap()
+        .at_ms;
+    let applied = shard.run(CommandKind::PruneDedup {
+        older_than_ms: cutoff,
+    });
     assert_eq!(applied.outcome, Outcome::Ok);
     let removed = applied.changes.dedup_removed.clone();
-    assert_eq!(removed, vec![RequestId::parse("req-1").unwrap(), RequestId::parse("req-2").unwrap()]);
+    assert_eq!(
+        removed,
+        vec![
+            RequestId::parse("req-1").unwrap(),
+            RequestId::parse("req-2").unwrap()
+        ]
+    );
     assert!(shard.ledger.dedup_record(&old).is_none());
-    assert!(shard.ledger.dedup_record(&RequestId::parse("req-3").unwrap()).is_some());
+    assert!(
+        shard
+            .ledger
+            .dedup_record(&RequestId::parse("req-3").unwrap())
+            .is_some()
+    );
 }
 
 // ---- Events ----
@@ -444,13 +765,19 @@ fn every_accepted_command_gets_the_next_seq_and_rejections_get_none() {
     let mut shard = Shard::with_customers();
     let seq = shard.ledger.last_seq();
     assert_eq!(seq, 4);
-    assert_eq!(shard.transfer("bob", "alice", 1).outcome, Outcome::InsufficientFunds);
+    assert_eq!(
+        shard.transfer("bob", "alice", 1).outcome,
+        Outcome::InsufficientFunds
+    );
     assert_eq!(shard.ledger.last_seq(), seq);
     let applied = shard.transfer("alice", "bob", 1);
     let event = applied.event.unwrap();
     assert_eq!(event.seq, seq + 1);
     assert_eq!(event.timestamp_ms, T0 + shard.next_request as i64);
-    assert_eq!(event.command.request_id.as_str(), format!("req-{}", shard.next_request));
+    assert_eq!(
+        event.command.request_id.as_str(),
+        format!("req-{}", shard.next_request)
+    );
     assert_eq!(event.accounts[0].version, 3);
 }
 
@@ -460,29 +787,76 @@ fn every_accepted_command_gets_the_next_seq_and_rejections_get_none() {
 fn reserve_holds_and_post_settles_through_the_clearing_account() {
     let mut shard = Shard::with_customers();
     // This shard holds the debit of a cross-shard payment of 30.
-    assert!(shard.reserve("t1", COORDINATOR, &[("alice", -30)]).outcome.is_ok());
+    assert!(
+        shard
+            .reserve("t1", COORDINATOR, &[("alice", -30)])
+            .outcome
+            .is_ok()
+    );
     let alice = shard.ledger.account(&id("alice")).unwrap();
-    assert_eq!((alice.balance.0, alice.pending_out.0, alice.available().unwrap().0), (100, 30, 70));
+    assert_eq!(
+        (
+            alice.balance.0,
+            alice.pending_out.0,
+            alice.available().unwrap().0
+        ),
+        (100, 30, 70)
+    );
     // The held 30 cannot be spent twice.
-    assert_eq!(shard.transfer("alice", "bob", 71).outcome, Outcome::InsufficientFunds);
+    assert_eq!(
+        shard.transfer("alice", "bob", 71).outcome,
+        Outcome::InsufficientFunds
+    );
     let posted = shard.post("t1", COORDINATOR);
     assert!(posted.outcome.is_ok());
-    let ids: Vec<_> = posted.event.unwrap().accounts.into_iter().map(|a| (a.id.to_string(), a.balance.0)).collect();
-    assert_eq!(ids, vec![("alice".into(), 70), ("sys:clearing:USD".into(), 30)]);
+    let ids: Vec<_> = posted
+        .event
+        .unwrap()
+        .accounts
+        .into_iter()
+        .map(|a| (a.id.to_string(), a.balance.0))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![("alice".into(), 70), ("sys:clearing:USD".into(), 30)]
+    );
     assert_eq!(shard.ledger.account(&id("alice")).unwrap().pending_out.0, 0);
-    assert_eq!(shard.ledger.transaction(&txn("t1")).unwrap().state, LegState::Posted);
+    assert_eq!(
+        shard.ledger.transaction(&txn("t1")).unwrap().state,
+        LegState::Posted
+    );
     assert!(shard.ledger.balance_sums().values().all(|sum| *sum == 0));
 }
 
 #[test]
 fn reserved_credits_are_not_spendable_and_count_against_the_upper_limit() {
     let mut shard = Shard::with_customers();
-    let capped = Limits { lower: Some(Amount::ZERO), upper: Some(Amount(40)) };
-    shard.run(CommandKind::UpdateLimits { account_id: id("bob"), limits: capped });
-    assert!(shard.reserve("t1", COORDINATOR, &[("bob", 30)]).outcome.is_ok());
-    assert_eq!(shard.transfer("bob", "alice", 1).outcome, Outcome::InsufficientFunds);
-    assert_eq!(shard.transfer("alice", "bob", 11).outcome, Outcome::LimitExceeded);
-    assert_eq!(shard.reserve("t2", COORDINATOR, &[("bob", 11)]).outcome, Outcome::LimitExceeded);
+    let capped = Limits {
+        lower: Some(Amount::ZERO),
+        upper: Some(Amount(40)),
+    };
+    shard.run(CommandKind::UpdateLimits {
+        account_id: id("bob"),
+        limits: capped,
+    });
+    assert!(
+        shard
+            .reserve("t1", COORDINATOR, &[("bob", 30)])
+            .outcome
+            .is_ok()
+    );
+    assert_eq!(
+        shard.transfer("bob", "alice", 1).outcome,
+        Outcome::InsufficientFunds
+    );
+    assert_eq!(
+        shard.transfer("alice", "bob", 11).outcome,
+        Outcome::LimitExceeded
+    );
+    assert_eq!(
+        shard.reserve("t2", COORDINATOR, &[("bob", 11)]).outcome,
+        Outcome::LimitExceeded
+    );
 }
 
 #[test]
@@ -493,7 +867,10 @@ fn void_releases_a_hold_and_is_idempotent() {
     let alice = shard.ledger.account(&id("alice")).unwrap();
     assert_eq!((alice.balance.0, alice.pending_out.0), (100, 0));
     assert_eq!(shard.ledger.account(&id("bob")).unwrap().pending_in.0, 0);
-    assert_eq!(shard.ledger.transaction(&txn("t1")).unwrap().state, LegState::Voided);
+    assert_eq!(
+        shard.ledger.transaction(&txn("t1")).unwrap().state,
+        LegState::Voided
+    );
     let again = shard.void("t1", COORDINATOR);
     assert_eq!(again.outcome, Outcome::Ok);
     assert!(again.event.unwrap().accounts.is_empty());
@@ -504,7 +881,10 @@ fn void_releases_a_hold_and_is_idempotent() {
 fn void_of_an_unknown_transaction_writes_a_tombstone_that_rejects_a_late_reserve() {
     let mut shard = Shard::with_customers();
     assert!(shard.void("t9", COORDINATOR).outcome.is_ok());
-    assert_eq!(shard.ledger.transaction(&txn("t9")).unwrap().state, LegState::Tombstone);
+    assert_eq!(
+        shard.ledger.transaction(&txn("t9")).unwrap().state,
+        LegState::Tombstone
+    );
     let late = shard.reserve("t9", COORDINATOR, &[("alice", -10)]);
     assert_eq!(late.outcome, Outcome::TransactionTombstoned);
     assert_eq!(shard.ledger.account(&id("alice")).unwrap().pending_out.0, 0);
@@ -513,10 +893,19 @@ fn void_of_an_unknown_transaction_writes_a_tombstone_that_rejects_a_late_reserve
 #[test]
 fn post_is_legal_only_on_held_legs_of_the_owner() {
     let mut shard = Shard::with_customers();
-    assert_eq!(shard.post("t1", COORDINATOR).outcome, Outcome::TransactionNotFound);
+    assert_eq!(
+        shard.post("t1", COORDINATOR).outcome,
+        Outcome::TransactionNotFound
+    );
     shard.reserve("t1", COORDINATOR, &[("alice", -10)]);
-    assert_eq!(shard.post("t1", OTHER_COORDINATOR).outcome, Outcome::TransactionOwnedByOther);
-    assert_eq!(shard.void("t1", OTHER_COORDINATOR).outcome, Outcome::TransactionOwnedByOther);
+    assert_eq!(
+        shard.post("t1", OTHER_COORDINATOR).outcome,
+        Outcome::TransactionOwnedByOther
+    );
+    assert_eq!(
+        shard.void("t1", OTHER_COORDINATOR).outcome,
+        Outcome::TransactionOwnedByOther
+    );
     assert!(shard.post("t1", COORDINATOR).outcome.is_ok());
     assert_eq!(shard.post("t1", COORDINATOR).outcome, Outcome::LegNotHeld);
     assert_eq!(shard.void("t1", COORDINATOR).outcome, Outcome::LegNotHeld);
@@ -527,16 +916,29 @@ fn post_is_legal_only_on_held_legs_of_the_owner() {
 fn a_transaction_is_reserved_once() {
     let mut shard = Shard::with_customers();
     shard.reserve("t1", COORDINATOR, &[("alice", -10)]);
-    assert_eq!(shard.reserve("t1", COORDINATOR, &[("alice", -10)]).outcome, Outcome::TransactionAlreadyReserved);
-    assert_eq!(shard.reserve("t1", OTHER_COORDINATOR, &[("alice", -10)]).outcome, Outcome::TransactionOwnedByOther);
-    assert_eq!(shard.ledger.account(&id("alice")).unwrap().pending_out.0, 10);
+    assert_eq!(
+        shard.reserve("t1", COORDINATOR, &[("alice", -10)]).outcome,
+        Outcome::TransactionAlreadyReserved
+    );
+    assert_eq!(
+        shard
+            .reserve("t1", OTHER_COORDINATOR, &[("alice", -10)])
+            .outcome,
+        Outcome::TransactionOwnedByOther
+    );
+    assert_eq!(
+        shard.ledger.account(&id("alice")).unwrap().pending_out.0,
+        10
+    );
 }
 
 #[test]
 fn a_post_succeeds_even_after_the_account_was_frozen() {
     let mut shard = Shard::with_customers();
     shard.reserve("t1", COORDINATOR, &[("alice", -10), ("bob", 10)]);
-    shard.run(CommandKind::Freeze { account_id: id("bob") });
+    shard.run(CommandKind::Freeze {
+        account_id: id("bob"),
+    });
     assert!(shard.post("t1", COORDINATOR).outcome.is_ok());
     assert_eq!((shard.balance("alice"), shard.balance("bob")), (90, 10));
 }
@@ -544,10 +946,21 @@ fn a_post_succeeds_even_after_the_account_was_frozen() {
 #[test]
 fn bad_reservations_are_rejected_without_any_change() {
     let mut shard = Shard::with_customers();
-    let reserve = |legs: Vec<Leg>| CommandKind::Reserve { txn_id: txn("t1"), owner: COORDINATOR, legs, metadata: Metadata::default() };
-    shard.assert_rejected(reserve(vec![leg("alice", -101)]), Outcome::InsufficientFunds);
+    let reserve = |legs: Vec<Leg>| CommandKind::Reserve {
+        txn_id: txn("t1"),
+        owner: COORDINATOR,
+        legs,
+        metadata: Metadata::default(),
+    };
+    shard.assert_rejected(
+        reserve(vec![leg("alice", -101)]),
+        Outcome::InsufficientFunds,
+    );
     shard.assert_rejected(reserve(vec![leg("alice", 0)]), Outcome::InvalidAmount);
-    shard.assert_rejected(reserve(vec![leg("alice", -1), leg("alice", 1)]), Outcome::DuplicateAccountInBatch);
+    shard.assert_rejected(
+        reserve(vec![leg("alice", -1), leg("alice", 1)]),
+        Outcome::DuplicateAccountInBatch,
+    );
     shard.assert_rejected(reserve(vec![leg("ghost", 1)]), Outcome::AccountNotFound);
     shard.assert_rejected(reserve(vec![]), Outcome::NotZeroSum);
     assert!(shard.ledger.transaction(&txn("t1")).is_none());
@@ -569,14 +982,33 @@ fn export_and_import_round_trip_to_the_same_digest() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Transfer { from: usize, to: usize, amount: i128 },
-    Batch { legs: Vec<(usize, i128)> },
-    Reserve { txn: usize, legs: Vec<(usize, i128)> },
-    Post { txn: usize },
-    Void { txn: usize },
-    Freeze { account: usize },
-    Unfreeze { account: usize },
-    Retry { back: usize },
+    Transfer {
+        from: usize,
+        to: usize,
+        amount: i128,
+    },
+    Batch {
+        legs: Vec<(usize, i128)>,
+    },
+    Reserve {
+        txn: usize,
+        legs: Vec<(usize, i128)>,
+    },
+    Post {
+        txn: usize,
+    },
+    Void {
+        txn: usize,
+    },
+    Freeze {
+        account: usize,
+    },
+    Unfreeze {
+        account: usize,
+    },
+    Retry {
+        back: usize,
+    },
 }
 
 const ACCOUNTS: [&str; 5] = ["sys:funding:USD", "alice", "bob", "carol", "dave"];
@@ -597,7 +1029,11 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
-    let legs = |legs: &[(usize, i128)]| legs.iter().map(|(a, amount)| leg(ACCOUNTS[*a], *amount)).collect::<Vec<_>>();
+    let legs = |legs: &[(usize, i128)]| {
+        legs.iter()
+            .map(|(a, amount)| leg(ACCOUNTS[*a], *amount))
+            .collect::<Vec<_>>()
+    };
     let txn_id = |t: usize| txn(&format!("txn-{t}"));
     let kind = match op {
         Op::Transfer { from, to, amount } => CommandKind::Transfer {
@@ -614,30 +1050,69 @@ fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
             if index % 3 != 0 && sum != 0 {
                 legs.push(leg("sys:funding:USD", -sum));
             }
-            CommandKind::Batch { legs, txn_id: None, metadata: Metadata::default() }
+            CommandKind::Batch {
+                legs,
+                txn_id: None,
+                metadata: Metadata::default(),
+            }
         }
-        Op::Reserve { txn, legs: raw } => CommandKind::Reserve { txn_id: txn_id(*txn), owner: COORDINATOR, legs: legs(raw), metadata: Metadata::default() },
-        Op::Post { txn } => CommandKind::Post { txn_id: txn_id(*txn), owner: COORDINATOR },
-        Op::Void { txn } => CommandKind::Void { txn_id: txn_id(*txn), owner: COORDINATOR },
-        Op::Freeze { account } => CommandKind::Freeze { account_id: id(ACCOUNTS[*account]) },
-        Op::Unfreeze { account } => CommandKind::Unfreeze { account_id: id(ACCOUNTS[*account]) },
+        Op::Reserve { txn, legs: raw } => CommandKind::Reserve {
+            txn_id: txn_id(*txn),
+            owner: COORDINATOR,
+            legs: legs(raw),
+            metadata: Metadata::default(),
+        },
+        Op::Post { txn } => CommandKind::Post {
+            txn_id: txn_id(*txn),
+            owner: COORDINATOR,
+        },
+        Op::Void { txn } => CommandKind::Void {
+            txn_id: txn_id(*txn),
+            owner: COORDINATOR,
+        },
+        Op::Freeze { account } => CommandKind::Freeze {
+            account_id: id(ACCOUNTS[*account]),
+        },
+        Op::Unfreeze { account } => CommandKind::Unfreeze {
+            account_id: id(ACCOUNTS[*account]),
+        },
         Op::Retry { back } => {
-            if let Some(earlier) = history.len().checked_sub(back + 1).and_then(|i| history.get(i)) {
+            if let Some(earlier) = history
+                .len()
+                .checked_sub(back + 1)
+                .and_then(|i| history.get(i))
+            {
                 return earlier.clone();
             }
             CommandKind::PruneDedup { older_than_ms: 0 }
         }
     };
-    Command { request_id: RequestId::parse(&format!("op-{index}")).unwrap(), kind }
+    Command {
+        request_id: RequestId::parse(&format!("op-{index}")).unwrap(),
+        kind,
+    }
 }
 
 fn setup_commands() -> Vec<Command> {
     let mut commands = Vec::new();
     for (i, name) in ACCOUNTS.iter().enumerate() {
-        let limits = if i == 0 { Limits::UNBOUNDED } else { Limits { lower: Some(Amount(-(i as i128) * 10 + 10)), upper: Some(Amount(500)) } };
+        let limits = if i == 0 {
+            Limits::UNBOUNDED
+        } else {
+            Limits {
+                lower: Some(Amount(-(i as i128) * 10 + 10)),
+                upper: Some(Amount(500)),
+            }
+        };
         commands.push(Command {
             request_id: RequestId::parse(&format!("setup-{i}")).unwrap(),
-            kind: CommandKind::CreateAccount { account_id: id(name), currency: usd(), scale: 2, limits, metadata: Metadata::default() },
+            kind: CommandKind::CreateAccount {
+                account_id: id(name),
+                currency: usd(),
+                scale: 2,
+                limits,
+                metadata: Metadata::default(),
+            },
         });
     }
     commands

@@ -129,8 +129,14 @@ impl TryFrom<String> for Currency {
     fn try_from(text: String) -> Result<Currency, ParseError> {
         let valid = !text.is_empty()
             && text.len() <= CURRENCY_LENGTH_MAX
-            && text.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-        if valid { Ok(Currency(text)) } else { Err(ParseError::Currency) }
+            && text
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if valid {
+            Ok(Currency(text))
+        } else {
+            Err(ParseError::Currency)
+        }
     }
 }
 
@@ -147,7 +153,9 @@ impl fmt::Display for Currency {
 }
 
 /// A signed amount in minor units of a currency. Money is never a float.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Amount(pub i128);
 
 impl Amount {
@@ -160,7 +168,9 @@ impl Amount {
         if digits.is_empty() || digits.len() > 39 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(ParseError::Amount);
         }
-        text.parse::<i128>().map(Amount).map_err(|_| ParseError::Amount)
+        text.parse::<i128>()
+            .map(Amount)
+            .map_err(|_| ParseError::Amount)
     }
 
     pub fn checked_add(self, other: Amount) -> Option<Amount> {
@@ -185,7 +195,10 @@ impl fmt::Display for Amount {
 /// Free-form key/value pairs attached to accounts and commands, bounded in count and size.
 /// A `BTreeMap` so that encodings, fingerprints and digests never depend on hash order.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "BTreeMap<String, String>", into = "BTreeMap<String, String>")]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
 pub struct Metadata(BTreeMap<String, String>);
 
 impl Metadata {
@@ -196,7 +209,11 @@ impl Metadata {
                     && key.len() <= METADATA_KEY_LENGTH_MAX
                     && value.len() <= METADATA_VALUE_LENGTH_MAX
             });
-        if valid { Ok(Metadata(entries)) } else { Err(ParseError::Metadata) }
+        if valid {
+            Ok(Metadata(entries))
+        } else {
+            Err(ParseError::Metadata)
+        }
     }
 
     pub fn entries(&self) -> &BTreeMap<String, String> {
@@ -235,16 +252,36 @@ mod tests {
         assert_eq!(AccountId::parse("has space"), Err(ParseError::AccountId));
         assert_eq!(AccountId::parse("ünïcode"), Err(ParseError::AccountId));
         assert!(AccountId::parse(&"a".repeat(64)).is_ok());
-        assert_eq!(AccountId::parse(&"a".repeat(65)), Err(ParseError::AccountId));
+        assert_eq!(
+            AccountId::parse(&"a".repeat(65)),
+            Err(ParseError::AccountId)
+        );
     }
 
     #[test]
     fn amounts_parse_only_plain_integers_within_i128() {
         assert_eq!(Amount::parse_minor_units("1234"), Ok(Amount(1234)));
         assert_eq!(Amount::parse_minor_units("-5"), Ok(Amount(-5)));
-        assert_eq!(Amount::parse_minor_units(&i128::MAX.to_string()), Ok(Amount(i128::MAX)));
-        for bad in ["", "-", "+5", "1.5", "1e3", " 1", "12a", &"9".repeat(40), "170141183460469231731687303715884105728"] {
-            assert_eq!(Amount::parse_minor_units(bad), Err(ParseError::Amount), "{bad:?}");
+        assert_eq!(
+            Amount::parse_minor_units(&i128::MAX.to_string()),
+            Ok(Amount(i128::MAX))
+        );
+        for bad in [
+            "",
+            "-",
+            "+5",
+            "1.5",
+            "1e3",
+            " 1",
+            "12a",
+            &"9".repeat(40),
+            "170141183460469231731687303715884105728",
+        ] {
+            assert_eq!(
+                Amount::parse_minor_units(bad),
+                Err(ParseError::Amount),
+                "{bad:?}"
+            );
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use integration_tests::storage::StorageShard;
+use integration_tests::group::Group;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
 use proto::common::v1::Amount;
@@ -101,7 +101,9 @@ fn transfer(request_id: String, from: usize, to: usize) -> pb::Command {
         kind: Some(pb::command::Kind::Transfer(pb::Transfer {
             from_account_id: account(from),
             to_account_id: account(to),
-            amount: Some(Amount { minor_units: "1".into() }),
+            amount: Some(Amount {
+                minor_units: "1".into(),
+            }),
             currency: "USD".into(),
             metadata: Default::default(),
         })),
@@ -121,19 +123,26 @@ fn create(account_id: String, no_lower_limit: bool) -> pb::Command {
     }
 }
 
-async fn open_accounts(shard: &StorageShard, accounts: usize) -> anyhow::Result<()> {
-    shard.execute(create("sys:funding:USD".into(), true)).await?;
+async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
+    shard
+        .execute(create("sys:funding:USD".into(), true))
+        .await?;
     let shard_ref = &shard;
     let work = (0..accounts).map(|index| async move {
         shard_ref.execute(create(account(index), false)).await?;
         let mut fund = transfer(format!("fund-{index}"), 0, index);
         if let Some(pb::command::Kind::Transfer(transfer)) = &mut fund.kind {
             transfer.from_account_id = "sys:funding:USD".into();
-            transfer.amount = Some(Amount { minor_units: "100000000".into() });
+            transfer.amount = Some(Amount {
+                minor_units: "100000000".into(),
+            });
         }
         shard_ref.execute(fund).await
     });
-    let results: Vec<_> = futures::stream::iter(work).buffer_unordered(64).collect().await;
+    let results: Vec<_> = futures::stream::iter(work)
+        .buffer_unordered(64)
+        .collect()
+        .await;
     for result in results {
         result?;
     }
@@ -174,9 +183,14 @@ async fn run_phase(
                 } else {
                     scheduled = Instant::now();
                 }
-                let reply = client.execute(pb::ExecuteRequest { command: Some(transfer(request_id, from, to)) }).await?;
+                let reply = client
+                    .execute(pb::ExecuteRequest {
+                        command: Some(transfer(request_id, from, to)),
+                    })
+                    .await?;
                 match reply.into_inner().reply {
-                    Some(pb::execute_response::Reply::Result(result)) if result.outcome == pb::Outcome::Ok as i32 => {}
+                    Some(pb::execute_response::Reply::Result(result))
+                        if result.outcome == pb::Outcome::Ok as i32 => {}
                     _ => {
                         rejected.fetch_add(1, Ordering::Relaxed);
                     }
@@ -211,14 +225,16 @@ async fn run_phase(
 }
 
 /// Kills the leader with SIGKILL while writing, and measures until the next write succeeds.
-async fn measure_failover(shard: &mut StorageShard) -> anyhow::Result<f64> {
+async fn measure_failover(shard: &mut Group) -> anyhow::Result<f64> {
     let leader = shard.leader().await?;
     shard.kill(leader).await?;
     let killed = Instant::now();
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = shard.execute(transfer(format!("failover-{attempt}"), 1, 2)).await?;
+        let result = shard
+            .execute(transfer(format!("failover-{attempt}"), 1, 2))
+            .await?;
         if result.outcome == pb::Outcome::Ok as i32 {
             return Ok(killed.elapsed().as_secs_f64() * 1_000.0);
         }
@@ -228,8 +244,11 @@ async fn measure_failover(shard: &mut StorageShard) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    eprintln!("starting a 3-replica shard and opening {} accounts…", args.accounts);
-    let mut shard = StorageShard::start(1, 3, &[]).await?;
+    eprintln!(
+        "starting a 3-replica shard and opening {} accounts…",
+        args.accounts
+    );
+    let mut shard = Group::storage(1, 3, &[]).await?;
     open_accounts(&shard, args.accounts).await?;
     let leader = shard.leader().await?;
     let leader_address = shard.replica(leader).address.clone();
@@ -237,7 +256,11 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.connections {
         channels.push(auticuro::client::channel(&leader_address)?);
     }
-    let clients = || (0..args.clients).map(|i| LedgerClient::new(channels[i % channels.len()].clone())).collect();
+    let clients = || {
+        (0..args.clients)
+            .map(|i| LedgerClient::new(channels[i % channels.len()].clone()))
+            .collect()
+    };
 
     let mut phases = Vec::new();
     eprintln!("uniform, {} clients, {} s…", args.clients, args.seconds);
@@ -246,19 +269,43 @@ async fn main() -> anyhow::Result<()> {
     phases.push(run_phase("skewed, max", clients(), &args, Traffic::Skewed, None).await?);
     let half = phases[0].transfers_per_second / 2.0;
     eprintln!("uniform at half load ({half:.0}/s)…");
-    phases.push(run_phase("uniform, half load", clients(), &args, Traffic::Uniform, Some(half)).await?);
+    phases.push(
+        run_phase(
+            "uniform, half load",
+            clients(),
+            &args,
+            Traffic::Uniform,
+            Some(half),
+        )
+        .await?,
+    );
     eprintln!("killing the leader…");
     let failover_ms = measure_failover(&mut shard).await?;
 
-    println!("{:<22} {:>8} {:>12} {:>10} {:>9} {:>9} {:>9}", "phase", "clients", "transfers/s", "rejected", "p50 ms", "p99 ms", "p999 ms");
+    println!(
+        "{:<22} {:>8} {:>12} {:>10} {:>9} {:>9} {:>9}",
+        "phase", "clients", "transfers/s", "rejected", "p50 ms", "p99 ms", "p999 ms"
+    );
     for phase in &phases {
         println!(
             "{:<22} {:>8} {:>12.0} {:>10} {:>9.2} {:>9.2} {:>9.2}",
-            phase.phase, phase.clients, phase.transfers_per_second, phase.rejected, phase.p50_ms, phase.p99_ms, phase.p999_ms
+            phase.phase,
+            phase.clients,
+            phase.transfers_per_second,
+            phase.rejected,
+            phase.p50_ms,
+            phase.p99_ms,
+            phase.p999_ms
         );
     }
     println!("leader killed → next successful write: {failover_ms:.0} ms");
-    let report = Report { benchmark: "storage-single-shard", replicas: 3, accounts: args.accounts, phases, failover_ms };
+    let report = Report {
+        benchmark: "storage-single-shard",
+        replicas: 3,
+        accounts: args.accounts,
+        phases,
+        failover_ms,
+    };
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
     if let Some(path) = &args.json {

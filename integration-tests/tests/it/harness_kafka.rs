@@ -20,7 +20,10 @@ fn consumer(broker: &KafkaBroker, group: &str, topic: &str) -> StreamConsumer {
 }
 
 async fn receive(consumer: &StreamConsumer) -> (String, String) {
-    let message = tokio::time::timeout(RECEIVE_TIMEOUT, consumer.recv()).await.unwrap().unwrap();
+    let message = tokio::time::timeout(RECEIVE_TIMEOUT, consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
     let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
     let payload = String::from_utf8(message.payload().unwrap().to_vec()).unwrap();
     consumer.commit_message(&message, CommitMode::Sync).unwrap();
@@ -40,7 +43,10 @@ async fn produced_events_are_consumed_by_a_group_that_resumes_after_its_committe
     for seq in 1..=4 {
         let payload = format!("event-{seq}");
         let record = FutureRecord::to(&topic).key("shard-1").payload(&payload);
-        producer.send(record, Duration::from_secs(10)).await.unwrap();
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
     }
 
     let group = format!("{topic}.projector");

@@ -25,10 +25,12 @@ async fn a_service_that_exits_before_it_is_ready_is_an_error() {
 
 #[tokio::test]
 async fn a_killed_service_is_gone() {
-    let mut service =
-        ServiceProcess::spawn(Path::new("/bin/sh"), &shell("echo 'ready -'; exec sleep 30"))
-            .await
-            .unwrap();
+    let mut service = ServiceProcess::spawn(
+        Path::new("/bin/sh"),
+        &shell("echo 'ready -'; exec sleep 30"),
+    )
+    .await
+    .unwrap();
     let pid = service.pid();
     service.kill().await.unwrap();
     assert!(!Path::new(&format!("/proc/{pid}")).exists());

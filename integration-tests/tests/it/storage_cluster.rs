@@ -4,12 +4,15 @@
 use std::collections::HashMap;
 
 use futures::StreamExt;
-use integration_tests::storage::StorageShard;
+use integration_tests::group::Group;
 use proto::auticuro::v1 as pb;
 use proto::common::v1::Amount;
 
 fn command(request_id: &str, kind: pb::command::Kind) -> pb::Command {
-    pb::Command { request_id: request_id.into(), kind: Some(kind) }
+    pb::Command {
+        request_id: request_id.into(),
+        kind: Some(kind),
+    }
 }
 
 fn create(account_id: &str, no_lower_limit: bool) -> pb::command::Kind {
@@ -26,7 +29,9 @@ fn transfer(from: &str, to: &str, amount: i128) -> pb::command::Kind {
     pb::command::Kind::Transfer(pb::Transfer {
         from_account_id: from.into(),
         to_account_id: to.into(),
-        amount: Some(Amount { minor_units: amount.to_string() }),
+        amount: Some(Amount {
+            minor_units: amount.to_string(),
+        }),
         currency: "USD".into(),
         metadata: HashMap::new(),
     })
@@ -37,20 +42,29 @@ fn ok(result: &pb::CommandResult) -> bool {
 }
 
 /// Creates the funding account and `count` customer accounts, each funded with 1,000.
-async fn open_accounts(shard: &StorageShard, count: usize) -> Vec<String> {
-    assert!(ok(&shard.execute(command("create-funding", create("sys:funding:USD", true))).await.unwrap()));
+async fn open_accounts(shard: &Group, count: usize) -> Vec<String> {
+    assert!(ok(&shard
+        .execute(command("create-funding", create("sys:funding:USD", true)))
+        .await
+        .unwrap()));
     let mut accounts = Vec::new();
     for index in 0..count {
         let account = format!("user-{index}");
-        assert!(ok(&shard.execute(command(&format!("create-{index}"), create(&account, false))).await.unwrap()));
+        assert!(ok(&shard
+            .execute(command(&format!("create-{index}"), create(&account, false)))
+            .await
+            .unwrap()));
         let fund = transfer("sys:funding:USD", &account, 1_000);
-        assert!(ok(&shard.execute(command(&format!("fund-{index}"), fund)).await.unwrap()));
+        assert!(ok(&shard
+            .execute(command(&format!("fund-{index}"), fund))
+            .await
+            .unwrap()));
         accounts.push(account);
     }
     accounts
 }
 
-async fn balance(shard: &StorageShard, node_id: u64, account: &str) -> i128 {
+async fn balance(shard: &Group, node_id: u64, account: &str) -> i128 {
     let mut client = shard.ledger(node_id).await.unwrap();
     let request = pb::GetAccountRequest {
         account_id: account.into(),
@@ -58,16 +72,34 @@ async fn balance(shard: &StorageShard, node_id: u64, account: &str) -> i128 {
         min_seq: 0,
         wait_ms_max: 0,
     };
-    let reply = client.get_account(request).await.unwrap().into_inner().reply.unwrap();
-    let pb::get_account_response::Reply::Read(read) = reply else { panic!("unexpected {reply:?}") };
-    read.account.unwrap().balance.unwrap().minor_units.parse().unwrap()
+    let reply = client
+        .get_account(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    let pb::get_account_response::Reply::Read(read) = reply else {
+        panic!("unexpected {reply:?}")
+    };
+    read.account
+        .unwrap()
+        .balance
+        .unwrap()
+        .minor_units
+        .parse()
+        .unwrap()
 }
 
-async fn read_all_events(shard: &StorageShard, node_id: u64) -> Vec<pb::Event> {
+async fn read_all_events(shard: &Group, node_id: u64) -> Vec<pb::Event> {
     let mut client = shard.ledger(node_id).await.unwrap();
     let mut events = Vec::new();
     loop {
-        let request = pb::ReadEventsRequest { from_seq: events.len() as u64 + 1, to_seq: 0, limit: 1_000 };
+        let request = pb::ReadEventsRequest {
+            from_seq: events.len() as u64 + 1,
+            to_seq: 0,
+            limit: 1_000,
+        };
         let page = client.read_events(request).await.unwrap().into_inner();
         if page.events.is_empty() {
             return events;
@@ -78,19 +110,34 @@ async fn read_all_events(shard: &StorageShard, node_id: u64) -> Vec<pb::Event> {
 
 fn assert_gap_free(events: &[pb::Event]) {
     for (index, event) in events.iter().enumerate() {
-        assert_eq!(event.seq, index as u64 + 1, "events must be consecutive from 1");
+        assert_eq!(
+            event.seq,
+            index as u64 + 1,
+            "events must be consecutive from 1"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transfers_survive_a_leader_kill_with_nothing_lost_or_applied_twice() {
-    let shard = StorageShard::start(1, 3, &[]).await.unwrap();
+    let shard = Group::storage(1, 3, &[]).await.unwrap();
     let accounts = open_accounts(&shard, 8).await;
     let first_leader = shard.leader().await.unwrap();
-    let follower = shard.running().map(|replica| replica.node_id).find(|id| *id != first_leader).unwrap();
+    let follower = shard
+        .running()
+        .map(|replica| replica.node_id)
+        .find(|id| *id != first_leader)
+        .unwrap();
 
     // A live subscriber on a follower sees every event across the failover.
-    let mut stream = shard.ledger(follower).await.unwrap().subscribe(pb::SubscribeRequest { from_seq: 1 }).await.unwrap().into_inner();
+    let mut stream = shard
+        .ledger(follower)
+        .await
+        .unwrap()
+        .subscribe(pb::SubscribeRequest { from_seq: 1 })
+        .await
+        .unwrap()
+        .into_inner();
 
     // Each client moves 1 from one account to the next, 40 times, retrying unknown outcomes
     // with the same request id. The leader is killed once a quarter of the transfers are
@@ -100,7 +147,8 @@ async fn transfers_survive_a_leader_kill_with_nothing_lost_or_applied_twice() {
     let quarter_done = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut clients = Vec::new();
     for client in 0..accounts.len() {
-        let (shard, acknowledged, quarter_done) = (shard.clone(), acknowledged.clone(), quarter_done.clone());
+        let (shard, acknowledged, quarter_done) =
+            (shard.clone(), acknowledged.clone(), quarter_done.clone());
         let from = accounts[client].clone();
         let to = accounts[(client + 1) % accounts.len()].clone();
         clients.push(tokio::spawn(async move {
@@ -120,62 +168,123 @@ async fn transfers_survive_a_leader_kill_with_nothing_lost_or_applied_twice() {
     for client in clients {
         client.await.unwrap();
     }
-    assert!(acknowledged_at_kill < 8 * 40, "the leader died while transfers were in flight");
-    assert_eq!(acknowledged.load(std::sync::atomic::Ordering::SeqCst), 8 * 40);
+    assert!(
+        acknowledged_at_kill < 8 * 40,
+        "the leader died while transfers were in flight"
+    );
+    assert_eq!(
+        acknowledged.load(std::sync::atomic::Ordering::SeqCst),
+        8 * 40
+    );
 
     let shard = shard.read().await;
     let new_leader = shard.leader().await.unwrap();
     assert_ne!(new_leader, first_leader);
     // A ring of equal transfers leaves every balance where it started: none lost, none doubled.
     for account in &accounts {
-        assert_eq!(balance(&shard, new_leader, account).await, 1_000, "{account}");
+        assert_eq!(
+            balance(&shard, new_leader, account).await,
+            1_000,
+            "{account}"
+        );
     }
     // 1 funding account + 8 × (create, fund) + 320 transfers.
     let expected_seq = 1 + 8 * 2 + 320;
     let digests = shard.digests_at(expected_seq).await.unwrap();
-    assert!(digests.iter().all(|digest| digest.applied_seq == expected_seq));
-    assert!(digests.windows(2).all(|pair| pair[0].digest == pair[1].digest));
+    assert!(
+        digests
+            .iter()
+            .all(|digest| digest.applied_seq == expected_seq)
+    );
+    assert!(
+        digests
+            .windows(2)
+            .all(|pair| pair[0].digest == pair[1].digest)
+    );
 
     let mut seen = Vec::new();
     while (seen.len() as u64) < expected_seq {
         seen.push(stream.next().await.unwrap().unwrap());
     }
     assert_gap_free(&seen);
-    let transfers = seen.iter().filter(|event| event.request_id.starts_with("pay-")).count();
+    let transfers = seen
+        .iter()
+        .filter(|event| event.request_id.starts_with("pay-"))
+        .count();
     assert_eq!(transfers, 320, "every transfer has exactly one event");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
-    let args = ["--snapshot-after-logs", "20", "--logs-kept-after-snapshot", "0"];
-    let mut shard = StorageShard::start(2, 3, &args).await.unwrap();
+    let args = [
+        "--snapshot-after-logs",
+        "20",
+        "--logs-kept-after-snapshot",
+        "0",
+    ];
+    let mut shard = Group::storage(2, 3, &args).await.unwrap();
     let accounts = open_accounts(&shard, 4).await;
     for step in 0..100 {
         let from = &accounts[step % 4];
         let to = &accounts[(step + 1) % 4];
-        assert!(ok(&shard.execute(command(&format!("t-{step}"), transfer(from, to, 3))).await.unwrap()));
+        assert!(ok(&shard
+            .execute(command(&format!("t-{step}"), transfer(from, to, 3)))
+            .await
+            .unwrap()));
     }
     let leader = shard.leader().await.unwrap();
-    let lost = shard.running().map(|replica| replica.node_id).find(|id| *id != leader).unwrap();
+    let lost = shard
+        .running()
+        .map(|replica| replica.node_id)
+        .find(|id| *id != leader)
+        .unwrap();
     shard.kill(lost).await.unwrap();
     let mut admin = shard.admin(leader).await.unwrap();
-    admin.remove_node(proto::raft::v1::RemoveNodeRequest { node_id: lost }).await.unwrap();
+    admin
+        .remove_node(proto::raft::v1::RemoveNodeRequest { node_id: lost })
+        .await
+        .unwrap();
     // The leader's log was compacted behind a snapshot, so a new replica must install it.
-    admin.trigger_snapshot(proto::raft::v1::TriggerSnapshotRequest {}).await.unwrap();
+    admin
+        .trigger_snapshot(proto::raft::v1::TriggerSnapshotRequest {})
+        .await
+        .unwrap();
     let status = shard.status(leader).await.unwrap();
     assert!(status.snapshot_index.is_some());
 
     // A brand-new replica (a new node id: ids are never reused) joins with an empty disk.
     let address = shard.add_process(4).await.unwrap().address.clone();
-    let node = proto::raft::v1::Node { node_id: 4, address };
-    admin.add_learner(proto::raft::v1::AddLearnerRequest { node: Some(node), wait_caught_up: true }).await.unwrap();
+    let node = proto::raft::v1::Node {
+        node_id: 4,
+        address,
+    };
+    admin
+        .add_learner(proto::raft::v1::AddLearnerRequest {
+            node: Some(node),
+            wait_caught_up: true,
+        })
+        .await
+        .unwrap();
     let voters: Vec<u64> = shard.running().map(|replica| replica.node_id).collect();
-    admin.change_membership(proto::raft::v1::ChangeMembershipRequest { voter_ids: voters, retain_as_learners: false }).await.unwrap();
+    admin
+        .change_membership(proto::raft::v1::ChangeMembershipRequest {
+            voter_ids: voters,
+            retain_as_learners: false,
+        })
+        .await
+        .unwrap();
 
     let expected_seq = 1 + 4 * 2 + 100;
     let digests = shard.digests_at(expected_seq).await.unwrap();
-    assert!(shard.status(4).await.unwrap().snapshot_index.is_some(), "node 4 installed a snapshot");
-    assert!(digests.windows(2).all(|pair| pair[0].digest == pair[1].digest));
+    assert!(
+        shard.status(4).await.unwrap().snapshot_index.is_some(),
+        "node 4 installed a snapshot"
+    );
+    assert!(
+        digests
+            .windows(2)
+            .all(|pair| pair[0].digest == pair[1].digest)
+    );
     let events = read_all_events(&shard, 4).await;
     assert_eq!(events.len() as u64, expected_seq);
     assert_gap_free(&events);
@@ -183,9 +292,12 @@ async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_whole_shard_restart_keeps_every_balance_and_event() {
-    let mut shard = StorageShard::start(3, 3, &[]).await.unwrap();
+    let mut shard = Group::storage(3, 3, &[]).await.unwrap();
     let accounts = open_accounts(&shard, 3).await;
-    assert!(ok(&shard.execute(command("move", transfer(&accounts[0], &accounts[1], 250))).await.unwrap()));
+    assert!(ok(&shard
+        .execute(command("move", transfer(&accounts[0], &accounts[1], 250)))
+        .await
+        .unwrap()));
     let before = shard.digests_at(1 + 3 * 2 + 1).await.unwrap();
     for node_id in 1..=3 {
         shard.kill(node_id).await.unwrap();
@@ -199,7 +311,10 @@ async fn a_whole_shard_restart_keeps_every_balance_and_event() {
     let after = shard.digests_at(before[0].applied_seq).await.unwrap();
     assert!(after.iter().all(|digest| digest.digest == before[0].digest));
     // A retry of a command from before the restart is still recognised.
-    let retry = shard.execute(command("move", transfer(&accounts[0], &accounts[1], 250))).await.unwrap();
+    let retry = shard
+        .execute(command("move", transfer(&accounts[0], &accounts[1], 250)))
+        .await
+        .unwrap();
     assert!(retry.duplicate);
     assert_eq!(balance(&shard, leader, &accounts[0]).await, 750);
     assert_gap_free(&read_all_events(&shard, leader).await);
@@ -207,27 +322,53 @@ async fn a_whole_shard_restart_keeps_every_balance_and_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_is_rejected_with_a_typed_outcome_and_no_event() {
-    let shard = StorageShard::start(4, 3, &[]).await.unwrap();
+    let shard = Group::storage(4, 3, &[]).await.unwrap();
     let accounts = open_accounts(&shard, 2).await;
     let seq_before = shard.digests_at(5).await.unwrap()[0].applied_seq;
     let cases = [
-        (transfer("bad id!", &accounts[1], 1), pb::Outcome::InvalidAccountId),
-        (transfer(&accounts[0], &accounts[1], 0), pb::Outcome::InvalidAmount),
-        (transfer(&accounts[0], &accounts[1], -3), pb::Outcome::InvalidAmount),
-        (transfer(&accounts[0], &accounts[0], 3), pb::Outcome::SelfTransfer),
-        (transfer(&accounts[0], "nobody", 3), pb::Outcome::AccountNotFound),
-        (transfer(&accounts[0], &accounts[1], 5_000), pb::Outcome::InsufficientFunds),
+        (
+            transfer("bad id!", &accounts[1], 1),
+            pb::Outcome::InvalidAccountId,
+        ),
+        (
+            transfer(&accounts[0], &accounts[1], 0),
+            pb::Outcome::InvalidAmount,
+        ),
+        (
+            transfer(&accounts[0], &accounts[1], -3),
+            pb::Outcome::InvalidAmount,
+        ),
+        (
+            transfer(&accounts[0], &accounts[0], 3),
+            pb::Outcome::SelfTransfer,
+        ),
+        (
+            transfer(&accounts[0], "nobody", 3),
+            pb::Outcome::AccountNotFound,
+        ),
+        (
+            transfer(&accounts[0], &accounts[1], 5_000),
+            pb::Outcome::InsufficientFunds,
+        ),
     ];
     for (index, (kind, outcome)) in cases.into_iter().enumerate() {
-        let result = shard.execute(command(&format!("bad-{index}"), kind)).await.unwrap();
+        let result = shard
+            .execute(command(&format!("bad-{index}"), kind))
+            .await
+            .unwrap();
         assert_eq!(result.outcome, outcome as i32, "case {index}");
         assert_eq!(result.seq, 0);
     }
     let mut too_precise = command("bad-amount", transfer(&accounts[0], &accounts[1], 1));
     if let Some(pb::command::Kind::Transfer(transfer)) = &mut too_precise.kind {
-        transfer.amount = Some(Amount { minor_units: "1.005".into() });
+        transfer.amount = Some(Amount {
+            minor_units: "1.005".into(),
+        });
     }
-    assert_eq!(shard.execute(too_precise).await.unwrap().outcome, pb::Outcome::InvalidAmount as i32);
+    assert_eq!(
+        shard.execute(too_precise).await.unwrap().outcome,
+        pb::Outcome::InvalidAmount as i32
+    );
     let leader = shard.leader().await.unwrap();
     assert_eq!(shard.digest(leader).await.unwrap().applied_seq, seq_before);
     assert_eq!(balance(&shard, leader, &accounts[0]).await, 1_000);
@@ -235,13 +376,21 @@ async fn bad_input_is_rejected_with_a_typed_outcome_and_no_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_export_prometheus_metrics_on_their_grpc_port() {
-    let mut shard = StorageShard::start(5, 3, &[]).await.unwrap();
+    let mut shard = Group::storage(5, 3, &[]).await.unwrap();
     let accounts = open_accounts(&shard, 2).await;
-    let rejected = shard.execute(command("too-much", transfer(&accounts[0], &accounts[1], 5_000))).await.unwrap();
+    let rejected = shard
+        .execute(command(
+            "too-much",
+            transfer(&accounts[0], &accounts[1], 5_000),
+        ))
+        .await
+        .unwrap();
     assert_eq!(rejected.outcome, pb::Outcome::InsufficientFunds as i32);
     let leader = shard.leader().await.unwrap();
     let address = shard.replica(leader).address.clone();
-    let (status, body) = integration_tests::http_get(&address, "/metrics").await.unwrap();
+    let (status, body) = integration_tests::http_get(&address, "/metrics")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     for expected in [
         r#"auticuro_commands_total{kind="transfer",outcome="Ok"} 2"#,
@@ -259,8 +408,14 @@ async fn replicas_export_prometheus_metrics_on_their_grpc_port() {
 async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("auticuro.toml");
-    std::fs::write(&config, "dedup_retention_hours = 0\ndedup_prune_interval_seconds = 1\n").unwrap();
-    let shard = StorageShard::start(6, 3, &["--config", config.to_str().unwrap()]).await.unwrap();
+    std::fs::write(
+        &config,
+        "dedup_retention_hours = 0\ndedup_prune_interval_seconds = 1\n",
+    )
+    .unwrap();
+    let shard = Group::storage(6, 3, &["--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
     let accounts = open_accounts(&shard, 2).await;
     let pay = || command("pay-once", transfer(&accounts[0], &accounts[1], 10));
     let first = shard.execute(pay()).await.unwrap();
@@ -270,16 +425,29 @@ async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file
     // every replica's log.
     let leader = shard.leader().await.unwrap();
     let mut client = shard.ledger(leader).await.unwrap();
-    let read = pb::ReadEventsRequest { from_seq: first.seq, to_seq: first.seq, limit: 1 };
+    let read = pb::ReadEventsRequest {
+        from_seq: first.seq,
+        to_seq: first.seq,
+        limit: 1,
+    };
     let paid_at = client.read_events(read).await.unwrap().into_inner().events[0].timestamp_ms;
-    let mut events = client.subscribe(pb::SubscribeRequest { from_seq: first.seq + 1 }).await.unwrap().into_inner();
+    let mut events = client
+        .subscribe(pb::SubscribeRequest {
+            from_seq: first.seq + 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let prune = loop {
         let event = events.next().await.unwrap().unwrap();
         if event.request_id.starts_with("sys:prune-dedup:") && event.timestamp_ms > paid_at {
             break event;
         }
     };
-    assert!(matches!(prune.command.unwrap().kind, Some(pb::command::Kind::PruneDedup(_))));
+    assert!(matches!(
+        prune.command.unwrap().kind,
+        Some(pb::command::Kind::PruneDedup(_))
+    ));
 
     // With its record pruned, the same request id is a new command again.
     let again = shard.execute(pay()).await.unwrap();
@@ -290,10 +458,14 @@ async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_are_linearizable_on_the_leader_and_bounded_by_min_seq_on_followers() {
-    let shard = StorageShard::start(7, 3, &[]).await.unwrap();
+    let shard = Group::storage(7, 3, &[]).await.unwrap();
     let accounts = open_accounts(&shard, 1).await;
     let leader = shard.leader().await.unwrap();
-    let follower = shard.running().map(|replica| replica.node_id).find(|id| *id != leader).unwrap();
+    let follower = shard
+        .running()
+        .map(|replica| replica.node_id)
+        .find(|id| *id != leader)
+        .unwrap();
     let read = |consistency: pb::ReadConsistency, min_seq: u64| pb::GetAccountRequest {
         account_id: accounts[0].clone(),
         consistency: consistency as i32,
@@ -303,22 +475,66 @@ async fn reads_are_linearizable_on_the_leader_and_bounded_by_min_seq_on_follower
 
     // A follower sends linearizable reads to the leader with a typed redirect.
     let mut on_follower = shard.ledger(follower).await.unwrap();
-    let reply = on_follower.get_account(read(pb::ReadConsistency::Linearizable, 0)).await.unwrap().into_inner().reply.unwrap();
-    let pb::get_account_response::Reply::Redirect(redirect) = reply else { panic!("expected a redirect, got {reply:?}") };
+    let reply = on_follower
+        .get_account(read(pb::ReadConsistency::Linearizable, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    let pb::get_account_response::Reply::Redirect(redirect) = reply else {
+        panic!("expected a redirect, got {reply:?}")
+    };
     assert_eq!(redirect.leader_node_id, Some(leader));
-    assert_eq!(redirect.leader_address.as_deref(), Some(shard.replicas.iter().find(|r| r.node_id == leader).unwrap().address.as_str()));
+    assert_eq!(
+        redirect.leader_address.as_deref(),
+        Some(
+            shard
+                .replicas
+                .iter()
+                .find(|r| r.node_id == leader)
+                .unwrap()
+                .address
+                .as_str()
+        )
+    );
 
     // The leader answers it, with what it has applied.
     let mut on_leader = shard.ledger(leader).await.unwrap();
-    let reply = on_leader.get_account(read(pb::ReadConsistency::Linearizable, 0)).await.unwrap().into_inner().reply.unwrap();
-    let pb::get_account_response::Reply::Read(account_read) = reply else { panic!("expected a read, got {reply:?}") };
+    let reply = on_leader
+        .get_account(read(pb::ReadConsistency::Linearizable, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    let pb::get_account_response::Reply::Read(account_read) = reply else {
+        panic!("expected a read, got {reply:?}")
+    };
     assert_eq!(account_read.applied_seq, 3);
     assert_eq!(account_read.account.unwrap().version, 2);
 
     // A follower serves a min_seq read once it has applied that seq, and says so when it has not.
-    let reply = on_follower.get_account(read(pb::ReadConsistency::MinSeq, 3)).await.unwrap().into_inner().reply.unwrap();
-    assert!(matches!(reply, pb::get_account_response::Reply::Read(_)), "{reply:?}");
-    let reply = on_follower.get_account(read(pb::ReadConsistency::MinSeq, 99)).await.unwrap().into_inner().reply.unwrap();
-    let pb::get_account_response::Reply::NotCaughtUp(lag) = reply else { panic!("expected NotCaughtUp, got {reply:?}") };
+    let reply = on_follower
+        .get_account(read(pb::ReadConsistency::MinSeq, 3))
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    assert!(
+        matches!(reply, pb::get_account_response::Reply::Read(_)),
+        "{reply:?}"
+    );
+    let reply = on_follower
+        .get_account(read(pb::ReadConsistency::MinSeq, 99))
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    let pb::get_account_response::Reply::NotCaughtUp(lag) = reply else {
+        panic!("expected NotCaughtUp, got {reply:?}")
+    };
     assert_eq!((lag.applied_seq, lag.min_seq), (3, 99));
 }

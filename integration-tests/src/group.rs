@@ -1,0 +1,376 @@
+//! A Raft group of real service processes on loopback (a storage shard of `auticuro`
+//! replicas, or a coordinator shard of `marker` replicas): start, kill, restart, add replicas,
+//! find the leader, compare digests; for storage shards, a client that follows leader redirects
+//! and retries with the same request id (so a retry is always safe).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use auticuro::client::ShardClient;
+use proto::auticuro::v1 as pb;
+use proto::auticuro::v1::ledger_client::LedgerClient;
+use proto::raft::v1 as raft;
+use proto::raft::v1::raft_admin_client::RaftAdminClient;
+use tonic::transport::Channel;
+
+use crate::process::{ServiceProcess, fresh_data_dir, workspace_binary};
+use crate::{HarnessError, Result};
+
+/// How long a cluster operation (an election, a catch-up) may take before the test fails.
+pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Replica {
+    pub node_id: u64,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub process: Option<ServiceProcess>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Group {
+    pub shard_id: u32,
+    pub replicas: Vec<Replica>,
+    binary: &'static str,
+    /// What every replica of the group is started with besides node id, address and data dir.
+    group_args: Vec<String>,
+    /// Storage shards only: the ledger client.
+    client: Option<ShardClient>,
+}
+
+fn setup_error(what: &str) -> impl FnOnce(tonic::Status) -> HarnessError + '_ {
+    move |status| HarnessError::Setup(format!("{what}: {status}"))
+}
+
+async fn spawn_replica(
+    binary: &str,
+    group_args: &[String],
+    node_id: u64,
+    listen: &str,
+    data_dir: &std::path::Path,
+) -> Result<ServiceProcess> {
+    let mut args = vec![
+        "--node-id".to_string(),
+        node_id.to_string(),
+        "--listen".into(),
+        listen.to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+    ];
+    args.extend_from_slice(group_args);
+    ServiceProcess::spawn(&workspace_binary(binary), &args).await
+}
+
+impl Group {
+    /// A storage shard of `size` `auticuro` replicas (node ids 1..=size), initialized.
+    pub async fn storage(shard_id: u32, size: u64, extra_args: &[&str]) -> Result<Group> {
+        let mut group_args = vec!["--shard-id".to_string(), shard_id.to_string()];
+        group_args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        Group::start("auticuro", shard_id, size, group_args).await
+    }
+
+    /// A coordinator shard of `size` `marker` replicas over the given storage shards.
+    pub async fn coordinator(
+        coordinator_shard_id: u32,
+        size: u64,
+        storage: &[&Group],
+        extra_args: &[&str],
+    ) -> Result<Group> {
+        let mut group_args = vec![
+            "--coordinator-shard-id".to_string(),
+            coordinator_shard_id.to_string(),
+        ];
+        for shard in storage {
+            let addresses: Vec<&str> = shard
+                .replicas
+                .iter()
+                .map(|replica| replica.address.as_str())
+                .collect();
+            group_args.push("--storage-shard".into());
+            group_args.push(format!("{}={}", shard.shard_id, addresses.join(",")));
+        }
+        group_args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        Group::start("marker", coordinator_shard_id, size, group_args).await
+    }
+
+    async fn start(
+        binary: &'static str,
+        shard_id: u32,
+        size: u64,
+        group_args: Vec<String>,
+    ) -> Result<Group> {
+        let mut shard = Group {
+            shard_id,
+            replicas: Vec::new(),
+            binary,
+            group_args,
+            client: None,
+        };
+        for node_id in 1..=size {
+            shard.add_process(node_id).await?;
+        }
+        let members = shard
+            .replicas
+            .iter()
+            .map(|replica| raft::Node {
+                node_id: replica.node_id,
+                address: replica.address.clone(),
+            })
+            .collect();
+        shard
+            .admin(1)
+            .await?
+            .initialize(raft::InitializeRequest { members })
+            .await
+            .map_err(setup_error("initialize"))?;
+        shard.leader().await?;
+        Ok(shard)
+    }
+
+    /// Starts a new replica process with an empty data directory (not yet a member).
+    pub async fn add_process(&mut self, node_id: u64) -> Result<&Replica> {
+        let dir = fresh_data_dir(&format!("wallet-{}-", self.binary))?;
+        let data_dir = dir.path().join("replica");
+        let process = spawn_replica(
+            self.binary,
+            &self.group_args,
+            node_id,
+            "127.0.0.1:0",
+            &data_dir,
+        )
+        .await?;
+        let address = process.address().to_string();
+        self.replicas.push(Replica {
+            node_id,
+            address,
+            data_dir,
+            process: Some(process),
+            _dir: dir,
+        });
+        self.refresh_client();
+        Ok(self.replicas.last().expect("just pushed"))
+    }
+
+    pub fn replica(&mut self, node_id: u64) -> &mut Replica {
+        self.replicas
+            .iter_mut()
+            .find(|replica| replica.node_id == node_id)
+            .expect("a replica of this shard")
+    }
+
+    /// `kill -9` of one replica.
+    pub async fn kill(&mut self, node_id: u64) -> Result<()> {
+        if let Some(mut process) = self.replica(node_id).process.take() {
+            process.kill().await?;
+        }
+        self.refresh_client();
+        Ok(())
+    }
+
+    /// Restarts a killed replica on its old address and data directory.
+    pub async fn restart(&mut self, node_id: u64) -> Result<()> {
+        let (binary, group_args) = (self.binary, self.group_args.clone());
+        let replica = self.replica(node_id);
+        let process = spawn_replica(
+            binary,
+            &group_args,
+            node_id,
+            &replica.address,
+            &replica.data_dir,
+        )
+        .await?;
+        replica.process = Some(process);
+        self.refresh_client();
+        Ok(())
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas
+            .iter()
+            .filter(|replica| replica.process.is_some())
+    }
+
+    /// Points the shard client at the running replicas.
+    fn refresh_client(&mut self) {
+        let running: Vec<String> = self
+            .running()
+            .map(|replica| replica.address.clone())
+            .collect();
+        if running.is_empty() || self.binary != "auticuro" {
+            return;
+        }
+        match &self.client {
+            Some(client) => client.set_replicas(running),
+            None => self.client = Some(ShardClient::new(self.shard_id, running)),
+        }
+    }
+
+    fn client(&self) -> &ShardClient {
+        self.client
+            .as_ref()
+            .expect("a storage shard with a running replica has a client")
+    }
+
+    /// A lazily connecting channel to one address.
+    pub async fn channel(&self, address: &str) -> Result<Channel> {
+        match &self.client {
+            Some(client) => client.channel(address).map_err(HarnessError::Setup),
+            None => auticuro::client::channel(address)
+                .map_err(|error| HarnessError::Setup(error.to_string())),
+        }
+    }
+
+    fn address(&self, node_id: u64) -> &str {
+        &self
+            .replicas
+            .iter()
+            .find(|replica| replica.node_id == node_id)
+            .expect("a replica")
+            .address
+    }
+
+    pub async fn admin(&self, node_id: u64) -> Result<RaftAdminClient<Channel>> {
+        Ok(RaftAdminClient::new(
+            self.channel(self.address(node_id)).await?,
+        ))
+    }
+
+    pub async fn ledger(&self, node_id: u64) -> Result<LedgerClient<Channel>> {
+        Ok(LedgerClient::new(
+            self.channel(self.address(node_id)).await?,
+        ))
+    }
+
+    /// Waits until the running replicas agree on one leader among them; returns its node id.
+    pub async fn leader(&self) -> Result<u64> {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let mut seen = Vec::new();
+            for replica in self.running() {
+                if let Ok(status) = self.status(replica.node_id).await {
+                    seen.push(status.leader_node_id);
+                }
+            }
+            let running: Vec<u64> = self.running().map(|replica| replica.node_id).collect();
+            if let Some(Some(leader)) = seen.first()
+                && seen.len() == running.len()
+                && seen.iter().all(|candidate| *candidate == Some(*leader))
+                && running.contains(leader)
+            {
+                return Ok(*leader);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Setup(format!("no agreed leader: {seen:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn status(&self, node_id: u64) -> Result<raft::StatusResponse> {
+        let mut admin = self.admin(node_id).await?;
+        Ok(admin
+            .status(raft::StatusRequest {})
+            .await
+            .map_err(setup_error("status"))?
+            .into_inner())
+    }
+
+    pub async fn digest(&self, node_id: u64) -> Result<raft::DigestResponse> {
+        let mut admin = self.admin(node_id).await?;
+        Ok(admin
+            .digest(raft::DigestRequest {})
+            .await
+            .map_err(setup_error("digest"))?
+            .into_inner())
+    }
+
+    /// Waits until every running replica has applied `seq`; returns their digests.
+    pub async fn digests_at(&self, seq: u64) -> Result<Vec<raft::DigestResponse>> {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let mut digests = Vec::new();
+            for replica in self.running() {
+                digests.push(self.digest(replica.node_id).await?);
+            }
+            if digests.iter().all(|digest| digest.applied_seq >= seq) {
+                return Ok(digests);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Setup(format!(
+                    "replicas did not reach seq {seq}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Executes a command on the leader, following redirects and retrying unknown outcomes
+    /// (transport errors, unavailability) with the same request id until there is an answer.
+    pub async fn execute(&self, command: pb::Command) -> Result<pb::CommandResult> {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        self.client()
+            .execute(command, deadline)
+            .await
+            .map_err(|unknown| HarnessError::Setup(unknown.to_string()))
+    }
+}
+
+/// An account id starting with `prefix` that the slot table over `shard_ids` places on `shard_id`.
+pub fn account_on(shard_id: u32, prefix: &str, shard_ids: &[u32]) -> String {
+    let table = auticuro::routing::SlotTable::uniform(shard_ids);
+    (0..)
+        .map(|n| format!("{prefix}-{n}"))
+        .find(|id| {
+            table.shard_of(&auticuro::ledger::AccountId::parse(id).expect("a valid id")) == shard_id
+        })
+        .expect("some id lands on every shard")
+}
+
+impl Group {
+    /// Every account of a storage shard as its event log leaves it (the last state each event
+    /// reported), read from the leader.
+    pub async fn accounts(&self) -> Result<std::collections::BTreeMap<String, pb::Account>> {
+        let leader = self.leader().await?;
+        let mut client = self.ledger(leader).await?;
+        let mut accounts = std::collections::BTreeMap::new();
+        let mut from_seq = 1;
+        loop {
+            let request = pb::ReadEventsRequest {
+                from_seq,
+                to_seq: 0,
+                limit: 1_000,
+            };
+            let page = client
+                .read_events(request)
+                .await
+                .map_err(setup_error("read events"))?
+                .into_inner();
+            let Some(last) = page.events.last() else {
+                return Ok(accounts);
+            };
+            from_seq = last.seq + 1;
+            for event in page.events {
+                for account in event.accounts {
+                    accounts.insert(account.account_id.clone(), account);
+                }
+            }
+        }
+    }
+
+    /// The two-phase state of a transaction on this storage shard (linearizable, on the leader).
+    pub async fn transaction_legs(&self, txn_id: &str) -> Result<pb::TransactionLegs> {
+        let leader = self.leader().await?;
+        let request = pb::GetTransactionLegsRequest {
+            txn_id: txn_id.to_string(),
+        };
+        let reply = self
+            .ledger(leader)
+            .await?
+            .get_transaction_legs(request)
+            .await
+            .map_err(setup_error("legs"))?;
+        match reply.into_inner().reply {
+            Some(pb::get_transaction_legs_response::Reply::Legs(legs)) => Ok(legs),
+            other => Err(HarnessError::Setup(format!("unexpected {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The coordinator as a Raft application: applies `Begin`, `Decide` and `Done` through
+//! `saga::Coordinator`, persists each changed transaction and its lifecycle event.
+
+use consensus::{App, AppStore, Error, Writes, decode, encode, event_log};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::saga::{
+    Coordinator, CoordinatorCommand, CoordinatorResponse, CoordinatorState, LifecycleEvent,
+    Transaction,
+};
+
+const TRANSACTIONS: &str = "coordinator_transactions";
+const META: &str = "coordinator_meta";
+const LAST_SEQ: &[u8] = b"last_seq";
+
+#[derive(Serialize, Deserialize)]
+struct CoordinatorSnapshot {
+    state: CoordinatorState,
+    events: Vec<LifecycleEvent>,
+}
+
+pub struct CoordinatorMachine {
+    coordinator: Coordinator,
+    applied_seq: watch::Sender<u64>,
+}
+
+impl CoordinatorMachine {
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// Watches the last applied (and persisted) lifecycle seq.
+    pub fn subscribe_applied_seq(&self) -> watch::Receiver<u64> {
+        self.applied_seq.subscribe()
+    }
+
+    fn write_transaction(transaction: &Transaction, writes: &mut Writes<'_>) {
+        writes.put(
+            TRANSACTIONS,
+            transaction.txn_id.as_str().as_bytes(),
+            &encode(transaction),
+        );
+    }
+}
+
+impl App for CoordinatorMachine {
+    type Request = CoordinatorCommand;
+    type Response = CoordinatorResponse;
+
+    const COLUMN_FAMILIES: &'static [&'static str] = &[TRANSACTIONS, META, event_log::EVENTS];
+
+    fn load(store: &AppStore) -> Result<Self, Error> {
+        let last_seq = match store.get(META, LAST_SEQ)? {
+            Some(bytes) => decode("last seq", &bytes)?,
+            None => 0,
+        };
+        let transactions = store
+            .scan_from(TRANSACTIONS, &[], usize::MAX)?
+            .iter()
+            .map(|(_, value)| decode("transaction", value))
+            .collect::<Result<_, Error>>()?;
+        let coordinator = Coordinator::import(CoordinatorState {
+            last_seq,
+            transactions,
+        });
+        let (applied_seq, _) = watch::channel(last_seq);
+        Ok(CoordinatorMachine {
+            coordinator,
+            applied_seq,
+        })
+    }
+
+    fn apply(
+        &mut self,
+        command: &CoordinatorCommand,
+        timestamp_ms: i64,
+        writes: &mut Writes<'_>,
+    ) -> CoordinatorResponse {
+        let (response, event) = self.coordinator.apply(command, timestamp_ms);
+        if let Some(event) = event {
+            Self::write_transaction(&event.transaction, writes);
+            event_log::append(writes, event.seq, &event);
+            writes.put(META, LAST_SEQ, &encode(&event.seq));
+        }
+        response
+    }
+
+    fn persisted(&mut self) {
+        self.applied_seq.send_replace(self.coordinator.last_seq());
+    }
+
+    fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error> {
+        let events = event_log::read(store, 1, u64::MAX, usize::MAX)?
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect();
+        Ok(encode(&CoordinatorSnapshot {
+            state: self.coordinator.export(),
+            events,
+        }))
+    }
+
+    fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
+        let snapshot: CoordinatorSnapshot = decode("coordinator snapshot", snapshot)?;
+        for transaction in &snapshot.state.transactions {
+            Self::write_transaction(transaction, writes);
+        }
+        for event in &snapshot.events {
+            event_log::append(writes, event.seq, event);
+        }
+        writes.put(META, LAST_SEQ, &encode(&snapshot.state.last_seq));
+        self.coordinator = Coordinator::import(snapshot.state);
+        Ok(())
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        self.coordinator.digest()
+    }
+
+    fn applied_seq(&self) -> u64 {
+        self.coordinator.last_seq()
+    }
+}

@@ -1,0 +1,51 @@
+//! `marker`: one replica of one coordinator shard.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "One replica of a wallet coordinator shard")]
+struct Args {
+    /// The coordinator shard (Raft group) this replica belongs to.
+    #[arg(long, env = "MARKER_COORDINATOR_SHARD_ID")]
+    coordinator_shard_id: u32,
+    /// This replica's node id; never reuse one for a different replica.
+    #[arg(long, env = "MARKER_NODE_ID")]
+    node_id: u64,
+    /// Address for gRPC and `/metrics` (port 0 picks a free port; the ready line says which).
+    #[arg(long, env = "MARKER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    #[arg(long, env = "MARKER_DATA_DIR")]
+    data_dir: PathBuf,
+    /// A storage shard and its replicas, `ID=ADDRESS,ADDRESS,…`; once per shard.
+    #[arg(long = "storage-shard", required = true, value_parser = auticuro::client::parse_shard_spec)]
+    storage_shards: Vec<(u32, Vec<String>)>,
+    /// How long reservations may take before a transaction is aborted, in milliseconds.
+    #[arg(long, env = "MARKER_RESERVE_TIMEOUT_MS", default_value_t = 10_000)]
+    reserve_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let replica = marker::server::start(marker::server::CoordinatorOptions {
+        coordinator_shard_id: args.coordinator_shard_id,
+        node_id: args.node_id,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        storage_shards: args.storage_shards.into_iter().collect(),
+        reserve_timeout: Duration::from_millis(args.reserve_timeout_ms),
+    })
+    .await?;
+    println!("ready {}", replica.address);
+    replica.serve.await
+}

@@ -1,0 +1,81 @@
+//! Starts one coordinator replica: the Raft group with the coordinator machine, the driver that
+//! carries in-flight transactions, and the `Coordinator` and `CoordinatorAdmin` services.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use auticuro::client::StorageShards;
+use auticuro::ledger::Owner;
+use consensus::{Group, GroupOptions};
+use proto::marker::v1::coordinator_admin_server::CoordinatorAdminServer;
+use proto::marker::v1::coordinator_server::CoordinatorServer;
+
+use crate::driver::Driver;
+use crate::machine::CoordinatorMachine;
+use crate::service::CoordinatorService;
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorOptions {
+    pub coordinator_shard_id: u32,
+    pub node_id: u64,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Every storage shard with its replica addresses.
+    pub storage_shards: BTreeMap<u32, Vec<String>>,
+    /// How long reservations may take before a transaction is aborted.
+    pub reserve_timeout: Duration,
+}
+
+pub struct Replica {
+    pub address: SocketAddr,
+    pub serve: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>,
+}
+
+pub async fn start(options: CoordinatorOptions) -> anyhow::Result<Replica> {
+    anyhow::ensure!(
+        !options.storage_shards.is_empty(),
+        "at least one storage shard is required"
+    );
+    let group = Group::<CoordinatorMachine>::start(&GroupOptions {
+        kind: "marker",
+        group_id: options.coordinator_shard_id,
+        node_id: options.node_id,
+        data_dir: options.data_dir.clone(),
+        snapshot_after_logs: 20_000,
+        logs_kept_after_snapshot: 1_000,
+    })
+    .await?;
+    // The epoch fences a removed coordinator once the topology service assigns epochs.
+    let owner = Owner {
+        coordinator_shard_id: options.coordinator_shard_id,
+        epoch: 1,
+    };
+    let storage = Arc::new(StorageShards::new(options.storage_shards.clone()));
+    let raft = group.raft.clone();
+    let driver = Driver::new(
+        owner,
+        raft.clone(),
+        group.machine.clone(),
+        group.proposer.clone(),
+        storage,
+    );
+    tokio::spawn(driver.clone().resume_on_leadership());
+    let service = CoordinatorService {
+        coordinator_shard_id: options.coordinator_shard_id,
+        driver,
+        reserve_timeout: options.reserve_timeout,
+    };
+    let routes = group
+        .routes()
+        .await?
+        .add_service(CoordinatorServer::new(service.clone()))
+        .add_service(CoordinatorAdminServer::new(service));
+    let (address, serving) = consensus::serve(options.listen, routes, raft).await?;
+    Ok(Replica {
+        address,
+        serve: Box::pin(serving),
+    })
+}

@@ -1,0 +1,540 @@
+//! `wallet.marker.v1.Coordinator` and `CoordinatorAdmin`: submit, read and watch transactions,
+//! answer stale-hold questions, and the operator's view of in-flight work.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use auticuro::convert;
+use auticuro::ledger::{Outcome, TxnId, state::check_transaction_legs};
+use consensus::{ProposeError, event_log, now_ms};
+use futures::Stream;
+use proto::common::v1::{ConsistencyToken, Redirect, ShardSeq};
+use proto::marker::v1 as pb;
+use proto::marker::v1::coordinator_admin_server::CoordinatorAdmin;
+use proto::marker::v1::coordinator_server::Coordinator as CoordinatorRpc;
+use tonic::{Request, Response, Status};
+
+use crate::driver::Driver;
+use crate::saga::{
+    self, AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, LifecycleEvent,
+    LifecycleKind, NewTransaction, Transaction,
+};
+
+/// The longest a submit waits for the decision.
+pub const SUBMIT_WAIT_MAX: Duration = Duration::from_secs(30);
+pub const IDEMPOTENCY_KEY_LENGTH_MAX: usize = 128;
+pub const TENANT_ID_LENGTH_MAX: usize = 64;
+pub const LIST_IN_FLIGHT_LIMIT_MAX: u32 = 1_000;
+
+#[derive(Clone)]
+pub struct CoordinatorService {
+    pub coordinator_shard_id: u32,
+    pub driver: Arc<Driver>,
+    /// How long reservations may take before the transaction is aborted.
+    pub reserve_timeout: Duration,
+}
+
+pub fn transaction_message(
+    coordinator_shard_id: u32,
+    transaction: &Transaction,
+) -> pb::Transaction {
+    let (status, abort_reason, outcome, detail) = match &transaction.decision {
+        None => (
+            pb::TransactionStatus::Pending,
+            pb::AbortReason::Unspecified,
+            Outcome::Ok,
+            None,
+        ),
+        Some(Decision::Commit) => (
+            pb::TransactionStatus::Committed,
+            pb::AbortReason::Unspecified,
+            Outcome::Ok,
+            None,
+        ),
+        Some(Decision::Abort {
+            reason,
+            outcome,
+            detail_account_id,
+        }) => {
+            let reason = match reason {
+                AbortReason::Rejected => pb::AbortReason::Rejected,
+                AbortReason::Deadline => pb::AbortReason::Deadline,
+                AbortReason::Forced => pb::AbortReason::Forced,
+                AbortReason::ResolvedStale => pb::AbortReason::ResolvedStale,
+            };
+            (
+                pb::TransactionStatus::Aborted,
+                reason,
+                *outcome,
+                detail_account_id.as_ref(),
+            )
+        }
+    };
+    pb::Transaction {
+        txn_id: transaction.txn_id.to_string(),
+        idempotency_key: transaction.idempotency_key.clone(),
+        tenant_id: transaction.tenant_id.clone(),
+        legs: transaction.legs.iter().map(convert::pb_leg).collect(),
+        metadata: convert::pb_metadata(&transaction.metadata),
+        status: status as i32,
+        abort_reason: abort_reason as i32,
+        outcome: convert::outcome(outcome) as i32,
+        detail_account_id: detail.map(ToString::to_string).unwrap_or_default(),
+        done: transaction.done,
+        coordinator_shard_id,
+        begun_at_ms: transaction.begun_at_ms,
+        decided_at_ms: transaction.decided_at_ms.unwrap_or(0),
+        consistency_token: Some(ConsistencyToken {
+            shard_seqs: transaction
+                .shard_seqs
+                .iter()
+                .map(|(shard_id, seq)| ShardSeq {
+                    shard_id: *shard_id,
+                    seq: *seq,
+                })
+                .collect(),
+        }),
+    }
+}
+
+fn status_change(transaction: &pb::Transaction, timestamp_ms: i64) -> pb::TransactionStatusChange {
+    pb::TransactionStatusChange {
+        txn_id: transaction.txn_id.clone(),
+        status: transaction.status,
+        abort_reason: transaction.abort_reason,
+        done: transaction.done,
+        timestamp_ms,
+    }
+}
+
+impl CoordinatorService {
+    fn redirect(&self, leader_id: Option<u64>, leader_address: Option<String>) -> Redirect {
+        Redirect {
+            group_id: self.coordinator_shard_id,
+            leader_node_id: leader_id,
+            leader_address,
+            wrong_shard: false,
+        }
+    }
+
+    fn current_redirect(&self) -> Redirect {
+        let metrics = self.driver.raft.metrics().borrow().clone();
+        let address = metrics.current_leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|node| node.addr.clone())
+        });
+        self.redirect(metrics.current_leader, address)
+    }
+
+    fn read(&self, txn_id: &TxnId) -> Option<Transaction> {
+        self.driver
+            .machine
+            .read(|machine| machine.coordinator().transaction(txn_id).cloned())
+    }
+
+    fn message(&self, transaction: &Transaction) -> pb::Transaction {
+        transaction_message(self.coordinator_shard_id, transaction)
+    }
+
+    /// Waits (bounded) until the transaction is decided; returns its latest state.
+    async fn wait_for_decision(&self, txn_id: &TxnId, wait: Duration) -> Option<Transaction> {
+        let mut applied = self
+            .driver
+            .machine
+            .read(|machine| machine.subscribe_applied_seq());
+        let decided = |service: &Self| service.read(txn_id).filter(|t| t.decision.is_some());
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                if decided(self).is_some() || applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.read(txn_id)
+    }
+
+    /// Leadership confirmed with a quorum, or where to go instead.
+    async fn ensure_leader(&self) -> Result<(), Redirect> {
+        self.driver
+            .raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|_| self.current_redirect())
+    }
+
+    fn parse_txn_id(text: &str) -> Result<TxnId, Status> {
+        TxnId::parse(text).map_err(|_| Status::invalid_argument("invalid txn id"))
+    }
+}
+
+fn valid_key(text: &str, length_max: usize) -> bool {
+    !text.is_empty() && text.len() <= length_max && text.chars().all(|c| c.is_ascii_graphic())
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorService {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        use pb::submit_response::Reply;
+        let request = request.into_inner();
+        let invalid = |outcome: Outcome| {
+            Ok(Response::new(pb::SubmitResponse {
+                reply: Some(Reply::Invalid(convert::outcome(outcome) as i32)),
+            }))
+        };
+        if !valid_key(&request.tenant_id, TENANT_ID_LENGTH_MAX)
+            || !valid_key(&request.idempotency_key, IDEMPOTENCY_KEY_LENGTH_MAX)
+        {
+            return invalid(Outcome::InvalidRequestId);
+        }
+        let legs = match convert::legs(&request.legs) {
+            Ok(legs) => legs,
+            Err(outcome) => return invalid(outcome),
+        };
+        let metadata = match convert::metadata(&request.metadata) {
+            Ok(metadata) => metadata,
+            Err(outcome) => return invalid(outcome),
+        };
+        if let Err(rejection) = check_transaction_legs(&legs) {
+            return invalid(rejection.outcome);
+        }
+        let storage = &self.driver.storage;
+        let new = NewTransaction {
+            txn_id: saga::txn_id_for(&request.tenant_id, &request.idempotency_key),
+            tenant_id: request.tenant_id,
+            idempotency_key: request.idempotency_key,
+            plan: saga::plan(&legs, |account| storage.shard_of(account)),
+            legs,
+            metadata,
+            reserve_timeout_ms: i64::try_from(self.reserve_timeout.as_millis()).unwrap_or(i64::MAX),
+        };
+        let txn_id = new.txn_id.clone();
+        let transaction = match self
+            .driver
+            .proposer
+            .propose(CoordinatorCommand::Begin(Box::new(new)))
+            .await
+        {
+            Ok(CoordinatorResponse::Transaction(transaction)) => *transaction,
+            Ok(CoordinatorResponse::IdempotencyMismatch { txn_id }) => {
+                let reply = Reply::IdempotencyMismatch(pb::IdempotencyMismatch {
+                    txn_id: txn_id.to_string(),
+                });
+                return Ok(Response::new(pb::SubmitResponse { reply: Some(reply) }));
+            }
+            Ok(CoordinatorResponse::NotFound) => {
+                return Err(Status::internal("begin found nothing"));
+            }
+            Err(ProposeError::NotLeader {
+                leader_id,
+                leader_address,
+            }) => {
+                let reply = Reply::Redirect(self.redirect(leader_id, leader_address));
+                return Ok(Response::new(pb::SubmitResponse { reply: Some(reply) }));
+            }
+            Err(error) => return Err(Status::unavailable(error.to_string())),
+        };
+        if !transaction.done {
+            self.driver.ensure_driving(&txn_id);
+        }
+        let transaction = if request.wait && transaction.decision.is_none() {
+            let wait = Duration::from_millis(u64::from(request.wait_ms_max)).min(SUBMIT_WAIT_MAX);
+            self.wait_for_decision(&txn_id, wait)
+                .await
+                .unwrap_or(transaction)
+        } else {
+            transaction
+        };
+        Ok(Response::new(pb::SubmitResponse {
+            reply: Some(Reply::Transaction(self.message(&transaction))),
+        }))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::GetTransactionResponse>, Status> {
+        use pb::get_transaction_response::Reply;
+        let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
+        if let Err(redirect) = self.ensure_leader().await {
+            return Ok(Response::new(pb::GetTransactionResponse {
+                reply: Some(Reply::Redirect(redirect)),
+            }));
+        }
+        let reply = match self.read(&txn_id) {
+            Some(transaction) => Reply::Transaction(self.message(&transaction)),
+            None => Reply::NotFound(true),
+        };
+        Ok(Response::new(pb::GetTransactionResponse {
+            reply: Some(reply),
+        }))
+    }
+
+    type WatchTransactionStream = Boxed<pb::TransactionStatusChange>;
+
+    async fn watch_transaction(
+        &self,
+        request: Request<pb::WatchTransactionRequest>,
+    ) -> Result<Response<Self::WatchTransactionStream>, Status> {
+        let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
+        let (current, from, applied) = self.driver.machine.read(|machine| {
+            let current = machine.coordinator().transaction(&txn_id).cloned();
+            (
+                current,
+                machine.coordinator().last_seq() + 1,
+                machine.subscribe_applied_seq(),
+            )
+        });
+        let current = current.ok_or_else(|| Status::not_found("no such transaction"))?;
+        let shard_id = self.coordinator_shard_id;
+        let first = self.message(&current);
+        let finished = current.done;
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let mut events = event_log::stream(
+            self.driver.machine.store(),
+            applied,
+            from,
+            move |event: LifecycleEvent| event,
+        );
+        tokio::spawn(async move {
+            if sender
+                .send(Ok(status_change(&first, now_ms())))
+                .await
+                .is_err()
+                || finished
+            {
+                return;
+            }
+            while let Some(event) = events.recv().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                };
+                if event.transaction.txn_id != txn_id {
+                    continue;
+                }
+                let message = transaction_message(shard_id, &event.transaction);
+                if sender
+                    .send(Ok(status_change(&message, event.timestamp_ms)))
+                    .await
+                    .is_err()
+                    || event.kind == LifecycleKind::Done
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        use pb::resolve_response::Reply;
+        let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
+        // With no decision yet, the answer is to decide abort: a stale hold never waits forever.
+        let decision = Decision::Abort {
+            reason: AbortReason::ResolvedStale,
+            outcome: Outcome::Ok,
+            detail_account_id: None,
+        };
+        let status = match self
+            .driver
+            .proposer
+            .propose(CoordinatorCommand::Decide {
+                txn_id: txn_id.clone(),
+                decision,
+            })
+            .await
+        {
+            Ok(CoordinatorResponse::Transaction(transaction)) => {
+                self.driver.ensure_driving(&txn_id);
+                self.message(&transaction).status
+            }
+            // Never begun here: nothing can ever commit it, so it is aborted.
+            Ok(_) => pb::TransactionStatus::Aborted as i32,
+            Err(ProposeError::NotLeader {
+                leader_id,
+                leader_address,
+            }) => {
+                let reply = Reply::Redirect(self.redirect(leader_id, leader_address));
+                return Ok(Response::new(pb::ResolveResponse { reply: Some(reply) }));
+            }
+            Err(error) => return Err(Status::unavailable(error.to_string())),
+        };
+        let status =
+            pb::TransactionStatus::try_from(status).unwrap_or(pb::TransactionStatus::Aborted);
+        Ok(Response::new(pb::ResolveResponse {
+            reply: Some(Reply::Decision(status as i32)),
+        }))
+    }
+
+    type SubscribeStream = Boxed<pb::CoordinatorEvent>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let applied = self
+            .driver
+            .machine
+            .read(|machine| machine.subscribe_applied_seq());
+        let shard_id = self.coordinator_shard_id;
+        let receiver = event_log::stream(
+            self.driver.machine.store(),
+            applied,
+            request.into_inner().from_seq,
+            move |event: LifecycleEvent| pb::CoordinatorEvent {
+                coordinator_shard_id: shard_id,
+                seq: event.seq,
+                timestamp_ms: event.timestamp_ms,
+                kind: match event.kind {
+                    LifecycleKind::Begun => pb::LifecycleKind::Begun,
+                    LifecycleKind::Decided => pb::LifecycleKind::Decided,
+                    LifecycleKind::Done => pb::LifecycleKind::Done,
+                } as i32,
+                transaction: Some(transaction_message(shard_id, &event.transaction)),
+            },
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorAdmin for CoordinatorService {
+    async fn status(
+        &self,
+        _: Request<pb::CoordinatorStatusRequest>,
+    ) -> Result<Response<pb::CoordinatorStatusResponse>, Status> {
+        let (in_flight, oldest, applied_seq) = self.driver.machine.read(|machine| {
+            let coordinator = machine.coordinator();
+            (
+                coordinator.in_flight_count(),
+                coordinator.in_flight().next().map(|t| t.begun_at_ms),
+                coordinator.last_seq(),
+            )
+        });
+        Ok(Response::new(pb::CoordinatorStatusResponse {
+            coordinator_shard_id: self.coordinator_shard_id,
+            state: pb::CoordinatorShardState::Active as i32,
+            in_flight: in_flight as u64,
+            oldest_in_flight_age_ms: oldest
+                .map(|begun| now_ms().saturating_sub(begun))
+                .unwrap_or(0),
+            applied_seq,
+        }))
+    }
+
+    async fn list_in_flight(
+        &self,
+        request: Request<pb::ListInFlightRequest>,
+    ) -> Result<Response<pb::ListInFlightResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => LIST_IN_FLIGHT_LIMIT_MAX,
+            limit => limit.min(LIST_IN_FLIGHT_LIMIT_MAX),
+        } as usize;
+        let now = now_ms();
+        let transactions = self.driver.machine.read(|machine| {
+            machine
+                .coordinator()
+                .in_flight()
+                .take(limit)
+                .map(|transaction| pb::InFlightTransaction {
+                    transaction: Some(self.message(transaction)),
+                    age_ms: now.saturating_sub(transaction.begun_at_ms),
+                    attempts: 0,
+                })
+                .collect()
+        });
+        Ok(Response::new(pb::ListInFlightResponse { transactions }))
+    }
+
+    async fn retry(
+        &self,
+        request: Request<pb::RetryRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        use pb::admin_response::Reply;
+        let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
+        if let Err(redirect) = self.ensure_leader().await {
+            return Ok(Response::new(pb::AdminResponse {
+                reply: Some(Reply::Redirect(redirect)),
+            }));
+        }
+        let reply = match self.read(&txn_id) {
+            Some(transaction) => {
+                self.driver.ensure_driving(&txn_id);
+                Reply::Transaction(self.message(&transaction))
+            }
+            None => Reply::NotFound(true),
+        };
+        Ok(Response::new(pb::AdminResponse { reply: Some(reply) }))
+    }
+
+    async fn force_abort(
+        &self,
+        request: Request<pb::ForceAbortRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        use pb::admin_response::Reply;
+        let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
+        let decision = Decision::Abort {
+            reason: AbortReason::Forced,
+            outcome: Outcome::Ok,
+            detail_account_id: None,
+        };
+        let reply = match self
+            .driver
+            .proposer
+            .propose(CoordinatorCommand::Decide {
+                txn_id: txn_id.clone(),
+                decision,
+            })
+            .await
+        {
+            Ok(CoordinatorResponse::Transaction(transaction)) => {
+                self.driver.ensure_driving(&txn_id);
+                match transaction.decision {
+                    Some(Decision::Abort {
+                        reason: AbortReason::Forced,
+                        ..
+                    }) => Reply::Transaction(self.message(&transaction)),
+                    // Decided before the operator asked: a decision never changes.
+                    _ => Reply::AlreadyDecided(self.message(&transaction).status),
+                }
+            }
+            Ok(_) => Reply::NotFound(true),
+            Err(ProposeError::NotLeader {
+                leader_id,
+                leader_address,
+            }) => Reply::Redirect(self.redirect(leader_id, leader_address)),
+            Err(error) => return Err(Status::unavailable(error.to_string())),
+        };
+        Ok(Response::new(pb::AdminResponse { reply: Some(reply) }))
+    }
+
+    async fn drain(
+        &self,
+        _: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        Err(Status::unimplemented(
+            "draining needs the topology service, which is not built yet",
+        ))
+    }
+}
