@@ -5,8 +5,10 @@
 //! process exits, however it exits; each test then takes what it needs fresh from them (a new
 //! database, new topics).
 
+pub mod bench;
 pub mod group;
 pub mod kafka;
+pub mod platform;
 pub mod postgres;
 pub mod process;
 

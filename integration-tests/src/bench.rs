@@ -1,0 +1,86 @@
+//! What the benchmark programs share: a deterministic generator, latency histograms, and one
+//! report format (a table for people, JSON for machines).
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// A small deterministic generator (xorshift64*), so runs are comparable.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound as u64) as usize
+    }
+}
+
+/// Microsecond latencies, up to a minute.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
+    histogram.saturating_record(latency.as_micros().min(u128::from(u64::MAX)) as u64);
+}
+
+#[derive(Serialize)]
+pub struct PhaseReport {
+    pub phase: String,
+    pub clients: usize,
+    pub seconds: f64,
+    pub operations: u64,
+    pub rejected: u64,
+    pub operations_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+impl PhaseReport {
+    /// Summarizes a phase: `histogram` holds every operation's latency, `rejected` of them failed.
+    pub fn new(phase: &str, clients: usize, elapsed: Duration, histogram: &Histogram<u64>, rejected: u64) -> PhaseReport {
+        let seconds = elapsed.as_secs_f64();
+        let operations = histogram.len().saturating_sub(rejected);
+        let millis = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1_000.0;
+        PhaseReport {
+            phase: phase.to_string(),
+            clients,
+            seconds,
+            operations,
+            rejected,
+            operations_per_second: operations as f64 / seconds,
+            p50_ms: millis(0.5),
+            p99_ms: millis(0.99),
+            p999_ms: millis(0.999),
+        }
+    }
+}
+
+/// Prints the phases as a table under `unit` (what one operation is).
+pub fn print_table(unit: &str, phases: &[PhaseReport]) {
+    println!("{:<24} {:>8} {:>14} {:>10} {:>9} {:>9} {:>9}", "phase", "clients", format!("{unit}/s"), "rejected", "p50 ms", "p99 ms", "p999 ms");
+    for phase in phases {
+        println!(
+            "{:<24} {:>8} {:>14.0} {:>10} {:>9.2} {:>9.2} {:>9.2}",
+            phase.phase, phase.clients, phase.operations_per_second, phase.rejected, phase.p50_ms, phase.p99_ms, phase.p999_ms
+        );
+    }
+}
+
+/// Prints the report as JSON and writes it to `path` when given.
+pub fn emit_json<T: Serialize>(report: &T, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    println!("{json}");
+    if let Some(path) = path {
+        std::fs::write(path, &json)?;
+    }
+    Ok(())
+}

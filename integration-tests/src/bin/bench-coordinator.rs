@@ -1,0 +1,102 @@
+//! bench-coordinator: cross-shard transfers through one coordinator shard of three `marker`
+//! processes over two storage shards of three `auticuro` processes each (fsync on). Every
+//! transfer debits an account on one shard and credits one on the other, so each runs the full
+//! reservation saga. Prints throughput and p50/p99/p999 latency as a table and JSON.
+//!
+//! Run with a release build: `cargo run --release -p integration-tests --bin bench-coordinator`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use integration_tests::bench::{self, PhaseReport, Rng};
+use integration_tests::platform::{Platform, leg};
+use proto::marker::v1 as pb;
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "Cross-shard transfer benchmark through one coordinator shard")]
+struct Args {
+    /// Concurrent clients, each waiting for its transfer's decision before the next.
+    #[arg(long, default_value_t = 256)]
+    clients: usize,
+    /// Accounts per storage shard.
+    #[arg(long, default_value_t = 100)]
+    accounts: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    storage_shards: usize,
+    replicas: u32,
+    phases: Vec<PhaseReport>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    eprintln!("starting 2 storage shards and 1 coordinator shard (3 replicas each)…");
+    let platform = Platform::start(&[]).await;
+    let mut accounts: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for index in 0..args.accounts {
+        for (slot, shard_id) in [1u32, 2].into_iter().enumerate() {
+            accounts[slot].push(platform.open(shard_id, &format!("bench{index}"), 1_000_000_000).await);
+        }
+    }
+    let accounts = Arc::new(accounts);
+    let address = {
+        let leader = platform.coordinator.leader().await?;
+        platform.coordinator.replicas.iter().find(|replica| replica.node_id == leader).expect("the leader").address.clone()
+    };
+    let channel = auticuro::client::channel(&address)?;
+    eprintln!("{} clients for {} s…", args.clients, args.seconds);
+    static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
+    let rejected = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for index in 0..args.clients {
+        let mut client = pb::coordinator_client::CoordinatorClient::new(channel.clone());
+        let (accounts, rejected) = (accounts.clone(), rejected.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = bench::histogram();
+            let mut rng = Rng(0x5851_f42d_4c95_7f2d ^ (index as u64 + 1));
+            while Instant::now() < deadline {
+                let from_shard = rng.below(2);
+                let from = &accounts[from_shard][rng.below(accounts[from_shard].len())];
+                let to = &accounts[1 - from_shard][rng.below(accounts[1 - from_shard].len())];
+                let request = pb::SubmitRequest {
+                    tenant_id: "bench".into(),
+                    idempotency_key: format!("k-{}", NEXT_KEY.fetch_add(1, Ordering::Relaxed)),
+                    legs: vec![leg(from, -1), leg(to, 1)],
+                    metadata: HashMap::new(),
+                    wait: true,
+                    wait_ms_max: 30_000,
+                };
+                let sent = Instant::now();
+                let reply = client.submit(request).await?.into_inner().reply;
+                let committed = matches!(reply, Some(pb::submit_response::Reply::Transaction(t)) if t.status == pb::TransactionStatus::Committed as i32);
+                if !committed {
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                bench::record(&mut histogram, sent.elapsed());
+            }
+            anyhow::Ok(histogram)
+        }));
+    }
+    let mut histogram = bench::histogram();
+    for task in tasks {
+        histogram.add(task.await??)?;
+    }
+    let phase = PhaseReport::new("cross-shard, max", args.clients, started.elapsed(), &histogram, rejected.load(Ordering::Relaxed));
+    let phases = vec![phase];
+    bench::print_table("transfers", &phases);
+    bench::emit_json(&Report { benchmark: "coordinator-cross-shard", storage_shards: 2, replicas: 3, phases }, args.json.as_deref())
+}

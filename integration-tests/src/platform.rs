@@ -1,0 +1,230 @@
+//! A whole platform for tests and benchmarks: storage shards and a coordinator shard of real
+//! processes, funded accounts placed on chosen shards, payments through the coordinator, and a
+//! check of the protocol's invariants over every shard.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use proto::auticuro::v1 as ledger;
+use proto::common::v1::Amount;
+use proto::marker::v1 as pb;
+use proto::marker::v1::coordinator_client::CoordinatorClient;
+
+use crate::group::{Group, account_on};
+
+/// The storage shard ids of a platform.
+pub const SHARDS: [u32; 2] = [1, 2];
+
+/// Two storage shards of three replicas and one coordinator shard of three replicas, all real
+/// processes on loopback.
+pub struct Platform {
+    pub storage: Vec<Group>,
+    pub coordinator: Group,
+}
+
+pub fn amount(value: i128) -> Option<Amount> {
+    Some(Amount {
+        minor_units: value.to_string(),
+    })
+}
+
+pub fn leg(account: &str, value: i128) -> ledger::Leg {
+    ledger::Leg {
+        account_id: account.into(),
+        amount: amount(value),
+        currency: "USD".into(),
+    }
+}
+
+pub fn minor(value: &Option<Amount>) -> i128 {
+    value.as_ref().unwrap().minor_units.parse().unwrap()
+}
+
+impl Platform {
+    pub async fn start(extra_coordinator_args: &[&str]) -> Platform {
+        let (first, second) = tokio::join!(Group::storage(1, 3, &[]), Group::storage(2, 3, &[]));
+        let storage = vec![first.unwrap(), second.unwrap()];
+        let coordinator =
+            Group::coordinator(1, 3, &[&storage[0], &storage[1]], extra_coordinator_args)
+                .await
+                .unwrap();
+        Platform {
+            storage,
+            coordinator,
+        }
+    }
+
+    pub fn shard(&self, shard_id: u32) -> &Group {
+        &self.storage[(shard_id - 1) as usize]
+    }
+
+    /// A funded customer account on `shard_id` (through that shard's own funding account).
+    pub async fn open(&self, shard_id: u32, prefix: &str, funds: i128) -> String {
+        let shard = self.shard(shard_id);
+        let funding = format!("sys:funding:{shard_id}");
+        let create = |id: &str, unbounded: bool| ledger::Command {
+            request_id: format!("create-{id}"),
+            kind: Some(ledger::command::Kind::CreateAccount(
+                ledger::CreateAccount {
+                    account_id: id.into(),
+                    currency: "USD".into(),
+                    scale: 2,
+                    no_lower_limit: unbounded,
+                    ..Default::default()
+                },
+            )),
+        };
+        shard.execute(create(&funding, true)).await.unwrap();
+        let account = account_on(shard_id, prefix, &SHARDS);
+        let created = shard.execute(create(&account, false)).await.unwrap();
+        assert_eq!(created.outcome, ledger::Outcome::Ok as i32, "{created:?}");
+        if funds > 0 {
+            let fund = ledger::Command {
+                request_id: format!("fund-{account}"),
+                kind: Some(ledger::command::Kind::Batch(ledger::Batch {
+                    legs: vec![leg(&funding, -funds), leg(&account, funds)],
+                    ..Default::default()
+                })),
+            };
+            assert_eq!(
+                shard.execute(fund).await.unwrap().outcome,
+                ledger::Outcome::Ok as i32
+            );
+        }
+        account
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<tonic::transport::Channel> {
+        let leader = self.coordinator.leader().await.unwrap();
+        CoordinatorClient::new(
+            self.coordinator
+                .channel(
+                    &self
+                        .coordinator
+                        .replicas
+                        .iter()
+                        .find(|r| r.node_id == leader)
+                        .unwrap()
+                        .address,
+                )
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Submits through the current coordinator leader, retrying (same key) across failovers.
+    pub async fn pay(&self, key: &str, legs: Vec<ledger::Leg>) -> pb::Transaction {
+        let request = pb::SubmitRequest {
+            tenant_id: "tenant-a".into(),
+            idempotency_key: key.into(),
+            legs,
+            metadata: HashMap::new(),
+            wait: true,
+            wait_ms_max: 10_000,
+        };
+        for _ in 0..200 {
+            let mut client = self.client().await;
+            if let Ok(reply) = client.submit(request.clone()).await
+                && let Some(pb::submit_response::Reply::Transaction(transaction)) =
+                    reply.into_inner().reply
+                && transaction.status != pb::TransactionStatus::Pending as i32
+            {
+                return transaction;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no decision for {key}");
+    }
+
+    pub async fn balances(&self) -> BTreeMap<String, ledger::Account> {
+        let mut all = BTreeMap::new();
+        for shard in &self.storage {
+            all.extend(shard.accounts().await.unwrap());
+        }
+        all
+    }
+
+    /// Waits until the coordinator has nothing in flight, then checks the protocol's invariants
+    /// over every shard: zero sums per shard, nothing pending, and for every transaction the same
+    /// final leg state on every shard it touched (never posted on one and voided on another).
+    pub async fn check_invariants(&self, transactions: &[pb::Transaction]) {
+        let leader = self.coordinator.leader().await.unwrap();
+        let address = self
+            .coordinator
+            .replicas
+            .iter()
+            .find(|r| r.node_id == leader)
+            .unwrap()
+            .address
+            .clone();
+        let mut admin = proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient::new(
+            self.coordinator.channel(&address).await.unwrap(),
+        );
+        for _ in 0..400 {
+            if admin
+                .status(pb::CoordinatorStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .in_flight
+                == 0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            admin
+                .status(pb::CoordinatorStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .in_flight,
+            0,
+            "transactions left in flight"
+        );
+        for shard in &self.storage {
+            let accounts = shard.accounts().await.unwrap();
+            let sum: i128 = accounts
+                .values()
+                .map(|account| minor(&account.balance))
+                .sum();
+            assert_eq!(sum, 0, "shard {} does not sum to zero", shard.shard_id);
+            for account in accounts.values() {
+                assert_eq!(
+                    (minor(&account.pending_out), minor(&account.pending_in)),
+                    (0, 0),
+                    "hold left on {}",
+                    account.account_id
+                );
+            }
+        }
+        for transaction in transactions {
+            let mut states = Vec::new();
+            for shard in &self.storage {
+                let legs = shard.transaction_legs(&transaction.txn_id).await.unwrap();
+                if legs.state != ledger::LegState::Unspecified as i32 {
+                    states.push(legs.state);
+                }
+            }
+            let committed = transaction.status == pb::TransactionStatus::Committed as i32;
+            let single_shard = states.is_empty();
+            if committed && !single_shard {
+                assert!(
+                    states.iter().all(|s| *s == ledger::LegState::Posted as i32),
+                    "{}: {states:?}",
+                    transaction.txn_id
+                );
+            }
+            if !committed {
+                assert!(
+                    states.iter().all(|s| *s == ledger::LegState::Voided as i32
+                        || *s == ledger::LegState::Tombstone as i32),
+                    "{}: {states:?}",
+                    transaction.txn_id
+                );
+            }
+        }
+    }
+}
+
