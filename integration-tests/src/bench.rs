@@ -46,7 +46,13 @@ pub struct PhaseReport {
 
 impl PhaseReport {
     /// Summarizes a phase: `histogram` holds every operation's latency, `rejected` of them failed.
-    pub fn new(phase: &str, clients: usize, elapsed: Duration, histogram: &Histogram<u64>, rejected: u64) -> PhaseReport {
+    pub fn new(
+        phase: &str,
+        clients: usize,
+        elapsed: Duration,
+        histogram: &Histogram<u64>,
+        rejected: u64,
+    ) -> PhaseReport {
         let seconds = elapsed.as_secs_f64();
         let operations = histogram.len().saturating_sub(rejected);
         let millis = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1_000.0;
@@ -66,11 +72,26 @@ impl PhaseReport {
 
 /// Prints the phases as a table under `unit` (what one operation is).
 pub fn print_table(unit: &str, phases: &[PhaseReport]) {
-    println!("{:<24} {:>8} {:>14} {:>10} {:>9} {:>9} {:>9}", "phase", "clients", format!("{unit}/s"), "rejected", "p50 ms", "p99 ms", "p999 ms");
+    println!(
+        "{:<24} {:>8} {:>14} {:>10} {:>9} {:>9} {:>9}",
+        "phase",
+        "clients",
+        format!("{unit}/s"),
+        "rejected",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms"
+    );
     for phase in phases {
         println!(
             "{:<24} {:>8} {:>14.0} {:>10} {:>9.2} {:>9.2} {:>9.2}",
-            phase.phase, phase.clients, phase.operations_per_second, phase.rejected, phase.p50_ms, phase.p99_ms, phase.p999_ms
+            phase.phase,
+            phase.clients,
+            phase.operations_per_second,
+            phase.rejected,
+            phase.p50_ms,
+            phase.p99_ms,
+            phase.p999_ms
         );
     }
 }

@@ -176,15 +176,9 @@ impl Driver {
     /// resend returns the stored outcome. Retried until the outcome is known.
     async fn run_batch(&self, transaction: &Transaction) -> Result<(), Stop> {
         let group = &transaction.plan[0];
-        let command = pb::Command {
-            request_id: transaction.txn_id.to_string(),
-            kind: Some(pb::command::Kind::Batch(pb::Batch {
-                legs: group.legs.iter().map(leg_message).collect(),
-                txn_id: transaction.txn_id.to_string(),
-                metadata: auticuro::convert::pb_metadata(&transaction.metadata),
-            })),
-        };
-        let result = self.until_known(group.shard_id, command).await;
+        let result = self
+            .until_known(group.shard_id, self.batch_command(transaction))
+            .await;
         let outcome = outcome_of(&result);
         let decision = if outcome.is_ok() {
             Decision::Commit
@@ -211,6 +205,18 @@ impl Driver {
         self.propose(CoordinatorCommand::Done { txn_id, shard_seqs })
             .await?;
         Ok(())
+    }
+
+    /// The fast path's one atomic batch: its request id is the transaction id.
+    fn batch_command(&self, transaction: &Transaction) -> pb::Command {
+        pb::Command {
+            request_id: transaction.txn_id.to_string(),
+            kind: Some(pb::command::Kind::Batch(pb::Batch {
+                legs: transaction.plan[0].legs.iter().map(leg_message).collect(),
+                txn_id: transaction.txn_id.to_string(),
+                metadata: auticuro::convert::pb_metadata(&transaction.metadata),
+            })),
+        }
     }
 
     /// Reserves on every shard in plan order; returns the decision this warrants.
@@ -252,42 +258,60 @@ impl Driver {
         Decision::Commit
     }
 
-    /// Posts (commit) or voids (abort) on every shard of the plan, each retried until it
-    /// succeeds; returns the seq each shard gave it.
+    /// Posts (commit) or voids (abort) on every shard of the plan, all shards at once, each
+    /// retried until it succeeds; returns the seq each shard gave it. A single-shard transaction
+    /// has no reservation: its batch is sent again, and the shard returns the stored outcome and
+    /// seq of the first one.
     async fn settle(&self, transaction: &Transaction, decision: &Decision) -> BTreeMap<u32, u64> {
-        let mut shard_seqs = BTreeMap::new();
-        for group in &transaction.plan {
-            let (step, kind) = match decision {
-                Decision::Commit => (
-                    "post",
-                    pb::command::Kind::Post(pb::Post {
-                        txn_id: transaction.txn_id.to_string(),
-                        owner: Some(pb_owner(&self.owner)),
-                    }),
-                ),
-                Decision::Abort { .. } => (
-                    "void",
-                    pb::command::Kind::Void(pb::Void {
-                        txn_id: transaction.txn_id.to_string(),
-                        owner: Some(pb_owner(&self.owner)),
-                    }),
-                ),
+        if transaction.is_single_shard() {
+            let group = &transaction.plan[0];
+            let result = self
+                .until_known(group.shard_id, self.batch_command(transaction))
+                .await;
+            return if result.seq > 0 {
+                BTreeMap::from([(group.shard_id, result.seq)])
+            } else {
+                BTreeMap::new()
             };
-            // A single-shard transaction has no reservation to settle.
-            if transaction.is_single_shard() {
-                break;
-            }
+        }
+        let owner = Some(pb_owner(&self.owner));
+        let txn_id = transaction.txn_id.to_string();
+        let (step, kind) = match decision {
+            Decision::Commit => (
+                "post",
+                pb::command::Kind::Post(pb::Post {
+                    txn_id: txn_id.clone(),
+                    owner,
+                }),
+            ),
+            Decision::Abort { .. } => (
+                "void",
+                pb::command::Kind::Void(pb::Void {
+                    txn_id: txn_id.clone(),
+                    owner,
+                }),
+            ),
+        };
+        let settling = transaction.plan.iter().map(|group| {
             let command = pb::Command {
-                request_id: format!("{}/{step}/{}", transaction.txn_id, group.shard_id),
-                kind: Some(kind),
+                request_id: format!("{txn_id}/{step}/{}", group.shard_id),
+                kind: Some(kind.clone()),
             };
-            let result = self.until_known(group.shard_id, command).await;
+            async move {
+                (
+                    group.shard_id,
+                    self.until_known(group.shard_id, command).await,
+                )
+            }
+        });
+        let mut shard_seqs = BTreeMap::new();
+        for (shard_id, result) in futures::future::join_all(settling).await {
             if !outcome_of(&result).is_ok() {
                 // A post or void of our own reservation cannot fail; this is a protocol bug.
-                tracing::error!(txn_id = %transaction.txn_id, shard = group.shard_id, outcome = result.outcome, "{step} was rejected");
+                tracing::error!(%txn_id, shard = shard_id, outcome = result.outcome, "{step} was rejected");
             }
             if result.seq > 0 {
-                shard_seqs.insert(group.shard_id, result.seq);
+                shard_seqs.insert(shard_id, result.seq);
             }
         }
         shard_seqs

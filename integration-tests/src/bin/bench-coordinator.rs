@@ -47,13 +47,24 @@ async fn main() -> anyhow::Result<()> {
     let mut accounts: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     for index in 0..args.accounts {
         for (slot, shard_id) in [1u32, 2].into_iter().enumerate() {
-            accounts[slot].push(platform.open(shard_id, &format!("bench{index}"), 1_000_000_000).await);
+            accounts[slot].push(
+                platform
+                    .open(shard_id, &format!("bench{index}"), 1_000_000_000)
+                    .await,
+            );
         }
     }
     let accounts = Arc::new(accounts);
     let address = {
         let leader = platform.coordinator.leader().await?;
-        platform.coordinator.replicas.iter().find(|replica| replica.node_id == leader).expect("the leader").address.clone()
+        platform
+            .coordinator
+            .replicas
+            .iter()
+            .find(|replica| replica.node_id == leader)
+            .expect("the leader")
+            .address
+            .clone()
     };
     let channel = auticuro::client::channel(&address)?;
     eprintln!("{} clients for {} s…", args.clients, args.seconds);
@@ -95,8 +106,22 @@ async fn main() -> anyhow::Result<()> {
     for task in tasks {
         histogram.add(task.await??)?;
     }
-    let phase = PhaseReport::new("cross-shard, max", args.clients, started.elapsed(), &histogram, rejected.load(Ordering::Relaxed));
+    let phase = PhaseReport::new(
+        "cross-shard, max",
+        args.clients,
+        started.elapsed(),
+        &histogram,
+        rejected.load(Ordering::Relaxed),
+    );
     let phases = vec![phase];
     bench::print_table("transfers", &phases);
-    bench::emit_json(&Report { benchmark: "coordinator-cross-shard", storage_shards: 2, replicas: 3, phases }, args.json.as_deref())
+    bench::emit_json(
+        &Report {
+            benchmark: "coordinator-cross-shard",
+            storage_shards: 2,
+            replicas: 3,
+            phases,
+        },
+        args.json.as_deref(),
+    )
 }

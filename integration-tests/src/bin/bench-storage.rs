@@ -72,7 +72,9 @@ fn transfer(request_id: String, from: &str, to: &str, amount: &str) -> pb::Comma
         kind: Some(pb::command::Kind::Transfer(pb::Transfer {
             from_account_id: from.into(),
             to_account_id: to.into(),
-            amount: Some(Amount { minor_units: amount.into() }),
+            amount: Some(Amount {
+                minor_units: amount.into(),
+            }),
             currency: "USD".into(),
             metadata: Default::default(),
         })),
@@ -93,12 +95,24 @@ fn create(account_id: String, no_lower_limit: bool) -> pb::Command {
 }
 
 async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
-    shard.execute(create("sys:funding:USD".into(), true)).await?;
+    shard
+        .execute(create("sys:funding:USD".into(), true))
+        .await?;
     let work = (0..accounts).map(|index| async move {
         shard.execute(create(account(index), false)).await?;
-        shard.execute(transfer(format!("fund-{index}"), "sys:funding:USD", &account(index), "100000000")).await
+        shard
+            .execute(transfer(
+                format!("fund-{index}"),
+                "sys:funding:USD",
+                &account(index),
+                "100000000",
+            ))
+            .await
     });
-    let results: Vec<_> = futures::stream::iter(work).buffer_unordered(64).collect().await;
+    let results: Vec<_> = futures::stream::iter(work)
+        .buffer_unordered(64)
+        .collect()
+        .await;
     for result in results {
         result?;
     }
@@ -159,7 +173,13 @@ async fn run_phase(
     for task in tasks {
         histogram.add(task.await??)?;
     }
-    Ok(PhaseReport::new(name, args.clients, started.elapsed(), &histogram, rejected.load(Ordering::Relaxed)))
+    Ok(PhaseReport::new(
+        name,
+        args.clients,
+        started.elapsed(),
+        &histogram,
+        rejected.load(Ordering::Relaxed),
+    ))
 }
 
 /// Kills the leader with SIGKILL and measures until the next write succeeds.
@@ -179,14 +199,22 @@ async fn measure_failover(shard: &mut Group) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    eprintln!("starting a 3-replica shard and opening {} accounts…", args.accounts);
+    eprintln!(
+        "starting a 3-replica shard and opening {} accounts…",
+        args.accounts
+    );
     let mut shard = Group::storage(1, 3, &[]).await?;
     open_accounts(&shard, args.accounts).await?;
     let leader = shard.leader().await?;
     let leader_address = shard.replica(leader).address.clone();
-    let channels: Vec<_> =
-        (0..args.connections).map(|_| auticuro::client::channel(&leader_address)).collect::<Result<_, _>>()?;
-    let clients = || (0..args.clients).map(|i| LedgerClient::new(channels[i % channels.len()].clone())).collect();
+    let channels: Vec<_> = (0..args.connections)
+        .map(|_| auticuro::client::channel(&leader_address))
+        .collect::<Result<_, _>>()?;
+    let clients = || {
+        (0..args.clients)
+            .map(|i| LedgerClient::new(channels[i % channels.len()].clone()))
+            .collect()
+    };
 
     let mut phases = Vec::new();
     eprintln!("uniform, {} clients, {} s…", args.clients, args.seconds);
@@ -195,12 +223,27 @@ async fn main() -> anyhow::Result<()> {
     phases.push(run_phase("skewed, max", clients(), &args, Traffic::Skewed, None).await?);
     let half = phases[0].operations_per_second / 2.0;
     eprintln!("uniform at half load ({half:.0}/s)…");
-    phases.push(run_phase("uniform, half load", clients(), &args, Traffic::Uniform, Some(half)).await?);
+    phases.push(
+        run_phase(
+            "uniform, half load",
+            clients(),
+            &args,
+            Traffic::Uniform,
+            Some(half),
+        )
+        .await?,
+    );
     eprintln!("killing the leader…");
     let failover_ms = measure_failover(&mut shard).await?;
 
     bench::print_table("transfers", &phases);
     println!("leader killed → next successful write: {failover_ms:.0} ms");
-    let report = Report { benchmark: "storage-single-shard", replicas: 3, accounts: args.accounts, phases, failover_ms };
+    let report = Report {
+        benchmark: "storage-single-shard",
+        replicas: 3,
+        accounts: args.accounts,
+        phases,
+        failover_ms,
+    };
     bench::emit_json(&report, args.json.as_deref())
 }
