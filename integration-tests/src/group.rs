@@ -241,25 +241,29 @@ impl Group {
     }
 
     /// Waits until the running replicas agree on one leader among them; returns its node id.
+    /// Waits until the replicas that answer (a majority at least; crashed ones do not answer)
+    /// agree on one leader that answers too; returns its node id.
     pub async fn leader(&self) -> Result<u64> {
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
         loop {
-            let mut seen = Vec::new();
+            let mut answered = Vec::new();
             for replica in self.running() {
                 if let Ok(status) = self.status(replica.node_id).await {
-                    seen.push(status.leader_node_id);
+                    answered.push((replica.node_id, status.leader_node_id));
                 }
             }
-            let running: Vec<u64> = self.running().map(|replica| replica.node_id).collect();
-            if let Some(Some(leader)) = seen.first()
-                && seen.len() == running.len()
-                && seen.iter().all(|candidate| *candidate == Some(*leader))
-                && running.contains(leader)
+            let majority = self.running().count() / 2 + 1;
+            if let Some((_, Some(leader))) = answered.first()
+                && answered.len() >= majority
+                && answered.iter().all(|(_, seen)| *seen == Some(*leader))
+                && answered.iter().any(|(node_id, _)| node_id == leader)
             {
                 return Ok(*leader);
             }
             if Instant::now() > deadline {
-                return Err(HarnessError::Setup(format!("no agreed leader: {seen:?}")));
+                return Err(HarnessError::Setup(format!(
+                    "no agreed leader: {answered:?}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -144,42 +144,42 @@ impl Platform {
         all
     }
 
+    /// Waits (bounded) until the coordinator leader reports nothing in flight, following the
+    /// leadership if the leader dies meanwhile; returns the last count seen.
+    pub async fn in_flight_when_settled(&self) -> u64 {
+        let mut in_flight = u64::MAX;
+        for _ in 0..400 {
+            if let Ok(leader) = self.coordinator.leader().await {
+                let address = &self
+                    .coordinator
+                    .replicas
+                    .iter()
+                    .find(|r| r.node_id == leader)
+                    .expect("a replica")
+                    .address;
+                let channel = self.coordinator.channel(address).await.expect("a channel");
+                let mut admin =
+                    proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient::new(
+                        channel,
+                    );
+                if let Ok(status) = admin.status(pb::CoordinatorStatusRequest {}).await {
+                    in_flight = status.into_inner().in_flight;
+                    if in_flight == 0 {
+                        return 0;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        in_flight
+    }
+
     /// Waits until the coordinator has nothing in flight, then checks the protocol's invariants
     /// over every shard: zero sums per shard, nothing pending, and for every transaction the same
     /// final leg state on every shard it touched (never posted on one and voided on another).
     pub async fn check_invariants(&self, transactions: &[pb::Transaction]) {
-        let leader = self.coordinator.leader().await.unwrap();
-        let address = self
-            .coordinator
-            .replicas
-            .iter()
-            .find(|r| r.node_id == leader)
-            .unwrap()
-            .address
-            .clone();
-        let mut admin = proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient::new(
-            self.coordinator.channel(&address).await.unwrap(),
-        );
-        for _ in 0..400 {
-            if admin
-                .status(pb::CoordinatorStatusRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .in_flight
-                == 0
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         assert_eq!(
-            admin
-                .status(pb::CoordinatorStatusRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .in_flight,
+            self.in_flight_when_settled().await,
             0,
             "transactions left in flight"
         );

@@ -17,6 +17,7 @@ use auticuro::ledger::{Leg, Outcome, Owner, TxnId};
 use consensus::{ProposeError, Proposer, Raft, StateMachineStore, now_ms};
 use proto::auticuro::v1 as pb;
 
+use crate::crash;
 use crate::machine::CoordinatorMachine;
 use crate::saga::{AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, Transaction};
 
@@ -159,9 +160,11 @@ impl Driver {
                         decision,
                     })
                     .await?;
+                    crash::point("after-decide");
                 }
                 Some(decision) => {
                     let shard_seqs = self.settle(&transaction, decision).await;
+                    crash::point("before-done");
                     self.propose(CoordinatorCommand::Done {
                         txn_id: txn_id.clone(),
                         shard_seqs,
@@ -221,7 +224,7 @@ impl Driver {
 
     /// Reserves on every shard in plan order; returns the decision this warrants.
     async fn reserve_all(&self, transaction: &Transaction) -> Decision {
-        for group in &transaction.plan {
+        for (position, group) in transaction.plan.iter().enumerate() {
             let command = pb::Command {
                 request_id: format!("{}/reserve/{}", transaction.txn_id, group.shard_id),
                 kind: Some(pb::command::Kind::Reserve(pb::Reserve {
@@ -234,7 +237,10 @@ impl Driver {
             let remaining_ms = transaction.decide_by_ms.saturating_sub(now_ms()).max(0) as u64;
             let deadline = Instant::now() + Duration::from_millis(remaining_ms);
             match self.execute(group.shard_id, command, deadline).await {
-                Ok(result) if outcome_of(&result).is_ok() => continue,
+                Ok(result) if outcome_of(&result).is_ok() => {
+                    crash::point(&format!("after-reserve-{}", position + 1));
+                    continue;
+                }
                 Ok(result) => {
                     let detail_account_id =
                         auticuro::ledger::AccountId::parse(&result.detail_account_id).ok();
@@ -305,7 +311,10 @@ impl Driver {
             }
         });
         let mut shard_seqs = BTreeMap::new();
-        for (shard_id, result) in futures::future::join_all(settling).await {
+        let mut settled = settling.collect::<futures::stream::FuturesUnordered<_>>();
+        while let Some((shard_id, result)) = futures::StreamExt::next(&mut settled).await {
+            // One shard settled, the others possibly not yet.
+            crash::point("between-posts");
             if !outcome_of(&result).is_ok() {
                 // A post or void of our own reservation cannot fail; this is a protocol bug.
                 tracing::error!(%txn_id, shard = shard_id, outcome = result.outcome, "{step} was rejected");

@@ -26,6 +26,12 @@ struct Args {
     /// How long reservations may take before a transaction is aborted, in milliseconds.
     #[arg(long, env = "MARKER_RESERVE_TIMEOUT_MS", default_value_t = 10_000)]
     reserve_timeout_ms: u64,
+    /// Failure tests only: abort at this protocol step (see `marker::crash`).
+    #[arg(long, hide = true, requires = "crash_once_file")]
+    crash_at: Option<String>,
+    /// Failure tests only: the file that makes a crash point fire once per group.
+    #[arg(long, hide = true)]
+    crash_once_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -37,6 +43,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let (Some(step), Some(file)) = (args.crash_at.clone(), args.crash_once_file.clone()) {
+        marker::crash::arm(step, file);
+    }
     let replica = marker::server::start(marker::server::CoordinatorOptions {
         coordinator_shard_id: args.coordinator_shard_id,
         node_id: args.node_id,

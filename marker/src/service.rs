@@ -244,6 +244,7 @@ impl CoordinatorRpc for CoordinatorService {
             }
             Err(error) => return Err(Status::unavailable(error.to_string())),
         };
+        crate::crash::point("after-begin");
         if !transaction.done {
             self.driver.ensure_driving(&txn_id);
         }

@@ -187,3 +187,85 @@ async fn a_coordinator_leader_killed_under_load_leaves_every_transaction_decided
     assert_eq!(minor(&balances[&bob].balance), 100_000 + sent - received);
     platform.check_invariants(&all).await;
 }
+
+/// The coordinator replica driving a cross-shard payment dies at one protocol step; the replica
+/// that takes over finishes it. Each step runs on a fresh platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_crash_at_any_step_still_ends_in_the_decided_outcome() {
+    let steps = [
+        "after-begin",
+        "after-reserve-1",
+        "after-reserve-2",
+        "after-decide",
+        "between-posts",
+        "before-done",
+    ];
+    for step in steps {
+        let dir = tempfile::tempdir().unwrap();
+        let once = dir.path().join("crashed");
+        let platform = Platform::start(&[
+            "--crash-at",
+            step,
+            "--crash-once-file",
+            once.to_str().unwrap(),
+        ])
+        .await;
+        let alice = platform.open(1, "alice", 1_000).await;
+        let bob = platform.open(2, "bob", 0).await;
+        let paid = platform
+            .pay("crash-pay", vec![leg(&alice, -250), leg(&bob, 250)])
+            .await;
+        assert_eq!(
+            paid.status,
+            pb::TransactionStatus::Committed as i32,
+            "{step}"
+        );
+        // Waits until nothing is in flight, so steps after the decision have happened too.
+        platform.check_invariants(std::slice::from_ref(&paid)).await;
+        assert!(once.exists(), "{step}: the crash point was never reached");
+        let balances = platform.balances().await;
+        assert_eq!(
+            (
+                minor(&balances[&alice].balance),
+                minor(&balances[&bob].balance)
+            ),
+            (750, 250),
+            "{step}"
+        );
+    }
+}
+
+/// A payment whose debit fails aborts, and the crash after that decision does not change it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_after_an_abort_decision_still_voids_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = dir.path().join("crashed");
+    let platform = Platform::start(&[
+        "--crash-at",
+        "after-decide",
+        "--crash-once-file",
+        once.to_str().unwrap(),
+    ])
+    .await;
+    let alice = platform.open(1, "alice", 100).await;
+    let bob = platform.open(2, "bob", 0).await;
+    // Credit first in the body: the plan still reserves the debit shard first.
+    let refused = platform
+        .pay("too-much", vec![leg(&bob, 500), leg(&alice, -500)])
+        .await;
+    assert_eq!(refused.status, pb::TransactionStatus::Aborted as i32);
+    platform
+        .check_invariants(std::slice::from_ref(&refused))
+        .await;
+    assert!(once.exists());
+    let legs = platform
+        .shard(2)
+        .transaction_legs(&refused.txn_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        legs.state,
+        ledger::LegState::Tombstone as i32,
+        "the never-reserved credit shard holds a tombstone"
+    );
+}
