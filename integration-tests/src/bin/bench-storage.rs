@@ -135,12 +135,14 @@ async fn run_phase(
     let mut tasks = Vec::new();
     for (index, mut client) in clients.into_iter().enumerate() {
         let accounts = args.accounts;
+        let clients_total = args.clients;
         let rejected = rejected.clone();
         let period = rate.map(|rate| Duration::from_secs_f64(args.clients as f64 / rate));
         tasks.push(tokio::spawn(async move {
             let mut histogram = bench::histogram();
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1));
-            let mut scheduled = Instant::now();
+            // Open-loop clients start spread over one period, so the load is smooth, not bursts.
+            let mut scheduled = Instant::now() + period.map(|period| period.mul_f64(index as f64 / clients_total as f64)).unwrap_or_default();
             while Instant::now() < deadline {
                 let from = pick(&mut rng, traffic, accounts);
                 let mut to = pick(&mut rng, traffic, accounts);
