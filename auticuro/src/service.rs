@@ -63,24 +63,11 @@ fn kind_label(command: &Command) -> &'static str {
 
 impl LedgerService {
     fn redirect(&self, leader_id: Option<u64>, leader_address: Option<String>) -> Redirect {
-        Redirect {
-            group_id: self.shard_id,
-            leader_node_id: leader_id,
-            leader_address,
-            wrong_shard: false,
-        }
+        consensus::redirect(self.shard_id, leader_id, leader_address)
     }
 
     fn current_redirect(&self) -> Redirect {
-        let metrics = self.raft.metrics().borrow().clone();
-        let address = metrics.current_leader.and_then(|id| {
-            metrics
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .map(|node| node.addr.clone())
-        });
-        self.redirect(metrics.current_leader, address)
+        consensus::leader_redirect(self.shard_id, &self.raft)
     }
 
     /// Waits (bounded) until this replica has applied `min_seq`; returns the applied seq.

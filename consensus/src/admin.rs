@@ -57,12 +57,11 @@ impl<A: App> RaftAdminService<A> {
         let reply = match result {
             Ok(log_index) => pb::membership_response::Reply::Membership(self.membership(log_index)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                pb::membership_response::Reply::Redirect(Redirect {
-                    group_id: self.group_id,
-                    leader_node_id: forward.leader_id,
-                    leader_address: forward.leader_node.map(|node| node.addr),
-                    wrong_shard: false,
-                })
+                pb::membership_response::Reply::Redirect(redirect(
+                    self.group_id,
+                    forward.leader_id,
+                    forward.leader_node.map(|node| node.addr),
+                ))
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
                 return Err(Status::failed_precondition(error.to_string()));
@@ -239,4 +238,31 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
             snapshot_index: snapshot.map(|id| id.index),
         }))
     }
+}
+
+/// Where a request for group `group_id` should go instead of this replica.
+pub fn redirect(
+    group_id: u32,
+    leader_node_id: Option<NodeId>,
+    leader_address: Option<String>,
+) -> Redirect {
+    Redirect {
+        group_id,
+        leader_node_id,
+        leader_address,
+        wrong_shard: false,
+    }
+}
+
+/// The leader this replica currently believes in, as a redirect.
+pub fn leader_redirect<A: App>(group_id: u32, raft: &Raft<A>) -> Redirect {
+    let metrics = raft.metrics().borrow().clone();
+    let address = metrics.current_leader.and_then(|id| {
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|node| node.addr.clone())
+    });
+    redirect(group_id, metrics.current_leader, address)
 }

@@ -14,7 +14,7 @@ mod network;
 mod proposer;
 mod store;
 
-pub use admin::RaftAdminService;
+pub use admin::{RaftAdminService, leader_redirect, redirect};
 pub use app::{App, AppStore, Proposal, Writes};
 pub use group::{Group, GroupOptions, serve};
 pub use metrics::RaftMetrics;

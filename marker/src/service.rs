@@ -110,24 +110,11 @@ fn status_change(transaction: &pb::Transaction, timestamp_ms: i64) -> pb::Transa
 
 impl CoordinatorService {
     fn redirect(&self, leader_id: Option<u64>, leader_address: Option<String>) -> Redirect {
-        Redirect {
-            group_id: self.coordinator_shard_id,
-            leader_node_id: leader_id,
-            leader_address,
-            wrong_shard: false,
-        }
+        consensus::redirect(self.coordinator_shard_id, leader_id, leader_address)
     }
 
     fn current_redirect(&self) -> Redirect {
-        let metrics = self.driver.raft.metrics().borrow().clone();
-        let address = metrics.current_leader.and_then(|id| {
-            metrics
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .map(|node| node.addr.clone())
-        });
-        self.redirect(metrics.current_leader, address)
+        consensus::leader_redirect(self.coordinator_shard_id, &self.driver.raft)
     }
 
     fn read(&self, txn_id: &TxnId) -> Option<Transaction> {
@@ -166,6 +153,31 @@ impl CoordinatorService {
             .await
             .map(|_| ())
             .map_err(|_| self.current_redirect())
+    }
+
+    /// Decides abort unless a decision exists (which then stands), and drives the transaction
+    /// to its end; `None` when the transaction was never begun here.
+    async fn decide_abort(
+        &self,
+        txn_id: &TxnId,
+        reason: AbortReason,
+    ) -> Result<Option<Transaction>, ProposeError> {
+        let decision = Decision::Abort {
+            reason,
+            outcome: Outcome::Ok,
+            detail_account_id: None,
+        };
+        let command = CoordinatorCommand::Decide {
+            txn_id: txn_id.clone(),
+            decision,
+        };
+        match self.driver.proposer.propose(command).await? {
+            CoordinatorResponse::Transaction(transaction) => {
+                self.driver.ensure_driving(txn_id);
+                Ok(Some(*transaction))
+            }
+            _ => Ok(None),
+        }
     }
 
     fn parse_txn_id(text: &str) -> Result<TxnId, Status> {
@@ -350,24 +362,8 @@ impl CoordinatorRpc for CoordinatorService {
         use pb::resolve_response::Reply;
         let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
         // With no decision yet, the answer is to decide abort: a stale hold never waits forever.
-        let decision = Decision::Abort {
-            reason: AbortReason::ResolvedStale,
-            outcome: Outcome::Ok,
-            detail_account_id: None,
-        };
-        let status = match self
-            .driver
-            .proposer
-            .propose(CoordinatorCommand::Decide {
-                txn_id: txn_id.clone(),
-                decision,
-            })
-            .await
-        {
-            Ok(CoordinatorResponse::Transaction(transaction)) => {
-                self.driver.ensure_driving(&txn_id);
-                self.message(&transaction).status
-            }
+        let status = match self.decide_abort(&txn_id, AbortReason::ResolvedStale).await {
+            Ok(Some(transaction)) => self.message(&transaction).status,
             // Never begun here: nothing can ever commit it, so it is aborted.
             Ok(_) => pb::TransactionStatus::Aborted as i32,
             Err(ProposeError::NotLeader {
@@ -495,22 +491,8 @@ impl CoordinatorAdmin for CoordinatorService {
     ) -> Result<Response<pb::AdminResponse>, Status> {
         use pb::admin_response::Reply;
         let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
-        let decision = Decision::Abort {
-            reason: AbortReason::Forced,
-            outcome: Outcome::Ok,
-            detail_account_id: None,
-        };
-        let reply = match self
-            .driver
-            .proposer
-            .propose(CoordinatorCommand::Decide {
-                txn_id: txn_id.clone(),
-                decision,
-            })
-            .await
-        {
-            Ok(CoordinatorResponse::Transaction(transaction)) => {
-                self.driver.ensure_driving(&txn_id);
+        let reply = match self.decide_abort(&txn_id, AbortReason::Forced).await {
+            Ok(Some(transaction)) => {
                 match transaction.decision {
                     Some(Decision::Abort {
                         reason: AbortReason::Forced,

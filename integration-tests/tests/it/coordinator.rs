@@ -269,3 +269,222 @@ async fn a_crash_after_an_abort_decision_still_voids_everywhere() {
         "the never-reserved credit shard holds a tombstone"
     );
 }
+
+fn admin(
+    address: &str,
+) -> pb::coordinator_admin_client::CoordinatorAdminClient<tonic::transport::Channel> {
+    pb::coordinator_admin_client::CoordinatorAdminClient::new(
+        auticuro::client::channel(address).unwrap(),
+    )
+}
+
+async fn leader_address(platform: &Platform) -> String {
+    let leader = platform.coordinator.leader().await.unwrap();
+    platform
+        .coordinator
+        .replicas
+        .iter()
+        .find(|r| r.node_id == leader)
+        .unwrap()
+        .address
+        .clone()
+}
+
+async fn stop_shard(platform: &mut Platform, shard_id: u32) {
+    for node_id in 1..=3 {
+        platform.storage[(shard_id - 1) as usize]
+            .kill(node_id)
+            .await
+            .unwrap();
+    }
+}
+
+async fn restart_shard(platform: &mut Platform, shard_id: u32) {
+    for node_id in 1..=3 {
+        platform.storage[(shard_id - 1) as usize]
+            .restart(node_id)
+            .await
+            .unwrap();
+    }
+}
+
+/// With the credit shard down, a payment waits in flight; the operator sees it and aborts it;
+/// the debit shard's hold is released and the credit shard is voided when it returns. Watching
+/// the transaction shows each status change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_force_aborts_a_payment_stuck_on_an_unavailable_shard() {
+    let mut platform = Platform::start(&["--reserve-timeout-ms", "60000"]).await;
+    let alice = platform.open(1, "alice", 1_000).await;
+    let bob = platform.open(2, "bob", 0).await;
+    let done_before = platform
+        .pay("before", vec![leg(&alice, -1), leg(&bob, 1)])
+        .await;
+    assert_eq!(platform.in_flight_when_settled().await, 0);
+    stop_shard(&mut platform, 2).await;
+
+    let address = leader_address(&platform).await;
+    let mut client = CoordinatorClient::new(auticuro::client::channel(&address).unwrap());
+    let request = pb::SubmitRequest {
+        tenant_id: "tenant-a".into(),
+        idempotency_key: "stuck".into(),
+        legs: vec![leg(&alice, -100), leg(&bob, 100)],
+        ..Default::default()
+    };
+    let Some(pb::submit_response::Reply::Transaction(stuck)) =
+        client.submit(request).await.unwrap().into_inner().reply
+    else {
+        panic!()
+    };
+    assert_eq!(stuck.status, pb::TransactionStatus::Pending as i32);
+    let mut watch = client
+        .watch_transaction(pb::WatchTransactionRequest {
+            txn_id: stuck.txn_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut admin = admin(&address);
+    let listed = admin
+        .list_in_flight(pb::ListInFlightRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .transactions;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].transaction.as_ref().unwrap().txn_id, stuck.txn_id);
+    // The debit shard holds alice's 100 meanwhile.
+    let held = platform.shard(1).accounts().await.unwrap()[&alice].clone();
+    assert_eq!(minor(&held.pending_out), 100);
+
+    let reply = admin
+        .force_abort(pb::ForceAbortRequest {
+            txn_id: stuck.txn_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    let pb::admin_response::Reply::Transaction(aborted) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(
+        (aborted.status, aborted.abort_reason),
+        (
+            pb::TransactionStatus::Aborted as i32,
+            pb::AbortReason::Forced as i32
+        )
+    );
+    // A decision never changes: forcing the abort of a committed payment is refused.
+    let reply = admin
+        .force_abort(pb::ForceAbortRequest {
+            txn_id: done_before.txn_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    assert_eq!(
+        reply,
+        pb::admin_response::Reply::AlreadyDecided(pb::TransactionStatus::Committed as i32)
+    );
+
+    restart_shard(&mut platform, 2).await;
+    platform
+        .check_invariants(&[done_before, aborted.clone()])
+        .await;
+    // The void reached shard 2 either before the retried reserve (a tombstone) or after it.
+    let legs = platform
+        .shard(2)
+        .transaction_legs(&stuck.txn_id)
+        .await
+        .unwrap();
+    assert!(
+        [
+            ledger::LegState::Tombstone as i32,
+            ledger::LegState::Voided as i32
+        ]
+        .contains(&legs.state),
+        "{legs:?}"
+    );
+    let mut seen = Vec::new();
+    while let Some(change) = futures::StreamExt::next(&mut watch).await {
+        let change = change.unwrap();
+        seen.push((change.status, change.done));
+    }
+    assert_eq!(
+        seen.first(),
+        Some(&(pb::TransactionStatus::Pending as i32, false))
+    );
+    assert_eq!(
+        seen.last(),
+        Some(&(pb::TransactionStatus::Aborted as i32, true))
+    );
+    // A shard asking about a transaction this coordinator never began learns it is aborted.
+    let reply = client
+        .resolve(pb::ResolveRequest {
+            txn_id: "t:never-begun".into(),
+            asking_shard_id: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    assert_eq!(
+        reply,
+        pb::resolve_response::Reply::Decision(pb::TransactionStatus::Aborted as i32)
+    );
+}
+
+/// A storage shard goes down after the commit decision; posts resume when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn posts_resume_when_an_unavailable_shard_returns_after_the_commit_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = dir.path().join("crashed");
+    let mut platform = Platform::start(&[
+        "--crash-at",
+        "after-decide",
+        "--crash-once-file",
+        once.to_str().unwrap(),
+    ])
+    .await;
+    let alice = platform.open(1, "alice", 1_000).await;
+    let bob = platform.open(2, "bob", 0).await;
+    let address = leader_address(&platform).await;
+    let mut client = CoordinatorClient::new(auticuro::client::channel(&address).unwrap());
+    let request = pb::SubmitRequest {
+        tenant_id: "tenant-a".into(),
+        idempotency_key: "late-post".into(),
+        legs: vec![leg(&alice, -300), leg(&bob, 300)],
+        ..Default::default()
+    };
+    client.submit(request).await.unwrap();
+    // The coordinator leader dies right after deciding; take the credit shard down before the
+    // next leader posts.
+    for _ in 0..200 {
+        if once.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(once.exists());
+    stop_shard(&mut platform, 2).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    restart_shard(&mut platform, 2).await;
+    let paid = platform
+        .pay("late-post", vec![leg(&alice, -300), leg(&bob, 300)])
+        .await;
+    assert_eq!(paid.status, pb::TransactionStatus::Committed as i32);
+    platform.check_invariants(std::slice::from_ref(&paid)).await;
+    let balances = platform.balances().await;
+    assert_eq!(
+        (
+            minor(&balances[&alice].balance),
+            minor(&balances[&bob].balance)
+        ),
+        (700, 300)
+    );
+}
