@@ -15,6 +15,7 @@ use auticuro::client::{StorageShards, Unknown};
 use auticuro::convert::{pb_amount, pb_owner};
 use auticuro::ledger::{Leg, Outcome, Owner, TxnId};
 use consensus::{ProposeError, Proposer, Raft, StateMachineStore, now_ms};
+use prometheus_client::metrics::counter::Counter;
 use proto::auticuro::v1 as pb;
 
 use crate::crash;
@@ -31,6 +32,7 @@ pub struct Driver {
     pub proposer: Proposer<CoordinatorMachine>,
     pub storage: Arc<StorageShards>,
     driving: Mutex<HashSet<TxnId>>,
+    retries: Counter,
 }
 
 /// Why driving stopped before the transaction was done.
@@ -68,6 +70,7 @@ impl Driver {
         machine: StateMachineStore<CoordinatorMachine>,
         proposer: Proposer<CoordinatorMachine>,
         storage: Arc<StorageShards>,
+        retries: Counter,
     ) -> Arc<Driver> {
         Arc::new(Driver {
             owner,
@@ -76,6 +79,7 @@ impl Driver {
             proposer,
             storage,
             driving: Mutex::default(),
+            retries,
         })
     }
 
@@ -349,7 +353,9 @@ impl Driver {
             {
                 Ok(result) => return result,
                 Err(unknown) => {
-                    tracing::warn!(shard = shard_id, error = %unknown, request_id = %command.request_id, "still unknown; retrying")
+                    self.retries.inc();
+                    let request_id = &command.request_id;
+                    tracing::warn!(shard = shard_id, error = %unknown, %request_id, "still unknown; retrying");
                 }
             }
         }

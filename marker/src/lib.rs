@@ -6,6 +6,7 @@
 pub mod crash;
 pub mod driver;
 pub mod machine;
+pub mod metrics;
 pub mod saga;
 pub mod server;
 pub mod service;

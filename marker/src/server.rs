@@ -15,6 +15,7 @@ use proto::marker::v1::coordinator_server::CoordinatorServer;
 
 use crate::driver::Driver;
 use crate::machine::CoordinatorMachine;
+use crate::metrics::CoordinatorMetrics;
 use crate::service::CoordinatorService;
 
 #[derive(Clone, Debug)]
@@ -39,7 +40,7 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<Replica> {
         !options.storage_shards.is_empty(),
         "at least one storage shard is required"
     );
-    let group = Group::<CoordinatorMachine>::start(&GroupOptions {
+    let mut group = Group::<CoordinatorMachine>::start(&GroupOptions {
         kind: "marker",
         group_id: options.coordinator_shard_id,
         node_id: options.node_id,
@@ -55,12 +56,15 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<Replica> {
     };
     let storage = Arc::new(StorageShards::new(options.storage_shards.clone()));
     let raft = group.raft.clone();
+    let metrics = CoordinatorMetrics::register(&mut group.registry);
+    tokio::spawn(metrics.clone().follow(group.machine.clone()));
     let driver = Driver::new(
         owner,
         raft.clone(),
         group.machine.clone(),
         group.proposer.clone(),
         storage,
+        metrics.retries.clone(),
     );
     tokio::spawn(driver.clone().resume_on_leadership());
     let service = CoordinatorService {

@@ -41,6 +41,34 @@ async fn cross_shard_payments_commit_or_abort_atomically() {
     assert_eq!(minor(&balances[&bob].balance), 300);
     assert_eq!(minor(&balances[&carol].balance), 100);
     platform.check_invariants(&[paid, local, refused]).await;
+
+    // Every coordinator replica counts the same decisions from its replicated log.
+    let expected = [
+        "marker_transactions_submitted_total 3",
+        r#"marker_transactions_decided_total{decision="commit",reason=""} 2"#,
+        r#"marker_transactions_decided_total{decision="abort",reason="rejected"} 1"#,
+        "marker_in_flight 0",
+    ];
+    for replica in &platform.coordinator.replicas {
+        let mut body = String::new();
+        for _ in 0..100 {
+            body = integration_tests::http_get(&replica.address, "/metrics")
+                .await
+                .unwrap()
+                .1;
+            if expected.iter().all(|line| body.contains(line)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for line in expected {
+            assert!(
+                body.contains(line),
+                "node {} lacks {line}:\n{body}",
+                replica.node_id
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
