@@ -7,6 +7,7 @@ pub mod client;
 pub mod convert;
 pub mod ledger;
 pub mod machine;
+pub mod resolver;
 pub mod routing;
 pub mod server;
 pub mod service;

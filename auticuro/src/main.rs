@@ -43,6 +43,25 @@ struct Settings {
     /// How often the leader proposes pruning of expired request ids, in seconds [default: 3600].
     #[arg(long, env = "AUTICURO_DEDUP_PRUNE_INTERVAL_SECONDS")]
     dedup_prune_interval_seconds: Option<u64>,
+    /// A coordinator shard and its replicas, `ID=ADDRESS,ADDRESS,…` (repeat for each), asked
+    /// about stale holds.
+    #[arg(long = "coordinator-shard", value_parser = auticuro::client::parse_shard_spec)]
+    #[serde(default, deserialize_with = "shard_specs")]
+    coordinator_shards: Vec<(u32, Vec<String>)>,
+    /// A hold older than this many seconds makes the shard ask its owner [default: 60].
+    #[arg(long, env = "AUTICURO_STALE_HOLD_AFTER_SECONDS")]
+    stale_hold_after_seconds: Option<u64>,
+}
+
+/// Config files list coordinator shards as strings in the flag's `ID=ADDRESS,…` form.
+fn shard_specs<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<(u32, Vec<String>)>, D::Error> {
+    let specs: Vec<String> = Vec::deserialize(deserializer)?;
+    specs
+        .iter()
+        .map(|spec| auticuro::client::parse_shard_spec(spec).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 impl Settings {
@@ -62,6 +81,14 @@ impl Settings {
             dedup_prune_interval_seconds: self
                 .dedup_prune_interval_seconds
                 .or(file.dedup_prune_interval_seconds),
+            coordinator_shards: if self.coordinator_shards.is_empty() {
+                file.coordinator_shards
+            } else {
+                self.coordinator_shards
+            },
+            stale_hold_after_seconds: self
+                .stale_hold_after_seconds
+                .or(file.stale_hold_after_seconds),
         }
     }
 }
@@ -93,6 +120,10 @@ fn load_settings() -> anyhow::Result<auticuro::server::ReplicaOptions> {
                 .dedup_prune_interval_seconds
                 .unwrap_or(3_600)
                 .max(1),
+        ),
+        coordinator_shards: settings.coordinator_shards.into_iter().collect(),
+        stale_hold_after: Duration::from_secs(
+            settings.stale_hold_after_seconds.unwrap_or(60).max(1),
         ),
     })
 }

@@ -10,6 +10,7 @@ use proto::auticuro::v1::ledger_server::LedgerServer;
 
 use crate::ledger::{Command, CommandKind, RequestId};
 use crate::machine::LedgerMachine;
+use crate::resolver::Resolver;
 use crate::service::LedgerService;
 
 #[derive(Clone, Debug)]
@@ -26,6 +27,10 @@ pub struct ReplicaOptions {
     pub dedup_retention: Duration,
     /// How often the leader proposes pruning of expired request ids.
     pub dedup_prune_interval: Duration,
+    /// Coordinator shards with their replica addresses, for resolving stale holds.
+    pub coordinator_shards: std::collections::BTreeMap<u32, Vec<String>>,
+    /// A hold older than this makes the shard ask its owner coordinator for the decision.
+    pub stale_hold_after: Duration,
 }
 
 /// A started replica: the address it listens on, and a future that serves until shutdown.
@@ -56,6 +61,15 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
         options.dedup_retention,
         options.dedup_prune_interval,
     ));
+    let resolver = Resolver {
+        shard_id: options.shard_id,
+        raft: raft.clone(),
+        machine: machine.clone(),
+        proposer: proposer.clone(),
+        coordinators: options.coordinator_shards.clone(),
+        stale_after: options.stale_hold_after,
+    };
+    tokio::spawn(resolver.run());
     let ledger = LedgerService {
         shard_id: options.shard_id,
         raft: raft.clone(),

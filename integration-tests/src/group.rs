@@ -183,6 +183,20 @@ impl Group {
         Ok(())
     }
 
+    /// Adds arguments for every replica and restarts them one at a time (a rolling restart:
+    /// the group keeps a leader throughout).
+    pub async fn rolling_restart_with(&mut self, extra_args: &[&str]) -> Result<()> {
+        self.group_args
+            .extend(extra_args.iter().map(|arg| arg.to_string()));
+        let node_ids: Vec<u64> = self.running().map(|replica| replica.node_id).collect();
+        for node_id in node_ids {
+            self.kill(node_id).await?;
+            self.restart(node_id).await?;
+            self.leader().await?;
+        }
+        Ok(())
+    }
+
     pub fn running(&self) -> impl Iterator<Item = &Replica> {
         self.replicas
             .iter()

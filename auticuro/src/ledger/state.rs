@@ -141,6 +141,19 @@ impl Ledger {
         self.transactions.get(id)
     }
 
+    /// Transactions whose legs are still held since before `cutoff_ms` (leader time), by id:
+    /// the stale holds to ask their owner coordinators about.
+    pub fn held_since(&self, cutoff_ms: i64) -> Vec<(TxnId, Owner)> {
+        let mut stale: Vec<(TxnId, Owner)> = self
+            .transactions
+            .iter()
+            .filter(|(_, record)| record.state == LegState::Held && record.at_ms < cutoff_ms)
+            .map(|(txn_id, record)| (txn_id.clone(), record.owner))
+            .collect();
+        stale.sort();
+        stale
+    }
+
     pub fn dedup_record(&self, id: &RequestId) -> Option<&DedupRecord> {
         self.dedup.get(id)
     }

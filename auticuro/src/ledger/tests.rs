@@ -966,6 +966,20 @@ fn bad_reservations_are_rejected_without_any_change() {
     assert!(shard.ledger.transaction(&txn("t1")).is_none());
 }
 
+#[test]
+fn only_holds_older_than_the_cutoff_are_stale() {
+    let mut shard = Shard::with_customers();
+    shard.reserve("t1", COORDINATOR, &[("alice", -10)]);
+    let cutoff = T0 + shard.next_request as i64 + 1;
+    shard.reserve("t2", COORDINATOR, &[("alice", -10)]);
+    shard.reserve("t3", COORDINATOR, &[("alice", -10)]);
+    shard.post("t3", COORDINATOR);
+    assert_eq!(
+        shard.ledger.held_since(cutoff),
+        vec![(txn("t1"), COORDINATOR)]
+    );
+}
+
 // ---- Snapshots and digests ----
 
 #[test]

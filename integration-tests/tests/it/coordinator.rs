@@ -516,3 +516,62 @@ async fn posts_resume_when_an_unavailable_shard_returns_after_the_commit_decisio
         (700, 300)
     );
 }
+
+/// A hold whose owner never decides anything goes stale; the shard asks the owner coordinator,
+/// learns the transaction is aborted, and voids it. Configured by a rolling restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_storage_shard_resolves_a_stale_hold_with_its_owner_coordinator() {
+    let mut platform = Platform::start(&[]).await;
+    let alice = platform.open(1, "alice", 1_000).await;
+    let coordinators: Vec<String> = platform
+        .coordinator
+        .replicas
+        .iter()
+        .map(|r| r.address.clone())
+        .collect();
+    let spec = format!("1={}", coordinators.join(","));
+    platform.storage[0]
+        .rolling_restart_with(&[
+            "--coordinator-shard",
+            &spec,
+            "--stale-hold-after-seconds",
+            "1",
+        ])
+        .await
+        .unwrap();
+
+    // A reserve the coordinator never began (as if sent by a coordinator that then lost it).
+    let orphan = ledger::Command {
+        request_id: "orphan-reserve".into(),
+        kind: Some(ledger::command::Kind::Reserve(ledger::Reserve {
+            txn_id: "t:orphan".into(),
+            owner: Some(ledger::Owner {
+                coordinator_shard_id: 1,
+                epoch: 1,
+            }),
+            legs: vec![leg(&alice, -50)],
+            metadata: HashMap::new(),
+        })),
+    };
+    assert_eq!(
+        platform.shard(1).execute(orphan).await.unwrap().outcome,
+        ledger::Outcome::Ok as i32
+    );
+    let mut state = ledger::LegState::Held as i32;
+    for _ in 0..100 {
+        state = platform
+            .shard(1)
+            .transaction_legs("t:orphan")
+            .await
+            .unwrap()
+            .state;
+        if state != ledger::LegState::Held as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, ledger::LegState::Voided as i32);
+    let accounts = platform.shard(1).accounts().await.unwrap();
+    assert_eq!(minor(&accounts[&alice].pending_out), 0);
+    assert_eq!(minor(&accounts[&alice].balance), 1_000);
+}
