@@ -141,6 +141,50 @@ impl ShardClient {
     }
 }
 
+impl ShardClient {
+    /// How many transactions of a coordinator still hold legs on this shard (asked of the
+    /// leader, following redirects, until `deadline`).
+    pub async fn count_holds(
+        &self,
+        coordinator_shard_id: u32,
+        deadline: Instant,
+    ) -> Result<u64, Unknown> {
+        let mut attempt = 0usize;
+        let mut last_error = String::from("no attempt made");
+        while Instant::now() < deadline {
+            attempt += 1;
+            let (address, mut client) = match self.ledger(attempt) {
+                Ok(found) => found,
+                Err(error) => {
+                    last_error = error;
+                    continue;
+                }
+            };
+            let mut request = tonic::Request::new(pb::CountHoldsRequest {
+                coordinator_shard_id,
+            });
+            request.set_timeout(ATTEMPT_TIMEOUT);
+            match client
+                .count_holds(request)
+                .await
+                .map(|reply| reply.into_inner().reply)
+            {
+                Ok(Some(pb::count_holds_response::Reply::Held(held))) => return Ok(held),
+                Ok(Some(pb::count_holds_response::Reply::Redirect(redirect))) => {
+                    self.remember_leader(redirect.leader_address)
+                }
+                Ok(None) => last_error = format!("empty reply from {address}"),
+                Err(status) => {
+                    last_error = format!("{address}: {status}");
+                    self.remember_leader(None);
+                }
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        Err(Unknown { last_error })
+    }
+}
+
 /// Every storage shard and the slot table that routes accounts to them.
 pub struct StorageShards {
     slots: crate::routing::SlotTable,

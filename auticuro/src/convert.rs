@@ -150,6 +150,10 @@ pub fn command(command: Option<&pb::Command>) -> Result<Command, Invalid> {
         Kind::PruneDedup(prune) => CommandKind::PruneDedup {
             older_than_ms: prune.older_than_ms,
         },
+        Kind::FenceCoordinator(fence) => CommandKind::FenceCoordinator {
+            coordinator_shard_id: fence.coordinator_shard_id,
+            below_epoch: fence.below_epoch,
+        },
     };
     Ok(Command { request_id, kind })
 }
@@ -324,6 +328,13 @@ pub fn pb_command(command: &Command) -> pb::Command {
         }),
         CommandKind::PruneDedup { older_than_ms } => Kind::PruneDedup(pb::PruneDedup {
             older_than_ms: *older_than_ms,
+        }),
+        CommandKind::FenceCoordinator {
+            coordinator_shard_id,
+            below_epoch,
+        } => Kind::FenceCoordinator(pb::FenceCoordinator {
+            coordinator_shard_id: *coordinator_shard_id,
+            below_epoch: *below_epoch,
         }),
     };
     pb::Command {

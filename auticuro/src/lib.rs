@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod fencer;
 pub mod ledger;
 pub mod machine;
 pub mod resolver;

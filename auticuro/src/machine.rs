@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::ledger::{
-    Account, AccountId, Command, DedupRecord, Event, Ledger, LedgerState, Outcome, RequestId,
-    TxnId, TxnRecord,
+    Account, AccountId, Command, CommandKind, DedupRecord, Event, Ledger, LedgerState, Outcome,
+    RequestId, TxnId, TxnRecord,
 };
 
 const ACCOUNTS: &str = "accounts";
@@ -15,6 +15,7 @@ const TRANSACTIONS: &str = "transactions";
 const DEDUP: &str = "dedup";
 const LEDGER_META: &str = "ledger_meta";
 const LAST_SEQ: &[u8] = b"last_seq";
+const FENCES: &[u8] = b"fences";
 
 /// What a command returns to its caller once applied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +74,7 @@ impl LedgerMachine {
             writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));
         }
         writes.put(LEDGER_META, LAST_SEQ, &encode(&state.last_seq));
+        writes.put(LEDGER_META, FENCES, &encode(&state.fences));
     }
 }
 
@@ -117,11 +119,16 @@ impl App for LedgerMachine {
             .iter()
             .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
             .collect::<Result<_, Error>>()?;
+        let fences = match store.get(LEDGER_META, FENCES)? {
+            Some(bytes) => decode("fences", &bytes)?,
+            None => Vec::new(),
+        };
         let ledger = Ledger::import(LedgerState {
             last_seq,
             accounts,
             transactions,
             dedup,
+            fences,
         });
         let (applied_seq, _) = watch::channel(last_seq);
         Ok(LedgerMachine {
@@ -143,6 +150,9 @@ impl App for LedgerMachine {
             }
             event_log::append(writes, event.seq, event);
             writes.put(LEDGER_META, LAST_SEQ, &encode(&event.seq));
+            if matches!(event.command.kind, CommandKind::FenceCoordinator { .. }) {
+                writes.put(LEDGER_META, FENCES, &encode(&self.ledger.fences()));
+            }
         }
         for (txn_id, record) in &applied.changes.transactions {
             writes.put(TRANSACTIONS, txn_id.as_str().as_bytes(), &encode(record));

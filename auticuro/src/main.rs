@@ -51,6 +51,11 @@ struct Settings {
     /// A hold older than this many seconds makes the shard ask its owner [default: 60].
     #[arg(long, env = "AUTICURO_STALE_HOLD_AFTER_SECONDS")]
     stale_hold_after_seconds: Option<u64>,
+    /// Replicas of the topology group, `ADDRESS,ADDRESS,…`, watched to fence removed
+    /// coordinators.
+    #[arg(long, env = "AUTICURO_TOPOLOGY", value_delimiter = ',')]
+    #[serde(default)]
+    topology: Vec<String>,
 }
 
 /// Config files list coordinator shards as strings in the flag's `ID=ADDRESS,…` form.
@@ -89,6 +94,11 @@ impl Settings {
             stale_hold_after_seconds: self
                 .stale_hold_after_seconds
                 .or(file.stale_hold_after_seconds),
+            topology: if self.topology.is_empty() {
+                file.topology
+            } else {
+                self.topology
+            },
         }
     }
 }
@@ -125,6 +135,7 @@ fn load_settings() -> anyhow::Result<auticuro::server::ReplicaOptions> {
         stale_hold_after: Duration::from_secs(
             settings.stale_hold_after_seconds.unwrap_or(60).max(1),
         ),
+        topology: settings.topology,
     })
 }
 

@@ -31,6 +31,8 @@ pub struct ReplicaOptions {
     pub coordinator_shards: std::collections::BTreeMap<u32, Vec<String>>,
     /// A hold older than this makes the shard ask its owner coordinator for the decision.
     pub stale_hold_after: Duration,
+    /// Replicas of the topology group, watched to fence removed coordinators (none: no fencing).
+    pub topology: Vec<String>,
 }
 
 /// A started replica: the address it listens on, and a future that serves until shutdown.
@@ -70,6 +72,15 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
         stale_after: options.stale_hold_after,
     };
     tokio::spawn(resolver.run());
+    if !options.topology.is_empty() {
+        let fencing = crate::fencer::fence_removed_coordinators(
+            raft.clone(),
+            machine.clone(),
+            proposer.clone(),
+            options.topology.clone(),
+        );
+        tokio::spawn(fencing);
+    }
     let ledger = LedgerService {
         shard_id: options.shard_id,
         raft: raft.clone(),

@@ -58,6 +58,7 @@ fn kind_label(command: &Command) -> &'static str {
         CommandKind::Post { .. } => "post",
         CommandKind::Void { .. } => "void",
         CommandKind::PruneDedup { .. } => "prune_dedup",
+        CommandKind::FenceCoordinator { .. } => "fence_coordinator",
     }
 }
 
@@ -247,6 +248,24 @@ impl LedgerRpc for LedgerService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(receiver),
         )))
+    }
+
+    async fn count_holds(
+        &self,
+        request: Request<pb::CountHoldsRequest>,
+    ) -> Result<Response<pb::CountHoldsResponse>, Status> {
+        use pb::count_holds_response::Reply;
+        if self.raft.ensure_linearizable().await.is_err() {
+            let reply = Reply::Redirect(self.current_redirect());
+            return Ok(Response::new(pb::CountHoldsResponse { reply: Some(reply) }));
+        }
+        let coordinator_shard_id = request.into_inner().coordinator_shard_id;
+        let held = self
+            .machine
+            .read(|machine| machine.ledger().holds_owned_by(coordinator_shard_id));
+        Ok(Response::new(pb::CountHoldsResponse {
+            reply: Some(Reply::Held(held as u64)),
+        }))
     }
 
     async fn read_events(

@@ -92,6 +92,20 @@ impl Group {
         Group::start("marker", coordinator_shard_id, size, group_args).await
     }
 
+    /// The topology group: `size` `marker-topology` replicas, initialized (empty topology).
+    pub async fn topology(size: u64) -> Result<Group> {
+        Group::start("marker-topology", 0, size, Vec::new()).await
+    }
+
+    /// The addresses of every replica, comma-separated, as flags take them.
+    pub fn addresses(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|replica| replica.address.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     async fn start(
         binary: &'static str,
         shard_id: u32,

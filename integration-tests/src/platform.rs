@@ -20,6 +20,9 @@ pub const SHARDS: [u32; 2] = [1, 2];
 pub struct Platform {
     pub storage: Vec<Group>,
     pub coordinator: Group,
+    /// More coordinator shards (ids 2, 3, …) and the topology group, when started with one.
+    pub more_coordinators: Vec<Group>,
+    pub topology: Option<Group>,
 }
 
 pub fn amount(value: i128) -> Option<Amount> {
@@ -51,6 +54,72 @@ impl Platform {
         Platform {
             storage,
             coordinator,
+            more_coordinators: Vec::new(),
+            topology: None,
+        }
+    }
+
+    /// A topology group, two storage shards that watch it, and `coordinators` coordinator
+    /// shards (ids 1, 2, …) under it, all active at epoch 1.
+    pub async fn start_with_topology(coordinators: u32) -> Platform {
+        let topology = Group::topology(3).await.unwrap();
+        let watch = ["--topology", &topology.addresses()].map(str::to_owned);
+        let watch: Vec<&str> = watch.iter().map(String::as_str).collect();
+        let (first, second) =
+            tokio::join!(Group::storage(1, 3, &watch), Group::storage(2, 3, &watch));
+        let storage = vec![first.unwrap(), second.unwrap()];
+        let mut groups = Vec::new();
+        for id in 1..=coordinators {
+            groups.push(
+                Group::coordinator(id, 3, &[&storage[0], &storage[1]], &watch)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let client = marker::topology::TopologyClient::new(
+            topology
+                .replicas
+                .iter()
+                .map(|r| r.address.clone())
+                .collect(),
+        );
+        let address_list = |group: &Group| {
+            group
+                .replicas
+                .iter()
+                .map(|r| r.address.clone())
+                .collect::<Vec<_>>()
+        };
+        let storage_shards: BTreeMap<u32, Vec<String>> = storage
+            .iter()
+            .map(|g| (g.shard_id, address_list(g)))
+            .collect();
+        let coordinator_entries: BTreeMap<u32, marker::topology::CoordinatorEntry> = groups
+            .iter()
+            .map(|g| {
+                let entry = marker::topology::CoordinatorEntry {
+                    state: marker::topology::CoordinatorState::Active,
+                    epoch: 1,
+                    replicas: address_list(g),
+                };
+                (g.shard_id, entry)
+            })
+            .collect();
+        client
+            .update(|current| {
+                current.storage_shards = storage_shards.clone();
+                current.coordinators = coordinator_entries.clone();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let mut groups = groups.into_iter();
+        let coordinator = groups.next().expect("at least one coordinator shard");
+        Platform {
+            storage,
+            coordinator,
+            more_coordinators: groups.collect(),
+            topology: Some(topology),
         }
     }
 

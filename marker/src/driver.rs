@@ -21,12 +21,15 @@ use proto::auticuro::v1 as pb;
 use crate::crash;
 use crate::machine::CoordinatorMachine;
 use crate::saga::{AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, Transaction};
+use crate::topology::CoordinatorEntry;
 
 /// How long one round of a must-succeed step (post, void) retries before starting over.
 const ROUND: Duration = Duration::from_secs(5);
 
 pub struct Driver {
-    pub owner: Owner,
+    pub coordinator_shard_id: u32,
+    /// This coordinator shard's entry in the topology (none when run without one).
+    pub entry: tokio::sync::watch::Receiver<Option<CoordinatorEntry>>,
     pub raft: Raft<CoordinatorMachine>,
     pub machine: StateMachineStore<CoordinatorMachine>,
     pub proposer: Proposer<CoordinatorMachine>,
@@ -65,7 +68,8 @@ fn outcome_of(result: &pb::CommandResult) -> Outcome {
 
 impl Driver {
     pub fn new(
-        owner: Owner,
+        coordinator_shard_id: u32,
+        entry: tokio::sync::watch::Receiver<Option<CoordinatorEntry>>,
         raft: Raft<CoordinatorMachine>,
         machine: StateMachineStore<CoordinatorMachine>,
         proposer: Proposer<CoordinatorMachine>,
@@ -73,7 +77,8 @@ impl Driver {
         retries: Counter,
     ) -> Arc<Driver> {
         Arc::new(Driver {
-            owner,
+            coordinator_shard_id,
+            entry,
             raft,
             machine,
             proposer,
@@ -81,6 +86,20 @@ impl Driver {
             driving: Mutex::default(),
             retries,
         })
+    }
+
+    /// This coordinator as the owner of its reservations, at its current topology epoch.
+    pub fn owner(&self) -> Owner {
+        let epoch = self
+            .entry
+            .borrow()
+            .as_ref()
+            .map(|entry| entry.epoch)
+            .unwrap_or(1);
+        Owner {
+            coordinator_shard_id: self.coordinator_shard_id,
+            epoch,
+        }
     }
 
     /// Starts driving a transaction unless it is already being driven (or done).
@@ -233,7 +252,7 @@ impl Driver {
                 request_id: format!("{}/reserve/{}", transaction.txn_id, group.shard_id),
                 kind: Some(pb::command::Kind::Reserve(pb::Reserve {
                     txn_id: transaction.txn_id.to_string(),
-                    owner: Some(pb_owner(&self.owner)),
+                    owner: Some(pb_owner(&self.owner())),
                     legs: group.legs.iter().map(leg_message).collect(),
                     metadata: Default::default(),
                 })),
@@ -284,7 +303,7 @@ impl Driver {
                 BTreeMap::new()
             };
         }
-        let owner = Some(pb_owner(&self.owner));
+        let owner = Some(pb_owner(&self.owner()));
         let txn_id = transaction.txn_id.to_string();
         let (step, kind) = match decision {
             Decision::Commit => (

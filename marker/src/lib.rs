@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod saga;
 pub mod server;
 pub mod service;
+pub mod topology;

@@ -26,6 +26,10 @@ struct Args {
     /// How long reservations may take before a transaction is aborted, in milliseconds.
     #[arg(long, env = "MARKER_RESERVE_TIMEOUT_MS", default_value_t = 10_000)]
     reserve_timeout_ms: u64,
+    /// Replicas of the topology group, `ADDRESS,ADDRESS,…`: gives this shard its state
+    /// (active, draining, removed) and epoch, and enables draining.
+    #[arg(long, env = "MARKER_TOPOLOGY", value_delimiter = ',')]
+    topology: Vec<String>,
     /// Failure tests only: abort at this protocol step (see `marker::crash`).
     #[arg(long, hide = true, requires = "crash_once_file")]
     crash_at: Option<String>,
@@ -53,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         storage_shards: args.storage_shards.into_iter().collect(),
         reserve_timeout: Duration::from_millis(args.reserve_timeout_ms),
+        topology: args.topology,
     })
     .await?;
     println!("ready {}", replica.address);

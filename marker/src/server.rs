@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auticuro::client::StorageShards;
-use auticuro::ledger::Owner;
 use consensus::{Group, GroupOptions};
 use proto::marker::v1::coordinator_admin_server::CoordinatorAdminServer;
 use proto::marker::v1::coordinator_server::CoordinatorServer;
@@ -17,6 +16,7 @@ use crate::driver::Driver;
 use crate::machine::CoordinatorMachine;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::CoordinatorService;
+use crate::topology::TopologyClient;
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
@@ -28,6 +28,8 @@ pub struct CoordinatorOptions {
     pub storage_shards: BTreeMap<u32, Vec<String>>,
     /// How long reservations may take before a transaction is aborted.
     pub reserve_timeout: Duration,
+    /// Replicas of the topology group (none: always active, no draining).
+    pub topology: Vec<String>,
 }
 
 pub struct Replica {
@@ -49,17 +51,22 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<Replica> {
         logs_kept_after_snapshot: 1_000,
     })
     .await?;
-    // The epoch fences a removed coordinator once the topology service assigns epochs.
-    let owner = Owner {
-        coordinator_shard_id: options.coordinator_shard_id,
-        epoch: 1,
-    };
+    let (entry_sender, entry) = tokio::sync::watch::channel(None);
+    let topology =
+        (!options.topology.is_empty()).then(|| TopologyClient::new(options.topology.clone()));
+    if let Some(client) = &topology {
+        let id = options.coordinator_shard_id;
+        tokio::spawn(client.clone().watch(move |topology| {
+            entry_sender.send_replace(topology.coordinators.get(&id).cloned());
+        }));
+    }
     let storage = Arc::new(StorageShards::new(options.storage_shards.clone()));
     let raft = group.raft.clone();
     let metrics = CoordinatorMetrics::register(&mut group.registry);
     tokio::spawn(metrics.clone().follow(group.machine.clone()));
     let driver = Driver::new(
-        owner,
+        options.coordinator_shard_id,
+        entry,
         raft.clone(),
         group.machine.clone(),
         group.proposer.clone(),
@@ -71,6 +78,7 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<Replica> {
         coordinator_shard_id: options.coordinator_shard_id,
         driver,
         reserve_timeout: options.reserve_timeout,
+        topology,
     };
     let routes = group
         .routes()

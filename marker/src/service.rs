@@ -20,6 +20,7 @@ use crate::saga::{
     self, AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, LifecycleEvent,
     LifecycleKind, NewTransaction, Transaction,
 };
+use crate::topology::{CoordinatorState, TopologyClient, state_message};
 
 /// The longest a submit waits for the decision.
 pub const SUBMIT_WAIT_MAX: Duration = Duration::from_secs(30);
@@ -33,7 +34,12 @@ pub struct CoordinatorService {
     pub driver: Arc<Driver>,
     /// How long reservations may take before the transaction is aborted.
     pub reserve_timeout: Duration,
+    /// The topology group, when this shard runs under one.
+    pub topology: Option<TopologyClient>,
 }
+
+/// How often a draining shard checks whether it has finished its work.
+const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 pub fn transaction_message(
     coordinator_shard_id: u32,
@@ -180,6 +186,52 @@ impl CoordinatorService {
         }
     }
 
+    /// This shard's state: from the topology, or always active without one.
+    fn state(&self) -> CoordinatorState {
+        match (&self.topology, self.driver.entry.borrow().as_ref()) {
+            (None, _) => CoordinatorState::Active,
+            (Some(_), Some(entry)) => entry.state,
+            // Not in the topology (yet): take no new work.
+            (Some(_), None) => CoordinatorState::Removed,
+        }
+    }
+
+    /// Once nothing is in flight here and no storage shard holds a leg of this shard, marks it
+    /// removed in the topology.
+    async fn finish_drain(self, topology: TopologyClient) {
+        loop {
+            tokio::time::sleep(DRAIN_CHECK_INTERVAL).await;
+            let in_flight = self
+                .driver
+                .machine
+                .read(|machine| machine.coordinator().in_flight_count());
+            if in_flight > 0 || self.state() != CoordinatorState::Draining {
+                continue;
+            }
+            let mut holds = 0;
+            for shard in self.driver.storage.shards() {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                holds += shard
+                    .count_holds(self.coordinator_shard_id, deadline)
+                    .await
+                    .unwrap_or(u64::MAX)
+                    .min(1);
+            }
+            if holds > 0 {
+                continue;
+            }
+            match topology
+                .set_coordinator_state(self.coordinator_shard_id, CoordinatorState::Removed)
+                .await
+            {
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "marking the drained shard removed failed; retrying")
+                }
+            }
+        }
+    }
+
     fn parse_txn_id(text: &str) -> Result<TxnId, Status> {
         TxnId::parse(text).map_err(|_| Status::invalid_argument("invalid txn id"))
     }
@@ -219,6 +271,28 @@ impl CoordinatorRpc for CoordinatorService {
         };
         if let Err(rejection) = check_transaction_legs(&legs) {
             return invalid(rejection.outcome);
+        }
+        if self.state() != CoordinatorState::Active {
+            // Draining or removed: new work goes to an active shard. Transactions begun here
+            // before still finish here; a retry of one is answered below from the log.
+            let begun = self.read(&saga::txn_id_for(
+                &request.tenant_id,
+                &request.idempotency_key,
+            ));
+            if let Some(transaction) = begun {
+                return Ok(Response::new(pb::SubmitResponse {
+                    reply: Some(Reply::Transaction(self.message(&transaction))),
+                }));
+            }
+            let version = self
+                .driver
+                .entry
+                .borrow()
+                .as_ref()
+                .map(|entry| entry.epoch)
+                .unwrap_or(0);
+            let reply = Reply::NotAccepting(pb::TopologyVersion { version });
+            return Ok(Response::new(pb::SubmitResponse { reply: Some(reply) }));
         }
         let storage = &self.driver.storage;
         let new = NewTransaction {
@@ -431,7 +505,7 @@ impl CoordinatorAdmin for CoordinatorService {
         });
         Ok(Response::new(pb::CoordinatorStatusResponse {
             coordinator_shard_id: self.coordinator_shard_id,
-            state: pb::CoordinatorShardState::Active as i32,
+            state: state_message(self.state()) as i32,
             in_flight: in_flight as u64,
             oldest_in_flight_age_ms: oldest
                 .map(|begun| now_ms().saturating_sub(begun))
@@ -516,8 +590,27 @@ impl CoordinatorAdmin for CoordinatorService {
         &self,
         _: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
-        Err(Status::unimplemented(
-            "draining needs the topology service, which is not built yet",
-        ))
+        let Some(topology) = self.topology.clone() else {
+            return Err(Status::failed_precondition(
+                "this coordinator shard runs without a topology",
+            ));
+        };
+        if self.state() == CoordinatorState::Active {
+            topology
+                .set_coordinator_state(self.coordinator_shard_id, CoordinatorState::Draining)
+                .await
+                .map_err(Status::unavailable)?;
+        }
+        if self.state() != CoordinatorState::Removed {
+            tokio::spawn(self.clone().finish_drain(topology));
+        }
+        let in_flight = self
+            .driver
+            .machine
+            .read(|machine| machine.coordinator().in_flight_count()) as u64;
+        Ok(Response::new(pb::DrainResponse {
+            state: state_message(self.state()) as i32,
+            in_flight,
+        }))
     }
 }

@@ -86,6 +86,11 @@ pub enum CommandKind {
     PruneDedup {
         older_than_ms: i64,
     },
+    /// Refuses two-phase messages of a coordinator with an epoch below `below_epoch`.
+    FenceCoordinator {
+        coordinator_shard_id: u32,
+        below_epoch: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

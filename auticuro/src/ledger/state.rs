@@ -106,6 +106,7 @@ pub struct LedgerState {
     pub accounts: Vec<Account>,
     pub transactions: Vec<(TxnId, TxnRecord)>,
     pub dedup: Vec<(RequestId, DedupRecord)>,
+    pub fences: Vec<(u32, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +116,8 @@ pub struct Ledger {
     dedup: HashMap<RequestId, DedupRecord>,
     /// Scale of every currency seen on this shard; fixed by its first account.
     scales: BTreeMap<Currency, u8>,
+    /// Per coordinator shard, the lowest epoch still allowed to send two-phase messages.
+    fences: BTreeMap<u32, u64>,
     last_seq: u64,
 }
 
@@ -233,6 +236,15 @@ impl Ledger {
         for request_id in &effect.dedup_removed {
             self.dedup.remove(request_id);
         }
+        if let CommandKind::FenceCoordinator {
+            coordinator_shard_id,
+            below_epoch,
+        } = command.kind
+        {
+            let fence = self.fences.entry(coordinator_shard_id).or_default();
+            // Fences only ever rise.
+            *fence = (*fence).max(below_epoch);
+        }
         let record = DedupRecord {
             fingerprint: [0; 32],
             outcome: Outcome::Ok,
@@ -255,6 +267,12 @@ impl Ledger {
     }
 
     fn execute(&self, kind: &CommandKind, timestamp_ms: i64) -> Result<Effect, Rejection> {
+        if let CommandKind::Reserve { owner, .. }
+        | CommandKind::Post { owner, .. }
+        | CommandKind::Void { owner, .. } = kind
+        {
+            self.check_fence(*owner)?;
+        }
         match kind {
             CommandKind::CreateAccount {
                 account_id,
@@ -286,6 +304,7 @@ impl Ledger {
             CommandKind::Post { txn_id, owner } => self.post(txn_id, *owner),
             CommandKind::Void { txn_id, owner } => self.void(txn_id, *owner, timestamp_ms),
             CommandKind::PruneDedup { older_than_ms } => Ok(self.prune_dedup(*older_than_ms)),
+            CommandKind::FenceCoordinator { .. } => Ok(Effect::accounts(Vec::new())),
         }
     }
 
@@ -537,6 +556,34 @@ impl Ledger {
         }
     }
 
+    fn check_fence(&self, owner: Owner) -> Result<(), Rejection> {
+        match self.fences.get(&owner.coordinator_shard_id) {
+            Some(below_epoch) if owner.epoch < *below_epoch => {
+                Err(Rejection::new(Outcome::CoordinatorFenced))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The fence of every coordinator shard ever fenced, by id.
+    pub fn fences(&self) -> Vec<(u32, u64)> {
+        self.fences
+            .iter()
+            .map(|(id, epoch)| (*id, *epoch))
+            .collect()
+    }
+
+    /// How many transactions of a coordinator still hold legs here.
+    pub fn holds_owned_by(&self, coordinator_shard_id: u32) -> usize {
+        self.transactions
+            .values()
+            .filter(|record| {
+                record.state == LegState::Held
+                    && record.owner.coordinator_shard_id == coordinator_shard_id
+            })
+            .count()
+    }
+
     fn prune_dedup(&self, older_than_ms: i64) -> Effect {
         let mut removed: Vec<RequestId> = self
             .dedup
@@ -622,6 +669,7 @@ impl Ledger {
             accounts,
             transactions,
             dedup,
+            fences: self.fences(),
         }
     }
 
@@ -642,6 +690,7 @@ impl Ledger {
             transactions: state.transactions.into_iter().collect(),
             dedup: state.dedup.into_iter().collect(),
             scales,
+            fences: state.fences.into_iter().collect(),
             last_seq: state.last_seq,
         }
     }

@@ -967,6 +967,51 @@ fn bad_reservations_are_rejected_without_any_change() {
 }
 
 #[test]
+fn a_fenced_coordinator_can_neither_reserve_nor_settle_and_fences_only_rise() {
+    let mut shard = Shard::with_customers();
+    shard.reserve("t1", COORDINATOR, &[("alice", -10)]);
+    assert_eq!(
+        shard
+            .ledger
+            .holds_owned_by(COORDINATOR.coordinator_shard_id),
+        1
+    );
+    let fence = |below_epoch| CommandKind::FenceCoordinator {
+        coordinator_shard_id: 1,
+        below_epoch,
+    };
+    assert!(shard.run(fence(2)).outcome.is_ok());
+    assert!(shard.run(fence(1)).outcome.is_ok());
+    assert_eq!(shard.ledger.fences(), vec![(1, 2)]);
+    for kind in [
+        CommandKind::Post {
+            txn_id: txn("t1"),
+            owner: COORDINATOR,
+        },
+        CommandKind::Void {
+            txn_id: txn("t1"),
+            owner: COORDINATOR,
+        },
+        CommandKind::Reserve {
+            txn_id: txn("t2"),
+            owner: COORDINATOR,
+            legs: vec![leg("alice", -1)],
+            metadata: Metadata::default(),
+        },
+    ] {
+        shard.assert_rejected(kind, Outcome::CoordinatorFenced);
+    }
+    // The same coordinator shard at the new epoch is not fenced.
+    let renewed = Owner {
+        coordinator_shard_id: 1,
+        epoch: 2,
+    };
+    assert!(shard.post("t1", renewed).outcome.is_ok());
+    assert_eq!(shard.ledger.holds_owned_by(1), 0);
+    assert_eq!(Ledger::import(shard.ledger.export()).fences(), vec![(1, 2)]);
+}
+
+#[test]
 fn only_holds_older_than_the_cutoff_are_stale() {
     let mut shard = Shard::with_customers();
     shard.reserve("t1", COORDINATOR, &[("alice", -10)]);

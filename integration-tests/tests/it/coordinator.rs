@@ -575,3 +575,219 @@ async fn a_storage_shard_resolves_a_stale_hold_with_its_owner_coordinator() {
     assert_eq!(minor(&accounts[&alice].pending_out), 0);
     assert_eq!(minor(&accounts[&alice].balance), 1_000);
 }
+
+/// Submits to a coordinator shard's leader; `None` when it answers with anything but a decided
+/// transaction or a refusal to take new work.
+async fn submit_to(
+    group: &integration_tests::group::Group,
+    request: &pb::SubmitRequest,
+) -> Option<pb::submit_response::Reply> {
+    let leader = group.leader().await.ok()?;
+    let address = group
+        .replicas
+        .iter()
+        .find(|r| r.node_id == leader)?
+        .address
+        .clone();
+    let mut client = CoordinatorClient::new(auticuro::client::channel(&address).ok()?);
+    match client
+        .submit(request.clone())
+        .await
+        .ok()?
+        .into_inner()
+        .reply?
+    {
+        pb::submit_response::Reply::Transaction(t)
+            if t.status == pb::TransactionStatus::Pending as i32 =>
+        {
+            None
+        }
+        reply => Some(reply),
+    }
+}
+
+/// Draining a coordinator shard while payments flow: new payments move to the active shard,
+/// nothing fails or applies twice, the drained shard is removed once it owns no work, its old
+/// keys still find their transactions, and storage shards fence it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_a_coordinator_under_load_moves_new_work_and_fences_it_once_removed() {
+    let platform = Platform::start_with_topology(2).await;
+    let alice = platform.open(1, "alice", 100_000).await;
+    let bob = platform.open(2, "bob", 100_000).await;
+    let coordinators = [&platform.coordinator, &platform.more_coordinators[0]];
+    let acknowledged = std::sync::atomic::AtomicUsize::new(0);
+    let drained = tokio::sync::Notify::new();
+
+    let client = |c: usize| {
+        let (alice, bob, acknowledged, drained) = (&alice, &bob, &acknowledged, &drained);
+        async move {
+            let mut decided = Vec::new();
+            for i in 0..15i128 {
+                let (from, to) = if (c as i128 + i) % 2 == 0 {
+                    (alice, bob)
+                } else {
+                    (bob, alice)
+                };
+                let request = pb::SubmitRequest {
+                    tenant_id: "tenant-a".into(),
+                    idempotency_key: format!("drain-{c}-{i}"),
+                    legs: vec![leg(from, -(i + 1)), leg(to, i + 1)],
+                    metadata: HashMap::new(),
+                    wait: true,
+                    wait_ms_max: 10_000,
+                };
+                let mut target = 0;
+                let transaction = loop {
+                    match submit_to(coordinators[target], &request).await {
+                        Some(pb::submit_response::Reply::Transaction(t)) => break t,
+                        Some(pb::submit_response::Reply::NotAccepting(_)) => target = 1,
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                };
+                if acknowledged.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == 12 {
+                    drained.notify_one();
+                }
+                decided.push((request.idempotency_key.clone(), transaction));
+            }
+            decided
+        }
+    };
+    let drain = async {
+        drained.notified().await;
+        let leader = platform.coordinator.leader().await.unwrap();
+        let address = platform
+            .coordinator
+            .replicas
+            .iter()
+            .find(|r| r.node_id == leader)
+            .unwrap()
+            .address
+            .clone();
+        let mut admin = pb::coordinator_admin_client::CoordinatorAdminClient::new(
+            auticuro::client::channel(&address).unwrap(),
+        );
+        admin.drain(pb::DrainRequest {}).await.unwrap().into_inner()
+    };
+    let (results, drain_reply) = tokio::join!(futures::future::join_all((0..4).map(client)), drain);
+    assert_ne!(drain_reply.state, pb::CoordinatorShardState::Active as i32);
+    let all: Vec<(String, pb::Transaction)> = results.into_iter().flatten().collect();
+    assert_eq!(all.len(), 60);
+    assert!(
+        all.iter()
+            .all(|(_, t)| t.status == pb::TransactionStatus::Committed as i32)
+    );
+    let on_second = all
+        .iter()
+        .filter(|(_, t)| t.coordinator_shard_id == 2)
+        .count();
+    assert!(
+        on_second > 0,
+        "new work moved to the active coordinator shard"
+    );
+
+    // The drained shard ends removed, with nothing in flight.
+    let topology = marker::topology::TopologyClient::new(
+        platform
+            .topology
+            .as_ref()
+            .unwrap()
+            .replicas
+            .iter()
+            .map(|r| r.address.clone())
+            .collect(),
+    );
+    let mut state = None;
+    for _ in 0..200 {
+        state = topology
+            .get()
+            .await
+            .unwrap()
+            .coordinators
+            .get(&1)
+            .map(|entry| entry.state);
+        if state == Some(marker::topology::CoordinatorState::Removed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, Some(marker::topology::CoordinatorState::Removed));
+
+    // A retry of a key begun on the drained shard finds the same transaction there.
+    let (key, first) = all
+        .iter()
+        .find(|(_, t)| t.coordinator_shard_id == 1)
+        .expect("some payments ran on shard 1");
+    let retry = pb::SubmitRequest {
+        tenant_id: "tenant-a".into(),
+        idempotency_key: key.clone(),
+        legs: first.legs.clone(),
+        wait: true,
+        wait_ms_max: 1_000,
+        ..Default::default()
+    };
+    let Some(pb::submit_response::Reply::Transaction(again)) =
+        submit_to(&platform.coordinator, &retry).await
+    else {
+        panic!("the old key was not found")
+    };
+    assert_eq!(
+        (again.txn_id.as_str(), again.status),
+        (
+            first.txn_id.as_str(),
+            pb::TransactionStatus::Committed as i32
+        )
+    );
+
+    // Storage shards fence the removed coordinator: its late messages change nothing.
+    let late = ledger::Command {
+        request_id: "late-reserve".into(),
+        kind: Some(ledger::command::Kind::Reserve(ledger::Reserve {
+            txn_id: "t:late".into(),
+            owner: Some(ledger::Owner {
+                coordinator_shard_id: 1,
+                epoch: 3,
+            }),
+            legs: vec![leg(&alice, -1)],
+            metadata: HashMap::new(),
+        })),
+    };
+    let mut outcome = 0;
+    for attempt in 0..100 {
+        let mut command = late.clone();
+        command.request_id = format!("late-reserve-{attempt}");
+        outcome = platform.shard(1).execute(command).await.unwrap().outcome;
+        if outcome == ledger::Outcome::CoordinatorFenced as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(outcome, ledger::Outcome::CoordinatorFenced as i32);
+
+    // Exactly once: every payment moved its amount once between alice and bob.
+    let transactions: Vec<pb::Transaction> = all.iter().map(|(_, t)| t.clone()).collect();
+    let mut expected_alice: i128 = 100_000;
+    for t in &transactions {
+        for l in &t.legs {
+            if l.account_id == alice {
+                expected_alice += minor(&l.amount);
+            }
+        }
+    }
+    // The fenced late reserve may have been accepted before the fence; void it to settle.
+    let void = ledger::Command {
+        request_id: "void-late".into(),
+        kind: Some(ledger::command::Kind::Void(ledger::Void {
+            txn_id: "t:late".into(),
+            owner: Some(ledger::Owner {
+                coordinator_shard_id: 1,
+                epoch: 5,
+            }),
+        })),
+    };
+    platform.shard(1).execute(void).await.unwrap();
+    assert_eq!(
+        minor(&platform.balances().await[&alice].balance),
+        expected_alice
+    );
+    platform.check_invariants(&transactions).await;
+}
