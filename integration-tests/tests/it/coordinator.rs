@@ -791,3 +791,39 @@ async fn draining_a_coordinator_under_load_moves_new_work_and_fences_it_once_rem
     );
     platform.check_invariants(&transactions).await;
 }
+
+/// With the credit shard down past the reservation deadline, the payment aborts by itself; the
+/// debit shard's hold is released, and the credit shard is voided when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_aborts_at_its_deadline_when_a_shard_stays_unavailable() {
+    let mut platform = Platform::start(&["--reserve-timeout-ms", "1500"]).await;
+    let alice = platform.open(1, "alice", 1_000).await;
+    let bob = platform.open(2, "bob", 0).await;
+    stop_shard(&mut platform, 2).await;
+    let late = platform
+        .pay("deadline", vec![leg(&alice, -100), leg(&bob, 100)])
+        .await;
+    assert_eq!(
+        (late.status, late.abort_reason),
+        (
+            pb::TransactionStatus::Aborted as i32,
+            pb::AbortReason::Deadline as i32
+        )
+    );
+    // The void on the debit shard does not wait for the unavailable credit shard.
+    let mut alice_now = platform.shard(1).accounts().await.unwrap()[&alice].clone();
+    for _ in 0..100 {
+        if minor(&alice_now.pending_out) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        alice_now = platform.shard(1).accounts().await.unwrap()[&alice].clone();
+    }
+    assert_eq!(
+        (minor(&alice_now.balance), minor(&alice_now.pending_out)),
+        (1_000, 0),
+        "the debit hold is released"
+    );
+    restart_shard(&mut platform, 2).await;
+    platform.check_invariants(std::slice::from_ref(&late)).await;
+}
