@@ -89,17 +89,18 @@ impl ShardClient {
         *self.leader.lock().expect("no poisoned lock") = address;
     }
 
-    /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
-    pub async fn execute(
-        &self,
-        command: pb::Command,
-        deadline: Instant,
-    ) -> Result<pb::CommandResult, Unknown> {
+    /// Calls the leader (following redirects) until `call` gives an answer or `deadline`
+    /// passes; a transport error or an unknown leader leads to the next replica after a pause.
+    async fn on_leader<T, F, Fut>(&self, deadline: Instant, mut call: F) -> Result<T, Unknown>
+    where
+        F: FnMut(LedgerClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<Answer<T>, tonic::Status>>,
+    {
         let mut attempt = 0usize;
         let mut last_error = String::from("no attempt made");
         while Instant::now() < deadline {
             attempt += 1;
-            let (address, mut client) = match self.ledger(attempt) {
+            let (address, client) = match self.ledger(attempt) {
                 Ok(found) => found,
                 Err(error) => {
                     last_error = error;
@@ -107,41 +108,51 @@ impl ShardClient {
                     continue;
                 }
             };
-            let mut request = tonic::Request::new(pb::ExecuteRequest {
-                command: Some(command.clone()),
-            });
-            request.set_timeout(
-                ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())),
-            );
-            match client
-                .execute(request)
-                .await
-                .map(|reply| reply.into_inner().reply)
-            {
-                Ok(Some(pb::execute_response::Reply::Result(result))) => {
+            let timeout = ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+            match call(client, timeout).await {
+                Ok(Answer::Done(answer)) => {
                     self.remember_leader(Some(address));
-                    return Ok(result);
+                    return Ok(answer);
                 }
-                Ok(Some(pb::execute_response::Reply::Redirect(redirect))) => {
+                Ok(Answer::Redirect(Some(leader))) => {
                     last_error = format!("redirected by {address}");
-                    if redirect.leader_address.is_none() {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                    self.remember_leader(redirect.leader_address);
+                    self.remember_leader(Some(leader));
+                    continue;
                 }
-                Ok(None) => last_error = format!("empty reply from {address}"),
-                Err(status) => {
-                    last_error = format!("{address}: {status}");
-                    self.remember_leader(None);
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
+                Ok(Answer::Redirect(None)) => last_error = format!("{address} knows no leader"),
+                Ok(Answer::Empty) => last_error = format!("empty reply from {address}"),
+                Err(status) => last_error = format!("{address}: {status}"),
             }
+            self.remember_leader(None);
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
         Err(Unknown { last_error })
     }
-}
 
-impl ShardClient {
+    /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
+    pub async fn execute(
+        &self,
+        command: pb::Command,
+        deadline: Instant,
+    ) -> Result<pb::CommandResult, Unknown> {
+        self.on_leader(deadline, |mut client, timeout| {
+            let mut request = tonic::Request::new(pb::ExecuteRequest {
+                command: Some(command.clone()),
+            });
+            request.set_timeout(timeout);
+            async move {
+                Ok(match client.execute(request).await?.into_inner().reply {
+                    Some(pb::execute_response::Reply::Result(result)) => Answer::Done(result),
+                    Some(pb::execute_response::Reply::Redirect(redirect)) => {
+                        Answer::Redirect(redirect.leader_address)
+                    }
+                    None => Answer::Empty,
+                })
+            }
+        })
+        .await
+    }
+
     /// How many transactions of a coordinator still hold legs on this shard (asked of the
     /// leader, following redirects, until `deadline`).
     pub async fn count_holds(
@@ -149,40 +160,33 @@ impl ShardClient {
         coordinator_shard_id: u32,
         deadline: Instant,
     ) -> Result<u64, Unknown> {
-        let mut attempt = 0usize;
-        let mut last_error = String::from("no attempt made");
-        while Instant::now() < deadline {
-            attempt += 1;
-            let (address, mut client) = match self.ledger(attempt) {
-                Ok(found) => found,
-                Err(error) => {
-                    last_error = error;
-                    continue;
-                }
-            };
+        self.on_leader(deadline, |mut client, timeout| {
             let mut request = tonic::Request::new(pb::CountHoldsRequest {
                 coordinator_shard_id,
             });
-            request.set_timeout(ATTEMPT_TIMEOUT);
-            match client
-                .count_holds(request)
-                .await
-                .map(|reply| reply.into_inner().reply)
-            {
-                Ok(Some(pb::count_holds_response::Reply::Held(held))) => return Ok(held),
-                Ok(Some(pb::count_holds_response::Reply::Redirect(redirect))) => {
-                    self.remember_leader(redirect.leader_address)
-                }
-                Ok(None) => last_error = format!("empty reply from {address}"),
-                Err(status) => {
-                    last_error = format!("{address}: {status}");
-                    self.remember_leader(None);
-                }
+            request.set_timeout(timeout);
+            async move {
+                Ok(
+                    match client.count_holds(request).await?.into_inner().reply {
+                        Some(pb::count_holds_response::Reply::Held(held)) => Answer::Done(held),
+                        Some(pb::count_holds_response::Reply::Redirect(redirect)) => {
+                            Answer::Redirect(redirect.leader_address)
+                        }
+                        None => Answer::Empty,
+                    },
+                )
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
-        }
-        Err(Unknown { last_error })
+        })
+        .await
     }
+}
+
+/// What one call to a replica gave.
+enum Answer<T> {
+    Done(T),
+    /// Not the leader; the leader's address when the replica knows it.
+    Redirect(Option<String>),
+    Empty,
 }
 
 /// Every storage shard and the slot table that routes accounts to them.

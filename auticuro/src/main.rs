@@ -141,14 +141,7 @@ fn load_settings() -> anyhow::Result<auticuro::server::ReplicaOptions> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    consensus::init_logging();
     let replica = auticuro::server::start(load_settings()?).await?;
-    // The readiness line the launcher and the test harness wait for.
-    println!("ready {}", replica.address);
-    replica.serve.await
+    replica.announce_and_serve().await
 }

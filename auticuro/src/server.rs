@@ -35,13 +35,7 @@ pub struct ReplicaOptions {
     pub topology: Vec<String>,
 }
 
-/// A started replica: the address it listens on, and a future that serves until shutdown.
-pub struct Replica {
-    pub address: SocketAddr,
-    pub serve: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>,
-}
-
-pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
+pub async fn start(options: ReplicaOptions) -> anyhow::Result<consensus::Replica> {
     let mut group = Group::<LedgerMachine>::start(&GroupOptions {
         kind: "auticuro",
         group_id: options.shard_id,
@@ -89,11 +83,7 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<Replica> {
         commands,
     };
     let routes = group.routes().await?.add_service(LedgerServer::new(ledger));
-    let (address, serving) = consensus::serve(options.listen, routes, raft).await?;
-    Ok(Replica {
-        address,
-        serve: Box::pin(serving),
-    })
+    consensus::serve(options.listen, routes, raft).await
 }
 
 /// Idempotency records expire by a replicated command, never by a local timer on each replica:

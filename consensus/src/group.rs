@@ -95,13 +95,37 @@ impl<A: App> Group<A> {
     }
 }
 
-/// Binds `listen`, and returns the bound address and a future serving `routes` (gRPC, and HTTP/1.1
-/// for `/metrics`) until Ctrl-C, after which Raft shuts down.
+/// A started replica: the address it listens on and the future that serves it until Ctrl-C.
+pub struct Replica {
+    pub address: SocketAddr,
+    pub serve: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>,
+}
+
+impl Replica {
+    /// Prints the readiness line `ready ADDRESS` that launchers and tests wait for, then serves.
+    pub async fn announce_and_serve(self) -> anyhow::Result<()> {
+        println!("ready {}", self.address);
+        self.serve.await
+    }
+}
+
+/// Logs to standard error, filtered by `RUST_LOG` (warnings and errors by default).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Binds `listen` and returns the replica serving `routes` (gRPC, and HTTP/1.1 for `/metrics`)
+/// until Ctrl-C, after which Raft shuts down.
 pub async fn serve<A: App>(
     listen: SocketAddr,
     routes: Routes,
     raft: Raft<A>,
-) -> anyhow::Result<(SocketAddr, impl Future<Output = anyhow::Result<()>> + Send)> {
+) -> anyhow::Result<Replica> {
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
     let router = tonic::transport::Server::builder()
@@ -120,5 +144,8 @@ pub async fn serve<A: App>(
             .map_err(|error| anyhow::anyhow!("raft shutdown: {error}"))?;
         Ok(())
     };
-    Ok((address, serving))
+    Ok(Replica {
+        address,
+        serve: Box::pin(serving),
+    })
 }

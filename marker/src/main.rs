@@ -40,12 +40,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    consensus::init_logging();
     let args = Args::parse();
     if let (Some(step), Some(file)) = (args.crash_at.clone(), args.crash_once_file.clone()) {
         marker::crash::arm(step, file);
@@ -60,6 +55,5 @@ async fn main() -> anyhow::Result<()> {
         topology: args.topology,
     })
     .await?;
-    println!("ready {}", replica.address);
-    replica.serve.await
+    replica.announce_and_serve().await
 }

@@ -32,12 +32,7 @@ pub struct CoordinatorOptions {
     pub topology: Vec<String>,
 }
 
-pub struct Replica {
-    pub address: SocketAddr,
-    pub serve: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>,
-}
-
-pub async fn start(options: CoordinatorOptions) -> anyhow::Result<Replica> {
+pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Replica> {
     anyhow::ensure!(
         !options.storage_shards.is_empty(),
         "at least one storage shard is required"
@@ -85,9 +80,5 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<Replica> {
         .await?
         .add_service(CoordinatorServer::new(service.clone()))
         .add_service(CoordinatorAdminServer::new(service));
-    let (address, serving) = consensus::serve(options.listen, routes, raft).await?;
-    Ok(Replica {
-        address,
-        serve: Box::pin(serving),
-    })
+    consensus::serve(options.listen, routes, raft).await
 }

@@ -23,12 +23,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    consensus::init_logging();
     let args = Args::parse();
     let group = Group::<TopologyMachine>::start(&GroupOptions {
         kind: "topology",
@@ -49,7 +44,8 @@ async fn main() -> anyhow::Result<()> {
         .routes()
         .await?
         .add_service(TopologyServiceServer::new(server));
-    let (address, serving) = consensus::serve(args.listen, routes, raft).await?;
-    println!("ready {address}");
-    serving.await
+    consensus::serve(args.listen, routes, raft)
+        .await?
+        .announce_and_serve()
+        .await
 }
