@@ -96,9 +96,9 @@ pub enum Error {
 pub fn raft_config(cluster_name: &str) -> openraft::Config {
     openraft::Config {
         cluster_name: cluster_name.to_owned(),
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
         // Snapshots are sent whole in chunks; give each chunk room on a loaded machine.
         install_snapshot_timeout: 5_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
