@@ -62,6 +62,9 @@ pub fn open_storage<A: App>(
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
+    // Write back flushed and compacted data as it goes, so a memtable flush never leaves a large
+    // dirty backlog in front of the log's fsync (which otherwise stalls commits for ~200 ms).
+    options.set_bytes_per_sync(1 << 20);
     let families = [LOG, RAFT_META, SM_META]
         .iter()
         .chain(A::COLUMN_FAMILIES)
