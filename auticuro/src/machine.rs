@@ -14,7 +14,6 @@ const ACCOUNTS: &str = "accounts";
 const TRANSACTIONS: &str = "transactions";
 const DEDUP: &str = "dedup";
 const LEDGER_META: &str = "ledger_meta";
-const LAST_SEQ: &[u8] = b"last_seq";
 const FENCES: &[u8] = b"fences";
 
 /// What a command returns to its caller once applied.
@@ -73,7 +72,6 @@ impl LedgerMachine {
         for (request_id, record) in &state.dedup {
             writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));
         }
-        writes.put(LEDGER_META, LAST_SEQ, &encode(&state.last_seq));
         writes.put(LEDGER_META, FENCES, &encode(&state.fences));
     }
 }
@@ -104,10 +102,7 @@ impl App for LedgerMachine {
     ];
 
     fn load(store: &AppStore) -> Result<Self, Error> {
-        let last_seq = match store.get(LEDGER_META, LAST_SEQ)? {
-            Some(bytes) => decode("last seq", &bytes)?,
-            None => 0,
-        };
+        let last_seq = event_log::last_seq(store)?;
         let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
         let transactions: Vec<(TxnId, TxnRecord)> = store
             .scan_from(TRANSACTIONS, &[], usize::MAX)?
@@ -149,7 +144,6 @@ impl App for LedgerMachine {
                 writes.put(ACCOUNTS, account.id.as_str().as_bytes(), &encode(account));
             }
             event_log::append(writes, event.seq, event);
-            writes.put(LEDGER_META, LAST_SEQ, &encode(&event.seq));
             if matches!(event.command.kind, CommandKind::FenceCoordinator { .. }) {
                 writes.put(LEDGER_META, FENCES, &encode(&self.ledger.fences()));
             }

@@ -56,6 +56,18 @@ impl AppStore {
         Ok(self.db.get_cf(&cf, key)?)
     }
 
+    /// The greatest key of a column family, if it has any.
+    pub fn last_key(&self, column_family: &str) -> Result<Option<Vec<u8>>, Error> {
+        let cf = self
+            .db
+            .cf_handle(column_family)
+            .expect("application column families are opened");
+        match self.db.iterator_cf(&cf, rocksdb::IteratorMode::End).next() {
+            Some(item) => Ok(Some(item?.0.to_vec())),
+            None => Ok(None),
+        }
+    }
+
     /// Key/value pairs of a column family from `start` on, in key order, at most `limit`.
     pub fn scan_from(
         &self,

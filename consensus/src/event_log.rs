@@ -17,6 +17,19 @@ fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
+/// The seq of the last event in the log (0 when empty): the log is the record of it, so no
+/// separate counter is stored.
+pub fn last_seq(store: &AppStore) -> Result<u64, Error> {
+    match store.last_key(EVENTS)? {
+        Some(key) => Ok(u64::from_be_bytes(
+            key.as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("event key".into()))?,
+        )),
+        None => Ok(0),
+    }
+}
+
 pub fn append<E: Serialize>(writes: &mut Writes<'_>, seq: u64, event: &E) {
     writes.put(EVENTS, &key(seq), &encode(event));
 }

@@ -11,8 +11,6 @@ use crate::saga::{
 };
 
 const TRANSACTIONS: &str = "coordinator_transactions";
-const META: &str = "coordinator_meta";
-const LAST_SEQ: &[u8] = b"last_seq";
 
 #[derive(Serialize, Deserialize)]
 struct CoordinatorSnapshot {
@@ -48,13 +46,10 @@ impl App for CoordinatorMachine {
     type Request = CoordinatorCommand;
     type Response = CoordinatorResponse;
 
-    const COLUMN_FAMILIES: &'static [&'static str] = &[TRANSACTIONS, META, event_log::EVENTS];
+    const COLUMN_FAMILIES: &'static [&'static str] = &[TRANSACTIONS, event_log::EVENTS];
 
     fn load(store: &AppStore) -> Result<Self, Error> {
-        let last_seq = match store.get(META, LAST_SEQ)? {
-            Some(bytes) => decode("last seq", &bytes)?,
-            None => 0,
-        };
+        let last_seq = event_log::last_seq(store)?;
         let transactions = store
             .scan_from(TRANSACTIONS, &[], usize::MAX)?
             .iter()
@@ -81,7 +76,6 @@ impl App for CoordinatorMachine {
         if let Some(event) = event {
             Self::write_transaction(&event.transaction, writes);
             event_log::append(writes, event.seq, &event);
-            writes.put(META, LAST_SEQ, &encode(&event.seq));
         }
         response
     }
@@ -109,7 +103,6 @@ impl App for CoordinatorMachine {
         for event in &snapshot.events {
             event_log::append(writes, event.seq, event);
         }
-        writes.put(META, LAST_SEQ, &encode(&snapshot.state.last_seq));
         self.coordinator = Coordinator::import(snapshot.state);
         Ok(())
     }
