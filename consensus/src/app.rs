@@ -41,6 +41,9 @@ impl Writes<'_> {
     }
 }
 
+/// One key/value pair of a column family.
+pub type Row = (Vec<u8>, Vec<u8>);
+
 /// Read access to the application's column families, for loading state and serving reads.
 #[derive(Clone)]
 pub struct AppStore {
@@ -74,7 +77,7 @@ impl AppStore {
         column_family: &str,
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    ) -> Result<Vec<Row>, Error> {
         let cf = self
             .db
             .cf_handle(column_family)

@@ -316,6 +316,9 @@ impl<A: App> StateMachineStore<A> {
 
 impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<C<A>>> {
+        // Applied state is written without fsync (the log replays it); once a snapshot lets the
+        // log be purged, that state must be durable first.
+        self.db.flush_wal(true).map_err(write_error)?;
         let stored = {
             let state = self.state.read().expect("no poisoned lock");
             let data = state.app.snapshot(&self.store()).map_err(read_error)?;

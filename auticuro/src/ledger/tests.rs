@@ -1106,7 +1106,7 @@ fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
         Op::Batch { legs: raw } => {
             let mut legs = legs(raw);
             let sum: i128 = legs.iter().map(|l| l.amount.0).sum();
-            if index % 3 != 0 && sum != 0 {
+            if !index.is_multiple_of(3) && sum != 0 {
                 legs.push(leg("sys:funding:USD", -sum));
             }
             CommandKind::Batch {
