@@ -316,11 +316,12 @@ impl<A: App> StateMachineStore<A> {
 
 impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<C<A>>> {
-        // Applied state is written without fsync (the log replays it); once a snapshot lets the
-        // log be purged, that state must be durable first.
-        self.db.flush_wal(true).map_err(write_error)?;
         let stored = {
             let state = self.state.read().expect("no poisoned lock");
+            // Applied state is written without fsync (the log replays it); once this snapshot
+            // lets the log be purged, everything it covers must be durable. Under the read lock
+            // nothing is being applied, so the sync covers exactly `last_applied`.
+            self.db.flush_wal(true).map_err(write_error)?;
             let data = state.app.snapshot(&self.store()).map_err(read_error)?;
             let index = state.last_applied.map(|id| id.index).unwrap_or(0);
             let meta = SnapshotMeta {
