@@ -21,6 +21,8 @@ use crate::machine::{LedgerMachine, read_events};
 
 /// The longest a `min_seq` read waits for the replica to catch up.
 pub const READ_WAIT_MAX: Duration = Duration::from_secs(5);
+/// The most commands one `ExecuteMany` call carries.
+pub const EXECUTE_MANY_COMMANDS_MAX: usize = 1_024;
 /// The most events one `ReadEvents` call returns.
 pub const READ_EVENTS_LIMIT_MAX: u32 = 10_000;
 
@@ -63,6 +65,47 @@ fn kind_label(command: &Command) -> &'static str {
 }
 
 impl LedgerService {
+    /// Validates, replicates and applies one command; a malformed one gets its typed outcome
+    /// without reaching Raft.
+    async fn execute_one(
+        &self,
+        command: Option<&pb::Command>,
+    ) -> Result<pb::ExecuteResponse, Status> {
+        let command = match convert::command(command) {
+            Ok(command) => command,
+            Err(invalid) => {
+                self.count("invalid", invalid);
+                let reply = pb::execute_response::Reply::Result(convert::rejection(invalid));
+                return Ok(pb::ExecuteResponse { reply: Some(reply) });
+            }
+        };
+        let kind = kind_label(&command);
+        let reply = match self.proposer.propose(command).await {
+            Ok(result) => {
+                self.count(kind, result.outcome);
+                pb::execute_response::Reply::Result(convert::command_result(&result))
+            }
+            Err(ProposeError::NotLeader {
+                leader_id,
+                leader_address,
+            }) => pb::execute_response::Reply::Redirect(self.redirect(leader_id, leader_address)),
+            Err(ProposeError::Overloaded) => {
+                return Err(Status::resource_exhausted("overloaded, retry later"));
+            }
+            Err(ProposeError::Unavailable(message)) => return Err(Status::unavailable(message)),
+        };
+        Ok(pb::ExecuteResponse { reply: Some(reply) })
+    }
+
+    fn count(&self, kind: &'static str, outcome: crate::ledger::Outcome) {
+        self.commands
+            .get_or_create(&vec![
+                ("kind", kind.to_owned()),
+                ("outcome", format!("{outcome:?}")),
+            ])
+            .inc();
+    }
+
     fn redirect(&self, leader_id: Option<u64>, leader_address: Option<String>) -> Redirect {
         consensus::redirect(self.shard_id, leader_id, leader_address)
     }
@@ -90,40 +133,30 @@ impl LedgerRpc for LedgerService {
         &self,
         request: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
-        let command = match convert::command(request.get_ref().command.as_ref()) {
-            Ok(command) => command,
-            Err(invalid) => {
-                self.commands
-                    .get_or_create(&vec![
-                        ("kind", "invalid".to_owned()),
-                        ("outcome", format!("{invalid:?}")),
-                    ])
-                    .inc();
-                let reply = pb::execute_response::Reply::Result(convert::rejection(invalid));
-                return Ok(Response::new(pb::ExecuteResponse { reply: Some(reply) }));
-            }
-        };
-        let kind = kind_label(&command);
-        let reply = match self.proposer.propose(command).await {
-            Ok(result) => {
-                self.commands
-                    .get_or_create(&vec![
-                        ("kind", kind.to_owned()),
-                        ("outcome", format!("{:?}", result.outcome)),
-                    ])
-                    .inc();
-                pb::execute_response::Reply::Result(convert::command_result(&result))
-            }
-            Err(ProposeError::NotLeader {
-                leader_id,
-                leader_address,
-            }) => pb::execute_response::Reply::Redirect(self.redirect(leader_id, leader_address)),
-            Err(ProposeError::Overloaded) => {
-                return Err(Status::resource_exhausted("overloaded, retry later"));
-            }
-            Err(ProposeError::Unavailable(message)) => return Err(Status::unavailable(message)),
-        };
-        Ok(Response::new(pb::ExecuteResponse { reply: Some(reply) }))
+        Ok(Response::new(
+            self.execute_one(request.get_ref().command.as_ref()).await?,
+        ))
+    }
+
+    async fn execute_many(
+        &self,
+        request: Request<pb::ExecuteManyRequest>,
+    ) -> Result<Response<pb::ExecuteManyResponse>, Status> {
+        let commands = &request.get_ref().commands;
+        if commands.len() > EXECUTE_MANY_COMMANDS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "at most {EXECUTE_MANY_COMMANDS_MAX} commands per call"
+            )));
+        }
+        // Proposed concurrently, so group commit packs them into as few Raft entries as it can.
+        let results = futures::future::join_all(
+            commands
+                .iter()
+                .map(|command| self.execute_one(Some(command))),
+        )
+        .await;
+        let responses = results.into_iter().collect::<Result<Vec<_>, Status>>()?;
+        Ok(Response::new(pb::ExecuteManyResponse { responses }))
     }
 
     async fn get_account(

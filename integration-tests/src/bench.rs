@@ -27,8 +27,12 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
-pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
-    histogram.saturating_record(latency.as_micros().min(u128::from(u64::MAX)) as u64);
+/// Records `count` operations that all took `latency` (one call carrying several operations).
+pub fn record(histogram: &mut Histogram<u64>, latency: Duration, count: u64) {
+    let micros = latency.as_micros().clamp(1, 60_000_000) as u64;
+    histogram
+        .record_n(micros, count)
+        .expect("the value is within the histogram's bounds");
 }
 
 #[derive(Serialize)]

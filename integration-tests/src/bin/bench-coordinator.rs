@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 if !committed {
                     rejected.fetch_add(1, Ordering::Relaxed);
                 }
-                bench::record(&mut histogram, sent.elapsed());
+                bench::record(&mut histogram, sent.elapsed(), 1);
             }
             anyhow::Ok(histogram)
         }));

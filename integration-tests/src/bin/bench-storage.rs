@@ -30,6 +30,11 @@ struct Args {
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Transfers per call: 1 sends each with `Execute`; more send them together with
+    /// `ExecuteMany` (independent transfers, one round trip), as a gateway packing concurrent
+    /// requests would. Latency is the call's, counted for each transfer in it.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// gRPC connections shared by the clients.
     #[arg(long, default_value_t = 8)]
     connections: usize,
@@ -49,6 +54,7 @@ enum Traffic {
 struct Report {
     benchmark: &'static str,
     replicas: u32,
+    transfers_per_call: usize,
     accounts: usize,
     phases: Vec<PhaseReport>,
     failover_ms: f64,
@@ -137,33 +143,41 @@ async fn run_phase(
         let accounts = args.accounts;
         let clients_total = args.clients;
         let rejected = rejected.clone();
-        let period = rate.map(|rate| Duration::from_secs_f64(args.clients as f64 / rate));
+        let batch = args.batch.max(1);
+        let period = rate.map(|rate| Duration::from_secs_f64((args.clients * batch) as f64 / rate));
         tasks.push(tokio::spawn(async move {
             let mut histogram = bench::histogram();
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1));
             // Open-loop clients start spread over one period, so the load is smooth, not bursts.
             let mut scheduled = Instant::now() + period.map(|period| period.mul_f64(index as f64 / clients_total as f64)).unwrap_or_default();
             while Instant::now() < deadline {
-                let from = pick(&mut rng, traffic, accounts);
-                let mut to = pick(&mut rng, traffic, accounts);
-                if to == from {
-                    to = (from + 1) % accounts;
-                }
-                let request_id = format!("b-{}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
+                let commands: Vec<pb::Command> = (0..batch)
+                    .map(|_| {
+                        let from = pick(&mut rng, traffic, accounts);
+                        let mut to = pick(&mut rng, traffic, accounts);
+                        if to == from {
+                            to = (from + 1) % accounts;
+                        }
+                        let request_id = format!("b-{}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
+                        transfer(request_id, &account(from), &account(to), "1")
+                    })
+                    .collect();
                 match period {
                     Some(_) => tokio::time::sleep_until(scheduled.into()).await,
                     None => scheduled = Instant::now(),
                 }
-                let command = transfer(request_id, &account(from), &account(to), "1");
-                let reply = client.execute(pb::ExecuteRequest { command: Some(command) }).await?;
-                let accepted = matches!(
-                    reply.into_inner().reply,
-                    Some(pb::execute_response::Reply::Result(result)) if result.outcome == pb::Outcome::Ok as i32
-                );
-                if !accepted {
-                    rejected.fetch_add(1, Ordering::Relaxed);
-                }
-                bench::record(&mut histogram, scheduled.elapsed());
+                let replies = if batch == 1 {
+                    let command = commands.into_iter().next();
+                    vec![client.execute(pb::ExecuteRequest { command }).await?.into_inner()]
+                } else {
+                    client.execute_many(pb::ExecuteManyRequest { commands }).await?.into_inner().responses
+                };
+                let accepted = |reply: &pb::ExecuteResponse| {
+                    matches!(&reply.reply, Some(pb::execute_response::Reply::Result(result)) if result.outcome == pb::Outcome::Ok as i32)
+                };
+                let refused = replies.iter().filter(|reply| !accepted(reply)).count() as u64;
+                rejected.fetch_add(refused, Ordering::Relaxed);
+                bench::record(&mut histogram, scheduled.elapsed(), batch as u64);
                 if let Some(period) = period {
                     scheduled += period;
                 }
@@ -219,7 +233,10 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let mut phases = Vec::new();
-    eprintln!("uniform, {} clients, {} s…", args.clients, args.seconds);
+    eprintln!(
+        "uniform, {} clients × {} transfers per call, {} s…",
+        args.clients, args.batch, args.seconds
+    );
     phases.push(run_phase("uniform, max", clients(), &args, Traffic::Uniform, None).await?);
     eprintln!("skewed (80% on 1% of accounts)…");
     phases.push(run_phase("skewed, max", clients(), &args, Traffic::Skewed, None).await?);
@@ -243,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
     let report = Report {
         benchmark: "storage-single-shard",
         replicas: 3,
+        transfers_per_call: args.batch,
         accounts: args.accounts,
         phases,
         failover_ms,

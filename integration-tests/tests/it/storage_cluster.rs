@@ -538,3 +538,58 @@ async fn reads_are_linearizable_on_the_leader_and_bounded_by_min_seq_on_follower
     };
     assert_eq!((lag.applied_seq, lag.min_seq), (3, 99));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn execute_many_answers_each_command_in_order_and_each_stays_idempotent() {
+    let shard = Group::storage(8, 3, &[]).await.unwrap();
+    let accounts = open_accounts(&shard, 2).await;
+    let leader = shard.leader().await.unwrap();
+    let commands = vec![
+        command("many-1", transfer(&accounts[0], &accounts[1], 10)),
+        command("many-2", transfer("bad id!", &accounts[1], 10)),
+        command("many-1", transfer(&accounts[0], &accounts[1], 10)),
+        command("many-3", transfer(&accounts[1], &accounts[0], 5_000)),
+    ];
+    let mut client = shard.ledger(leader).await.unwrap();
+    let responses = client
+        .execute_many(pb::ExecuteManyRequest { commands })
+        .await
+        .unwrap()
+        .into_inner()
+        .responses;
+    let results: Vec<(i32, bool)> = responses
+        .into_iter()
+        .map(|response| match response.reply {
+            Some(pb::execute_response::Reply::Result(result)) => (result.outcome, result.duplicate),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    // The two copies of many-1 race inside one call; exactly one applies, the other is its duplicate.
+    assert_eq!(results[0].0, pb::Outcome::Ok as i32);
+    assert_eq!(results[2].0, pb::Outcome::Ok as i32);
+    assert!(
+        results[0].1 ^ results[2].1,
+        "exactly one of the two copies is the duplicate: {results:?}"
+    );
+    assert_eq!(results[1], (pb::Outcome::InvalidAccountId as i32, false));
+    assert_eq!(results[3], (pb::Outcome::InsufficientFunds as i32, false));
+    assert_eq!(balance(&shard, leader, &accounts[1]).await, 1_010);
+    // A follower refuses with a redirect for every command.
+    let follower = shard
+        .running()
+        .map(|replica| replica.node_id)
+        .find(|id| *id != leader)
+        .unwrap();
+    let mut on_follower = shard.ledger(follower).await.unwrap();
+    let commands = vec![command("many-4", transfer(&accounts[0], &accounts[1], 1))];
+    let responses = on_follower
+        .execute_many(pb::ExecuteManyRequest { commands })
+        .await
+        .unwrap()
+        .into_inner()
+        .responses;
+    assert!(matches!(
+        responses[0].reply,
+        Some(pb::execute_response::Reply::Redirect(_))
+    ));
+}
