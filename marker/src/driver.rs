@@ -21,15 +21,15 @@ use proto::auticuro::v1 as pb;
 use crate::crash;
 use crate::machine::CoordinatorMachine;
 use crate::saga::{AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, Transaction};
-use crate::topology::CoordinatorEntry;
+use crate::topology::Placement;
 
 /// How long one round of a must-succeed step (post, void) retries before starting over.
 const ROUND: Duration = Duration::from_secs(5);
 
 pub struct Driver {
     pub coordinator_shard_id: u32,
-    /// This coordinator shard's entry in the topology (none when run without one).
-    pub entry: tokio::sync::watch::Receiver<Option<CoordinatorEntry>>,
+    /// This coordinator shard's place in the topology (no entry when run without one).
+    pub placement: tokio::sync::watch::Receiver<Placement>,
     pub raft: Raft<CoordinatorMachine>,
     pub machine: StateMachineStore<CoordinatorMachine>,
     pub proposer: Proposer<CoordinatorMachine>,
@@ -69,7 +69,7 @@ fn outcome_of(result: &pb::CommandResult) -> Outcome {
 impl Driver {
     pub fn new(
         coordinator_shard_id: u32,
-        entry: tokio::sync::watch::Receiver<Option<CoordinatorEntry>>,
+        placement: tokio::sync::watch::Receiver<Placement>,
         raft: Raft<CoordinatorMachine>,
         machine: StateMachineStore<CoordinatorMachine>,
         proposer: Proposer<CoordinatorMachine>,
@@ -78,7 +78,7 @@ impl Driver {
     ) -> Arc<Driver> {
         Arc::new(Driver {
             coordinator_shard_id,
-            entry,
+            placement,
             raft,
             machine,
             proposer,
@@ -91,8 +91,9 @@ impl Driver {
     /// This coordinator as the owner of its reservations, at its current topology epoch.
     pub fn owner(&self) -> Owner {
         let epoch = self
-            .entry
+            .placement
             .borrow()
+            .entry
             .as_ref()
             .map(|entry| entry.epoch)
             .unwrap_or(1);

@@ -16,7 +16,7 @@ use crate::driver::Driver;
 use crate::machine::CoordinatorMachine;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::CoordinatorService;
-use crate::topology::TopologyClient;
+use crate::topology::{Placement, TopologyClient};
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
@@ -46,13 +46,17 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Rep
         logs_kept_after_snapshot: 1_000,
     })
     .await?;
-    let (entry_sender, entry) = tokio::sync::watch::channel(None);
+    let (placement_sender, placement) = tokio::sync::watch::channel(Placement::default());
     let topology =
         (!options.topology.is_empty()).then(|| TopologyClient::new(options.topology.clone()));
     if let Some(client) = &topology {
         let id = options.coordinator_shard_id;
         tokio::spawn(client.clone().watch(move |topology| {
-            entry_sender.send_replace(topology.coordinators.get(&id).cloned());
+            let entry = topology.coordinators.get(&id).cloned();
+            placement_sender.send_replace(Placement {
+                topology_version: topology.version,
+                entry,
+            });
         }));
     }
     let storage = Arc::new(StorageShards::new(options.storage_shards.clone()));
@@ -61,7 +65,7 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Rep
     tokio::spawn(metrics.clone().follow(group.machine.clone()));
     let driver = Driver::new(
         options.coordinator_shard_id,
-        entry,
+        placement,
         raft.clone(),
         group.machine.clone(),
         group.proposer.clone(),

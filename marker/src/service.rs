@@ -188,7 +188,10 @@ impl CoordinatorService {
 
     /// This shard's state: from the topology, or always active without one.
     fn state(&self) -> CoordinatorState {
-        match (&self.topology, self.driver.entry.borrow().as_ref()) {
+        match (
+            &self.topology,
+            self.driver.placement.borrow().entry.as_ref(),
+        ) {
             (None, _) => CoordinatorState::Active,
             (Some(_), Some(entry)) => entry.state,
             // Not in the topology (yet): take no new work.
@@ -284,13 +287,7 @@ impl CoordinatorRpc for CoordinatorService {
                     reply: Some(Reply::Transaction(self.message(&transaction))),
                 }));
             }
-            let version = self
-                .driver
-                .entry
-                .borrow()
-                .as_ref()
-                .map(|entry| entry.epoch)
-                .unwrap_or(0);
+            let version = self.driver.placement.borrow().topology_version;
             let reply = Reply::NotAccepting(pb::TopologyVersion { version });
             return Ok(Response::new(pb::SubmitResponse { reply: Some(reply) }));
         }

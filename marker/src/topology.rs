@@ -34,6 +34,15 @@ pub struct CoordinatorEntry {
     pub replicas: Vec<String>,
 }
 
+/// What a coordinator shard knows of itself from the topology.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The topology version this was read from (0 before the first one arrives).
+    pub topology_version: u64,
+    /// This shard's entry; none when run without a topology or not (yet) in it.
+    pub entry: Option<CoordinatorEntry>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topology {
     pub version: u64,
