@@ -53,6 +53,10 @@ impl ShardClient {
         self.shard_id
     }
 
+    pub fn replicas(&self) -> Vec<String> {
+        self.replicas.lock().expect("no poisoned lock").clone()
+    }
+
     /// Replaces the replica addresses (after a membership change).
     pub fn set_replicas(&self, replicas: Vec<String>) {
         assert!(!replicas.is_empty(), "a shard has at least one replica");
@@ -205,6 +209,19 @@ impl StorageShards {
             .map(|(id, replicas)| (id, ShardClient::new(id, replicas)))
             .collect();
         StorageShards { slots, shards }
+    }
+
+    /// Follows replica changes of known shards (a replaced or added replica). The set of shards
+    /// and the slot table stay as they were: moving slots between shards is not supported.
+    pub fn update_replicas(&self, shards: &std::collections::BTreeMap<u32, Vec<String>>) {
+        for (shard_id, replicas) in shards {
+            if let Some(client) = self.shards.get(shard_id)
+                && !replicas.is_empty()
+                && client.replicas() != *replicas
+            {
+                client.set_replicas(replicas.clone());
+            }
+        }
     }
 
     pub fn shard_of(&self, account_id: &crate::ledger::AccountId) -> u32 {

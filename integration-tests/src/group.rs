@@ -92,6 +92,21 @@ impl Group {
         Group::start("marker", coordinator_shard_id, size, group_args).await
     }
 
+    /// A coordinator shard that takes the storage shards (and its own state) from the topology.
+    pub async fn coordinator_under_topology(
+        coordinator_shard_id: u32,
+        size: u64,
+        topology: &Group,
+    ) -> Result<Group> {
+        let group_args = vec![
+            "--coordinator-shard-id".to_string(),
+            coordinator_shard_id.to_string(),
+            "--topology".into(),
+            topology.addresses(),
+        ];
+        Group::start("marker", coordinator_shard_id, size, group_args).await
+    }
+
     /// The topology group: `size` `marker-topology` replicas, initialized (empty topology).
     pub async fn topology(size: u64) -> Result<Group> {
         Group::start("marker-topology", 0, size, Vec::new()).await

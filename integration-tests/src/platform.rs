@@ -60,22 +60,14 @@ impl Platform {
     }
 
     /// A topology group, two storage shards that watch it, and `coordinators` coordinator
-    /// shards (ids 1, 2, …) under it, all active at epoch 1.
+    /// shards (ids 1, 2, …) that take everything from it, all active at epoch 1.
     pub async fn start_with_topology(coordinators: u32) -> Platform {
         let topology = Group::topology(3).await.unwrap();
-        let watch = ["--topology", &topology.addresses()].map(str::to_owned);
+        let watch = ["--topology".to_string(), topology.addresses()];
         let watch: Vec<&str> = watch.iter().map(String::as_str).collect();
         let (first, second) =
             tokio::join!(Group::storage(1, 3, &watch), Group::storage(2, 3, &watch));
         let storage = vec![first.unwrap(), second.unwrap()];
-        let mut groups = Vec::new();
-        for id in 1..=coordinators {
-            groups.push(
-                Group::coordinator(id, 3, &[&storage[0], &storage[1]], &watch)
-                    .await
-                    .unwrap(),
-            );
-        }
         let client = marker::topology::TopologyClient::new(
             topology
                 .replicas
@@ -94,7 +86,23 @@ impl Platform {
             .iter()
             .map(|g| (g.shard_id, address_list(g)))
             .collect();
-        let coordinator_entries: BTreeMap<u32, marker::topology::CoordinatorEntry> = groups
+        client
+            .update(|current| {
+                current.storage_shards = storage_shards.clone();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        // Coordinators find the storage shards in the topology, then join it themselves.
+        let mut groups = Vec::new();
+        for id in 1..=coordinators {
+            groups.push(
+                Group::coordinator_under_topology(id, 3, &topology)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let entries: BTreeMap<u32, marker::topology::CoordinatorEntry> = groups
             .iter()
             .map(|g| {
                 let entry = marker::topology::CoordinatorEntry {
@@ -107,8 +115,7 @@ impl Platform {
             .collect();
         client
             .update(|current| {
-                current.storage_shards = storage_shards.clone();
-                current.coordinators = coordinator_entries.clone();
+                current.coordinators = entries.clone();
                 Ok(())
             })
             .await

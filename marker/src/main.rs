@@ -20,8 +20,9 @@ struct Args {
     listen: SocketAddr,
     #[arg(long, env = "MARKER_DATA_DIR")]
     data_dir: PathBuf,
-    /// A storage shard and its replicas, `ID=ADDRESS,ADDRESS,…`; once per shard.
-    #[arg(long = "storage-shard", required = true, value_parser = auticuro::client::parse_shard_spec)]
+    /// A storage shard and its replicas, `ID=ADDRESS,ADDRESS,…`; once per shard. Without
+    /// any, the storage shards come from the topology.
+    #[arg(long = "storage-shard", required_unless_present = "topology", value_parser = auticuro::client::parse_shard_spec)]
     storage_shards: Vec<(u32, Vec<String>)>,
     /// How long reservations may take before a transaction is aborted, in milliseconds.
     #[arg(long, env = "MARKER_RESERVE_TIMEOUT_MS", default_value_t = 10_000)]

@@ -24,7 +24,7 @@ pub struct CoordinatorOptions {
     pub node_id: u64,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// Every storage shard with its replica addresses.
+    /// Every storage shard with its replica addresses; empty to take them from the topology.
     pub storage_shards: BTreeMap<u32, Vec<String>>,
     /// How long reservations may take before a transaction is aborted.
     pub reserve_timeout: Duration,
@@ -33,10 +33,6 @@ pub struct CoordinatorOptions {
 }
 
 pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Replica> {
-    anyhow::ensure!(
-        !options.storage_shards.is_empty(),
-        "at least one storage shard is required"
-    );
     let mut group = Group::<CoordinatorMachine>::start(&GroupOptions {
         kind: "marker",
         group_id: options.coordinator_shard_id,
@@ -49,9 +45,19 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Rep
     let (placement_sender, placement) = tokio::sync::watch::channel(Placement::default());
     let topology =
         (!options.topology.is_empty()).then(|| TopologyClient::new(options.topology.clone()));
+    let storage_shards = match (&topology, options.storage_shards.is_empty()) {
+        (_, false) => options.storage_shards.clone(),
+        (Some(client), true) => storage_from_topology(client).await,
+        (None, true) => {
+            anyhow::bail!("storage shards come from --storage-shard flags or a topology")
+        }
+    };
+    let storage = Arc::new(StorageShards::new(storage_shards));
     if let Some(client) = &topology {
         let id = options.coordinator_shard_id;
+        let watched_storage = storage.clone();
         tokio::spawn(client.clone().watch(move |topology| {
+            watched_storage.update_replicas(&topology.storage_shards);
             let entry = topology.coordinators.get(&id).cloned();
             placement_sender.send_replace(Placement {
                 topology_version: topology.version,
@@ -59,7 +65,6 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Rep
             });
         }));
     }
-    let storage = Arc::new(StorageShards::new(options.storage_shards.clone()));
     let raft = group.raft.clone();
     let metrics = CoordinatorMetrics::register(&mut group.registry);
     tokio::spawn(metrics.clone().follow(group.machine.clone()));
@@ -85,4 +90,16 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Rep
         .add_service(CoordinatorServer::new(service.clone()))
         .add_service(CoordinatorAdminServer::new(service));
     consensus::serve(options.listen, routes, raft).await
+}
+
+/// Waits until the topology lists storage shards, and returns them.
+async fn storage_from_topology(client: &TopologyClient) -> BTreeMap<u32, Vec<String>> {
+    loop {
+        match client.get().await {
+            Ok(topology) if !topology.storage_shards.is_empty() => return topology.storage_shards,
+            Ok(_) => tracing::warn!("the topology lists no storage shard yet; waiting"),
+            Err(error) => tracing::warn!(%error, "the topology is not reachable yet; waiting"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
