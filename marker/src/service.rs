@@ -592,13 +592,18 @@ impl CoordinatorAdmin for CoordinatorService {
                 "this coordinator shard runs without a topology",
             ));
         };
-        if self.state() == CoordinatorState::Active {
-            topology
+        // The state as the topology has it after this call (the local watch may lag behind).
+        let state = match self.state() {
+            CoordinatorState::Active => topology
                 .set_coordinator_state(self.coordinator_shard_id, CoordinatorState::Draining)
                 .await
-                .map_err(Status::unavailable)?;
-        }
-        if self.state() != CoordinatorState::Removed {
+                .map_err(Status::unavailable)?
+                .coordinators
+                .get(&self.coordinator_shard_id)
+                .map_or(CoordinatorState::Removed, |entry| entry.state),
+            other => other,
+        };
+        if state != CoordinatorState::Removed {
             tokio::spawn(self.clone().finish_drain(topology));
         }
         let in_flight = self
@@ -606,7 +611,7 @@ impl CoordinatorAdmin for CoordinatorService {
             .machine
             .read(|machine| machine.coordinator().in_flight_count()) as u64;
         Ok(Response::new(pb::DrainResponse {
-            state: state_message(self.state()) as i32,
+            state: state_message(state) as i32,
             in_flight,
         }))
     }
