@@ -212,7 +212,14 @@ impl Platform {
         panic!("no decision for {key}");
     }
 
+    /// Every account of every storage shard, once the coordinator has settled everything in
+    /// flight (a payment is acknowledged at its decision; its posts may still be under way).
     pub async fn balances(&self) -> BTreeMap<String, ledger::Account> {
+        assert_eq!(
+            self.in_flight_when_settled().await,
+            0,
+            "transactions left in flight"
+        );
         let mut all = BTreeMap::new();
         for shard in &self.storage {
             all.extend(shard.accounts().await.unwrap());
@@ -220,20 +227,27 @@ impl Platform {
         all
     }
 
-    /// Waits (bounded) until the coordinator leader reports nothing in flight, following the
-    /// leadership if the leader dies meanwhile; returns the last count seen.
+    /// Waits (bounded) until every coordinator shard's leader reports nothing in flight,
+    /// following the leadership if a leader dies meanwhile; returns the last counts seen, summed.
     pub async fn in_flight_when_settled(&self) -> u64 {
+        let mut in_flight = 0;
+        for group in std::iter::once(&self.coordinator).chain(&self.more_coordinators) {
+            in_flight += Self::group_in_flight_when_settled(group).await;
+        }
+        in_flight
+    }
+
+    async fn group_in_flight_when_settled(group: &Group) -> u64 {
         let mut in_flight = u64::MAX;
         for _ in 0..400 {
-            if let Ok(leader) = self.coordinator.leader().await {
-                let address = &self
-                    .coordinator
+            if let Ok(leader) = group.leader().await {
+                let address = &group
                     .replicas
                     .iter()
                     .find(|r| r.node_id == leader)
                     .expect("a replica")
                     .address;
-                let channel = self.coordinator.channel(address).await.expect("a channel");
+                let channel = group.channel(address).await.expect("a channel");
                 let mut admin =
                     proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient::new(
                         channel,
