@@ -141,7 +141,11 @@ impl<A: App> RaftLogReader<C<A>> for LogStore<A> {
         let mut entries = Vec::new();
         for item in self.db.iterator_cf(&cf, mode) {
             let (key, value) = item.map_err(read_error)?;
-            let index = u64::from_be_bytes(key.as_ref().try_into().expect("log keys are 8 bytes"));
+            let key: [u8; 8] = key
+                .as_ref()
+                .try_into()
+                .map_err(|_| read_error(Error::Corrupt("a log key is not 8 bytes".into())))?;
+            let index = u64::from_be_bytes(key);
             if !range.contains(&index) {
                 break;
             }
