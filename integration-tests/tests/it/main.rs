@@ -1,5 +1,6 @@
 //! The platform's integration tests: one binary, one module per area.
 
+mod connector;
 mod coordinator;
 mod harness_kafka;
 mod harness_postgres;
