@@ -195,6 +195,7 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             applied_index: metrics.last_applied.map(|id| id.index).unwrap_or(0),
             snapshot_index: metrics.snapshot.map(|id| id.index),
+            purged_index: metrics.purged.map(|id| id.index),
             membership: Some(membership),
             applied_seq: self.machine.read(|app| app.applied_seq()),
         }))

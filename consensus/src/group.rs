@@ -49,6 +49,9 @@ impl<A: App> Group<A> {
         config.snapshot_policy =
             openraft::SnapshotPolicy::LogsSinceLast(options.snapshot_after_logs);
         config.max_in_snapshot_log_to_keep = options.logs_kept_after_snapshot;
+        // openraft purges only once this many entries can go; keep it below the snapshot
+        // interval, or a small interval would never compact the log.
+        config.purge_batch_size = (options.snapshot_after_logs / 2).clamp(1, 1_000);
         let config = Arc::new(config.validate()?);
         let network = Network::new(options.group_id);
         let raft =

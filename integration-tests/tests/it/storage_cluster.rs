@@ -249,8 +249,21 @@ async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
         .trigger_snapshot(proto::raft::v1::TriggerSnapshotRequest {})
         .await
         .unwrap();
-    let status = shard.status(leader).await.unwrap();
+    // Wait until the log behind the snapshot is really purged: only then must a new replica
+    // catch up through the snapshot.
+    let mut status = shard.status(leader).await.unwrap();
+    for _ in 0..200 {
+        if status.purged_index.is_some() && status.purged_index >= status.snapshot_index {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        status = shard.status(leader).await.unwrap();
+    }
     assert!(status.snapshot_index.is_some());
+    assert!(
+        status.purged_index >= status.snapshot_index,
+        "log compacted: {status:?}"
+    );
 
     // A brand-new replica (a new node id: ids are never reused) joins with an empty disk.
     let address = shard.add_process(4).await.unwrap().address.clone();
