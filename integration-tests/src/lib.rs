@@ -6,6 +6,7 @@
 //! database, new topics).
 
 pub mod bench;
+pub mod commands;
 pub mod group;
 pub mod kafka;
 pub mod platform;

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::StreamExt;
 use integration_tests::bench::{self, PhaseReport, Rng};
+use integration_tests::commands::{command, create, transfer};
 use integration_tests::group::Group;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
-use proto::common::v1::Amount;
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -72,46 +72,22 @@ fn account(index: usize) -> String {
     format!("bench-{index}")
 }
 
-fn transfer(request_id: String, from: &str, to: &str, amount: &str) -> pb::Command {
-    pb::Command {
-        request_id,
-        kind: Some(pb::command::Kind::Transfer(pb::Transfer {
-            from_account_id: from.into(),
-            to_account_id: to.into(),
-            amount: Some(Amount {
-                minor_units: amount.into(),
-            }),
-            currency: "USD".into(),
-            metadata: Default::default(),
-        })),
-    }
-}
-
-fn create(account_id: String, no_lower_limit: bool) -> pb::Command {
-    pb::Command {
-        request_id: format!("create-{account_id}"),
-        kind: Some(pb::command::Kind::CreateAccount(pb::CreateAccount {
-            account_id,
-            currency: "USD".into(),
-            scale: 2,
-            no_lower_limit,
-            ..Default::default()
-        })),
-    }
-}
-
 async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
     shard
-        .execute(create("sys:funding:USD".into(), true))
+        .execute(command(
+            "create-sys:funding:USD",
+            create("sys:funding:USD", true),
+        ))
         .await?;
     let work = (0..accounts).map(|index| async move {
-        shard.execute(create(account(index), false)).await?;
+        let id = account(index);
         shard
-            .execute(transfer(
+            .execute(command(format!("create-{id}"), create(&id, false)))
+            .await?;
+        shard
+            .execute(command(
                 format!("fund-{index}"),
-                "sys:funding:USD",
-                &account(index),
-                "100000000",
+                transfer("sys:funding:USD", &id, 100_000_000),
             ))
             .await
     });
@@ -159,7 +135,7 @@ async fn run_phase(
                             to = (from + 1) % accounts;
                         }
                         let request_id = format!("b-{}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
-                        transfer(request_id, &account(from), &account(to), "1")
+                        command(request_id, transfer(&account(from), &account(to), 1))
                     })
                     .collect();
                 match period {
@@ -204,8 +180,11 @@ async fn measure_failover(shard: &mut Group) -> anyhow::Result<f64> {
     shard.kill(leader).await?;
     let killed = Instant::now();
     for attempt in 0.. {
-        let command = transfer(format!("failover-{attempt}"), &account(1), &account(2), "1");
-        if shard.execute(command).await?.outcome == pb::Outcome::Ok as i32 {
+        let probe = command(
+            format!("failover-{attempt}"),
+            transfer(&account(1), &account(2), 1),
+        );
+        if shard.execute(probe).await?.outcome == pb::Outcome::Ok as i32 {
             break;
         }
     }

@@ -1,46 +1,16 @@
 //! The connector against a real storage shard and the real broker: every event lands in the
 //! topic once, in order, across a connector that is killed and restarted mid-stream.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
+use integration_tests::commands::{command, create, transfer};
 use integration_tests::group::Group;
 use integration_tests::kafka::KafkaBroker;
 use prost::Message as _;
 use proto::auticuro::v1 as pb;
-use proto::common::v1::Amount;
 use query::connector::{Destination, ShardSource};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-
-fn command(request_id: String, kind: pb::command::Kind) -> pb::Command {
-    pb::Command {
-        request_id,
-        kind: Some(kind),
-    }
-}
-
-fn create(account_id: &str, no_lower_limit: bool) -> pb::command::Kind {
-    pb::command::Kind::CreateAccount(pb::CreateAccount {
-        account_id: account_id.into(),
-        currency: "USD".into(),
-        scale: 2,
-        no_lower_limit,
-        ..Default::default()
-    })
-}
-
-fn transfer(from: &str, to: &str, amount: i128) -> pb::command::Kind {
-    pb::command::Kind::Transfer(pb::Transfer {
-        from_account_id: from.into(),
-        to_account_id: to.into(),
-        amount: Some(Amount {
-            minor_units: amount.to_string(),
-        }),
-        currency: "USD".into(),
-        metadata: HashMap::new(),
-    })
-}
 
 /// Every event in the partition, in offset order.
 fn read_topic(broker: &KafkaBroker, topic: &str) -> Vec<pb::Event> {
@@ -101,11 +71,11 @@ async fn every_event_is_published_once_in_order_across_a_connector_restart() {
     };
 
     shard
-        .execute(command("c-funding".into(), create("sys:funding:USD", true)))
+        .execute(command("c-funding", create("sys:funding:USD", true)))
         .await
         .unwrap();
     shard
-        .execute(command("c-alice".into(), create("alice", false)))
+        .execute(command("c-alice", create("alice", false)))
         .await
         .unwrap();
     let connector = tokio::spawn(query::connector::run(source.clone(), destination.clone()));

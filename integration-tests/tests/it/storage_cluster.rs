@@ -1,45 +1,11 @@
 //! A storage shard of three real `auticuro` processes on loopback: transfers, leader failure,
 //! gap-free events, catch-up through a snapshot, whole-shard restart.
 
-use std::collections::HashMap;
-
 use futures::StreamExt;
+use integration_tests::commands::{command, create, ok, transfer};
 use integration_tests::group::Group;
 use proto::auticuro::v1 as pb;
 use proto::common::v1::Amount;
-
-fn command(request_id: &str, kind: pb::command::Kind) -> pb::Command {
-    pb::Command {
-        request_id: request_id.into(),
-        kind: Some(kind),
-    }
-}
-
-fn create(account_id: &str, no_lower_limit: bool) -> pb::command::Kind {
-    pb::command::Kind::CreateAccount(pb::CreateAccount {
-        account_id: account_id.into(),
-        currency: "USD".into(),
-        scale: 2,
-        no_lower_limit,
-        ..Default::default()
-    })
-}
-
-fn transfer(from: &str, to: &str, amount: i128) -> pb::command::Kind {
-    pb::command::Kind::Transfer(pb::Transfer {
-        from_account_id: from.into(),
-        to_account_id: to.into(),
-        amount: Some(Amount {
-            minor_units: amount.to_string(),
-        }),
-        currency: "USD".into(),
-        metadata: HashMap::new(),
-    })
-}
-
-fn ok(result: &pb::CommandResult) -> bool {
-    result.outcome == pb::Outcome::Ok as i32
-}
 
 /// Creates the funding account and `count` customer accounts, each funded with 1,000.
 async fn open_accounts(shard: &Group, count: usize) -> Vec<String> {
