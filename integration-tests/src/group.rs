@@ -226,6 +226,14 @@ impl Group {
         Ok(())
     }
 
+    /// A running replica other than `node_id` (a follower, when `node_id` leads).
+    pub fn running_other_than(&self, node_id: u64) -> u64 {
+        self.running()
+            .map(|replica| replica.node_id)
+            .find(|id| *id != node_id)
+            .expect("another running replica")
+    }
+
     pub fn running(&self) -> impl Iterator<Item = &Replica> {
         self.replicas
             .iter()

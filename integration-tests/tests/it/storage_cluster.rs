@@ -89,11 +89,7 @@ async fn transfers_survive_a_leader_kill_with_nothing_lost_or_applied_twice() {
     let shard = Group::storage(1, 3, &[]).await.unwrap();
     let accounts = open_accounts(&shard, 8).await;
     let first_leader = shard.leader().await.unwrap();
-    let follower = shard
-        .running()
-        .map(|replica| replica.node_id)
-        .find(|id| *id != first_leader)
-        .unwrap();
+    let follower = shard.running_other_than(first_leader);
 
     // A live subscriber on a follower sees every event across the failover.
     let mut stream = shard
@@ -199,11 +195,7 @@ async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
             .unwrap()));
     }
     let leader = shard.leader().await.unwrap();
-    let lost = shard
-        .running()
-        .map(|replica| replica.node_id)
-        .find(|id| *id != leader)
-        .unwrap();
+    let lost = shard.running_other_than(leader);
     shard.kill(lost).await.unwrap();
     let mut admin = shard.admin(leader).await.unwrap();
     admin
@@ -440,11 +432,7 @@ async fn reads_are_linearizable_on_the_leader_and_bounded_by_min_seq_on_follower
     let shard = Group::storage(7, 3, &[]).await.unwrap();
     let accounts = open_accounts(&shard, 1).await;
     let leader = shard.leader().await.unwrap();
-    let follower = shard
-        .running()
-        .map(|replica| replica.node_id)
-        .find(|id| *id != leader)
-        .unwrap();
+    let follower = shard.running_other_than(leader);
     let read = |consistency: pb::ReadConsistency, min_seq: u64| pb::GetAccountRequest {
         account_id: accounts[0].clone(),
         consistency: consistency as i32,
@@ -554,11 +542,7 @@ async fn execute_many_answers_each_command_in_order_and_each_stays_idempotent() 
     assert_eq!(results[3], (pb::Outcome::InsufficientFunds as i32, false));
     assert_eq!(balance(&shard, leader, &accounts[1]).await, 1_010);
     // A follower refuses with a redirect for every command.
-    let follower = shard
-        .running()
-        .map(|replica| replica.node_id)
-        .find(|id| *id != leader)
-        .unwrap();
+    let follower = shard.running_other_than(leader);
     let mut on_follower = shard.ledger(follower).await.unwrap();
     let commands = vec![command("many-4", transfer(&accounts[0], &accounts[1], 1))];
     let responses = on_follower
