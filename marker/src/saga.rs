@@ -529,4 +529,59 @@ mod tests {
             (CoordinatorResponse::NotFound, None)
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Under any order of begin, decide and done messages for a few transactions, repeated
+        /// at will: a decision never changes once made, done comes only after a decision and
+        /// stays, the in-flight set is exactly the begun-not-done ones, and seqs are consecutive.
+        #[test]
+        fn decisions_are_final_and_the_in_flight_set_is_exact(
+            steps in proptest::collection::vec((0usize..3, 0u8..4), 1..60)
+        ) {
+            let mut coordinator = Coordinator::default();
+            let keys = ["k0", "k1", "k2"];
+            let mut decided: BTreeMap<String, Decision> = BTreeMap::new();
+            let mut done: BTreeSet<String> = BTreeSet::new();
+            let mut last_seq = 0;
+            for (at, (which, action)) in steps.into_iter().enumerate() {
+                let new = new_transaction(keys[which], vec![leg("alice", -1), leg("bob", 1)]);
+                let txn_id = new.txn_id.clone();
+                let command = match action {
+                    0 => CoordinatorCommand::Begin(Box::new(new)),
+                    1 => CoordinatorCommand::Decide { txn_id, decision: Decision::Commit },
+                    2 => CoordinatorCommand::Decide {
+                        txn_id,
+                        decision: Decision::Abort { reason: AbortReason::Forced, outcome: Outcome::Ok, detail_account_id: None },
+                    },
+                    _ => CoordinatorCommand::Done { txn_id, shard_seqs: BTreeMap::new() },
+                };
+                let (_, event) = coordinator.apply(&command, at as i64);
+                if let Some(event) = event {
+                    last_seq += 1;
+                    proptest::prop_assert_eq!(event.seq, last_seq);
+                }
+                for key in keys {
+                    let Some(transaction) = coordinator.transaction(&txn_id_for("tenant", key)) else { continue };
+                    if let Some(earlier) = decided.get(key) {
+                        proptest::prop_assert_eq!(Some(earlier), transaction.decision.as_ref());
+                    }
+                    if let Some(decision) = &transaction.decision {
+                        decided.insert(key.to_string(), decision.clone());
+                    }
+                    if done.contains(key) {
+                        proptest::prop_assert!(transaction.done);
+                    }
+                    if transaction.done {
+                        proptest::prop_assert!(transaction.decision.is_some());
+                        done.insert(key.to_string());
+                    }
+                }
+                let begun = keys.iter().filter(|key| coordinator.transaction(&txn_id_for("tenant", key)).is_some()).count();
+                proptest::prop_assert_eq!(coordinator.in_flight_count(), begun - done.len());
+                proptest::prop_assert_eq!(coordinator.last_seq(), last_seq);
+            }
+        }
+    }
 }
