@@ -270,7 +270,8 @@ impl Group {
         }
     }
 
-    fn address(&self, node_id: u64) -> &str {
+    /// The address of one replica of the group.
+    pub fn address_of(&self, node_id: u64) -> &str {
         &self
             .replicas
             .iter()
@@ -281,13 +282,13 @@ impl Group {
 
     pub async fn admin(&self, node_id: u64) -> Result<RaftAdminClient<Channel>> {
         Ok(RaftAdminClient::new(
-            self.channel(self.address(node_id)).await?,
+            self.channel(self.address_of(node_id)).await?,
         ))
     }
 
     pub async fn ledger(&self, node_id: u64) -> Result<LedgerClient<Channel>> {
         Ok(LedgerClient::new(
-            self.channel(self.address(node_id)).await?,
+            self.channel(self.address_of(node_id)).await?,
         ))
     }
 

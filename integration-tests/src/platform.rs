@@ -25,6 +25,27 @@ pub struct Platform {
     pub topology: Option<Group>,
 }
 
+/// A submit for the test tenant that waits (up to 10 s) for the decision.
+pub fn submit_request(key: &str, legs: Vec<ledger::Leg>) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        tenant_id: "tenant-a".into(),
+        idempotency_key: key.into(),
+        legs,
+        metadata: HashMap::new(),
+        wait: true,
+        wait_ms_max: 10_000,
+    }
+}
+
+/// The same submit answered as soon as the transaction is begun.
+pub fn submit_request_without_wait(key: &str, legs: Vec<ledger::Leg>) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        wait: false,
+        wait_ms_max: 0,
+        ..submit_request(key, legs)
+    }
+}
+
 pub fn amount(value: i128) -> Option<Amount> {
     Some(Amount {
         minor_units: value.to_string(),
@@ -174,15 +195,7 @@ impl Platform {
         let leader = self.coordinator.leader().await.unwrap();
         CoordinatorClient::new(
             self.coordinator
-                .channel(
-                    &self
-                        .coordinator
-                        .replicas
-                        .iter()
-                        .find(|r| r.node_id == leader)
-                        .unwrap()
-                        .address,
-                )
+                .channel(&self.coordinator.address_of(leader))
                 .await
                 .unwrap(),
         )
@@ -190,14 +203,7 @@ impl Platform {
 
     /// Submits through the current coordinator leader, retrying (same key) across failovers.
     pub async fn pay(&self, key: &str, legs: Vec<ledger::Leg>) -> pb::Transaction {
-        let request = pb::SubmitRequest {
-            tenant_id: "tenant-a".into(),
-            idempotency_key: key.into(),
-            legs,
-            metadata: HashMap::new(),
-            wait: true,
-            wait_ms_max: 10_000,
-        };
+        let request = submit_request(key, legs);
         for _ in 0..200 {
             let mut client = self.client().await;
             if let Ok(reply) = client.submit(request.clone()).await
@@ -241,12 +247,7 @@ impl Platform {
         let mut in_flight = u64::MAX;
         for _ in 0..400 {
             if let Ok(leader) = group.leader().await {
-                let address = &group
-                    .replicas
-                    .iter()
-                    .find(|r| r.node_id == leader)
-                    .expect("a replica")
-                    .address;
+                let address = &group.address_of(leader);
                 let channel = group.channel(address).await.expect("a channel");
                 let mut admin =
                     proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient::new(

@@ -57,14 +57,7 @@ async fn main() -> anyhow::Result<()> {
     let accounts = Arc::new(accounts);
     let address = {
         let leader = platform.coordinator.leader().await?;
-        platform
-            .coordinator
-            .replicas
-            .iter()
-            .find(|replica| replica.node_id == leader)
-            .expect("the leader")
-            .address
-            .clone()
+        platform.coordinator.address_of(leader).to_string()
     };
     let channel = auticuro::client::channel(&address)?;
     eprintln!("{} clients for {} s…", args.clients, args.seconds);

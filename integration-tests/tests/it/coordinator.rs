@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use integration_tests::platform::{Platform, leg, minor};
+use integration_tests::platform::{
+    Platform, leg, minor, submit_request, submit_request_without_wait,
+};
 use proto::auticuro::v1 as ledger;
 use proto::marker::v1 as pb;
 use proto::marker::v1::coordinator_client::CoordinatorClient;
@@ -84,12 +86,7 @@ async fn a_key_names_one_transaction_and_a_changed_body_is_refused() {
         .await;
     assert_eq!(first.txn_id, again.txn_id);
     let mut client = platform.client().await;
-    let changed = pb::SubmitRequest {
-        tenant_id: "tenant-a".into(),
-        idempotency_key: "same-key".into(),
-        legs: vec![leg(&alice, -11), leg(&bob, 11)],
-        ..Default::default()
-    };
+    let changed = submit_request_without_wait("same-key", vec![leg(&alice, -11), leg(&bob, 11)]);
     let reply = client
         .submit(changed)
         .await
@@ -101,12 +98,7 @@ async fn a_key_names_one_transaction_and_a_changed_body_is_refused() {
         matches!(reply, pb::submit_response::Reply::IdempotencyMismatch(ref m) if m.txn_id == first.txn_id),
         "{reply:?}"
     );
-    let unbalanced = pb::SubmitRequest {
-        tenant_id: "tenant-a".into(),
-        idempotency_key: "bad".into(),
-        legs: vec![leg(&alice, -11), leg(&bob, 10)],
-        ..Default::default()
-    };
+    let unbalanced = submit_request_without_wait("bad", vec![leg(&alice, -11), leg(&bob, 10)]);
     let reply = client
         .submit(unbalanced)
         .await
@@ -164,14 +156,7 @@ async fn a_coordinator_leader_killed_under_load_leaves_every_transaction_decided
         async move {
             let mut decided = Vec::new();
             for (key, legs) in requests {
-                let request = pb::SubmitRequest {
-                    tenant_id: "tenant-a".into(),
-                    idempotency_key: key.clone(),
-                    legs,
-                    metadata: HashMap::new(),
-                    wait: true,
-                    wait_ms_max: 10_000,
-                };
+                let request = submit_request(&key, legs);
                 'retry: for attempt in 0.. {
                     let address = &addresses[attempt % addresses.len()];
                     let Ok(channel) = auticuro::client::channel(address) else {
@@ -308,14 +293,7 @@ fn admin(
 
 async fn leader_address(platform: &Platform) -> String {
     let leader = platform.coordinator.leader().await.unwrap();
-    platform
-        .coordinator
-        .replicas
-        .iter()
-        .find(|r| r.node_id == leader)
-        .unwrap()
-        .address
-        .clone()
+    platform.coordinator.address_of(leader).to_string()
 }
 
 async fn stop_shard(platform: &mut Platform, shard_id: u32) {
@@ -352,12 +330,7 @@ async fn an_operator_force_aborts_a_payment_stuck_on_an_unavailable_shard() {
 
     let address = leader_address(&platform).await;
     let mut client = CoordinatorClient::new(auticuro::client::channel(&address).unwrap());
-    let request = pb::SubmitRequest {
-        tenant_id: "tenant-a".into(),
-        idempotency_key: "stuck".into(),
-        legs: vec![leg(&alice, -100), leg(&bob, 100)],
-        ..Default::default()
-    };
+    let request = submit_request_without_wait("stuck", vec![leg(&alice, -100), leg(&bob, 100)]);
     let Some(pb::submit_response::Reply::Transaction(stuck)) =
         client.submit(request).await.unwrap().into_inner().reply
     else {
@@ -483,12 +456,7 @@ async fn posts_resume_when_an_unavailable_shard_returns_after_the_commit_decisio
     let bob = platform.open(2, "bob", 0).await;
     let address = leader_address(&platform).await;
     let mut client = CoordinatorClient::new(auticuro::client::channel(&address).unwrap());
-    let request = pb::SubmitRequest {
-        tenant_id: "tenant-a".into(),
-        idempotency_key: "late-post".into(),
-        legs: vec![leg(&alice, -300), leg(&bob, 300)],
-        ..Default::default()
-    };
+    let request = submit_request_without_wait("late-post", vec![leg(&alice, -300), leg(&bob, 300)]);
     client.submit(request).await.unwrap();
     // The coordinator leader dies right after deciding; take the credit shard down before the
     // next leader posts.
@@ -583,12 +551,7 @@ async fn submit_to(
     request: &pb::SubmitRequest,
 ) -> Option<pb::submit_response::Reply> {
     let leader = group.leader().await.ok()?;
-    let address = group
-        .replicas
-        .iter()
-        .find(|r| r.node_id == leader)?
-        .address
-        .clone();
+    let address = group.address_of(leader).to_string();
     let mut client = CoordinatorClient::new(auticuro::client::channel(&address).ok()?);
     match client
         .submit(request.clone())
@@ -628,14 +591,10 @@ async fn draining_a_coordinator_under_load_moves_new_work_and_fences_it_once_rem
                 } else {
                     (bob, alice)
                 };
-                let request = pb::SubmitRequest {
-                    tenant_id: "tenant-a".into(),
-                    idempotency_key: format!("drain-{c}-{i}"),
-                    legs: vec![leg(from, -(i + 1)), leg(to, i + 1)],
-                    metadata: HashMap::new(),
-                    wait: true,
-                    wait_ms_max: 10_000,
-                };
+                let request = submit_request(
+                    &format!("drain-{c}-{i}"),
+                    vec![leg(from, -(i + 1)), leg(to, i + 1)],
+                );
                 let mut target = 0;
                 let transaction = loop {
                     match submit_to(coordinators[target], &request).await {
@@ -655,14 +614,7 @@ async fn draining_a_coordinator_under_load_moves_new_work_and_fences_it_once_rem
     let drain = async {
         drained.notified().await;
         let leader = platform.coordinator.leader().await.unwrap();
-        let address = platform
-            .coordinator
-            .replicas
-            .iter()
-            .find(|r| r.node_id == leader)
-            .unwrap()
-            .address
-            .clone();
+        let address = platform.coordinator.address_of(leader).to_string();
         let mut admin = pb::coordinator_admin_client::CoordinatorAdminClient::new(
             auticuro::client::channel(&address).unwrap(),
         );
@@ -717,14 +669,7 @@ async fn draining_a_coordinator_under_load_moves_new_work_and_fences_it_once_rem
         .iter()
         .find(|(_, t)| t.coordinator_shard_id == 1)
         .expect("some payments ran on shard 1");
-    let retry = pb::SubmitRequest {
-        tenant_id: "tenant-a".into(),
-        idempotency_key: key.clone(),
-        legs: first.legs.clone(),
-        wait: true,
-        wait_ms_max: 1_000,
-        ..Default::default()
-    };
+    let retry = submit_request(key, first.legs.clone());
     let Some(pb::submit_response::Reply::Transaction(again)) =
         submit_to(&platform.coordinator, &retry).await
     else {

@@ -455,15 +455,7 @@ async fn reads_are_linearizable_on_the_leader_and_bounded_by_min_seq_on_follower
     assert_eq!(redirect.leader_node_id, Some(leader));
     assert_eq!(
         redirect.leader_address.as_deref(),
-        Some(
-            shard
-                .replicas
-                .iter()
-                .find(|r| r.node_id == leader)
-                .unwrap()
-                .address
-                .as_str()
-        )
+        Some(shard.address_of(leader))
     );
 
     // The leader answers it, with what it has applied.
