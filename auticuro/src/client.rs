@@ -49,10 +49,6 @@ impl ShardClient {
         }
     }
 
-    pub fn shard_id(&self) -> u32 {
-        self.shard_id
-    }
-
     pub fn replicas(&self) -> Vec<String> {
         self.replicas.lock().expect("no poisoned lock").clone()
     }
@@ -130,7 +126,9 @@ impl ShardClient {
             self.remember_leader(None);
             tokio::time::sleep(RETRY_PAUSE).await;
         }
-        Err(Unknown { last_error })
+        Err(Unknown {
+            last_error: format!("shard {}: {last_error}", self.shard_id),
+        })
     }
 
     /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.

@@ -38,11 +38,6 @@ impl SlotTable {
         }
     }
 
-    /// A table from the topology's list; `None` unless it has exactly `SLOT_COUNT` entries.
-    pub fn from_owners(owners: Vec<u32>) -> Option<SlotTable> {
-        (owners.len() == SLOT_COUNT).then_some(SlotTable { owners })
-    }
-
     pub fn owners(&self) -> &[u32] {
         &self.owners
     }

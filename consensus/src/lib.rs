@@ -86,8 +86,6 @@ pub enum Error {
         #[source]
         source: postcard::Error,
     },
-    #[error("raft: {0}")]
-    Raft(String),
     #[error("corrupt storage: {0}")]
     Corrupt(String),
 }

@@ -36,7 +36,6 @@ pub struct ServiceProcess {
     child: Child,
     address: String,
     pid: u32,
-    log_path: PathBuf,
 }
 
 /// Where service logs go: one directory per test process, kept after the run for diagnosis.
@@ -105,18 +104,12 @@ impl ServiceProcess {
             child,
             address,
             pid,
-            log_path,
         })
     }
 
     /// The address the service reported in its readiness line.
     pub fn address(&self) -> &str {
         &self.address
-    }
-
-    /// The file the service's standard error goes to.
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
     }
 
     pub fn pid(&self) -> u32 {
@@ -129,42 +122,6 @@ impl ServiceProcess {
             .kill()
             .await
             .map_err(io_error("killing a service"))
-    }
-
-    /// SIGSTOP: the process stays alive but does nothing until resumed.
-    pub fn pause(&self) -> Result<()> {
-        self.signal("STOP")
-    }
-
-    /// SIGCONT after a pause.
-    pub fn resume(&self) -> Result<()> {
-        self.signal("CONT")
-    }
-
-    /// SIGTERM, then waits for the exit; returns whether it exited successfully.
-    pub async fn terminate(&mut self) -> Result<bool> {
-        self.signal("TERM")?;
-        let status = self
-            .child
-            .wait()
-            .await
-            .map_err(io_error("waiting for a service"))?;
-        Ok(status.success())
-    }
-
-    fn signal(&self, name: &str) -> Result<()> {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid.to_string())
-            .status()
-            .map_err(io_error("sending a signal"))?;
-        if status.success() {
-            return Ok(());
-        }
-        Err(HarnessError::Setup(format!(
-            "kill -{name} {} failed",
-            self.pid
-        )))
     }
 }
 
