@@ -1,134 +1,40 @@
-//! A client of one storage shard: finds the leader, follows typed redirects, and retries an
-//! unknown outcome (timeout, unreachable replica, overload) with the same request id until a
-//! definite answer or the deadline. Because every command is idempotent by its request id, a
-//! retry can never apply a command twice.
+//! A client of the storage shards: one [`ShardClient`] per shard (leader-following, retrying
+//! unknown outcomes with the same request id, see [`consensus::client`]) and the slot table
+//! that routes accounts to shards.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use consensus::client::{Answer, LeaderClient};
+pub use consensus::client::{Unknown, channel};
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
-use tonic::transport::{Channel, Endpoint};
 
-/// How long one attempt may take before it counts as unknown and is retried.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
-/// The pause after an attempt that reached no leader, before the next one.
-const RETRY_PAUSE: Duration = Duration::from_millis(20);
-
-/// The outcome could not be learned before the deadline: the command may or may not have applied.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("outcome unknown after retrying until the deadline: {last_error}")]
-pub struct Unknown {
-    pub last_error: String,
-}
+/// How long a `min_seq` read waits for the replica to catch up before answering `NotCaughtUp`.
+pub const READ_WAIT_MS_MAX: u32 = 2_000;
 
 pub struct ShardClient {
-    shard_id: u32,
-    replicas: Mutex<Vec<String>>,
-    channels: Mutex<HashMap<String, Channel>>,
-    leader: Mutex<Option<String>>,
-}
-
-/// A lazily connecting channel with the platform's timeouts.
-pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy())
+    group: LeaderClient,
 }
 
 impl ShardClient {
     pub fn new(shard_id: u32, replicas: Vec<String>) -> ShardClient {
-        assert!(!replicas.is_empty(), "a shard has at least one replica");
         ShardClient {
-            shard_id,
-            replicas: Mutex::new(replicas),
-            channels: Mutex::default(),
-            leader: Mutex::default(),
+            group: LeaderClient::new(format!("shard {shard_id}"), replicas),
         }
     }
 
     pub fn replicas(&self) -> Vec<String> {
-        self.replicas.lock().expect("no poisoned lock").clone()
+        self.group.replicas()
     }
 
     /// Replaces the replica addresses (after a membership change).
     pub fn set_replicas(&self, replicas: Vec<String>) {
-        assert!(!replicas.is_empty(), "a shard has at least one replica");
-        *self.replicas.lock().expect("no poisoned lock") = replicas;
-        self.remember_leader(None);
+        self.group.set_replicas(replicas);
     }
 
-    /// One shared channel per replica address.
-    pub fn channel(&self, address: &str) -> Result<Channel, String> {
-        let mut channels = self.channels.lock().expect("no poisoned lock");
-        if let Some(channel) = channels.get(address) {
-            return Ok(channel.clone());
-        }
-        let channel = channel(address).map_err(|error| error.to_string())?;
-        channels.insert(address.to_string(), channel.clone());
-        Ok(channel)
-    }
-
-    /// A client of the replica believed to lead, or of any replica when none is known.
-    pub fn ledger(&self, attempt: usize) -> Result<(String, LedgerClient<Channel>), String> {
-        let address = self
-            .leader
-            .lock()
-            .expect("no poisoned lock")
-            .clone()
-            .unwrap_or_else(|| {
-                let replicas = self.replicas.lock().expect("no poisoned lock");
-                replicas[attempt % replicas.len()].clone()
-            });
-        Ok((address.clone(), LedgerClient::new(self.channel(&address)?)))
-    }
-
-    fn remember_leader(&self, address: Option<String>) {
-        *self.leader.lock().expect("no poisoned lock") = address;
-    }
-
-    /// Calls the leader (following redirects) until `call` gives an answer or `deadline`
-    /// passes; a transport error or an unknown leader leads to the next replica after a pause.
-    async fn on_leader<T, F, Fut>(&self, deadline: Instant, mut call: F) -> Result<T, Unknown>
-    where
-        F: FnMut(LedgerClient<Channel>, Duration) -> Fut,
-        Fut: Future<Output = Result<Answer<T>, tonic::Status>>,
-    {
-        let mut attempt = 0usize;
-        let mut last_error = String::from("no attempt made");
-        while Instant::now() < deadline {
-            attempt += 1;
-            let (address, client) = match self.ledger(attempt) {
-                Ok(found) => found,
-                Err(error) => {
-                    last_error = error;
-                    self.remember_leader(None);
-                    continue;
-                }
-            };
-            let timeout = ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
-            match call(client, timeout).await {
-                Ok(Answer::Done(answer)) => {
-                    self.remember_leader(Some(address));
-                    return Ok(answer);
-                }
-                Ok(Answer::Redirect(Some(leader))) => {
-                    last_error = format!("redirected by {address}");
-                    self.remember_leader(Some(leader));
-                    continue;
-                }
-                Ok(Answer::Redirect(None)) => last_error = format!("{address} knows no leader"),
-                Ok(Answer::Empty) => last_error = format!("empty reply from {address}"),
-                Err(status) => last_error = format!("{address}: {status}"),
-            }
-            self.remember_leader(None);
-            tokio::time::sleep(RETRY_PAUSE).await;
-        }
-        Err(Unknown {
-            last_error: format!("shard {}: {last_error}", self.shard_id),
-        })
+    /// The shared channel to one replica.
+    pub fn channel(&self, address: &str) -> Result<tonic::transport::Channel, String> {
+        self.group.channel(address)
     }
 
     /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
@@ -137,22 +43,65 @@ impl ShardClient {
         command: pb::Command,
         deadline: Instant,
     ) -> Result<pb::CommandResult, Unknown> {
-        self.on_leader(deadline, |mut client, timeout| {
-            let mut request = tonic::Request::new(pb::ExecuteRequest {
-                command: Some(command.clone()),
-            });
-            request.set_timeout(timeout);
-            async move {
-                Ok(match client.execute(request).await?.into_inner().reply {
-                    Some(pb::execute_response::Reply::Result(result)) => Answer::Done(result),
-                    Some(pb::execute_response::Reply::Redirect(redirect)) => {
-                        Answer::Redirect(redirect.leader_address)
-                    }
-                    None => Answer::Empty,
-                })
-            }
-        })
-        .await
+        self.group
+            .on_leader(deadline, |channel, timeout| {
+                let mut client = LedgerClient::new(channel);
+                let mut request = tonic::Request::new(pb::ExecuteRequest {
+                    command: Some(command.clone()),
+                });
+                request.set_timeout(timeout);
+                async move {
+                    Ok(match client.execute(request).await?.into_inner().reply {
+                        Some(pb::execute_response::Reply::Result(result)) => Answer::Done(result),
+                        Some(pb::execute_response::Reply::Redirect(redirect)) => {
+                            Answer::Redirect(redirect.leader_address)
+                        }
+                        None => Answer::Empty,
+                    })
+                }
+            })
+            .await
+    }
+
+    /// Reads an account on the leader: linearizable when `min_seq` is `None`, else once the
+    /// leader has applied `min_seq` (bounded by `wait_ms_max`, then `NotCaughtUp`).
+    pub async fn get_account(
+        &self,
+        account_id: &str,
+        min_seq: Option<u64>,
+        deadline: Instant,
+    ) -> Result<pb::get_account_response::Reply, Unknown> {
+        let consistency = match min_seq {
+            Some(_) => pb::ReadConsistency::MinSeq,
+            None => pb::ReadConsistency::Linearizable,
+        };
+        let request = pb::GetAccountRequest {
+            account_id: account_id.to_string(),
+            consistency: consistency as i32,
+            min_seq: min_seq.unwrap_or(0),
+            wait_ms_max: READ_WAIT_MS_MAX,
+        };
+        self.group
+            .on_leader(deadline, |channel, timeout| {
+                let mut client = LedgerClient::new(channel);
+                let mut request = tonic::Request::new(request.clone());
+                request.set_timeout(
+                    timeout + std::time::Duration::from_millis(READ_WAIT_MS_MAX.into()),
+                );
+                async move {
+                    use pb::get_account_response::Reply;
+                    Ok(
+                        match client.get_account(request).await?.into_inner().reply {
+                            Some(Reply::Redirect(redirect)) => {
+                                Answer::Redirect(redirect.leader_address)
+                            }
+                            Some(reply) => Answer::Done(reply),
+                            None => Answer::Empty,
+                        },
+                    )
+                }
+            })
+            .await
     }
 
     /// How many transactions of a coordinator still hold legs on this shard (asked of the
@@ -162,33 +111,27 @@ impl ShardClient {
         coordinator_shard_id: u32,
         deadline: Instant,
     ) -> Result<u64, Unknown> {
-        self.on_leader(deadline, |mut client, timeout| {
-            let mut request = tonic::Request::new(pb::CountHoldsRequest {
-                coordinator_shard_id,
-            });
-            request.set_timeout(timeout);
-            async move {
-                Ok(
-                    match client.count_holds(request).await?.into_inner().reply {
-                        Some(pb::count_holds_response::Reply::Held(held)) => Answer::Done(held),
-                        Some(pb::count_holds_response::Reply::Redirect(redirect)) => {
-                            Answer::Redirect(redirect.leader_address)
-                        }
-                        None => Answer::Empty,
-                    },
-                )
-            }
-        })
-        .await
+        self.group
+            .on_leader(deadline, |channel, timeout| {
+                let mut client = LedgerClient::new(channel);
+                let mut request = tonic::Request::new(pb::CountHoldsRequest {
+                    coordinator_shard_id,
+                });
+                request.set_timeout(timeout);
+                async move {
+                    Ok(
+                        match client.count_holds(request).await?.into_inner().reply {
+                            Some(pb::count_holds_response::Reply::Held(held)) => Answer::Done(held),
+                            Some(pb::count_holds_response::Reply::Redirect(redirect)) => {
+                                Answer::Redirect(redirect.leader_address)
+                            }
+                            None => Answer::Empty,
+                        },
+                    )
+                }
+            })
+            .await
     }
-}
-
-/// What one call to a replica gave.
-enum Answer<T> {
-    Done(T),
-    /// Not the leader; the leader's address when the replica knows it.
-    Redirect(Option<String>),
-    Empty,
 }
 
 /// Every storage shard and the slot table that routes accounts to them.

@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod gateway;
 pub mod group;
 pub mod kafka;
 pub mod platform;

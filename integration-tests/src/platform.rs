@@ -34,6 +34,7 @@ pub fn submit_request(key: &str, legs: Vec<ledger::Leg>) -> pb::SubmitRequest {
         metadata: HashMap::new(),
         wait: true,
         wait_ms_max: 10_000,
+        wait_until_done: false,
     }
 }
 

@@ -3,6 +3,7 @@
 //! `saga` is the pure core (the replicated transaction records); `machine` adapts it to Raft;
 //! `driver` carries in-flight transactions to their outcome on the storage shards.
 
+pub mod client;
 pub mod crash;
 pub mod driver;
 pub mod machine;

@@ -134,15 +134,25 @@ impl CoordinatorService {
     }
 
     /// Waits (bounded) until the transaction is decided; returns its latest state.
-    async fn wait_for_decision(&self, txn_id: &TxnId, wait: Duration) -> Option<Transaction> {
+    /// Waits (bounded) until the transaction is decided, or done when `until_done`.
+    async fn wait_for(
+        &self,
+        txn_id: &TxnId,
+        until_done: bool,
+        wait: Duration,
+    ) -> Option<Transaction> {
         let mut applied = self
             .driver
             .machine
             .read(|machine| machine.subscribe_applied_seq());
-        let decided = |service: &Self| service.read(txn_id).filter(|t| t.decision.is_some());
+        let reached = |service: &Self| {
+            service
+                .read(txn_id)
+                .filter(|t| t.decision.is_some() && (t.done || !until_done))
+        };
         let _ = tokio::time::timeout(wait, async {
             loop {
-                if decided(self).is_some() || applied.changed().await.is_err() {
+                if reached(self).is_some() || applied.changed().await.is_err() {
                     return;
                 }
             }
@@ -331,9 +341,11 @@ impl CoordinatorRpc for CoordinatorService {
         if !transaction.done {
             self.driver.ensure_driving(&txn_id);
         }
-        let transaction = if request.wait && transaction.decision.is_none() {
+        let settled =
+            transaction.decision.is_some() && (transaction.done || !request.wait_until_done);
+        let transaction = if request.wait && !settled {
             let wait = Duration::from_millis(u64::from(request.wait_ms_max)).min(SUBMIT_WAIT_MAX);
-            self.wait_for_decision(&txn_id, wait)
+            self.wait_for(&txn_id, request.wait_until_done, wait)
                 .await
                 .unwrap_or(transaction)
         } else {

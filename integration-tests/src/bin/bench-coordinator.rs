@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
                     metadata: HashMap::new(),
                     wait: true,
                     wait_ms_max: 30_000,
+                    wait_until_done: false,
                 };
                 let sent = Instant::now();
                 let reply = client.submit(request).await?.into_inner().reply;

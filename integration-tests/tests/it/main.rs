@@ -2,6 +2,7 @@
 
 mod connector;
 mod coordinator;
+mod gateway;
 mod harness_kafka;
 mod harness_postgres;
 mod harness_process;

@@ -1,0 +1,134 @@
+//! Who is calling: `Authorization: Bearer <api key>` resolved to a tenant and scopes, with a
+//! short cache in front of Postgres and a per-key rate limit.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+
+use crate::AppState;
+use crate::problem::ApiError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Read,
+    Write,
+    /// Everything `read` and `write` allow.
+    Admin,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scope> {
+        match name {
+            "read" => Some(Scope::Read),
+            "write" => Some(Scope::Write),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub tenant_id: String,
+    pub key_id: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl Caller {
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(scope.name()))
+        }
+    }
+}
+
+/// Tenant ids are part of ledger account ids, so they are short and plain.
+pub fn valid_tenant_id(tenant_id: &str) -> bool {
+    (1..=24).contains(&tenant_id.len())
+        && tenant_id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// How long a key stays trusted without asking Postgres again: a revoked key stops working at
+/// most this long after its revocation.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
+const KEY_CACHE_ENTRIES_MAX: usize = 10_000;
+
+pub struct Authenticator {
+    /// By the SHA-256 of the token, so the cache holds no secrets.
+    cache: Mutex<HashMap<[u8; 32], (Option<Caller>, Instant)>>,
+    limiter: DefaultKeyedRateLimiter<String>,
+}
+
+impl Authenticator {
+    pub fn new(requests_per_second_max: NonZeroU32) -> Authenticator {
+        Authenticator {
+            cache: Mutex::default(),
+            limiter: RateLimiter::keyed(Quota::per_second(requests_per_second_max)),
+        }
+    }
+
+    async fn caller(&self, pool: &sqlx::PgPool, token: &str) -> Result<Caller, ApiError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = self
+            .cache
+            .lock()
+            .expect("no poisoned lock")
+            .get(&digest)
+            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(caller, _)| caller.clone());
+        let caller = match cached {
+            Some(caller) => caller,
+            None => {
+                let caller = crate::store::authenticate(pool, token).await?;
+                let mut cache = self.cache.lock().expect("no poisoned lock");
+                if cache.len() >= KEY_CACHE_ENTRIES_MAX {
+                    cache.clear();
+                }
+                cache.insert(digest, (caller.clone(), Instant::now()));
+                caller
+            }
+        };
+        let caller = caller.ok_or(ApiError::Unauthorized)?;
+        self.limiter
+            .check_key(&caller.key_id)
+            .map_err(|_| ApiError::RateLimited)?;
+        Ok(caller)
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Caller, ApiError> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        state.authenticator.caller(&state.pool, token.trim()).await
+    }
+}

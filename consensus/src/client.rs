@@ -1,0 +1,140 @@
+//! A client of one Raft group: finds the leader, follows typed redirects, and retries an unknown
+//! outcome (timeout, unreachable replica, overload) until a definite answer or the deadline.
+//! Callers make every request idempotent (a request id, a transaction id), so a retry can never
+//! apply anything twice.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+
+/// How long one attempt may take before it counts as unknown and is retried.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The pause after an attempt that reached no leader, before the next one.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// The outcome could not be learned before the deadline: the request may or may not have applied.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("outcome unknown after retrying until the deadline: {last_error}")]
+pub struct Unknown {
+    pub last_error: String,
+}
+
+/// A lazily connecting channel with the platform's timeouts.
+pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// What one call to a replica gave.
+pub enum Answer<T> {
+    Done(T),
+    /// Not the leader; the leader's address when the replica knows it.
+    Redirect(Option<String>),
+    Empty,
+}
+
+/// The replicas of one group, a channel to each, and the replica believed to lead.
+pub struct LeaderClient {
+    /// Names the group in errors ("shard 3", "coordinator shard 1").
+    name: String,
+    replicas: Mutex<Vec<String>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    leader: Mutex<Option<String>>,
+}
+
+impl LeaderClient {
+    pub fn new(name: String, replicas: Vec<String>) -> LeaderClient {
+        assert!(!replicas.is_empty(), "a group has at least one replica");
+        LeaderClient {
+            name,
+            replicas: Mutex::new(replicas),
+            channels: Mutex::default(),
+            leader: Mutex::default(),
+        }
+    }
+
+    pub fn replicas(&self) -> Vec<String> {
+        self.replicas.lock().expect("no poisoned lock").clone()
+    }
+
+    /// Replaces the replica addresses (after a membership change).
+    pub fn set_replicas(&self, replicas: Vec<String>) {
+        assert!(!replicas.is_empty(), "a group has at least one replica");
+        *self.replicas.lock().expect("no poisoned lock") = replicas;
+        self.remember_leader(None);
+    }
+
+    /// One shared channel per replica address.
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().expect("no poisoned lock");
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = channel(address).map_err(|error| error.to_string())?;
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The replica believed to lead, or one of them in turn when none is known.
+    pub fn target(&self, attempt: usize) -> String {
+        self.leader
+            .lock()
+            .expect("no poisoned lock")
+            .clone()
+            .unwrap_or_else(|| {
+                let replicas = self.replicas.lock().expect("no poisoned lock");
+                replicas[attempt % replicas.len()].clone()
+            })
+    }
+
+    fn remember_leader(&self, address: Option<String>) {
+        *self.leader.lock().expect("no poisoned lock") = address;
+    }
+
+    /// Calls the leader (following redirects) until `call` gives an answer or `deadline`
+    /// passes; a transport error or an unknown leader leads to the next replica after a pause.
+    pub async fn on_leader<T, F, Fut>(&self, deadline: Instant, mut call: F) -> Result<T, Unknown>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<Answer<T>, tonic::Status>>,
+    {
+        let mut attempt = 0usize;
+        let mut last_error = String::from("no attempt made");
+        while Instant::now() < deadline {
+            attempt += 1;
+            let address = self.target(attempt);
+            let channel = match self.channel(&address) {
+                Ok(channel) => channel,
+                Err(error) => {
+                    last_error = error;
+                    self.remember_leader(None);
+                    continue;
+                }
+            };
+            let timeout = ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+            match call(channel, timeout).await {
+                Ok(Answer::Done(answer)) => {
+                    self.remember_leader(Some(address));
+                    return Ok(answer);
+                }
+                Ok(Answer::Redirect(Some(leader))) => {
+                    last_error = format!("redirected by {address}");
+                    self.remember_leader(Some(leader));
+                    continue;
+                }
+                Ok(Answer::Redirect(None)) => last_error = format!("{address} knows no leader"),
+                Ok(Answer::Empty) => last_error = format!("empty reply from {address}"),
+                Err(status) => last_error = format!("{address}: {status}"),
+            }
+            self.remember_leader(None);
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        Err(Unknown {
+            last_error: format!("{}: {last_error}", self.name),
+        })
+    }
+}

@@ -1,0 +1,646 @@
+//! The access gateway through real HTTP against a real cluster: topology, two storage shards and
+//! a coordinator shard of three replicas each, the gateway process and its Postgres database.
+
+use std::collections::BTreeMap;
+
+use auticuro::ledger::AccountId;
+use integration_tests::gateway::{Answer, Gateway};
+use integration_tests::platform::Platform;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+const TENANT: &str = "acme";
+
+async fn start() -> (Platform, Gateway) {
+    let platform = Platform::start_with_topology(1).await;
+    let gateway = Gateway::start(&platform).await.unwrap();
+    (platform, gateway)
+}
+
+fn shard_of(tenant: &str, wallet_id: &str) -> u32 {
+    let account = AccountId::parse(&format!("{tenant}/{wallet_id}")).unwrap();
+    auticuro::routing::SlotTable::uniform(&[1, 2]).shard_of(&account)
+}
+
+/// A new USD wallet of `tenant` on storage shard `shard_id`.
+async fn wallet_on(
+    gateway: &Gateway,
+    key: &str,
+    tenant: &str,
+    shard_id: u32,
+    name: &str,
+) -> String {
+    for attempt in 0..64 {
+        let created = gateway
+            .post(
+                "/v1/wallets",
+                key,
+                &format!("create-{name}-{attempt}"),
+                json!({ "owner_id": format!("owner-{name}"), "currency": "USD" }),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+        let wallet_id = created.text("wallet_id");
+        if shard_of(tenant, &wallet_id) == shard_id {
+            return wallet_id;
+        }
+    }
+    panic!("no wallet landed on shard {shard_id}");
+}
+
+async fn available(gateway: &Gateway, key: &str, wallet_id: &str, token: Option<&str>) -> String {
+    let path = match token {
+        Some(token) => format!("/v1/wallets/{wallet_id}/balance?consistency_token={token}"),
+        None => format!("/v1/wallets/{wallet_id}/balance"),
+    };
+    let balance = gateway.get(&path, key).await;
+    assert_eq!(balance.status, StatusCode::OK, "{balance:?}");
+    balance.text("available")
+}
+
+async fn deposit(gateway: &Gateway, key: &str, wallet_id: &str, amount: &str) -> Answer {
+    gateway
+        .post(
+            "/v1/deposits",
+            key,
+            &format!("deposit-{wallet_id}-{amount}"),
+            json!({ "wallet_id": wallet_id, "amount": amount, "currency": "USD" }),
+        )
+        .await
+}
+
+/// Once nothing is in flight: on every shard, per currency, the balances sum to zero and
+/// nothing is left pending.
+async fn assert_money_conserved(platform: &Platform) {
+    assert_eq!(
+        platform.in_flight_when_settled().await,
+        0,
+        "transactions left in flight"
+    );
+    for shard in &platform.storage {
+        let mut sums: BTreeMap<String, i128> = BTreeMap::new();
+        for account in shard.accounts().await.unwrap().values() {
+            *sums.entry(account.currency.clone()).or_default() +=
+                integration_tests::platform::minor(&account.balance);
+            assert_eq!(integration_tests::platform::minor(&account.pending_out), 0);
+            assert_eq!(integration_tests::platform::minor(&account.pending_in), 0);
+        }
+        assert!(
+            sums.values().all(|sum| *sum == 0),
+            "shard {}: {sums:?}",
+            shard.shard_id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_endpoint_works_through_http() {
+    let (platform, gateway) = start().await;
+    let key = gateway.create_key(TENANT, "read,write").await.unwrap();
+    let alice = wallet_on(&gateway, &key, TENANT, 1, "alice").await;
+    let bob = wallet_on(&gateway, &key, TENANT, 2, "bob").await;
+
+    let wallet = gateway.get(&format!("/v1/wallets/{alice}"), &key).await;
+    assert_eq!(wallet.status, StatusCode::OK, "{wallet:?}");
+    assert_eq!(wallet.text("owner_id"), "owner-alice");
+    assert_eq!(wallet.text("state"), "active");
+    assert_eq!(wallet.text("balance"), "0.00");
+
+    // Deposit, then read it back with the write's consistency token.
+    let deposited = deposit(&gateway, &key, &alice, "100.00").await;
+    assert_eq!(deposited.status, StatusCode::CREATED, "{deposited:?}");
+    assert_eq!(deposited.text("status"), "committed");
+    assert_eq!(deposited.text("kind"), "deposit");
+    let token = deposited.text("consistency_token");
+    assert_eq!(
+        available(&gateway, &key, &alice, Some(&token)).await,
+        "100.00"
+    );
+
+    // A cross-shard payment with a fee.
+    let paid = gateway
+        .post(
+            "/v1/payments",
+            &key,
+            "pay-1",
+            json!({
+                "from_wallet_id": alice, "to_wallet_id": bob, "amount": "30.00",
+                "currency": "USD", "fee": { "amount": "1.50" }, "metadata": { "order": "42" }
+            }),
+        )
+        .await;
+    assert_eq!(paid.status, StatusCode::CREATED, "{paid:?}");
+    assert_eq!(paid.text("status"), "committed");
+    let legs: Vec<(String, String)> = paid.body["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|leg| {
+            (
+                leg["account"].as_str().unwrap().into(),
+                leg["amount"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(legs.contains(&(alice.clone(), "-31.50".into())), "{legs:?}");
+    assert!(legs.contains(&(bob.clone(), "30.00".into())), "{legs:?}");
+    assert!(
+        legs.contains(&("sys:fees:USD".into(), "1.50".into())),
+        "{legs:?}"
+    );
+    assert_eq!(paid.body["metadata"]["order"], "42");
+    let token = paid.text("consistency_token");
+    assert_eq!(
+        available(&gateway, &key, &alice, Some(&token)).await,
+        "68.50"
+    );
+    assert_eq!(available(&gateway, &key, &bob, Some(&token)).await, "30.00");
+
+    // The transaction, and its status changes as server-sent events.
+    let transaction_id = paid.text("transaction_id");
+    let fetched = gateway
+        .get(&format!("/v1/transactions/{transaction_id}"), &key)
+        .await;
+    assert_eq!(fetched.status, StatusCode::OK, "{fetched:?}");
+    assert_eq!(fetched.text("status"), "committed");
+    assert_eq!(fetched.text("kind"), "payment");
+    let events = gateway
+        .request(
+            Method::GET,
+            &format!("/v1/transactions/{transaction_id}/events"),
+            &key,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    assert!(
+        events.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    // The stream ends once the transaction is done.
+    let text = tokio::time::timeout(std::time::Duration::from_secs(20), events.text())
+        .await
+        .expect("the event stream ends when the transaction is done")
+        .unwrap();
+    assert!(text.contains("event: status"), "{text}");
+    assert!(text.contains("\"status\":\"committed\""), "{text}");
+    assert!(text.contains("\"done\":true"), "{text}");
+
+    // A withdrawal.
+    let withdrawn = gateway
+        .post(
+            "/v1/withdrawals",
+            &key,
+            "withdraw-1",
+            json!({ "wallet_id": bob, "amount": "10", "currency": "USD", "reference": "bank-77" }),
+        )
+        .await;
+    assert_eq!(withdrawn.status, StatusCode::CREATED, "{withdrawn:?}");
+    assert_eq!(withdrawn.body["metadata"]["reference"], "bank-77");
+    let token = withdrawn.text("consistency_token");
+    assert_eq!(available(&gateway, &key, &bob, Some(&token)).await, "20.00");
+
+    // Business rejections are typed problems and move nothing.
+    let too_much = gateway
+        .post(
+            "/v1/payments",
+            &key,
+            "pay-too-much",
+            json!({ "from_wallet_id": bob, "to_wallet_id": alice, "amount": "20.01", "currency": "USD" }),
+        )
+        .await;
+    assert_eq!(
+        too_much.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{too_much:?}"
+    );
+    assert_eq!(too_much.problem_type(), "/problems/insufficient-funds");
+    assert_eq!(too_much.headers["content-type"], "application/problem+json");
+    assert!(too_much.body["transaction_id"].is_string());
+    let wrong_currency = gateway
+        .post(
+            "/v1/deposits",
+            &key,
+            "deposit-eur",
+            json!({ "wallet_id": bob, "amount": "1", "currency": "EUR" }),
+        )
+        .await;
+    assert_eq!(
+        wrong_currency.problem_type(),
+        "/problems/currency-mismatch",
+        "{wrong_currency:?}"
+    );
+
+    // Freeze stops money; unfreeze lets it move again.
+    let frozen = gateway
+        .post(
+            &format!("/v1/wallets/{bob}/freeze"),
+            &key,
+            "freeze-bob",
+            json!(null),
+        )
+        .await;
+    assert_eq!(frozen.status, StatusCode::OK, "{frozen:?}");
+    assert_eq!(frozen.text("state"), "frozen");
+    let to_frozen = gateway
+        .post(
+            "/v1/payments",
+            &key,
+            "pay-frozen",
+            json!({ "from_wallet_id": alice, "to_wallet_id": bob, "amount": "1", "currency": "USD" }),
+        )
+        .await;
+    assert_eq!(
+        to_frozen.problem_type(),
+        "/problems/wallet-frozen",
+        "{to_frozen:?}"
+    );
+    let unfrozen = gateway
+        .post(
+            &format!("/v1/wallets/{bob}/unfreeze"),
+            &key,
+            "unfreeze-bob",
+            json!(null),
+        )
+        .await;
+    assert_eq!(unfrozen.text("state"), "active", "{unfrozen:?}");
+
+    // Close: refused while money is in the wallet, done once it is empty.
+    let refused = gateway
+        .post(
+            &format!("/v1/wallets/{bob}/close"),
+            &key,
+            "close-bob-1",
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        refused.problem_type(),
+        "/problems/wallet-not-empty",
+        "{refused:?}"
+    );
+    let emptied = gateway
+        .post(
+            "/v1/withdrawals",
+            &key,
+            "withdraw-all",
+            json!({ "wallet_id": bob, "amount": "20.00", "currency": "USD" }),
+        )
+        .await;
+    assert_eq!(emptied.status, StatusCode::CREATED, "{emptied:?}");
+    let closed = gateway
+        .post(
+            &format!("/v1/wallets/{bob}/close"),
+            &key,
+            "close-bob-2",
+            json!(null),
+        )
+        .await;
+    assert_eq!(closed.status, StatusCode::OK, "{closed:?}");
+    assert_eq!(closed.text("state"), "closed");
+
+    // Operations endpoints and the API description.
+    assert_eq!(gateway.get("/healthz", "").await.status, StatusCode::OK);
+    assert_eq!(gateway.get("/readyz", "").await.status, StatusCode::OK);
+    let openapi = gateway.get("/openapi.json", "").await;
+    assert_eq!(
+        openapi.body["openapi"].as_str().unwrap().get(..3),
+        Some("3.1")
+    );
+    for path in [
+        "/v1/wallets",
+        "/v1/payments",
+        "/v1/deposits",
+        "/v1/withdrawals",
+        "/v1/transactions/{transaction_id}",
+    ] {
+        assert!(openapi.body["paths"][path].is_object(), "{path} missing");
+    }
+    let docs = gateway.get("/docs/", "").await;
+    assert_eq!(docs.status, StatusCode::OK);
+    assert!(
+        docs.body.as_str().unwrap_or("").contains("swagger"),
+        "{docs:?}"
+    );
+    let metrics = gateway.get("/metrics", "").await;
+    let metrics = metrics.body.as_str().unwrap_or("");
+    assert!(
+        metrics.contains("gateway_http_requests_total{route=\"/v1/payments\""),
+        "{metrics}"
+    );
+
+    assert_money_conserved(&platform).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_clear_problems_and_changes_nothing() {
+    let (platform, gateway) = start().await;
+    let key = gateway.create_key(TENANT, "read,write").await.unwrap();
+    let alice = wallet_on(&gateway, &key, TENANT, 1, "alice").await;
+    let bob = wallet_on(&gateway, &key, TENANT, 2, "bob").await;
+    assert_eq!(
+        deposit(&gateway, &key, &alice, "10.00").await.status,
+        StatusCode::CREATED
+    );
+    let payment = |amount: &str| json!({ "from_wallet_id": alice, "to_wallet_id": bob, "amount": amount, "currency": "USD" });
+    let invalid_amounts = [
+        "1.234",
+        "0",
+        "0.00",
+        "-5",
+        "abc",
+        "1e3",
+        "",
+        " 1",
+        "99999999999999999999999",
+    ];
+    for (index, amount) in invalid_amounts.iter().enumerate() {
+        let answer = gateway
+            .post(
+                "/v1/payments",
+                &key,
+                &format!("bad-{index}"),
+                payment(amount),
+            )
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{amount:?}: {answer:?}"
+        );
+        assert_eq!(answer.problem_type(), "/problems/invalid-request");
+    }
+    let mut unknown_field = payment("1.00");
+    unknown_field["surprise"] = json!(true);
+    let cases = [
+        ("unknown field", unknown_field),
+        (
+            "unknown currency",
+            json!({ "from_wallet_id": alice, "to_wallet_id": bob, "amount": "1", "currency": "XXX" }),
+        ),
+        (
+            "missing field",
+            json!({ "from_wallet_id": alice, "amount": "1", "currency": "USD" }),
+        ),
+        (
+            "wrong type",
+            json!({ "from_wallet_id": alice, "to_wallet_id": bob, "amount": 1, "currency": "USD" }),
+        ),
+        (
+            "same wallet",
+            json!({ "from_wallet_id": alice, "to_wallet_id": alice, "amount": "1", "currency": "USD" }),
+        ),
+        (
+            "reserved metadata",
+            json!({ "from_wallet_id": alice, "to_wallet_id": bob, "amount": "1", "currency": "USD", "metadata": { "wallet:kind": "x" } }),
+        ),
+    ];
+    for (index, (what, body)) in cases.into_iter().enumerate() {
+        let answer = gateway
+            .post("/v1/payments", &key, &format!("case-{index}"), body)
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{what}: {answer:?}");
+        assert!(answer.body["detail"].is_string(), "{what}: {answer:?}");
+    }
+    let malformed = Gateway::send(
+        gateway
+            .request(Method::POST, "/v1/payments", &key)
+            .header("Idempotency-Key", "malformed")
+            .header("content-type", "application/json")
+            .body("{\"from_wallet_id\": "),
+    )
+    .await;
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST, "{malformed:?}");
+    // Far above the 16 KiB limit, yet small enough for loopback buffers to take whole, so the
+    // client finishes writing before the server answers and closes.
+    let huge = Gateway::send(
+        gateway
+            .request(Method::POST, "/v1/payments", &key)
+            .header("Idempotency-Key", "huge")
+            .header("content-type", "application/json")
+            .body(format!("{{\"metadata\": \"{}\"}}", "x".repeat(200 * 1024))),
+    )
+    .await;
+    assert_eq!(huge.status, StatusCode::PAYLOAD_TOO_LARGE, "{huge:?}");
+    let no_key = Gateway::send(
+        gateway
+            .request(Method::POST, "/v1/payments", &key)
+            .json(&payment("1")),
+    )
+    .await;
+    assert_eq!(no_key.status, StatusCode::BAD_REQUEST, "{no_key:?}");
+    let unauthenticated = gateway
+        .post("/v1/payments", "wk_nope_nope", "k", payment("1"))
+        .await;
+    assert_eq!(unauthenticated.status, StatusCode::UNAUTHORIZED);
+    let unknown_path = gateway.get("/v1/nothing-here", &key).await;
+    assert_eq!(unknown_path.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown_path.problem_type(), "/problems/not-found");
+
+    assert_eq!(available(&gateway, &key, &alice, None).await, "10.00");
+    assert_eq!(available(&gateway, &key, &bob, None).await, "0.00");
+    assert_money_conserved(&platform).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_cannot_see_or_move_each_others_wallets() {
+    let (platform, gateway) = start().await;
+    let acme = gateway.create_key("acme", "read,write").await.unwrap();
+    let globex = gateway.create_key("globex", "read,write").await.unwrap();
+    let acme_wallet = wallet_on(&gateway, &acme, "acme", 1, "a").await;
+    let globex_wallet = wallet_on(&gateway, &globex, "globex", 2, "g").await;
+    let deposited = deposit(&gateway, &globex, &globex_wallet, "50.00").await;
+    assert_eq!(deposited.status, StatusCode::CREATED);
+    // Acme's wallet has money, so the only thing wrong below is the other wallet.
+    assert_eq!(
+        deposit(&gateway, &acme, &acme_wallet, "50.00").await.status,
+        StatusCode::CREATED
+    );
+    let globex_transaction = deposited.text("transaction_id");
+
+    // Acme's key sees globex's wallet exactly as it sees a wallet that does not exist.
+    let missing = "wal_000000000000000000000000";
+    for wallet in [globex_wallet.as_str(), missing] {
+        for path in [
+            format!("/v1/wallets/{wallet}"),
+            format!("/v1/wallets/{wallet}/balance"),
+        ] {
+            let answer = gateway.get(&path, &acme).await;
+            assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}: {answer:?}");
+            assert_eq!(answer.problem_type(), "/problems/wallet-not-found");
+        }
+        let moves = [
+            (
+                "/v1/payments",
+                json!({ "from_wallet_id": wallet, "to_wallet_id": acme_wallet, "amount": "1", "currency": "USD" }),
+            ),
+            (
+                "/v1/payments",
+                json!({ "from_wallet_id": acme_wallet, "to_wallet_id": wallet, "amount": "1", "currency": "USD" }),
+            ),
+            (
+                "/v1/withdrawals",
+                json!({ "wallet_id": wallet, "amount": "1", "currency": "USD" }),
+            ),
+            (
+                "/v1/deposits",
+                json!({ "wallet_id": wallet, "amount": "1", "currency": "USD" }),
+            ),
+        ];
+        for (index, (path, body)) in moves.into_iter().enumerate() {
+            let answer = gateway
+                .post(path, &acme, &format!("steal-{wallet}-{index}"), body)
+                .await;
+            assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}: {answer:?}");
+            assert_eq!(answer.problem_type(), "/problems/wallet-not-found");
+        }
+        let freeze = gateway
+            .post(
+                &format!("/v1/wallets/{wallet}/freeze"),
+                &acme,
+                &format!("freeze-{wallet}"),
+                json!(null),
+            )
+            .await;
+        assert_eq!(freeze.status, StatusCode::NOT_FOUND, "{freeze:?}");
+    }
+    let foreign = gateway
+        .get(&format!("/v1/transactions/{globex_transaction}"), &acme)
+        .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{foreign:?}");
+    // The same idempotency key in two tenants is two different requests.
+    let same_key =
+        |wallet: &str| json!({ "wallet_id": wallet, "amount": "2.00", "currency": "USD" });
+    assert_eq!(
+        gateway
+            .post("/v1/deposits", &acme, "shared-key", same_key(&acme_wallet))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        gateway
+            .post(
+                "/v1/deposits",
+                &globex,
+                "shared-key",
+                same_key(&globex_wallet)
+            )
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    assert_eq!(
+        available(&gateway, &globex, &globex_wallet, None).await,
+        "52.00"
+    );
+    assert_eq!(
+        available(&gateway, &acme, &acme_wallet, None).await,
+        "52.00"
+    );
+
+    // Scopes: a read-only key reads but cannot move money; a revoked key does nothing.
+    let reader = gateway.create_key("acme", "read").await.unwrap();
+    assert_eq!(
+        available(&gateway, &reader, &acme_wallet, None).await,
+        "52.00"
+    );
+    let write = gateway
+        .post(
+            "/v1/deposits",
+            &reader,
+            "reader-deposit",
+            same_key(&acme_wallet),
+        )
+        .await;
+    assert_eq!(write.status, StatusCode::FORBIDDEN, "{write:?}");
+    gateway.revoke_key(&reader).await.unwrap();
+    let mut revoked = StatusCode::OK;
+    for _ in 0..100 {
+        // The gateway trusts a key for a few seconds after it last checked it.
+        revoked = gateway
+            .get(&format!("/v1/wallets/{acme_wallet}"), &reader)
+            .await
+            .status;
+        if revoked == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(revoked, StatusCode::UNAUTHORIZED);
+    assert_money_conserved(&platform).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_replay_refuse_changes_and_survive_restarts() {
+    let (platform, mut gateway) = start().await;
+    let key = gateway.create_key(TENANT, "read,write").await.unwrap();
+    let alice = wallet_on(&gateway, &key, TENANT, 1, "alice").await;
+    let bob = wallet_on(&gateway, &key, TENANT, 2, "bob").await;
+    assert_eq!(
+        deposit(&gateway, &key, &alice, "100.00").await.status,
+        StatusCode::CREATED
+    );
+    let payment = |amount: &str| json!({ "from_wallet_id": alice, "to_wallet_id": bob, "amount": amount, "currency": "USD" });
+
+    let first = gateway
+        .post("/v1/payments", &key, "pay-once", payment("5.00"))
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let replay = gateway
+        .post("/v1/payments", &key, "pay-once", payment("5.00"))
+        .await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.body, first.body);
+    let changed = gateway
+        .post("/v1/payments", &key, "pay-once", payment("6.00"))
+        .await;
+    assert_eq!(changed.status, StatusCode::CONFLICT, "{changed:?}");
+    assert_eq!(changed.problem_type(), "/problems/idempotency-key-reused");
+
+    // A rejection is final for its key too.
+    let rejected = gateway
+        .post("/v1/payments", &key, "pay-too-much", payment("1000.00"))
+        .await;
+    assert_eq!(rejected.problem_type(), "/problems/insufficient-funds");
+    assert_eq!(
+        deposit(&gateway, &key, &alice, "2000.00").await.status,
+        StatusCode::CREATED
+    );
+    let still_rejected = gateway
+        .post("/v1/payments", &key, "pay-too-much", payment("1000.00"))
+        .await;
+    assert_eq!(still_rejected.body, rejected.body);
+
+    // Concurrent duplicates make one transaction.
+    let duplicates =
+        (0..8).map(|_| gateway.post("/v1/payments", &key, "pay-concurrent", payment("7.00")));
+    let answers = futures::future::join_all(duplicates).await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|answer| {
+            assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+            answer.text("transaction_id")
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+
+    // The records live in Postgres: a new gateway process replays them.
+    gateway.restart().await.unwrap();
+    let after_restart = gateway
+        .post("/v1/payments", &key, "pay-once", payment("5.00"))
+        .await;
+    assert_eq!(after_restart.headers["idempotent-replayed"], "true");
+    assert_eq!(after_restart.body, first.body);
+
+    // 100 + 2000 deposited, 5 + 7 paid exactly once each.
+    assert_eq!(available(&gateway, &key, &alice, None).await, "2088.00");
+    assert_eq!(available(&gateway, &key, &bob, None).await, "12.00");
+    assert_money_conserved(&platform).await;
+}
