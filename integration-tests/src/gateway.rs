@@ -72,7 +72,7 @@ impl Gateway {
             topology,
         ]
         .map(String::from);
-        ServiceProcess::spawn(&workspace_binary("access-gateway"), &args).await
+        crate::process::spawn(&workspace_binary("access-gateway"), &args).await
     }
 
     async fn wait_ready(&self) -> Result<()> {

@@ -57,7 +57,7 @@ async fn spawn_replica(
         data_dir.display().to_string(),
     ];
     args.extend_from_slice(group_args);
-    ServiceProcess::spawn(&workspace_binary(binary), &args).await
+    crate::process::spawn(&workspace_binary(binary), &args).await
 }
 
 impl Group {

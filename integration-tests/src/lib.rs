@@ -28,6 +28,8 @@ pub enum HarnessError {
     },
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Launch(#[from] deploy::Error),
 }
 
 pub type Result<T> = std::result::Result<T, HarnessError>;
@@ -75,31 +77,4 @@ pub(crate) fn reap_after_this_process(cleanup: &str) -> Result<()> {
     Ok(())
 }
 
-/// A plain HTTP/1.1 GET on loopback (for `/metrics` and health pages); returns status and body.
-pub async fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .map_err(io_error("connecting"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(io_error("sending a request"))?;
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .await
-        .map_err(io_error("reading a response"))?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| HarnessError::Setup(format!("not an HTTP response: {text:.200}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+pub use deploy::process::http_get;

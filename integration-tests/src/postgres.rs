@@ -2,8 +2,9 @@
 //! `pg_ctl`), on a free 127.0.0.1 port with a throwaway data directory; a fresh database per test.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
+
+use deploy::postgres::{self, ServerDir};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::postgres::PgPoolOptions;
@@ -52,40 +53,15 @@ impl PostgresServer {
             .tempdir()
             .map_err(io_error("creating the Postgres directory"))?
             .keep();
-        let pg_data = data_dir.join("data");
-        hand_over_to_server_user(&data_dir)?;
-        run(server_command("initdb")
-            .arg("--pgdata")
-            .arg(&pg_data)
-            .args([
-                "--username=postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-sync",
-            ]))?;
-        let dir = data_dir.display();
-        let as_server_user = if running_as_root() {
-            "runuser -u postgres -- "
-        } else {
-            ""
-        };
+        let server = ServerDir { dir: &data_dir };
+        server.init()?;
         reap_after_this_process(&format!(
-            "{as_server_user}{} --pgdata '{}' stop -m immediate; rm -rf '{dir}'",
-            server_binary("pg_ctl").display(),
-            pg_data.display()
+            "{}; rm -rf '{}'",
+            postgres::stop_command_line(&server.pg_data()),
+            data_dir.display()
         ))?;
         let port = free_port()?;
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='{dir}' \
-             -c max_connections=400 -c shared_buffers=128MB"
-        );
-        // `-w` waits until the server accepts connections.
-        run(server_command("pg_ctl")
-            .arg("--pgdata")
-            .arg(&pg_data)
-            .arg("--log")
-            .arg(data_dir.join("postgres.log"))
-            .args(["-w", "-t", "60", "-o", &options, "start"]))?;
+        server.start(port)?;
         Ok(PostgresServer { port, data_dir })
     }
 
@@ -98,7 +74,7 @@ impl PostgresServer {
     }
 
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        postgres::url(self.port, database)
     }
 
     /// Creates an empty database with a name no other test in this process uses.
@@ -123,67 +99,4 @@ impl PostgresServer {
 /// A fresh database on the shared server of this test process.
 pub async fn fresh_database() -> Result<TestDatabase> {
     PostgresServer::shared()?.fresh_database().await
-}
-
-/// The PostgreSQL server binaries: on PATH, else Debian's versioned directory.
-pub fn server_binary(name: &str) -> PathBuf {
-    if let Some(found) = which(name) {
-        return found;
-    }
-    let debian = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path().join("bin").join(name))
-        .filter(|path| path.exists())
-        .max();
-    debian.unwrap_or_else(|| PathBuf::from(name))
-}
-
-/// PostgreSQL refuses to run as root. When this process is root (as on CI machines), the server
-/// runs as the `postgres` system user that Debian's server package creates.
-fn running_as_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|meta| meta.uid() == 0)
-        .unwrap_or(false)
-}
-
-fn server_command(name: &str) -> Command {
-    if running_as_root() {
-        let mut command = Command::new("runuser");
-        command
-            .args(["-u", "postgres", "--"])
-            .arg(server_binary(name));
-        return command;
-    }
-    Command::new(server_binary(name))
-}
-
-fn hand_over_to_server_user(dir: &std::path::Path) -> Result<()> {
-    if !running_as_root() {
-        return Ok(());
-    }
-    run(Command::new("chown").arg("postgres:postgres").arg(dir))
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let description = format!("{command:?}");
-    let output = command.output().map_err(io_error(description.clone()))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    Err(HarnessError::Setup(format!(
-        "{description} exited with {}: {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )))
 }

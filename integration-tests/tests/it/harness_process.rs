@@ -1,14 +1,12 @@
 use std::path::Path;
 
-use integration_tests::process::ServiceProcess;
-
 fn shell(script: &str) -> Vec<String> {
     vec!["-c".into(), script.into()]
 }
 
 #[tokio::test]
 async fn a_service_is_ready_when_it_prints_its_address() {
-    let service = ServiceProcess::spawn(
+    let service = integration_tests::process::spawn(
         Path::new("/bin/sh"),
         &shell("echo starting; echo 'ready 127.0.0.1:4242'; exec sleep 30"),
     )
@@ -19,13 +17,15 @@ async fn a_service_is_ready_when_it_prints_its_address() {
 
 #[tokio::test]
 async fn a_service_that_exits_before_it_is_ready_is_an_error() {
-    let result = ServiceProcess::spawn(Path::new("/bin/sh"), &shell("echo crashing; exit 3")).await;
+    let result =
+        integration_tests::process::spawn(Path::new("/bin/sh"), &shell("echo crashing; exit 3"))
+            .await;
     assert!(result.is_err());
 }
 
 #[tokio::test]
 async fn a_killed_service_is_gone() {
-    let mut service = ServiceProcess::spawn(
+    let mut service = integration_tests::process::spawn(
         Path::new("/bin/sh"),
         &shell("echo 'ready -'; exec sleep 30"),
     )

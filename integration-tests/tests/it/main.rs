@@ -7,3 +7,4 @@ mod harness_kafka;
 mod harness_postgres;
 mod harness_process;
 mod storage_cluster;
+mod walletctl;

@@ -1,0 +1,83 @@
+//! `walletctl`: the operator's tool. `walletctl up` runs a complete local cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Runs, inspects and scales the wallet platform")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a complete local cluster until interrupted (Ctrl-C stops every process).
+    Up {
+        /// Everything the cluster keeps: replica data, Postgres, logs, the demo API key.
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        storage_shards: u32,
+        #[arg(long, default_value_t = 1)]
+        coordinator_shards: u32,
+        /// Replicas per Raft group.
+        #[arg(long, default_value_t = 3)]
+        replicas: u64,
+        /// Services listen on fixed ports from here, so a restart finds its peers again;
+        /// 0 picks free ports (one run only).
+        #[arg(long, default_value_t = 17100)]
+        base_port: u16,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        gateway_listen: SocketAddr,
+        /// Use this database instead of a private Postgres server under the data directory.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Up {
+            data_dir,
+            storage_shards,
+            coordinator_shards,
+            replicas,
+            base_port,
+            gateway_listen,
+            database_url,
+        } => {
+            anyhow::ensure!(
+                storage_shards >= 1 && coordinator_shards >= 1,
+                "at least one shard of each kind"
+            );
+            anyhow::ensure!(replicas >= 1 && replicas <= 9, "1 to 9 replicas per group");
+            let cluster = deploy::cluster::up(deploy::cluster::Options {
+                data_dir: data_dir.clone(),
+                storage_shards,
+                coordinator_shards,
+                replicas,
+                base_port,
+                gateway_listen,
+                database_url,
+            })
+            .await?;
+            println!("gateway  {}", cluster.gateway_url);
+            println!("api key  {}", cluster.api_key);
+            println!("docs     {}/docs/", cluster.gateway_url);
+            println!("logs     {}", data_dir.join("logs").display());
+            println!(
+                "ready {}",
+                cluster.gateway_url.trim_start_matches("http://")
+            );
+            tokio::signal::ctrl_c().await?;
+            eprintln!("stopping");
+            drop(cluster);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! A complete local cluster under one directory: a topology group, storage shards and
+//! coordinator shards (each a Raft group of replica processes), a PostgreSQL server (unless
+//! a database URL is given) and the access gateway, with an API key for a demo tenant.
+//!
+//! With fixed ports (`base_port` > 0) the cluster can be stopped and started again on the same
+//! directory: every replica recovers from its own disk. With `base_port` 0 every service takes
+//! a free port, for one run only.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use marker::topology::{CoordinatorEntry, CoordinatorState, TopologyClient};
+use proto::raft::v1 as raft;
+use proto::raft::v1::raft_admin_client::RaftAdminClient;
+
+use crate::postgres::{self, ServerDir};
+use crate::process::{ServiceProcess, workspace_binary};
+use crate::{Error, Result, io_error};
+
+/// The tenant whose API key `up` prints.
+pub const DEMO_TENANT: &str = "demo";
+const GROUP_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub storage_shards: u32,
+    pub coordinator_shards: u32,
+    /// Replicas per Raft group.
+    pub replicas: u64,
+    /// Ports are `base_port + offset`, fixed per service; 0 picks free ports.
+    pub base_port: u16,
+    pub gateway_listen: SocketAddr,
+    /// An existing database; without one, a private server runs under the data directory.
+    pub database_url: Option<String>,
+}
+
+/// A running cluster; dropping it stops every process it started.
+pub struct LocalCluster {
+    pub gateway_url: String,
+    pub api_key: String,
+    pub database_url: String,
+    pub topology: Vec<String>,
+    processes: Vec<ServiceProcess>,
+    postgres: Option<PathBuf>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.processes.clear();
+        if let Some(dir) = &self.postgres
+            && let Err(error) = (ServerDir { dir }).stop()
+        {
+            eprintln!("stopping Postgres: {error}");
+        }
+    }
+}
+
+struct Launcher {
+    options: Options,
+    processes: Vec<ServiceProcess>,
+}
+
+impl Launcher {
+    fn port(&self, offset: u16) -> u16 {
+        match self.options.base_port {
+            0 => 0,
+            base => base + offset,
+        }
+    }
+
+    async fn spawn(&mut self, binary: &str, name: &str, args: Vec<String>) -> Result<String> {
+        let logs = self.options.data_dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(io_error("creating the log directory"))?;
+        let process = ServiceProcess::spawn(
+            &workspace_binary(binary),
+            &args,
+            &logs.join(format!("{name}.log")),
+        )
+        .await?;
+        let address = process.address().to_string();
+        self.processes.push(process);
+        Ok(address)
+    }
+
+    /// Starts one Raft group's replicas and initializes it when it is new.
+    async fn group(
+        &mut self,
+        binary: &str,
+        name: &str,
+        first_port: u16,
+        group_args: &[String],
+    ) -> Result<Vec<String>> {
+        let mut addresses = Vec::new();
+        let mut new = false;
+        for node_id in 1..=self.options.replicas {
+            let data_dir = self
+                .options
+                .data_dir
+                .join(name)
+                .join(format!("node-{node_id}"));
+            new |= !data_dir.exists();
+            let listen = format!("127.0.0.1:{}", self.port(first_port + node_id as u16 - 1));
+            let mut args = vec![
+                "--node-id".into(),
+                node_id.to_string(),
+                "--listen".into(),
+                listen,
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+            ];
+            args.extend_from_slice(group_args);
+            addresses.push(
+                self.spawn(binary, &format!("{name}-node-{node_id}"), args)
+                    .await?,
+            );
+        }
+        if new {
+            initialize(&addresses).await?;
+        }
+        wait_for_leader(&addresses[0]).await?;
+        Ok(addresses)
+    }
+}
+
+async fn admin(address: &str) -> Result<RaftAdminClient<tonic::transport::Channel>> {
+    let channel =
+        consensus::client::channel(address).map_err(|error| Error::Setup(error.to_string()))?;
+    Ok(RaftAdminClient::new(channel))
+}
+
+async fn initialize(addresses: &[String]) -> Result<()> {
+    let members = addresses
+        .iter()
+        .enumerate()
+        .map(|(index, address)| raft::Node {
+            node_id: index as u64 + 1,
+            address: address.clone(),
+        })
+        .collect();
+    admin(&addresses[0])
+        .await?
+        .initialize(raft::InitializeRequest { members })
+        .await
+        .map_err(|status| Error::Setup(format!("initializing {}: {status}", addresses[0])))?;
+    Ok(())
+}
+
+async fn wait_for_leader(address: &str) -> Result<()> {
+    let deadline = Instant::now() + GROUP_READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(mut client) = admin(address).await
+            && let Ok(status) = client.status(raft::StatusRequest {}).await
+            && status.into_inner().leader_node_id.is_some()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Setup(format!("no leader seen from {address}")))
+}
+
+/// Waits until the gateway's `/readyz` says it can serve (it has read the topology).
+async fn wait_until_ready(gateway: &str) -> Result<()> {
+    let deadline = Instant::now() + GROUP_READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok((200, _)) = crate::process::http_get(gateway, "/readyz").await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Setup(format!(
+        "the gateway at {gateway} never became ready"
+    )))
+}
+
+/// Port offsets from `base_port`: topology 0–9, storage shard s at 10·s, coordinator shard c
+/// at 500 + 10·c, Postgres at 999.
+const STORAGE_PORTS: u16 = 10;
+const COORDINATOR_PORTS: u16 = 500;
+const POSTGRES_PORT: u16 = 999;
+
+async fn start_postgres(options: &Options) -> Result<(PathBuf, String)> {
+    let dir = options.data_dir.join("postgres");
+    let server = ServerDir { dir: &dir };
+    server.init()?;
+    let port = match options.base_port {
+        0 => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(io_error("finding a free port"))?;
+            listener
+                .local_addr()
+                .map_err(io_error("finding a free port"))?
+                .port()
+        }
+        base => base + POSTGRES_PORT,
+    };
+    server.start(port)?;
+    let admin_url = postgres::url(port, "postgres");
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .map_err(|error| Error::Setup(format!("connecting to Postgres: {error}")))?;
+    let exists = sqlx::query("SELECT 1 FROM pg_database WHERE datname = 'wallet'")
+        .fetch_optional(&mut connection)
+        .await
+        .map_err(|error| Error::Setup(format!("Postgres: {error}")))?
+        .is_some();
+    if !exists {
+        sqlx::query("CREATE DATABASE wallet")
+            .execute(&mut connection)
+            .await
+            .map_err(|error| Error::Setup(format!("creating the database: {error}")))?;
+    }
+    Ok((dir, postgres::url(port, "wallet")))
+}
+
+/// The demo tenant's key: issued once and kept in `<data dir>/api-key` (only its hash is in
+/// Postgres, so it cannot be shown again otherwise).
+async fn demo_key(data_dir: &Path, database_url: &str) -> Result<String> {
+    let path = data_dir.join("api-key");
+    if let Ok(key) = std::fs::read_to_string(&path) {
+        return Ok(key.trim().to_string());
+    }
+    let pool = access_gateway::store::connect(database_url)
+        .await
+        .map_err(|error| Error::Setup(format!("gateway database: {error}")))?;
+    let scopes = [
+        access_gateway::auth::Scope::Read,
+        access_gateway::auth::Scope::Write,
+    ];
+    let key = access_gateway::store::create_key(&pool, DEMO_TENANT, &scopes)
+        .await
+        .map_err(|error| Error::Setup(format!("creating the demo key: {error}")))?;
+    write_private(&path, &key.token)?;
+    Ok(key.token)
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error("writing the API key file"))?;
+    file.write_all(text.as_bytes())
+        .map_err(io_error("writing the API key file"))
+}
+
+/// Starts (or restarts) the whole cluster and returns once the gateway is ready.
+pub async fn up(options: Options) -> Result<LocalCluster> {
+    std::fs::create_dir_all(&options.data_dir).map_err(io_error("creating the data directory"))?;
+    let (postgres, database_url) = match &options.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let (dir, url) = start_postgres(&options).await?;
+            (Some(dir), url)
+        }
+    };
+    let mut launcher = Launcher {
+        options: options.clone(),
+        processes: Vec::new(),
+    };
+    let topology = launcher
+        .group("marker-topology", "topology", 0, &[])
+        .await?;
+    let watch = vec!["--topology".to_string(), topology.join(",")];
+    let mut storage = BTreeMap::new();
+    for shard_id in 1..=options.storage_shards {
+        let mut args = vec!["--shard-id".to_string(), shard_id.to_string()];
+        args.extend_from_slice(&watch);
+        let name = format!("storage-{shard_id}");
+        let ports = STORAGE_PORTS * shard_id as u16;
+        storage.insert(
+            shard_id,
+            launcher.group("auticuro", &name, ports, &args).await?,
+        );
+    }
+    let client = TopologyClient::new(topology.clone());
+    client
+        .update(|current| {
+            current.storage_shards = storage.clone();
+            Ok(())
+        })
+        .await
+        .map_err(Error::Setup)?;
+    for coordinator_shard_id in 1..=options.coordinator_shards {
+        let mut args = vec![
+            "--coordinator-shard-id".to_string(),
+            coordinator_shard_id.to_string(),
+        ];
+        args.extend_from_slice(&watch);
+        let name = format!("coordinator-{coordinator_shard_id}");
+        let ports = COORDINATOR_PORTS + 10 * coordinator_shard_id as u16;
+        let replicas = launcher.group("marker", &name, ports, &args).await?;
+        client
+            .update(|current| {
+                let entry = current
+                    .coordinators
+                    .entry(coordinator_shard_id)
+                    .or_insert_with(|| CoordinatorEntry {
+                        state: CoordinatorState::Active,
+                        epoch: 1,
+                        replicas: replicas.clone(),
+                    });
+                entry.replicas = replicas.clone();
+                Ok(())
+            })
+            .await
+            .map_err(Error::Setup)?;
+    }
+    let api_key = demo_key(&options.data_dir, &database_url).await?;
+    let gateway = launcher
+        .spawn(
+            "access-gateway",
+            "gateway",
+            vec![
+                "--database-url".into(),
+                database_url.clone(),
+                "serve".into(),
+                "--listen".into(),
+                options.gateway_listen.to_string(),
+                "--topology".into(),
+                topology.join(","),
+            ],
+        )
+        .await?;
+    wait_until_ready(&gateway).await?;
+    Ok(LocalCluster {
+        gateway_url: format!("http://{gateway}"),
+        api_key,
+        database_url,
+        topology,
+        processes: launcher.processes,
+        postgres,
+    })
+}

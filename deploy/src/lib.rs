@@ -1,0 +1,28 @@
+//! Running the platform: starting service processes and waiting for their readiness line,
+//! a private PostgreSQL server from the installed binaries, Raft groups of replica processes,
+//! and a complete local cluster (`walletctl up`). The test harness starts its processes with
+//! the same code.
+
+pub mod cluster;
+pub mod postgres;
+pub mod process;
+
+/// Errors of launching: a process that would not start, a command that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} failed: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
