@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by the project's commands: installs what the build and the local cluster need and
-# exports CARGO_TARGET_DIR (outside the clone, so rebuilds on this machine are incremental) and
-# TANSU_BIN (the broker).
+# exports CARGO_TARGET_DIR (outside the clone, so rebuilds on this machine are incremental),
+# TANSU_BIN (the broker) and SCHEMATHESIS_BIN (the API fuzzer).
 
 export WALLET_CACHE_DIR="${WALLET_CACHE_DIR:-$HOME/.cache/wallet-platform}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$WALLET_CACHE_DIR/target}"
@@ -11,9 +11,10 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# libclang-dev: bindgen for RocksDB; postgresql: initdb/pg_ctl for the private test server.
+# libclang-dev: bindgen for RocksDB; postgresql: initdb/pg_ctl for the private test server;
+# python3-venv: the environment of the API fuzzer.
 missing=()
-for package in libclang-dev postgresql pkg-config g++ make; do
+for package in libclang-dev postgresql pkg-config g++ make python3-venv; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -24,3 +25,6 @@ fi
 
 TANSU_BIN="$(scripts/install-broker.sh)"
 export TANSU_BIN
+
+SCHEMATHESIS_BIN="$(scripts/install-schemathesis.sh)"
+export SCHEMATHESIS_BIN

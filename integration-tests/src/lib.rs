@@ -17,27 +17,9 @@ pub mod process;
 use std::net::TcpListener;
 use std::path::PathBuf;
 
-/// Errors of the harness itself (a server that would not start, a missing binary).
-#[derive(Debug, thiserror::Error)]
-pub enum HarnessError {
-    #[error("{what} failed: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Launch(#[from] deploy::Error),
-}
-
-pub type Result<T> = std::result::Result<T, HarnessError>;
-
-pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
-    let what = what.into();
-    move |source| HarnessError::Io { what, source }
-}
+pub(crate) use deploy::io_error;
+/// Errors of the harness: those of launching (a server that would not start, a missing binary).
+pub use deploy::{Error as HarnessError, Result};
 
 /// A port on 127.0.0.1 that was free a moment ago. For servers that cannot bind port 0 and
 /// report the port they got (PostgreSQL, the broker); a lost race shows as a start failure.

@@ -30,7 +30,7 @@ pub async fn spawn(program: &Path, args: &[String]) -> Result<ServiceProcess> {
         .unwrap_or_default();
     let number = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log_path = log_dir()?.join(format!("{name}-{number}.log"));
-    Ok(ServiceProcess::spawn(program, args, &log_path).await?)
+    ServiceProcess::spawn(program, args, &log_path).await
 }
 
 /// A fresh data directory for one service process, removed when dropped.

@@ -178,7 +178,6 @@ pub async fn submit<B: Serialize>(
     state: &Arc<AppState>,
     caller: &Caller,
     key: &IdempotencyKey,
-    name: &'static str,
     body: &B,
     transaction: NewTransaction,
 ) -> Response {
@@ -209,7 +208,7 @@ pub async fn submit<B: Serialize>(
         wait_until_done: true,
     };
     let operation = Operation {
-        name,
+        name: transaction.kind.name(),
         body,
         txn_id: Some(&txn_id),
         coordinator_shard_id: Some(coordinator_shard_id),
@@ -322,7 +321,7 @@ async fn fetch(
 /// Get a transaction.
 #[utoipa::path(get, path = "/v1/transactions/{transaction_id}", tag = "transactions",
     params(("transaction_id" = String, Path)),
-    responses((status = 200, body = Transaction), (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+    responses((status = 200, body = Transaction), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -347,7 +346,7 @@ pub struct StatusChange {
 #[utoipa::path(get, path = "/v1/transactions/{transaction_id}/events", tag = "transactions",
     params(("transaction_id" = String, Path)),
     responses((status = 200, description = "text/event-stream of `status` events", body = StatusChange, content_type = "text/event-stream"),
-        (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn events(
     State(state): State<Arc<AppState>>,

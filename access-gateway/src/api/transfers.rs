@@ -99,7 +99,7 @@ fn with_reference(
     request_body = Deposit,
     responses((status = 201, body = super::transactions::Transaction),
         (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Transaction),
-        (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn deposit(
     State(state): State<Arc<AppState>>,
@@ -107,19 +107,7 @@ pub async fn deposit(
     key: IdempotencyKey,
     Body(request): Body<Deposit>,
 ) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
-    let currency = currency_of(&request.currency)?;
-    let amount = positive(&request.amount, currency, "amount")?;
-    let wallet = account_of(&caller, &request.wallet_id)?;
-    let metadata = with_reference(&request.metadata, &request.reference)?;
-    let funding = system_account(&state, &caller, "funding", currency).await?;
-    let transaction = NewTransaction {
-        kind: Kind::Deposit,
-        legs: vec![(funding, -amount), (wallet, amount)],
-        currency,
-        metadata,
-    };
-    Ok(submit(&state, &caller, &key, "deposit", &request, transaction).await)
+    move_through_funding(state, caller, key, request, Kind::Deposit).await
 }
 
 /// Withdraw money from a wallet (to the tenant's funding account).
@@ -128,7 +116,7 @@ pub async fn deposit(
     request_body = Deposit,
     responses((status = 201, body = super::transactions::Transaction),
         (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Transaction),
-        (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn withdraw(
     State(state): State<Arc<AppState>>,
@@ -136,19 +124,34 @@ pub async fn withdraw(
     key: IdempotencyKey,
     Body(request): Body<Deposit>,
 ) -> Result<Response, ApiError> {
+    move_through_funding(state, caller, key, request, Kind::Withdrawal).await
+}
+
+/// A deposit (funding account → wallet) or a withdrawal (wallet → funding account).
+async fn move_through_funding(
+    state: Arc<AppState>,
+    caller: Caller,
+    key: IdempotencyKey,
+    request: Deposit,
+    kind: Kind,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let currency = currency_of(&request.currency)?;
     let amount = positive(&request.amount, currency, "amount")?;
     let wallet = account_of(&caller, &request.wallet_id)?;
     let metadata = with_reference(&request.metadata, &request.reference)?;
     let funding = system_account(&state, &caller, "funding", currency).await?;
+    let legs = match kind {
+        Kind::Withdrawal => vec![(wallet, -amount), (funding, amount)],
+        _ => vec![(funding, -amount), (wallet, amount)],
+    };
     let transaction = NewTransaction {
-        kind: Kind::Withdrawal,
-        legs: vec![(wallet, -amount), (funding, amount)],
+        kind,
+        legs,
         currency,
         metadata,
     };
-    Ok(submit(&state, &caller, &key, "withdrawal", &request, transaction).await)
+    Ok(submit(&state, &caller, &key, &request, transaction).await)
 }
 
 /// Pay from one wallet to another, with an optional fee, atomically.
@@ -157,7 +160,7 @@ pub async fn withdraw(
     request_body = Payment,
     responses((status = 201, body = super::transactions::Transaction),
         (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Transaction),
-        (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn pay(
     State(state): State<Arc<AppState>>,
@@ -199,5 +202,5 @@ pub async fn pay(
         currency,
         metadata,
     };
-    Ok(submit(&state, &caller, &key, "payment", &request, transaction).await)
+    Ok(submit(&state, &caller, &key, &request, transaction).await)
 }

@@ -223,7 +223,7 @@ async fn execute_on_wallet(
 #[utoipa::path(post, path = "/v1/wallets", tag = "wallets",
     params(("Idempotency-Key" = String, Header, description = "Unique per request; retries reuse it")),
     request_body = CreateWallet,
-    responses((status = 201, body = Wallet), (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+    responses((status = 201, body = Wallet), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -301,7 +301,7 @@ async fn read_account(
 /// Get a wallet.
 #[utoipa::path(get, path = "/v1/wallets/{wallet_id}", tag = "wallets",
     params(("wallet_id" = String, Path), ReadParams),
-    responses((status = 200, body = Wallet), (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+    responses((status = 200, body = Wallet), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -318,7 +318,7 @@ pub async fn get(
 /// Get a wallet's balance.
 #[utoipa::path(get, path = "/v1/wallets/{wallet_id}/balance", tag = "wallets",
     params(("wallet_id" = String, Path), ReadParams),
-    responses((status = 200, body = Balance), (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+    responses((status = 200, body = Balance), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn balance(
     State(state): State<Arc<AppState>>,
@@ -371,7 +371,7 @@ async fn change_state(
 /// Freeze a wallet: no money moves in or out until it is unfrozen.
 #[utoipa::path(post, path = "/v1/wallets/{wallet_id}/freeze", tag = "wallets",
     params(("wallet_id" = String, Path), ("Idempotency-Key" = String, Header)),
-    responses((status = 200, body = Wallet), (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+    responses((status = 200, body = Wallet), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn freeze(
     State(state): State<Arc<AppState>>,
@@ -388,7 +388,7 @@ pub async fn freeze(
 /// Unfreeze a wallet.
 #[utoipa::path(post, path = "/v1/wallets/{wallet_id}/unfreeze", tag = "wallets",
     params(("wallet_id" = String, Path), ("Idempotency-Key" = String, Header)),
-    responses((status = 200, body = Wallet), (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+    responses((status = 200, body = Wallet), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn unfreeze(
     State(state): State<Arc<AppState>>,
@@ -405,7 +405,7 @@ pub async fn unfreeze(
 /// Close a wallet; only an empty wallet with nothing held can be closed.
 #[utoipa::path(post, path = "/v1/wallets/{wallet_id}/close", tag = "wallets",
     params(("wallet_id" = String, Path), ("Idempotency-Key" = String, Header)),
-    responses((status = 200, body = Wallet), (status = "4XX", body = Problem), (status = "5XX", body = Problem)),
+    responses((status = 200, body = Wallet), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn close(
     State(state): State<Arc<AppState>>,

@@ -644,3 +644,45 @@ async fn idempotency_keys_replay_refuse_changes_and_survive_restarts() {
     assert_eq!(available(&gateway, &key, &bob, None).await, "12.00");
     assert_money_conserved(&platform).await;
 }
+
+/// The schema-driven fuzzer (schemathesis, installed by the test script) against
+/// `/openapi.json`: no 5xx, and every response matches the documented status codes, media types
+/// and schemas.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_fuzzer_finds_no_server_error_and_no_response_outside_the_schema() {
+    let (_platform, gateway) = start().await;
+    let key = gateway.create_key(TENANT, "read,write").await.unwrap();
+    let fuzzer = std::env::var("SCHEMATHESIS_BIN")
+        .expect("SCHEMATHESIS_BIN is set by scripts/setup.sh (run the tests with scripts/test.sh)");
+    let output = tokio::process::Command::new(fuzzer)
+        .args([
+            "run",
+            &format!("{}/openapi.json", gateway.url),
+            "--header",
+            &format!("Authorization: Bearer {key}"),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "20",
+            "--max-time",
+            "60",
+            "--request-timeout",
+            "10",
+            "--seed",
+            "20261122",
+            // Server-sent event streams stay open until their transaction is done.
+            "--exclude-path-regex",
+            "/events$",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("schemathesis runs");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the fuzzer found problems:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("Tested: 12"), "{report}");
+}
