@@ -12,6 +12,7 @@ use crate::{HarnessError, Result};
 pub struct Gateway {
     process: ServiceProcess,
     topology: String,
+    extra_args: Vec<String>,
     pub database: TestDatabase,
     pub url: String,
     client: Client,
@@ -41,6 +42,11 @@ impl Answer {
 
 impl Gateway {
     pub async fn start(platform: &Platform) -> Result<Gateway> {
+        Self::start_with(platform, &[]).await
+    }
+
+    /// A gateway with extra `serve` arguments (limits, timeouts).
+    pub async fn start_with(platform: &Platform, extra_args: &[&str]) -> Result<Gateway> {
         let topology = platform
             .topology
             .as_ref()
@@ -49,11 +55,13 @@ impl Gateway {
             })?
             .addresses();
         let database = fresh_database().await?;
-        let process = Self::spawn(&database, &topology).await?;
+        let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
+        let process = Self::spawn(&database, &topology, &extra_args).await?;
         let gateway = Gateway {
             url: format!("http://{}", process.address()),
             process,
             topology,
+            extra_args,
             database,
             client: Client::new(),
         };
@@ -61,8 +69,12 @@ impl Gateway {
         Ok(gateway)
     }
 
-    async fn spawn(database: &TestDatabase, topology: &str) -> Result<ServiceProcess> {
-        let args = [
+    async fn spawn(
+        database: &TestDatabase,
+        topology: &str,
+        extra_args: &[String],
+    ) -> Result<ServiceProcess> {
+        let mut args = [
             "--database-url",
             &database.url,
             "serve",
@@ -71,7 +83,9 @@ impl Gateway {
             "--topology",
             topology,
         ]
-        .map(String::from);
+        .map(String::from)
+        .to_vec();
+        args.extend_from_slice(extra_args);
         crate::process::spawn(&workspace_binary("access-gateway"), &args).await
     }
 
@@ -90,7 +104,7 @@ impl Gateway {
     /// Kills the gateway (`kill -9`) and starts a new one on the same database and topology.
     pub async fn restart(&mut self) -> Result<()> {
         self.process.kill().await?;
-        self.process = Self::spawn(&self.database, &self.topology).await?;
+        self.process = Self::spawn(&self.database, &self.topology, &self.extra_args).await?;
         self.url = format!("http://{}", self.process.address());
         self.wait_ready().await
     }

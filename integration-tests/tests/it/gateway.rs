@@ -654,7 +654,10 @@ async fn the_api_fuzzer_finds_no_server_error_and_no_response_outside_the_schema
     let key = gateway.create_key(TENANT, "read,write").await.unwrap();
     let fuzzer = std::env::var("SCHEMATHESIS_BIN")
         .expect("SCHEMATHESIS_BIN is set by scripts/setup.sh (run the tests with scripts/test.sh)");
+    // The fuzzer keeps a cache in its working directory: give it a throwaway one.
+    let workdir = tempfile::tempdir().unwrap();
     let output = tokio::process::Command::new(fuzzer)
+        .current_dir(workdir.path())
         .args([
             "run",
             &format!("{}/openapi.json", gateway.url),
@@ -685,4 +688,28 @@ async fn the_api_fuzzer_finds_no_server_error_and_no_response_outside_the_schema
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(report.contains("Tested: 12"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_key_is_rate_limited_on_its_own() {
+    let platform = Platform::start_with_topology(1).await;
+    let gateway = Gateway::start_with(&platform, &["--requests-per-second-max", "5"])
+        .await
+        .unwrap();
+    let busy = gateway.create_key(TENANT, "read").await.unwrap();
+    let quiet = gateway.create_key(TENANT, "read").await.unwrap();
+    let missing = "/v1/wallets/wal_000000000000000000000000";
+    let answers = futures::future::join_all((0..30).map(|_| gateway.get(missing, &busy))).await;
+    let limited = answers
+        .iter()
+        .filter(|answer| answer.status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(limited >= 20, "{limited} of 30 limited");
+    let problem = answers
+        .iter()
+        .find(|answer| answer.status == StatusCode::TOO_MANY_REQUESTS)
+        .unwrap();
+    assert_eq!(problem.problem_type(), "/problems/rate-limited");
+    // Another key of the same tenant is not slowed by the busy one.
+    assert_eq!(gateway.get(missing, &quiet).await.status, StatusCode::NOT_FOUND);
 }
