@@ -85,6 +85,15 @@ pub struct Transaction {
     pub consistency_token: Option<String>,
 }
 
+/// The answer to a write whose outcome is not known yet: never a failure. Retry with the same
+/// idempotency key, or follow the transaction, to learn the outcome.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Pending {
+    pub transaction_id: String,
+    /// `pending`.
+    pub status: String,
+}
+
 /// Public transaction ids are `txn_` and 40 hex digits; the coordinator's are `t:` and the same.
 fn public_id(txn_id: &str) -> String {
     format!("txn_{}", txn_id.strip_prefix("t:").unwrap_or(txn_id))
@@ -237,10 +246,10 @@ async fn run(
     let pending = || {
         Reply::new(
             StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "transaction_id": public_id(&txn_id_of(caller, key)),
-                "status": "pending",
-            }),
+            &Pending {
+                transaction_id: public_id(&txn_id_of(caller, key)),
+                status: "pending".into(),
+            },
         )
     };
     let mut coordinator_shard_id = coordinator_shard_id;

@@ -98,7 +98,7 @@ fn with_reference(
     params(("Idempotency-Key" = String, Header)),
     request_body = Deposit,
     responses((status = 201, body = super::transactions::Transaction),
-        (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Transaction),
+        (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Pending),
         (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn deposit(
@@ -115,7 +115,7 @@ pub async fn deposit(
     params(("Idempotency-Key" = String, Header)),
     request_body = Deposit,
     responses((status = 201, body = super::transactions::Transaction),
-        (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Transaction),
+        (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Pending),
         (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn withdraw(
@@ -159,7 +159,7 @@ async fn move_through_funding(
     params(("Idempotency-Key" = String, Header)),
     request_body = Payment,
     responses((status = 201, body = super::transactions::Transaction),
-        (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Transaction),
+        (status = 202, description = "Outcome not known yet: still pending", body = super::transactions::Pending),
         (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = [])))]
 pub async fn pay(

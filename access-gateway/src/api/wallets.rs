@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use auticuro::client::ShardClient;
 use auticuro::ledger::AccountId;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -208,14 +209,19 @@ async fn execute_on_wallet(
             transaction_id: None,
         });
     }
-    let account = result
+    // A duplicate (a retry, or a concurrent request with the same key) carries no account
+    // states: read the wallet as of the command's seq instead.
+    let account = match result
         .accounts
         .iter()
         .find(|account| account.account_id == account_id.as_str())
-        .ok_or_else(|| ApiError::Internal("the command result lacks the wallet".into()))?;
+    {
+        Some(account) => account.clone(),
+        None => read_account_on(&shard, account_id, Some(result.seq), deadline).await?,
+    };
     Ok(Reply::new(
         status,
-        &wallet_view(account, Some(token_of(shard_id, result.seq))),
+        &wallet_view(&account, Some(token_of(shard_id, result.seq))),
     ))
 }
 
@@ -283,6 +289,15 @@ async fn read_account(
     let (shard_id, shard) = state.cluster.shard_of(account_id)?;
     let min_seq = token.and_then(|token| consistency_token::seq_on(&token, shard_id));
     let deadline = Instant::now() + state.options.request_timeout;
+    read_account_on(&shard, account_id, min_seq, deadline).await
+}
+
+async fn read_account_on(
+    shard: &ShardClient,
+    account_id: &AccountId,
+    min_seq: Option<u64>,
+    deadline: Instant,
+) -> Result<pb::Account, ApiError> {
     let reply = shard
         .get_account(account_id.as_str(), min_seq, deadline)
         .await

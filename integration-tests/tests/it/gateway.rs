@@ -631,6 +631,25 @@ async fn idempotency_keys_replay_refuse_changes_and_survive_restarts() {
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
 
+    // Concurrent creations of one wallet make one wallet.
+    let creations = (0..4).map(|_| {
+        gateway.post(
+            "/v1/wallets",
+            &key,
+            "create-concurrent",
+            json!({ "owner_id": "carol", "currency": "USD" }),
+        )
+    });
+    let created: std::collections::BTreeSet<String> = futures::future::join_all(creations)
+        .await
+        .iter()
+        .map(|answer| {
+            assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+            answer.text("wallet_id")
+        })
+        .collect();
+    assert_eq!(created.len(), 1, "{created:?}");
+
     // The records live in Postgres: a new gateway process replays them.
     gateway.restart().await.unwrap();
     let after_restart = gateway
@@ -711,5 +730,8 @@ async fn each_key_is_rate_limited_on_its_own() {
         .unwrap();
     assert_eq!(problem.problem_type(), "/problems/rate-limited");
     // Another key of the same tenant is not slowed by the busy one.
-    assert_eq!(gateway.get(missing, &quiet).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        gateway.get(missing, &quiet).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
