@@ -37,14 +37,44 @@ pub struct Options {
     pub database_url: Option<String>,
 }
 
-/// A running cluster; dropping it stops every process it started.
-pub struct LocalCluster {
+/// One process of the cluster, as `cluster.json` lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProcessInfo {
+    /// `topology`, `storage`, `coordinator` or `gateway`.
+    pub role: &'static str,
+    pub shard_id: Option<u32>,
+    pub node_id: Option<u64>,
+    pub address: String,
+    pub pid: u32,
+}
+
+/// What `<data dir>/cluster.json` holds once the cluster is ready.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterInfo {
     pub gateway_url: String,
     pub api_key: String,
     pub database_url: String,
     pub topology: Vec<String>,
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// A running cluster; dropping it stops every process it started.
+pub struct LocalCluster {
+    pub info: ClusterInfo,
     processes: Vec<ServiceProcess>,
     postgres: Option<PathBuf>,
+}
+
+impl LocalCluster {
+    /// Stops every process and waits until each has exited (so their ports are free again),
+    /// then stops Postgres.
+    pub async fn shutdown(mut self) {
+        for process in &mut self.processes {
+            if let Err(error) = process.kill().await {
+                eprintln!("stopping a process: {error}");
+            }
+        }
+    }
 }
 
 impl Drop for LocalCluster {
@@ -61,6 +91,14 @@ impl Drop for LocalCluster {
 struct Launcher {
     options: Options,
     processes: Vec<ServiceProcess>,
+    infos: Vec<ProcessInfo>,
+}
+
+/// Who a process is in the cluster.
+struct Role {
+    role: &'static str,
+    shard_id: Option<u32>,
+    node_id: Option<u64>,
 }
 
 impl Launcher {
@@ -71,16 +109,25 @@ impl Launcher {
         }
     }
 
-    async fn spawn(&mut self, binary: &str, name: &str, args: Vec<String>) -> Result<String> {
+    async fn spawn(
+        &mut self,
+        binary: &str,
+        name: &str,
+        role: Role,
+        args: Vec<String>,
+    ) -> Result<String> {
         let logs = self.options.data_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io_error("creating the log directory"))?;
-        let process = ServiceProcess::spawn(
-            &workspace_binary(binary),
-            &args,
-            &logs.join(format!("{name}.log")),
-        )
-        .await?;
+        let log = logs.join(format!("{name}.log"));
+        let process = ServiceProcess::spawn(&workspace_binary(binary), &args, &log).await?;
         let address = process.address().to_string();
+        self.infos.push(ProcessInfo {
+            role: role.role,
+            shard_id: role.shard_id,
+            node_id: role.node_id,
+            address: address.clone(),
+            pid: process.pid(),
+        });
         self.processes.push(process);
         Ok(address)
     }
@@ -89,17 +136,21 @@ impl Launcher {
     async fn group(
         &mut self,
         binary: &str,
-        name: &str,
+        role: (&'static str, Option<u32>),
         first_port: u16,
         group_args: &[String],
     ) -> Result<Vec<String>> {
+        let name = match role.1 {
+            Some(shard_id) => format!("{}-{shard_id}", role.0),
+            None => role.0.to_string(),
+        };
         let mut addresses = Vec::new();
         let mut new = false;
         for node_id in 1..=self.options.replicas {
             let data_dir = self
                 .options
                 .data_dir
-                .join(name)
+                .join(&name)
                 .join(format!("node-{node_id}"));
             new |= !data_dir.exists();
             let listen = format!("127.0.0.1:{}", self.port(first_port + node_id as u16 - 1));
@@ -112,8 +163,14 @@ impl Launcher {
                 data_dir.display().to_string(),
             ];
             args.extend_from_slice(group_args);
+            let process_role = Role {
+                role: role.0,
+                shard_id: role.1,
+                node_id: Some(node_id),
+            };
+            let process_name = format!("{name}-node-{node_id}");
             addresses.push(
-                self.spawn(binary, &format!("{name}-node-{node_id}"), args)
+                self.spawn(binary, &process_name, process_role, args)
                     .await?,
             );
         }
@@ -263,20 +320,21 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
     let mut launcher = Launcher {
         options: options.clone(),
         processes: Vec::new(),
+        infos: Vec::new(),
     };
     let topology = launcher
-        .group("marker-topology", "topology", 0, &[])
+        .group("marker-topology", ("topology", None), 0, &[])
         .await?;
     let watch = vec!["--topology".to_string(), topology.join(",")];
     let mut storage = BTreeMap::new();
     for shard_id in 1..=options.storage_shards {
         let mut args = vec!["--shard-id".to_string(), shard_id.to_string()];
         args.extend_from_slice(&watch);
-        let name = format!("storage-{shard_id}");
         let ports = STORAGE_PORTS * shard_id as u16;
+        let role = ("storage", Some(shard_id));
         storage.insert(
             shard_id,
-            launcher.group("auticuro", &name, ports, &args).await?,
+            launcher.group("auticuro", role, ports, &args).await?,
         );
     }
     let client = TopologyClient::new(topology.clone());
@@ -293,9 +351,9 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
             coordinator_shard_id.to_string(),
         ];
         args.extend_from_slice(&watch);
-        let name = format!("coordinator-{coordinator_shard_id}");
         let ports = COORDINATOR_PORTS + 10 * coordinator_shard_id as u16;
-        let replicas = launcher.group("marker", &name, ports, &args).await?;
+        let role = ("coordinator", Some(coordinator_shard_id));
+        let replicas = launcher.group("marker", role, ports, &args).await?;
         client
             .update(|current| {
                 let entry = current
@@ -317,6 +375,11 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         .spawn(
             "access-gateway",
             "gateway",
+            Role {
+                role: "gateway",
+                shard_id: None,
+                node_id: None,
+            },
             vec![
                 "--database-url".into(),
                 database_url.clone(),
@@ -329,11 +392,18 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         )
         .await?;
     wait_until_ready(&gateway).await?;
-    Ok(LocalCluster {
+    let info = ClusterInfo {
         gateway_url: format!("http://{gateway}"),
         api_key,
         database_url,
         topology,
+        processes: launcher.infos,
+    };
+    let json = serde_json::to_string_pretty(&info).expect("cluster info serializes");
+    let path = options.data_dir.join("cluster.json");
+    std::fs::write(&path, json).map_err(io_error("writing cluster.json"))?;
+    Ok(LocalCluster {
+        info,
         processes: launcher.processes,
         postgres,
     })

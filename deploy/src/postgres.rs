@@ -91,6 +91,13 @@ impl ServerDir<'_> {
         if self.pg_data().join("PG_VERSION").is_file() {
             return Ok(());
         }
+        if !server_binary("initdb").is_file() {
+            return Err(Error::Setup(
+                "the PostgreSQL server binaries (initdb, pg_ctl) were not found: install the \
+                 `postgresql` package, or give an existing database with DATABASE_URL"
+                    .into(),
+            ));
+        }
         std::fs::create_dir_all(self.dir).map_err(io_error("creating the Postgres directory"))?;
         if running_as_root() {
             run(Command::new("chown").arg("postgres:postgres").arg(self.dir))?;

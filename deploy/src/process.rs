@@ -110,6 +110,14 @@ impl ServiceProcess {
         self.pid
     }
 
+    /// Waits until the process exits by itself.
+    pub async fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        self.child
+            .wait()
+            .await
+            .map_err(io_error("waiting for a service"))
+    }
+
     /// `kill -9`: the process gets no chance to clean up.
     pub async fn kill(&mut self) -> Result<()> {
         self.child

@@ -21,7 +21,7 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value_t = 2)]
         storage_shards: u32,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 2)]
         coordinator_shards: u32,
         /// Replicas per Raft group.
         #[arg(long, default_value_t = 3)]
@@ -30,7 +30,8 @@ enum Command {
         /// 0 picks free ports (one run only).
         #[arg(long, default_value_t = 17100)]
         base_port: u16,
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Where the REST gateway listens.
+        #[arg(long = "gateway-addr", default_value = "127.0.0.1:8080")]
         gateway_listen: SocketAddr,
         /// Use this database instead of a private Postgres server under the data directory.
         #[arg(long, env = "DATABASE_URL")]
@@ -66,18 +67,30 @@ async fn main() -> anyhow::Result<()> {
                 database_url,
             })
             .await?;
-            println!("gateway  {}", cluster.gateway_url);
-            println!("api key  {}", cluster.api_key);
-            println!("docs     {}/docs/", cluster.gateway_url);
+            let info = &cluster.info;
+            println!("gateway  {}", info.gateway_url);
+            println!("api key  {}", info.api_key);
+            println!("docs     {}/docs/", info.gateway_url);
+            println!("cluster  {}", data_dir.join("cluster.json").display());
             println!("logs     {}", data_dir.join("logs").display());
             println!(
-                "ready {}",
-                cluster.gateway_url.trim_start_matches("http://")
+                "try      {}",
+                curl_example(&info.gateway_url, &info.api_key)
             );
+            println!("ready {}", info.gateway_url.trim_start_matches("http://"));
             tokio::signal::ctrl_c().await?;
             eprintln!("stopping");
-            drop(cluster);
+            cluster.shutdown().await;
         }
     }
     Ok(())
+}
+
+/// A ready-to-paste request that creates a wallet.
+fn curl_example(gateway_url: &str, api_key: &str) -> String {
+    let body = r#"{"owner_id": "alice", "currency": "USD"}"#;
+    format!(
+        "curl -s -X POST {gateway_url}/v1/wallets -H 'Authorization: Bearer {api_key}' \
+         -H 'Idempotency-Key: create-alice' -H 'content-type: application/json' -d '{body}'"
+    )
 }

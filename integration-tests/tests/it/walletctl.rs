@@ -1,7 +1,7 @@
 //! `walletctl up`: one command runs a complete local cluster that serves payments.
 
 use integration_tests::gateway::Gateway;
-use integration_tests::process::{spawn, workspace_binary};
+use integration_tests::process::{ServiceProcess, spawn, workspace_binary};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
@@ -22,22 +22,64 @@ async fn post(client: &Client, url: &str, key: &str, idempotency_key: &str, body
     response.json().await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn walletctl_up_runs_a_cluster_that_serves_payments() {
-    let data_dir = integration_tests::process::fresh_data_dir("walletctl-").unwrap();
+async fn balance(client: &Client, url: &str, key: &str, wallet: &str, token: &str) -> Value {
+    let balance = Gateway::send(
+        client
+            .get(format!(
+                "{url}/v1/wallets/{wallet}/balance?consistency_token={token}"
+            ))
+            .bearer_auth(key),
+    )
+    .await;
+    assert_eq!(balance.status, StatusCode::OK, "{balance:?}");
+    balance.body["balance"].clone()
+}
+
+/// Starts `walletctl up` on `data_dir` with fixed ports from `base_port`.
+async fn up(data_dir: &std::path::Path, base_port: u16) -> ServiceProcess {
     let args = [
         "up",
         "--data-dir",
-        &data_dir.path().display().to_string(),
+        &data_dir.display().to_string(),
         "--base-port",
-        "0",
-        "--gateway-listen",
+        &base_port.to_string(),
+        "--gateway-addr",
         "127.0.0.1:0",
     ]
     .map(String::from);
-    let walletctl = spawn(&workspace_binary("walletctl"), &args).await.unwrap();
+    spawn(&workspace_binary("walletctl"), &args).await.unwrap()
+}
+
+/// Ctrl-C: every process of the cluster stops, Postgres included.
+async fn interrupt(mut walletctl: ServiceProcess, data_dir: &std::path::Path) {
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &walletctl.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(walletctl.wait().await.unwrap().success());
+    assert!(
+        !data_dir.join("postgres/data/postmaster.pid").exists(),
+        "Postgres still runs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
+    let data_dir = integration_tests::process::fresh_data_dir("walletctl-").unwrap();
+    let data_dir = data_dir.path();
+    // Fixed ports below the ephemeral range, so that port-0 services never take them.
+    let base_port = 20_000 + (std::process::id() % 9_000) as u16;
+    let walletctl = up(data_dir, base_port).await;
     let url = format!("http://{}", walletctl.address());
-    let key = std::fs::read_to_string(data_dir.path().join("api-key")).unwrap();
+    let key = std::fs::read_to_string(data_dir.join("api-key")).unwrap();
+    let cluster: Value =
+        serde_json::from_str(&std::fs::read_to_string(data_dir.join("cluster.json")).unwrap())
+            .unwrap();
+    assert_eq!(cluster["gateway_url"], url.as_str());
+    assert_eq!(cluster["api_key"], key.as_str());
+    // 3 topology replicas, 2 storage shards and 2 coordinator shards of 3, and the gateway.
+    assert_eq!(cluster["processes"].as_array().unwrap().len(), 16);
     let client = Client::new();
 
     let mut wallets = Vec::new();
@@ -71,30 +113,15 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments() {
     assert_eq!(paid["status"], "committed", "{paid}");
     let token = paid["consistency_token"].as_str().unwrap();
     for (wallet, expected) in wallets.iter().zip(["15.00", "10.00"]) {
-        let balance = Gateway::send(
-            client
-                .get(format!(
-                    "{url}/v1/wallets/{wallet}/balance?consistency_token={token}"
-                ))
-                .bearer_auth(&key),
-        )
-        .await;
-        assert_eq!(balance.status, StatusCode::OK, "{balance:?}");
-        assert_eq!(balance.body["balance"], expected);
+        assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
+    interrupt(walletctl, data_dir).await;
 
-    // Ctrl-C stops every process of the cluster, Postgres included.
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &walletctl.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let postmaster = data_dir.path().join("postgres/data/postmaster.pid");
-    for _ in 0..200 {
-        if !postmaster.exists() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // `up` again on the same directory: the same key, the same money.
+    let walletctl = up(data_dir, base_port).await;
+    let url = format!("http://{}", walletctl.address());
+    for (wallet, expected) in wallets.iter().zip(["15.00", "10.00"]) {
+        assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
-    assert!(!postmaster.exists(), "Postgres still runs");
+    interrupt(walletctl, data_dir).await;
 }
