@@ -24,8 +24,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Reads the topology (retrying until `topology_replicas` answer) and keeps following it.
-    pub async fn follow(topology_replicas: Vec<String>) -> Arc<Cluster> {
+    /// Follows the topology from `topology_replicas` in the background (retrying until they
+    /// answer); `ready` says when it has arrived.
+    pub fn follow(topology_replicas: Vec<String>) -> Arc<Cluster> {
         let cluster = Arc::new(Cluster::default());
         let client = TopologyClient::new(topology_replicas);
         let watched = Arc::clone(&cluster);

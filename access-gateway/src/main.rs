@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
             requests_per_second_max,
             body_bytes_max,
         } => {
-            let cluster = access_gateway::cluster::Cluster::follow(topology).await;
+            let cluster = access_gateway::cluster::Cluster::follow(topology);
             let options = access_gateway::Options {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 requests_per_second_max,

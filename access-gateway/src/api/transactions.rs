@@ -145,7 +145,7 @@ fn view(tenant_id: &str, transaction: &pb::Transaction) -> Transaction {
                     .strip_prefix(&prefix)
                     .unwrap_or(&leg.account_id)
                     .to_string(),
-                amount: money::format(super::wallets::minor(&leg.amount), scale),
+                amount: money::format(super::wallets::minor(leg.amount.as_ref()), scale),
                 currency: leg.currency.clone(),
             }
         })

@@ -116,9 +116,8 @@ pub fn account_of(caller: &Caller, wallet_id: &str) -> Result<AccountId, ApiErro
         .map_err(|_| ApiError::NotFound("wallet"))
 }
 
-pub fn minor(amount: &Option<Amount>) -> i128 {
+pub fn minor(amount: Option<&Amount>) -> i128 {
     amount
-        .as_ref()
         .and_then(|amount| amount.minor_units.parse().ok())
         .unwrap_or(0)
 }
@@ -139,8 +138,8 @@ fn wallet_view(account: &pb::Account, token: Option<String>) -> Wallet {
         .split_once('/')
         .map_or(account.account_id.as_str(), |(_, id)| id)
         .to_string();
-    let balance = minor(&account.balance);
-    let pending_out = minor(&account.pending_out);
+    let balance = minor(account.balance.as_ref());
+    let pending_out = minor(account.pending_out.as_ref());
     Wallet {
         wallet_id,
         owner_id: account
@@ -153,16 +152,16 @@ fn wallet_view(account: &pb::Account, token: Option<String>) -> Wallet {
         balance: money::format(balance, scale),
         available: money::format(balance - pending_out, scale),
         pending_out: money::format(pending_out, scale),
-        pending_in: money::format(minor(&account.pending_in), scale),
+        pending_in: money::format(minor(account.pending_in.as_ref()), scale),
         limits: Limits {
             lower: account
                 .lower_limit
                 .as_ref()
-                .map(|limit| money::format(minor(&Some(limit.clone())), scale)),
+                .map(|limit| money::format(minor(Some(limit)), scale)),
             upper: account
                 .upper_limit
                 .as_ref()
-                .map(|limit| money::format(minor(&Some(limit.clone())), scale)),
+                .map(|limit| money::format(minor(Some(limit)), scale)),
         },
         metadata: super::visible_metadata(&account.metadata),
         version: account.version,
