@@ -1,7 +1,7 @@
 //! The gRPC edge: protobuf messages into ledger commands (every field validated, a bad one
 //! becomes a typed outcome) and ledger results back into protobuf.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use proto::auticuro::v1 as pb;
 use proto::common::v1::Amount as PbAmount;
@@ -36,7 +36,7 @@ fn optional_amount(value: Option<&PbAmount>) -> Result<Option<Amount>, Invalid> 
     value.map(|value| amount(Some(value))).transpose()
 }
 
-pub fn metadata(entries: &HashMap<String, String>) -> Result<Metadata, Invalid> {
+pub fn metadata(entries: &BTreeMap<String, String>) -> Result<Metadata, Invalid> {
     let sorted: BTreeMap<String, String> = entries
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -229,7 +229,7 @@ pub fn pb_owner(owner: &Owner) -> pb::Owner {
     }
 }
 
-pub fn pb_metadata(metadata: &Metadata) -> HashMap<String, String> {
+pub fn pb_metadata(metadata: &Metadata) -> BTreeMap<String, String> {
     metadata
         .entries()
         .iter()
@@ -425,7 +425,7 @@ mod tests {
                     minor_units: amount.into(),
                 }),
                 currency: currency.into(),
-                metadata: HashMap::new(),
+                metadata: BTreeMap::new(),
             })),
         };
         assert_eq!(

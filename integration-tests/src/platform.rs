@@ -2,7 +2,7 @@
 //! processes, funded accounts placed on chosen shards, payments through the coordinator, and a
 //! check of the protocol's invariants over every shard.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use proto::auticuro::v1 as ledger;
@@ -31,7 +31,7 @@ pub fn submit_request(key: &str, legs: Vec<ledger::Leg>) -> pb::SubmitRequest {
         tenant_id: "tenant-a".into(),
         idempotency_key: key.into(),
         legs,
-        metadata: HashMap::new(),
+        metadata: BTreeMap::new(),
         wait: true,
         wait_ms_max: 10_000,
         wait_until_done: false,
@@ -204,7 +204,12 @@ impl Platform {
 
     /// Submits through the current coordinator leader, retrying (same key) across failovers.
     pub async fn pay(&self, key: &str, legs: Vec<ledger::Leg>) -> pb::Transaction {
-        let request = submit_request(key, legs);
+        self.submit(submit_request(key, legs)).await
+    }
+
+    /// Submits `request` through the current coordinator leader until it is decided.
+    pub async fn submit(&self, request: pb::SubmitRequest) -> pb::Transaction {
+        let key = request.idempotency_key.clone();
         for _ in 0..200 {
             let mut client = self.client().await;
             if let Ok(reply) = client.submit(request.clone()).await

@@ -255,7 +255,9 @@ impl Driver {
                     txn_id: transaction.txn_id.to_string(),
                     owner: Some(pb_owner(&self.owner())),
                     legs: group.legs.iter().map(leg_message).collect(),
-                    metadata: Default::default(),
+                    // What the transaction means travels with each shard's part of it (the
+                    // read side builds activity feeds from it).
+                    metadata: auticuro::convert::pb_metadata(&transaction.metadata),
                 })),
             };
             let remaining_ms = transaction.decide_by_ms.saturating_sub(now_ms()).max(0) as u64;

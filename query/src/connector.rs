@@ -98,21 +98,8 @@ pub async fn run(source: ShardSource, destination: Destination) -> Result<(), Co
     };
     let mut next = resume + 1;
     let key = source.shard_id.to_string();
-    let mut attempt = 0usize;
     loop {
-        attempt += 1;
-        let address = &source.replicas[attempt % source.replicas.len()];
-        let Ok(channel) = channel(address) else {
-            continue;
-        };
-        let stream = LedgerClient::new(channel)
-            .subscribe(pb::SubscribeRequest { from_seq: next })
-            .await;
-        let Ok(stream) = stream else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut stream = stream.into_inner();
+        let mut stream = subscribe(&source, next).await;
         while let Ok(Some(event)) = stream.message().await {
             // Events arrive in order from `next`; anything else is a bug upstream.
             assert_eq!(
@@ -131,7 +118,59 @@ pub async fn run(source: ShardSource, destination: Destination) -> Result<(), Co
                 .map_err(|(error, _)| error)?;
             next += 1;
         }
-        tracing::warn!(shard = source.shard_id, %address, "event stream ended; resubscribing");
+        tracing::warn!(shard = source.shard_id, "event stream ended; resubscribing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The shard's last event seq, as the first replica that answers knows it.
+pub async fn head_seq(source: &ShardSource) -> u64 {
+    let mut attempt = 0usize;
+    loop {
+        attempt += 1;
+        let address = &source.replicas[attempt % source.replicas.len()];
+        if let Ok(channel) = channel(address)
+            && let Ok(response) = LedgerClient::new(channel)
+                .read_events(pb::ReadEventsRequest {
+                    from_seq: 1,
+                    to_seq: 1,
+                    limit: 1,
+                })
+                .await
+        {
+            return response.into_inner().applied_seq;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many partitions the topic has.
+pub fn partition_count(brokers: &str, topic: &str) -> Result<usize, ConnectorError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), KAFKA_TIMEOUT)?;
+    Ok(metadata
+        .topics()
+        .first()
+        .map_or(0, |topic| topic.partitions().len())
+        .max(1))
+}
+
+/// A live subscription to the shard's events from `from_seq`, from the first replica that
+/// accepts it (trying each in turn until one does).
+pub async fn subscribe(source: &ShardSource, from_seq: u64) -> tonic::Streaming<pb::Event> {
+    let mut attempt = 0usize;
+    loop {
+        attempt += 1;
+        let address = &source.replicas[attempt % source.replicas.len()];
+        if let Ok(channel) = channel(address)
+            && let Ok(stream) = LedgerClient::new(channel)
+                .subscribe(pb::SubscribeRequest { from_seq })
+                .await
+        {
+            return stream.into_inner();
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -1,4 +1,15 @@
-//! The read side of the wallet platform. Built so far: the connector that publishes every
-//! storage shard's event log to Kafka exactly once, in order.
+//! The read side of the wallet platform: the connector that publishes every storage shard's
+//! event log to Kafka exactly once and in order; the projector that turns the events into
+//! Postgres tables (from Kafka, or straight from the shards); and the account query service
+//! that reads them with read-your-write.
 
+pub mod activity;
 pub mod connector;
+pub mod cursor;
+pub mod metrics;
+pub mod projector;
+pub mod service;
+pub mod store;
+
+/// The topic every shard's events go to (key = shard id).
+pub const LEDGER_TOPIC: &str = "wallet.ledger.events";

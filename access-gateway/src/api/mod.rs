@@ -222,11 +222,20 @@ pub fn request_id(tenant_id: &str, key: &IdempotencyKey) -> String {
 /// Metadata keys that start with this belong to the gateway.
 pub const RESERVED_METADATA_PREFIX: &str = "wallet:";
 
-/// The caller's metadata, refused when it uses a reserved key.
+/// Metadata entries a caller may give; the ledger keeps 16 per command and the gateway adds up
+/// to 6 of its own (kind, parties, fee, reference).
+pub const CALLER_METADATA_ENTRIES_MAX: usize = 10;
+
+/// The caller's metadata, refused when it uses a reserved key or has too many entries.
 pub fn caller_metadata(
     metadata: &Option<BTreeMap<String, String>>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
     let metadata = metadata.clone().unwrap_or_default();
+    if metadata.len() > CALLER_METADATA_ENTRIES_MAX {
+        return Err(ApiError::InvalidRequest(format!(
+            "metadata has at most {CALLER_METADATA_ENTRIES_MAX} entries"
+        )));
+    }
     if metadata
         .keys()
         .any(|key| key.starts_with(RESERVED_METADATA_PREFIX))

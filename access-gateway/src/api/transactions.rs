@@ -27,7 +27,6 @@ use crate::problem::{ApiError, Problem};
 /// How long a write waits for its transaction to be done before answering (with "pending" when
 /// not even decided by then).
 const DECISION_WAIT_MS_MAX: u32 = 3_000;
-const KIND_METADATA_KEY: &str = "wallet:kind";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -158,7 +157,7 @@ fn view(tenant_id: &str, transaction: &pb::Transaction) -> Transaction {
         transaction_id: public_id(&transaction.txn_id),
         kind: transaction
             .metadata
-            .get(KIND_METADATA_KEY)
+            .get(query::activity::KIND_KEY)
             .cloned()
             .unwrap_or_default(),
         status: status_name(transaction.status).to_string(),
@@ -196,7 +195,7 @@ pub async fn submit<B: Serialize>(
         Err(error) => return axum::response::IntoResponse::into_response(error),
     };
     let mut metadata = transaction.metadata;
-    metadata.insert(KIND_METADATA_KEY.into(), transaction.kind.name().into());
+    metadata.insert(query::activity::KIND_KEY.into(), transaction.kind.name().into());
     let request = pb::SubmitRequest {
         tenant_id: caller.tenant_id.clone(),
         idempotency_key: key.0.clone(),

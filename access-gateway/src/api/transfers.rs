@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use auticuro::ledger::AccountId;
+use query::activity;
 use axum::extract::State;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,7 @@ pub struct Deposit {
     /// The caller's reference (a bank transfer id, …).
     #[serde(default)]
     pub reference: Option<String>,
+    /// Up to 10 entries of the caller's own.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
 }
@@ -52,6 +54,7 @@ pub struct Payment {
     /// Charged to the payer on top of `amount`.
     #[serde(default)]
     pub fee: Option<Fee>,
+    /// Up to 10 entries of the caller's own.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
 }
@@ -141,10 +144,14 @@ async fn move_through_funding(
     let wallet = account_of(&caller, &request.wallet_id)?;
     let metadata = with_reference(&request.metadata, &request.reference)?;
     let funding = system_account(&state, &caller, "funding", currency).await?;
-    let legs = match kind {
-        Kind::Withdrawal => vec![(wallet, -amount), (funding, amount)],
-        _ => vec![(funding, -amount), (wallet, amount)],
+    let (from, to) = match kind {
+        Kind::Withdrawal => (wallet, funding),
+        _ => (funding, wallet),
     };
+    let mut metadata = metadata;
+    metadata.insert(activity::FROM_KEY.into(), from.as_str().into());
+    metadata.insert(activity::TO_KEY.into(), to.as_str().into());
+    let legs = vec![(from, -amount), (to, amount)];
     let transaction = NewTransaction {
         kind,
         legs,
@@ -178,7 +185,9 @@ pub async fn pay(
             "from_wallet_id and to_wallet_id are the same wallet".into(),
         ));
     }
-    let metadata = super::caller_metadata(&request.metadata)?;
+    let mut metadata = super::caller_metadata(&request.metadata)?;
+    metadata.insert(activity::FROM_KEY.into(), payer.as_str().into());
+    metadata.insert(activity::TO_KEY.into(), payee.as_str().into());
     let mut legs = vec![(payee, amount)];
     let mut debit = amount;
     if let Some(fee) = &request.fee {
@@ -192,6 +201,8 @@ pub async fn pay(
                 "the fee account must differ from both wallets".into(),
             ));
         }
+        metadata.insert(activity::FEE_KEY.into(), fee_amount.to_string());
+        metadata.insert(activity::FEE_ACCOUNT_KEY.into(), collector.as_str().into());
         legs.push((collector, fee_amount));
         debit += fee_amount;
     }

@@ -35,7 +35,7 @@ pub struct CreateWallet {
     pub currency: String,
     #[serde(default)]
     pub limits: Option<Limits>,
-    /// Up to 15 entries of the caller's own.
+    /// Up to 10 entries of the caller's own.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
 }

@@ -5,7 +5,7 @@
 //!
 //! Run with a release build: `cargo run --release -p integration-tests --bin bench-coordinator`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
                     tenant_id: "bench".into(),
                     idempotency_key: format!("k-{}", NEXT_KEY.fetch_add(1, Ordering::Relaxed)),
                     legs: vec![leg(from, -1), leg(to, 1)],
-                    metadata: HashMap::new(),
+                    metadata: BTreeMap::new(),
                     wait: true,
                     wait_ms_max: 30_000,
                     wait_until_done: false,

@@ -2,7 +2,7 @@
 //! storage shards of three `auticuro` processes each, with the protocol's invariants checked at
 //! the end of every test.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use integration_tests::platform::{
@@ -518,7 +518,7 @@ async fn a_storage_shard_resolves_a_stale_hold_with_its_owner_coordinator() {
                 epoch: 1,
             }),
             legs: vec![leg(&alice, -50)],
-            metadata: HashMap::new(),
+            metadata: BTreeMap::new(),
         })),
     };
     assert_eq!(
@@ -693,7 +693,7 @@ async fn draining_a_coordinator_under_load_moves_new_work_and_fences_it_once_rem
                 epoch: 3,
             }),
             legs: vec![leg(&alice, -1)],
-            metadata: HashMap::new(),
+            metadata: BTreeMap::new(),
         })),
     };
     let mut outcome = 0;

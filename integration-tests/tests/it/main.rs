@@ -6,5 +6,6 @@ mod gateway;
 mod harness_kafka;
 mod harness_postgres;
 mod harness_process;
+mod projection;
 mod storage_cluster;
 mod walletctl;

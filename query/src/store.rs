@@ -1,0 +1,817 @@
+//! The projections in Postgres: writing a batch of events in one SQL transaction together with
+//! the per-shard applied seq, and the reads the query service answers from.
+
+use std::collections::BTreeMap;
+
+use prost::Message as _;
+use proto::auticuro::v1 as pb;
+use proto::auticuro::v1::command::Kind;
+use proto::common::v1::Amount;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::activity::{self, KIND_KEY};
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("migrating: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Another writer moved the shard's projection since this one read it.
+    #[error("shard {shard_id} is projected up to seq {applied}, the batch starts at {first}")]
+    Moved { shard_id: u32, applied: u64, first: u64 },
+    #[error("event {seq} of shard {shard_id} is malformed: {reason}")]
+    Malformed {
+        shard_id: u32,
+        seq: u64,
+        reason: &'static str,
+    },
+}
+
+/// Connects and brings the schema up to date.
+pub async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(database_url)
+        .await?;
+    MIGRATIONS.run(&pool).await?;
+    Ok(pool)
+}
+
+/// The last applied seq of every shard projected so far.
+pub async fn applied_seqs(pool: &PgPool) -> Result<BTreeMap<u32, u64>, StoreError> {
+    let rows = sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (
+                row.get::<i32, _>(0) as u32,
+                row.get::<i64, _>(1) as u64,
+            )
+        })
+        .collect())
+}
+
+/// The tenant of an account id `<tenant>/<name>`; empty for ids without one.
+pub fn tenant_of(account_id: &str) -> &str {
+    account_id.split_once('/').map_or("", |(tenant, _)| tenant)
+}
+
+fn minor(amount: &Option<Amount>) -> String {
+    amount
+        .as_ref()
+        .map_or_else(|| "0".to_string(), |a| a.minor_units.clone())
+}
+
+fn minor_value(amount: &Option<Amount>) -> i128 {
+    minor(amount).parse().unwrap_or(0)
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match pb::AccountState::try_from(state) {
+        Ok(pb::AccountState::Active) => "active",
+        Ok(pb::AccountState::Frozen) => "frozen",
+        Ok(pb::AccountState::Closed) => "closed",
+        _ => "unspecified",
+    }
+}
+
+fn state_value(name: &str) -> i32 {
+    (match name {
+        "active" => pb::AccountState::Active,
+        "frozen" => pb::AccountState::Frozen,
+        "closed" => pb::AccountState::Closed,
+        _ => pb::AccountState::Unspecified,
+    }) as i32
+}
+
+fn command_name(kind: &Option<Kind>) -> &'static str {
+    match kind {
+        Some(Kind::CreateAccount(_)) => "create_account",
+        Some(Kind::UpdateLimits(_)) => "update_limits",
+        Some(Kind::Freeze(_)) => "freeze",
+        Some(Kind::Unfreeze(_)) => "unfreeze",
+        Some(Kind::Close(_)) => "close",
+        Some(Kind::Transfer(_)) => "transfer",
+        Some(Kind::Batch(_)) => "batch",
+        Some(Kind::Reserve(_)) => "reserve",
+        Some(Kind::Post(_)) => "post",
+        Some(Kind::Void(_)) => "void",
+        Some(Kind::PruneDedup(_)) => "prune_dedup",
+        Some(Kind::FenceCoordinator(_)) => "fence_coordinator",
+        None => "unknown",
+    }
+}
+
+fn metadata_json(metadata: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(metadata).expect("string maps always serialize")
+}
+
+/// A deterministic activity id: shard, seq and position within the event (a rebuild gives the
+/// same ids, and ids grow with seq within a shard).
+fn activity_id(shard_id: u32, seq: u64, position: usize) -> i64 {
+    ((u64::from(shard_id) << 53) | (seq << 10) | position as u64) as i64
+}
+
+/// Rows of one batch, gathered per table and written with one statement per table.
+#[derive(Default)]
+struct Rows {
+    events: EventRows,
+    versions: VersionRows,
+    /// The last state of each account in the batch, by (account id, shard id).
+    accounts: BTreeMap<(String, u32), AccountRow>,
+    activities: ActivityRows,
+}
+
+#[derive(Default)]
+struct EventRows {
+    shard_id: Vec<i32>,
+    seq: Vec<i64>,
+    time_ms: Vec<i64>,
+    request_id: Vec<String>,
+    txn_id: Vec<Option<String>>,
+    kind: Vec<&'static str>,
+    account_ids: Vec<String>,
+    payload: Vec<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct VersionRows {
+    account_id: Vec<String>,
+    version: Vec<i64>,
+    shard_id: Vec<i32>,
+    seq: Vec<i64>,
+    time_ms: Vec<i64>,
+    request_id: Vec<String>,
+    txn_id: Vec<Option<String>>,
+    state: Vec<&'static str>,
+    balance: Vec<String>,
+    pending_out: Vec<String>,
+    pending_in: Vec<String>,
+}
+
+struct AccountRow {
+    shard_id: u32,
+    seq: u64,
+    time_ms: i64,
+    created_ms: i64,
+    txn_id: Option<String>,
+    account: pb::Account,
+}
+
+#[derive(Default)]
+struct ActivityRows {
+    activity_id: Vec<i64>,
+    account_id: Vec<String>,
+    tenant_id: Vec<String>,
+    kind: Vec<&'static str>,
+    amount: Vec<String>,
+    currency: Vec<String>,
+    txn_id: Vec<Option<String>>,
+    counterparty: Vec<Option<String>>,
+    time_ms: Vec<i64>,
+    metadata: Vec<String>,
+}
+
+impl ActivityRows {
+    fn add(
+        &mut self,
+        event: &pb::Event,
+        metadata: &BTreeMap<String, String>,
+        legs: &[(String, i128)],
+        currency: &str,
+    ) {
+        let visible: BTreeMap<String, String> = metadata
+            .iter()
+            .filter(|(key, _)| !key.starts_with("wallet:"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (position, found) in activity::activities(metadata, legs).into_iter().enumerate() {
+            self.activity_id
+                .push(activity_id(event.shard_id, event.seq, position));
+            self.tenant_id
+                .push(tenant_of(&found.account_id).to_string());
+            self.account_id.push(found.account_id);
+            self.kind.push(found.kind.name());
+            self.amount.push(found.amount.to_string());
+            self.currency.push(currency.to_string());
+            self.txn_id
+                .push(Some(event.txn_id.clone()).filter(|t| !t.is_empty()));
+            self.counterparty.push(found.counterparty);
+            self.time_ms.push(event.timestamp_ms);
+            self.metadata.push(metadata_json(&visible));
+        }
+    }
+}
+
+/// Writes `events` (per shard contiguous, in seq order, each shard's first event right after
+/// its applied seq) and the new applied seqs, all in one SQL transaction.
+pub async fn write_batch(pool: &PgPool, events: &[pb::Event]) -> Result<(), StoreError> {
+    let mut firsts: BTreeMap<u32, (u64, u64, i64)> = BTreeMap::new();
+    for event in events {
+        let entry = firsts
+            .entry(event.shard_id)
+            .or_insert((event.seq, event.seq, event.timestamp_ms));
+        entry.1 = event.seq;
+        entry.2 = event.timestamp_ms;
+    }
+    let shard_ids: Vec<i32> = firsts.keys().map(|id| *id as i32).collect();
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO projection_offsets (shard_id, applied_seq)
+         SELECT unnest($1::int[]), 0 ON CONFLICT DO NOTHING",
+    )
+    .bind(&shard_ids)
+    .execute(&mut *tx)
+    .await?;
+    let applied = sqlx::query(
+        "SELECT shard_id, applied_seq FROM projection_offsets WHERE shard_id = ANY($1) FOR UPDATE",
+    )
+    .bind(&shard_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in applied {
+        let shard_id = row.get::<i32, _>(0) as u32;
+        let applied = row.get::<i64, _>(1) as u64;
+        let first = firsts[&shard_id].0;
+        if first != applied + 1 {
+            return Err(StoreError::Moved {
+                shard_id,
+                applied,
+                first,
+            });
+        }
+    }
+
+    let mut rows = Rows::default();
+    for event in events {
+        project_event(&mut tx, &mut rows, event).await?;
+    }
+    insert_rows(&mut tx, rows).await?;
+
+    for (shard_id, (_, last, time_ms)) in &firsts {
+        sqlx::query(
+            "UPDATE projection_offsets SET applied_seq = $2,
+                 event_time = timestamptz 'epoch' + $3 * interval '1 millisecond',
+                 applied_at = now()
+             WHERE shard_id = $1",
+        )
+        .bind(*shard_id as i32)
+        .bind(*last as i64)
+        .bind(*time_ms)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Gathers the rows of one event, and writes its transaction rows right away (a later event of
+/// the same batch may read them). A transaction's row does not depend on the order in which
+/// its shards' events are projected, so a rebuild gives the same row.
+async fn project_event(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: &mut Rows,
+    event: &pb::Event,
+) -> Result<(), StoreError> {
+    let malformed = |reason| StoreError::Malformed {
+        shard_id: event.shard_id,
+        seq: event.seq,
+        reason,
+    };
+    let command = event.command.as_ref().ok_or(malformed("no command"))?;
+    let txn_id = Some(event.txn_id.clone()).filter(|t| !t.is_empty());
+    let e = &mut rows.events;
+    e.shard_id.push(event.shard_id as i32);
+    e.seq.push(event.seq as i64);
+    e.time_ms.push(event.timestamp_ms);
+    e.request_id.push(event.request_id.clone());
+    e.txn_id.push(txn_id.clone());
+    e.kind.push(command_name(&command.kind));
+    e.account_ids.push(
+        serde_json::to_string(
+            &event
+                .accounts
+                .iter()
+                .map(|a| a.account_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .expect("strings serialize"),
+    );
+    e.payload.push(event.encode_to_vec());
+
+    for account in &event.accounts {
+        let v = &mut rows.versions;
+        v.account_id.push(account.account_id.clone());
+        v.version.push(account.version as i64);
+        v.shard_id.push(event.shard_id as i32);
+        v.seq.push(event.seq as i64);
+        v.time_ms.push(event.timestamp_ms);
+        v.request_id.push(event.request_id.clone());
+        v.txn_id.push(txn_id.clone());
+        v.state.push(state_name(account.state));
+        v.balance.push(minor(&account.balance));
+        v.pending_out.push(minor(&account.pending_out));
+        v.pending_in.push(minor(&account.pending_in));
+        let key = (account.account_id.clone(), event.shard_id);
+        let created_ms = rows
+            .accounts
+            .get(&key)
+            .map_or(event.timestamp_ms, |row| row.created_ms);
+        rows.accounts.insert(
+            key,
+            AccountRow {
+                shard_id: event.shard_id,
+                seq: event.seq,
+                time_ms: event.timestamp_ms,
+                created_ms,
+                txn_id: txn_id.clone(),
+                account: account.clone(),
+            },
+        );
+    }
+
+    match &command.kind {
+        Some(Kind::Transfer(transfer)) => {
+            let amount = minor_value(&transfer.amount);
+            let legs = [
+                (transfer.from_account_id.clone(), -amount),
+                (transfer.to_account_id.clone(), amount),
+            ];
+            rows.activities
+                .add(event, &transfer.metadata, &legs, &transfer.currency);
+        }
+        Some(Kind::Batch(batch)) => {
+            let legs = leg_values(&batch.legs);
+            if !batch.txn_id.is_empty() {
+                insert_transaction(tx, event, &batch.txn_id, &batch.metadata, "committed").await?;
+                insert_legs(tx, event, &batch.txn_id, &batch.legs, "posted").await?;
+            }
+            let currency = batch.legs.first().map_or("", |leg| leg.currency.as_str());
+            rows.activities
+                .add(event, &batch.metadata, &legs, currency);
+        }
+        Some(Kind::Reserve(reserve)) => {
+            insert_transaction(tx, event, &reserve.txn_id, &reserve.metadata, "pending").await?;
+            insert_legs(tx, event, &reserve.txn_id, &reserve.legs, "held").await?;
+        }
+        Some(Kind::Post(post)) => {
+            let (metadata, legs, currency) =
+                finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
+            rows.activities.add(event, &metadata, &legs, &currency);
+        }
+        Some(Kind::Void(void)) => {
+            finish_legs(tx, event, &void.txn_id, "voided", "aborted").await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn leg_values(legs: &[pb::Leg]) -> Vec<(String, i128)> {
+    legs.iter()
+        .map(|leg| (leg.account_id.clone(), minor_value(&leg.amount)))
+        .collect()
+}
+
+async fn insert_transaction(
+    tx: &mut Transaction<'static, Postgres>,
+    event: &pb::Event,
+    txn_id: &str,
+    metadata: &BTreeMap<String, String>,
+    status: &str,
+) -> Result<(), StoreError> {
+    let tenant = metadata
+        .get(activity::FROM_KEY)
+        .or_else(|| metadata.get(activity::TO_KEY))
+        .map(|account| tenant_of(account).to_string())
+        .or_else(|| {
+            event
+                .accounts
+                .iter()
+                .map(|a| tenant_of(&a.account_id).to_string())
+                .next()
+        })
+        .unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO transactions (txn_id, tenant_id, kind, status, metadata, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5::jsonb, timestamptz 'epoch' + $6 * interval '1 millisecond',
+                 timestamptz 'epoch' + $6 * interval '1 millisecond')
+         ON CONFLICT (txn_id) DO UPDATE SET
+             tenant_id = least(transactions.tenant_id, excluded.tenant_id),
+             created_at = least(transactions.created_at, excluded.created_at),
+             updated_at = greatest(transactions.updated_at, excluded.updated_at)",
+    )
+    .bind(txn_id)
+    .bind(tenant)
+    .bind(metadata.get(KIND_KEY).map_or("", String::as_str))
+    .bind(status)
+    .bind(metadata_json(metadata))
+    .bind(event.timestamp_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_legs(
+    tx: &mut Transaction<'static, Postgres>,
+    event: &pb::Event,
+    txn_id: &str,
+    legs: &[pb::Leg],
+    state: &str,
+) -> Result<(), StoreError> {
+    let accounts: Vec<String> = legs.iter().map(|l| l.account_id.clone()).collect();
+    let amounts: Vec<String> = legs.iter().map(|l| minor(&l.amount)).collect();
+    let currencies: Vec<String> = legs.iter().map(|l| l.currency.clone()).collect();
+    sqlx::query(
+        "INSERT INTO transaction_legs (txn_id, shard_id, account_id, amount, currency, state)
+         SELECT $1, $2, account, amount::numeric, currency, $6
+         FROM unnest($3::text[], $4::text[], $5::text[]) AS l(account, amount, currency)",
+    )
+    .bind(txn_id)
+    .bind(event.shard_id as i32)
+    .bind(&accounts)
+    .bind(&amounts)
+    .bind(&currencies)
+    .bind(state)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Posts or voids the shard's held legs of a transaction; returns the transaction's metadata,
+/// the legs and their currency.
+async fn finish_legs(
+    tx: &mut Transaction<'static, Postgres>,
+    event: &pb::Event,
+    txn_id: &str,
+    leg_state: &str,
+    status: &str,
+) -> Result<(BTreeMap<String, String>, Vec<(String, i128)>, String), StoreError> {
+    let legs = sqlx::query(
+        "UPDATE transaction_legs SET state = $3
+         WHERE txn_id = $1 AND shard_id = $2 AND state = 'held'
+         RETURNING account_id, amount::text, currency",
+    )
+    .bind(txn_id)
+    .bind(event.shard_id as i32)
+    .bind(leg_state)
+    .fetch_all(&mut **tx)
+    .await?;
+    let metadata = sqlx::query(
+        "UPDATE transactions SET status = $2,
+             updated_at = greatest(updated_at, timestamptz 'epoch' + $3 * interval '1 millisecond')
+         WHERE txn_id = $1 RETURNING metadata::text",
+    )
+    .bind(txn_id)
+    .bind(status)
+    .bind(event.timestamp_ms)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let metadata: BTreeMap<String, String> = metadata
+        .and_then(|row| serde_json::from_str(&row.get::<String, _>(0)).ok())
+        .unwrap_or_default();
+    let currency = legs
+        .first()
+        .map_or_else(String::new, |row| row.get::<String, _>(2));
+    // Legs in the order the reservation named them.
+    let mut values: Vec<(String, i128)> = legs
+        .iter()
+        .map(|row| {
+            (
+                row.get::<String, _>(0),
+                row.get::<String, _>(1).parse().unwrap_or(0),
+            )
+        })
+        .collect();
+    values.sort_by_key(|(account, amount)| (*amount >= 0, account.clone()));
+    Ok((metadata, values, currency))
+}
+
+async fn insert_rows(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: Rows,
+) -> Result<(), StoreError> {
+    let e = rows.events;
+    sqlx::query(
+        "INSERT INTO ledger_events
+             (shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload)
+         SELECT shard_id, seq, timestamptz 'epoch' + ms * interval '1 millisecond', request_id,
+                txn_id, kind, ARRAY(SELECT jsonb_array_elements_text(accounts::jsonb)), payload
+         FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::bytea[])
+              AS e(shard_id, seq, ms, request_id, txn_id, kind, accounts, payload)",
+    )
+    .bind(&e.shard_id)
+    .bind(&e.seq)
+    .bind(&e.time_ms)
+    .bind(&e.request_id)
+    .bind(&e.txn_id)
+    .bind(&e.kind)
+    .bind(&e.account_ids)
+    .bind(&e.payload)
+    .execute(&mut **tx)
+    .await?;
+
+    let v = rows.versions;
+    sqlx::query(
+        "INSERT INTO account_versions (account_id, version, shard_id, seq, event_time, request_id,
+                                       txn_id, state, balance, pending_out, pending_in)
+         SELECT account_id, version, shard_id, seq, timestamptz 'epoch' + ms * interval '1 millisecond',
+                request_id, txn_id, state, balance::numeric, pending_out::numeric, pending_in::numeric
+         FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bigint[], $5::bigint[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+              AS v(account_id, version, shard_id, seq, ms, request_id, txn_id, state, balance,
+                   pending_out, pending_in)",
+    )
+    .bind(&v.account_id)
+    .bind(&v.version)
+    .bind(&v.shard_id)
+    .bind(&v.seq)
+    .bind(&v.time_ms)
+    .bind(&v.request_id)
+    .bind(&v.txn_id)
+    .bind(&v.state)
+    .bind(&v.balance)
+    .bind(&v.pending_out)
+    .bind(&v.pending_in)
+    .execute(&mut **tx)
+    .await?;
+
+    let mut columns: [Vec<String>; 9] = Default::default();
+    let (mut shard_id, mut scale, mut version, mut seq, mut time_ms, mut created_ms) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut txn_id: Vec<Option<String>> = vec![];
+    let (mut lower, mut upper): (Vec<Option<String>>, Vec<Option<String>>) = (vec![], vec![]);
+    for ((account_id, _), row) in rows.accounts {
+        let account = &row.account;
+        let available = minor_value(&account.balance) - minor_value(&account.pending_out);
+        for (column, value) in columns.iter_mut().zip([
+            tenant_of(&account_id).to_string(),
+            account.currency.clone(),
+            state_name(account.state).to_string(),
+            minor(&account.balance),
+            minor(&account.pending_out),
+            minor(&account.pending_in),
+            available.to_string(),
+            metadata_json(&account.metadata),
+            account_id,
+        ]) {
+            column.push(value);
+        }
+        shard_id.push(row.shard_id as i32);
+        scale.push(account.scale as i32);
+        version.push(account.version as i64);
+        seq.push(row.seq as i64);
+        time_ms.push(row.time_ms);
+        created_ms.push(row.created_ms);
+        txn_id.push(row.txn_id);
+        lower.push(account.lower_limit.as_ref().map(|a| a.minor_units.clone()));
+        upper.push(account.upper_limit.as_ref().map(|a| a.minor_units.clone()));
+    }
+    let [tenant, currency, state, balance, pending_out, pending_in, available, metadata, ids] =
+        columns;
+    sqlx::query(
+        "INSERT INTO accounts (account_id, tenant_id, shard_id, currency, scale, state, balance,
+                               pending_out, pending_in, available, lower_limit, upper_limit,
+                               version, metadata, seq, txn_id, created_at, updated_at)
+         SELECT account_id, tenant_id, shard_id, currency, scale, state, balance::numeric,
+                pending_out::numeric, pending_in::numeric, available::numeric,
+                lower_limit::numeric, upper_limit::numeric, version, metadata::jsonb, seq, txn_id,
+                timestamptz 'epoch' + created_ms * interval '1 millisecond',
+                timestamptz 'epoch' + ms * interval '1 millisecond'
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+                     $13::bigint[], $14::text[], $15::bigint[], $16::text[], $17::bigint[],
+                     $18::bigint[])
+              AS a(account_id, tenant_id, shard_id, currency, scale, state, balance, pending_out,
+                   pending_in, available, lower_limit, upper_limit, version, metadata, seq,
+                   txn_id, created_ms, ms)
+         ON CONFLICT (account_id, shard_id) DO UPDATE SET
+             state = excluded.state, balance = excluded.balance,
+             pending_out = excluded.pending_out, pending_in = excluded.pending_in,
+             available = excluded.available, lower_limit = excluded.lower_limit,
+             upper_limit = excluded.upper_limit, version = excluded.version,
+             metadata = excluded.metadata, seq = excluded.seq, txn_id = excluded.txn_id,
+             updated_at = excluded.updated_at",
+    )
+    .bind(&ids)
+    .bind(&tenant)
+    .bind(&shard_id)
+    .bind(&currency)
+    .bind(&scale)
+    .bind(&state)
+    .bind(&balance)
+    .bind(&pending_out)
+    .bind(&pending_in)
+    .bind(&available)
+    .bind(&lower)
+    .bind(&upper)
+    .bind(&version)
+    .bind(&metadata)
+    .bind(&seq)
+    .bind(&txn_id)
+    .bind(&created_ms)
+    .bind(&time_ms)
+    .execute(&mut **tx)
+    .await?;
+
+    let a = rows.activities;
+    sqlx::query(
+        "INSERT INTO activities (activity_id, account_id, tenant_id, kind, amount, currency,
+                                 txn_id, counterparty_account_id, occurred_at, metadata)
+         SELECT activity_id, account_id, tenant_id, kind, amount::numeric, currency, txn_id,
+                counterparty, timestamptz 'epoch' + ms * interval '1 millisecond', metadata::jsonb
+         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::bigint[], $10::text[])
+              AS a(activity_id, account_id, tenant_id, kind, amount, currency, txn_id,
+                   counterparty, ms, metadata)",
+    )
+    .bind(&a.activity_id)
+    .bind(&a.account_id)
+    .bind(&a.tenant_id)
+    .bind(&a.kind)
+    .bind(&a.amount)
+    .bind(&a.currency)
+    .bind(&a.txn_id)
+    .bind(&a.counterparty)
+    .bind(&a.time_ms)
+    .bind(&a.metadata)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+// ---- Reads ----
+
+/// One version of an account as the projection holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountVersion {
+    pub account: pb::Account,
+    pub shard_id: u32,
+    pub seq: u64,
+    pub updated_at_ms: i64,
+    pub txn_id: String,
+}
+
+fn clamp(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn amount(text: String) -> Option<Amount> {
+    Some(Amount { minor_units: text })
+}
+
+/// The current state of an account.
+pub async fn account(pool: &PgPool, account_id: &str) -> Result<Option<AccountVersion>, StoreError> {
+    let row = sqlx::query(
+        "SELECT account_id, currency, scale, state, balance::text, pending_out::text,
+                pending_in::text, lower_limit::text, upper_limit::text, version, metadata::text,
+                shard_id, seq, (extract(epoch FROM updated_at) * 1000)::bigint, coalesce(txn_id, '')
+         FROM accounts WHERE account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| AccountVersion {
+        account: pb::Account {
+            account_id: row.get(0),
+            currency: row.get(1),
+            scale: row.get::<i32, _>(2) as u32,
+            state: state_value(row.get(3)),
+            balance: amount(row.get(4)),
+            pending_out: amount(row.get(5)),
+            pending_in: amount(row.get(6)),
+            lower_limit: row.get::<Option<String>, _>(7).and_then(amount),
+            upper_limit: row.get::<Option<String>, _>(8).and_then(amount),
+            version: row.get::<i64, _>(9) as u64,
+            metadata: serde_json::from_str(row.get(10)).unwrap_or_default(),
+        },
+        shard_id: row.get::<i32, _>(11) as u32,
+        seq: row.get::<i64, _>(12) as u64,
+        updated_at_ms: row.get(13),
+        txn_id: row.get(14),
+    }))
+}
+
+/// Where to look an account version up.
+#[derive(Clone, Copy, Debug)]
+pub enum VersionFilter {
+    /// Newest first, versions strictly below this one (`u64::MAX` for all).
+    Before(u64),
+    /// The last version at or before this shard seq.
+    AtSeq(u64),
+    /// The last version at or before this leader time.
+    AtTime(i64),
+}
+
+/// Versions of an account, newest first, with the fields that do not change per version
+/// (currency, limits, metadata) from its current state.
+pub async fn versions(
+    pool: &PgPool,
+    account_id: &str,
+    filter: VersionFilter,
+    limit: u32,
+) -> Result<Vec<AccountVersion>, StoreError> {
+    let Some(current) = account(pool, account_id).await? else {
+        return Ok(Vec::new());
+    };
+    let (before, seq, time_ms) = match filter {
+        VersionFilter::Before(version) => (clamp(version), i64::MAX, None),
+        VersionFilter::AtSeq(seq) => (i64::MAX, clamp(seq), None),
+        VersionFilter::AtTime(ms) => (i64::MAX, i64::MAX, Some(ms)),
+    };
+    let rows = sqlx::query(
+        "SELECT version, state, balance::text, pending_out::text, pending_in::text, shard_id, seq,
+                (extract(epoch FROM event_time) * 1000)::bigint, coalesce(txn_id, '')
+         FROM account_versions
+         WHERE account_id = $1 AND version < $2 AND seq <= $3
+           AND ($4::bigint IS NULL
+                OR event_time <= timestamptz 'epoch' + $4::bigint * interval '1 millisecond')
+         ORDER BY version DESC LIMIT $5",
+    )
+    .bind(account_id)
+    .bind(before)
+    .bind(seq)
+    .bind(time_ms)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| AccountVersion {
+            account: pb::Account {
+                version: row.get::<i64, _>(0) as u64,
+                state: state_value(row.get(1)),
+                balance: amount(row.get(2)),
+                pending_out: amount(row.get(3)),
+                pending_in: amount(row.get(4)),
+                ..current.account.clone()
+            },
+            shard_id: row.get::<i32, _>(5) as u32,
+            seq: row.get::<i64, _>(6) as u64,
+            updated_at_ms: row.get(7),
+            txn_id: row.get(8),
+        })
+        .collect())
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivityRow {
+    pub activity_id: u64,
+    pub account_id: String,
+    pub kind: String,
+    pub amount: String,
+    pub currency: String,
+    pub txn_id: String,
+    pub counterparty: String,
+    pub occurred_at_ms: i64,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// An account's activities, newest first, strictly after the keyset `(occurred_at_ms,
+/// activity_id)` of the previous page's last row.
+pub async fn activities(
+    pool: &PgPool,
+    account_id: &str,
+    after: Option<(i64, u64)>,
+    limit: u32,
+) -> Result<Vec<ActivityRow>, StoreError> {
+    let (after_ms, after_id) = after.map_or((None, None), |(ms, id)| (Some(ms), Some(clamp(id))));
+    let rows = sqlx::query(
+        "SELECT activity_id, account_id, kind, amount::text, currency, coalesce(txn_id, ''),
+                coalesce(counterparty_account_id, ''),
+                (extract(epoch FROM occurred_at) * 1000)::bigint AS ms, metadata::text
+         FROM activities
+         WHERE account_id = $1
+           AND ($2::bigint IS NULL
+                OR (occurred_at, activity_id) <
+                   (timestamptz 'epoch' + $2::bigint * interval '1 millisecond', $3::bigint))
+         ORDER BY occurred_at DESC, activity_id DESC LIMIT $4",
+    )
+    .bind(account_id)
+    .bind(after_ms)
+    .bind(after_id)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| ActivityRow {
+            activity_id: row.get::<i64, _>(0) as u64,
+            account_id: row.get(1),
+            kind: row.get(2),
+            amount: row.get(3),
+            currency: row.get(4),
+            txn_id: row.get(5),
+            counterparty: row.get(6),
+            occurred_at_ms: row.get(7),
+            metadata: serde_json::from_str(row.get(8)).unwrap_or_default(),
+        })
+        .collect())
+}
