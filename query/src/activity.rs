@@ -178,12 +178,25 @@ mod tests {
             (FROM_KEY, "t/sys:funding:USD"),
             (TO_KEY, "t/alice"),
         ]);
-        let all = activities(&meta, &legs(&[("t/sys:funding:USD", -500), ("t/alice", 500)]));
+        let all = activities(
+            &meta,
+            &legs(&[("t/sys:funding:USD", -500), ("t/alice", 500)]),
+        );
         assert_eq!(
             summary(&all),
             vec![
-                ("t/sys:funding:USD".into(), "deposit", -500, Some("t/alice".into())),
-                ("t/alice".into(), "deposit", 500, Some("t/sys:funding:USD".into())),
+                (
+                    "t/sys:funding:USD".into(),
+                    "deposit",
+                    -500,
+                    Some("t/alice".into())
+                ),
+                (
+                    "t/alice".into(),
+                    "deposit",
+                    500,
+                    Some("t/sys:funding:USD".into())
+                ),
             ]
         );
         let meta = metadata(&[
@@ -194,7 +207,12 @@ mod tests {
         let all = activities(&meta, &legs(&[("t/alice", -200)]));
         assert_eq!(
             summary(&all),
-            vec![("t/alice".into(), "withdrawal", -200, Some("t/sys:funding:USD".into()))]
+            vec![(
+                "t/alice".into(),
+                "withdrawal",
+                -200,
+                Some("t/sys:funding:USD".into())
+            )]
         );
     }
 

@@ -163,7 +163,10 @@ impl Hierarchy for HierarchyService {
         let request = request.into_inner();
         let mut tx = self.edit(&request.tenant_id).await?;
         let tenant = &request.tenant_id;
-        if load_node(&mut tx, tenant, &request.node_id).await?.is_none() {
+        if load_node(&mut tx, tenant, &request.node_id)
+            .await?
+            .is_none()
+        {
             return outcome(Outcome::NotFound);
         }
         if !request.new_parent_id.is_empty() {
@@ -350,12 +353,11 @@ impl Hierarchy for HierarchyService {
         .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let as_of = sqlx::query(
-            "SELECT shard_id, applied_seq FROM projection_offsets ORDER BY shard_id",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let as_of =
+            sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets ORDER BY shard_id")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         let amount = |text: String| Some(Amount { minor_units: text });
         Ok(Response::new(pb::GetNodeBalanceResponse {

@@ -1,11 +1,12 @@
 //! The read side of the wallet platform: the connector that publishes every storage shard's
 //! event log to Kafka exactly once and in order; the projector that turns the events into
-//! Postgres tables (from Kafka, or straight from the shards); and the account query service
-//! that reads them with read-your-write.
+//! Postgres tables (from Kafka, or straight from the shards); the account query service that
+//! reads them with read-your-write; and the account hierarchy service.
 
 pub mod activity;
 pub mod connector;
 pub mod cursor;
+pub mod hierarchy;
 pub mod metrics;
 pub mod projector;
 pub mod service;

@@ -1,7 +1,7 @@
 //! `query`: the read side's processes.
 //!
 //! - `query serve`: projects the storage shards' events into Postgres and answers the account
-//!   query service (gRPC, with `/metrics` over HTTP/1.1) from the projections.
+//!   query and hierarchy services (gRPC, with `/metrics` over HTTP/1.1) from the projections.
 //! - `query rebuild`: replays every event into a fresh database, with progress, and exits once
 //!   it has reached what the shards (or the topic) held when it started.
 //! - `query connect`: publishes every shard's events to Kafka exactly once, in order.
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use proto::query::v1::account_query_server::AccountQueryServer;
+use proto::query::v1::hierarchy_server::HierarchyServer;
 use query::connector::ShardSource;
 use query::metrics::ProjectionMetrics;
 use query::projector::Source;
@@ -30,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Project events into Postgres and serve the account query service.
+    /// Project events into Postgres and serve the account query and hierarchy services.
     Serve {
         #[command(flatten)]
         source: SourceArgs,
@@ -136,12 +137,24 @@ async fn serve(source: SourceArgs, database_url: &str, listen: SocketAddr) -> an
         "/metrics",
         axum::routing::get(move || {
             let body = metrics.render();
-            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    body,
+                )
+            }
         }),
     );
-    let routes = tonic::service::Routes::from(metrics_route).add_service(AccountQueryServer::new(
-        query::service::AccountQueryService::new(pool),
-    ));
+    let routes = tonic::service::Routes::from(metrics_route)
+        .add_service(AccountQueryServer::new(
+            query::service::AccountQueryService::new(pool.clone()),
+        ))
+        .add_service(HierarchyServer::new(
+            query::hierarchy::HierarchyService::new(pool),
+        ));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("ready {}", listener.local_addr()?);
     tonic::transport::Server::builder()
@@ -185,7 +198,10 @@ async fn rebuild(source: SourceArgs, database_url: &str) -> anyhow::Result<()> {
                     .map(|seqs| seqs.values().sum())
                     .unwrap_or(0);
                 let width = 40;
-                let filled = (applied * width).checked_div(total).unwrap_or(width).min(width);
+                let filled = (applied * width)
+                    .checked_div(total)
+                    .unwrap_or(width)
+                    .min(width);
                 eprint!(
                     "\r[{}{}] {applied}/{total}",
                     "#".repeat(filled as usize),
@@ -211,7 +227,10 @@ async fn connect(source: SourceArgs) -> anyhow::Result<()> {
         .clone()
         .context("connect needs --kafka-brokers")?;
     let shards = source.shards().await?;
-    anyhow::ensure!(!shards.is_empty(), "no storage shard: give --shard or --topology");
+    anyhow::ensure!(
+        !shards.is_empty(),
+        "no storage shard: give --shard or --topology"
+    );
     let partitions = query::connector::partition_count(&brokers, &source.kafka_topic)?;
     let mut tasks = tokio::task::JoinSet::new();
     for shard in shards {

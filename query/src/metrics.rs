@@ -109,9 +109,7 @@ impl ProjectionMetrics {
             let label = ShardLabel {
                 shard: event.shard_id,
             };
-            self.applied_seq
-                .get_or_create(&label)
-                .set(event.seq as i64);
+            self.applied_seq.get_or_create(&label).set(event.seq as i64);
             self.lag_ms
                 .get_or_create(&label)
                 .set(now_ms - event.timestamp_ms);

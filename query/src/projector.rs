@@ -110,7 +110,11 @@ pub async fn project(
                 .create()?;
             consumer.subscribe(&[topic])?;
             let consumer = Arc::new(consumer);
-            feeders.spawn(feed_from_kafka(consumer.clone(), sender.clone(), metrics.clone()));
+            feeders.spawn(feed_from_kafka(
+                consumer.clone(),
+                sender.clone(),
+                metrics.clone(),
+            ));
             Some(consumer)
         }
     };

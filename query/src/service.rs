@@ -211,7 +211,9 @@ impl AccountQuery for AccountQueryService {
             Some(version) => Reply::View(view(version)),
             None => Reply::NotFound(true),
         };
-        Ok(Response::new(pb::GetBalanceAtResponse { reply: Some(reply) }))
+        Ok(Response::new(pb::GetBalanceAtResponse {
+            reply: Some(reply),
+        }))
     }
 
     async fn list_activities(

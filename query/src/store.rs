@@ -21,7 +21,11 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// Another writer moved the shard's projection since this one read it.
     #[error("shard {shard_id} is projected up to seq {applied}, the batch starts at {first}")]
-    Moved { shard_id: u32, applied: u64, first: u64 },
+    Moved {
+        shard_id: u32,
+        applied: u64,
+        first: u64,
+    },
     #[error("event {seq} of shard {shard_id} is malformed: {reason}")]
     Malformed {
         shard_id: u32,
@@ -48,12 +52,7 @@ pub async fn applied_seqs(pool: &PgPool) -> Result<BTreeMap<u32, u64>, StoreErro
         .await?;
     Ok(rows
         .iter()
-        .map(|row| {
-            (
-                row.get::<i32, _>(0) as u32,
-                row.get::<i64, _>(1) as u64,
-            )
-        })
+        .map(|row| (row.get::<i32, _>(0) as u32, row.get::<i64, _>(1) as u64))
         .collect())
 }
 
@@ -214,9 +213,10 @@ impl ActivityRows {
 pub async fn write_batch(pool: &PgPool, events: &[pb::Event]) -> Result<(), StoreError> {
     let mut firsts: BTreeMap<u32, (u64, u64, i64)> = BTreeMap::new();
     for event in events {
-        let entry = firsts
-            .entry(event.shard_id)
-            .or_insert((event.seq, event.seq, event.timestamp_ms));
+        let entry =
+            firsts
+                .entry(event.shard_id)
+                .or_insert((event.seq, event.seq, event.timestamp_ms));
         entry.1 = event.seq;
         entry.2 = event.timestamp_ms;
     }
@@ -353,8 +353,7 @@ async fn project_event(
                 insert_legs(tx, event, &batch.txn_id, &batch.legs, "posted").await?;
             }
             let currency = batch.legs.first().map_or("", |leg| leg.currency.as_str());
-            rows.activities
-                .add(event, &batch.metadata, &legs, currency);
+            rows.activities.add(event, &batch.metadata, &legs, currency);
         }
         Some(Kind::Reserve(reserve)) => {
             insert_transaction(tx, event, &reserve.txn_id, &reserve.metadata, "pending").await?;
@@ -574,8 +573,17 @@ async fn insert_rows(
         lower.push(account.lower_limit.as_ref().map(|a| a.minor_units.clone()));
         upper.push(account.upper_limit.as_ref().map(|a| a.minor_units.clone()));
     }
-    let [tenant, currency, state, balance, pending_out, pending_in, available, metadata, ids] =
-        columns;
+    let [
+        tenant,
+        currency,
+        state,
+        balance,
+        pending_out,
+        pending_in,
+        available,
+        metadata,
+        ids,
+    ] = columns;
     sqlx::query(
         "INSERT INTO accounts (account_id, tenant_id, shard_id, currency, scale, state, balance,
                                pending_out, pending_in, available, lower_limit, upper_limit,
@@ -668,7 +676,10 @@ fn amount(text: String) -> Option<Amount> {
 }
 
 /// The current state of an account.
-pub async fn account(pool: &PgPool, account_id: &str) -> Result<Option<AccountVersion>, StoreError> {
+pub async fn account(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<Option<AccountVersion>, StoreError> {
     let row = sqlx::query(
         "SELECT account_id, currency, scale, state, balance::text, pending_out::text,
                 pending_in::text, lower_limit::text, upper_limit::text, version, metadata::text,

@@ -195,7 +195,10 @@ pub async fn submit<B: Serialize>(
         Err(error) => return axum::response::IntoResponse::into_response(error),
     };
     let mut metadata = transaction.metadata;
-    metadata.insert(query::activity::KIND_KEY.into(), transaction.kind.name().into());
+    metadata.insert(
+        query::activity::KIND_KEY.into(),
+        transaction.kind.name().into(),
+    );
     let request = pb::SubmitRequest {
         tenant_id: caller.tenant_id.clone(),
         idempotency_key: key.0.clone(),

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use auticuro::ledger::AccountId;
-use query::activity;
 use axum::extract::State;
 use axum::response::Response;
+use query::activity;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 

@@ -69,7 +69,10 @@ async fn wait_caught_up(pool: &PgPool, groups: &[&Group]) -> BTreeMap<u32, u64> 
 /// A digest of every projected table (everything but the projector's own clock).
 async fn table_digests(pool: &PgPool) -> BTreeMap<&'static str, (i64, String)> {
     let tables = [
-        ("ledger_events", "shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload"),
+        (
+            "ledger_events",
+            "shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload",
+        ),
         ("accounts", "*"),
         ("account_versions", "*"),
         ("transactions", "*"),
@@ -98,7 +101,10 @@ fn payment_request(
     amount: i128,
     fee: Option<(&str, i128)>,
 ) -> proto::marker::v1::SubmitRequest {
-    let mut legs = vec![leg(from, -(amount + fee.map_or(0, |f| f.1))), leg(to, amount)];
+    let mut legs = vec![
+        leg(from, -(amount + fee.map_or(0, |f| f.1))),
+        leg(to, amount),
+    ];
     let mut metadata = BTreeMap::from([
         (KIND_KEY.to_string(), "payment".to_string()),
         (FROM_KEY.to_string(), from.to_string()),
@@ -158,9 +164,7 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
         .await
         .unwrap();
     let pool = database.pool().await.unwrap();
-    let mut client = AccountQueryClient::new(
-        auticuro::client::channel(service.address()).unwrap(),
-    );
+    let mut client = AccountQueryClient::new(auticuro::client::channel(service.address()).unwrap());
 
     let alice = platform.open(1, "tenant-a/alice", 10_000).await;
     let carol = platform.open(1, "tenant-a/carol", 0).await;
@@ -168,7 +172,13 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
     let bob = platform.open(2, "tenant-a/bob", 0).await;
     // Across shards with a fee, within one shard, and one that cannot be paid.
     let across = platform
-        .submit(payment_request("p-across", &alice, &bob, 1_000, Some((&fees, 30))))
+        .submit(payment_request(
+            "p-across",
+            &alice,
+            &bob,
+            1_000,
+            Some((&fees, 30)),
+        ))
         .await;
     let within = platform
         .submit(payment_request("p-within", &alice, &carol, 200, None))
@@ -236,43 +246,61 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(other.reply, Some(pb::get_balance_response::Reply::NotFound(true)));
+    assert_eq!(
+        other.reply,
+        Some(pb::get_balance_response::Reply::NotFound(true))
+    );
 
     // Every table agrees with the shards.
     let truth = platform.balances().await;
     let heads = wait_caught_up(&pool, &groups).await;
     for (shard, head) in &heads {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE shard_id = $1")
-            .bind(*shard as i32)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE shard_id = $1")
+                .bind(*shard as i32)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert_eq!(count as u64, *head, "every event of shard {shard}, once");
     }
     for group in groups {
-      for (account_id, account) in &group.accounts().await.unwrap() {
-        let row = sqlx::query(
-            "SELECT balance::text, pending_out::text, pending_in::text, version, state,
+        for (account_id, account) in &group.accounts().await.unwrap() {
+            let row = sqlx::query(
+                "SELECT balance::text, pending_out::text, pending_in::text, version, state,
                     (SELECT count(*) FROM account_versions v
                      WHERE v.account_id = a.account_id AND v.shard_id = a.shard_id),
                     (SELECT balance::text FROM account_versions v
                      WHERE v.account_id = a.account_id AND v.shard_id = a.shard_id
                      ORDER BY version DESC LIMIT 1)
              FROM accounts a WHERE account_id = $1 AND shard_id = $2",
-        )
-        .bind(account_id)
-        .bind(group.shard_id as i32)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        assert_eq!(row.get::<String, _>(0), minor(&account.balance).to_string(), "{account_id}");
-        assert_eq!(row.get::<String, _>(1), minor(&account.pending_out).to_string());
-        assert_eq!(row.get::<String, _>(2), minor(&account.pending_in).to_string());
-        assert_eq!(row.get::<i64, _>(3) as u64, account.version, "{account_id}");
-        assert_eq!(row.get::<String, _>(4), "active");
-        assert_eq!(row.get::<i64, _>(5) as u64, account.version, "one row per version");
-        assert_eq!(row.get::<String, _>(6), minor(&account.balance).to_string());
-      }
+            )
+            .bind(account_id)
+            .bind(group.shard_id as i32)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                row.get::<String, _>(0),
+                minor(&account.balance).to_string(),
+                "{account_id}"
+            );
+            assert_eq!(
+                row.get::<String, _>(1),
+                minor(&account.pending_out).to_string()
+            );
+            assert_eq!(
+                row.get::<String, _>(2),
+                minor(&account.pending_in).to_string()
+            );
+            assert_eq!(row.get::<i64, _>(3) as u64, account.version, "{account_id}");
+            assert_eq!(row.get::<String, _>(4), "active");
+            assert_eq!(
+                row.get::<i64, _>(5) as u64,
+                account.version,
+                "one row per version"
+            );
+            assert_eq!(row.get::<String, _>(6), minor(&account.balance).to_string());
+        }
     }
     let transaction = |txn_id: String| {
         let pool = pool.clone();
@@ -343,7 +371,11 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
         summary(activities_of(&mut client, "tenant-a", &fees).await),
         vec![(K::Fee as i32, "30".into(), alice.clone())]
     );
-    assert!(activities_of(&mut client, "tenant-b", &alice).await.is_empty());
+    assert!(
+        activities_of(&mut client, "tenant-b", &alice)
+            .await
+            .is_empty()
+    );
     let feed = activities_of(&mut client, "tenant-a", &alice).await;
     assert!(
         feed.windows(2)
@@ -360,7 +392,10 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
         Some("p-across"),
         "the caller's metadata, without the gateway's own keys"
     );
-    assert!(feed.iter().all(|a| a.metadata.keys().all(|k| !k.starts_with("wallet:"))));
+    assert!(
+        feed.iter()
+            .all(|a| a.metadata.keys().all(|k| !k.starts_with("wallet:")))
+    );
 
     // History by version, and balance as of a seq.
     let history = client
@@ -398,14 +433,21 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
     let Some(pb::get_balance_at_response::Reply::View(at)) = at.reply else {
         panic!("no balance at {before_across}");
     };
-    assert_eq!(minor(&at.account.unwrap().balance), 10_000, "before the first payment");
+    assert_eq!(
+        minor(&at.account.unwrap().balance),
+        10_000,
+        "before the first payment"
+    );
 
     let (status, metrics) = deploy::process::http_get(service.address(), "/metrics")
         .await
         .unwrap();
     assert_eq!(status, 200);
     assert!(
-        metrics.contains(&format!("query_projection_applied_seq{{shard=\"2\"}} {}", heads[&2])),
+        metrics.contains(&format!(
+            "query_projection_applied_seq{{shard=\"2\"}} {}",
+            heads[&2]
+        )),
         "{metrics}"
     );
 }
@@ -434,7 +476,10 @@ async fn produce(broker: &KafkaBroker, topic: &str, events: &[&ledger::Event]) {
         let key = event.shard_id.to_string();
         producer
             .send(
-                FutureRecord::to(topic).partition(0).key(&key).payload(&payload),
+                FutureRecord::to(topic)
+                    .partition(0)
+                    .key(&key)
+                    .payload(&payload),
                 Duration::from_secs(10),
             )
             .await
@@ -453,7 +498,10 @@ async fn wait_applied(pool: &PgPool, shard: u32, seq: u64) {
         .unwrap_or(0)
         < seq
     {
-        assert!(Instant::now() < deadline, "shard {shard} never reached {seq}");
+        assert!(
+            Instant::now() < deadline,
+            "shard {shard} never reached {seq}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -472,7 +520,10 @@ async fn a_gap_stops_the_shards_projection_until_the_missing_event_arrives() {
         .unwrap();
     for n in 0..6 {
         shard
-            .execute(command(format!("fund-{n}"), transfer("sys:funding:USD", "alice", 1)))
+            .execute(command(
+                format!("fund-{n}"),
+                transfer("sys:funding:USD", "alice", 1),
+            ))
             .await
             .unwrap();
     }
@@ -571,7 +622,11 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
 
     let mut accounts = Vec::new();
     for n in 0..4 {
-        accounts.push(platform.open(1 + n % 2, &format!("tenant-a/w{n}"), 100_000).await);
+        accounts.push(
+            platform
+                .open(1 + n % 2, &format!("tenant-a/w{n}"), 100_000)
+                .await,
+        );
     }
     let payments = tokio::spawn({
         let platform = platform.clone();
@@ -581,14 +636,26 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
                 let (from, to) = (&accounts[n % 4], &accounts[(n + 1) % 4]);
                 let fee = (n % 3 == 0).then_some((accounts[(n + 2) % 4].as_str(), 5));
                 platform
-                    .submit(payment_request(&format!("k-{n}"), from, to, 100 + n as i128, fee))
+                    .submit(payment_request(
+                        &format!("k-{n}"),
+                        from,
+                        to,
+                        100 + n as i128,
+                        fee,
+                    ))
                     .await;
             }
         }
     });
     // kill -9 while events keep coming, once some are projected.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while query::store::applied_seqs(&pool).await.unwrap().values().sum::<u64>() < 40 {
+    while query::store::applied_seqs(&pool)
+        .await
+        .unwrap()
+        .values()
+        .sum::<u64>()
+        < 40
+    {
         assert!(Instant::now() < deadline, "the projection never started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -628,4 +695,263 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
     for connector in connectors {
         connector.abort();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hierarchy_node_sums_its_subtree_and_invalid_edits_are_refused() {
+    use proto::query::v1::HierarchyOutcome as Outcome;
+    use proto::query::v1::hierarchy_client::HierarchyClient;
+    let platform = std::sync::Arc::new(Platform::start(&[]).await);
+    let groups = [platform.shard(1), platform.shard(2)];
+    let database = fresh_database().await.unwrap();
+    let mut args = vec![
+        "serve".to_string(),
+        "--database-url".into(),
+        database.url.clone(),
+    ];
+    args.extend(shard_args(&groups));
+    let service = spawn(&deploy::process::workspace_binary("query"), &args)
+        .await
+        .unwrap();
+    let pool = database.pool().await.unwrap();
+    let mut tree = HierarchyClient::new(auticuro::client::channel(service.address()).unwrap());
+
+    let mut wallets = Vec::new();
+    for n in 0..4u32 {
+        wallets.push(
+            platform
+                .open(1 + n % 2, &format!("tenant-a/h{n}"), 10_000)
+                .await,
+        );
+    }
+    let fees = platform.open(1, "tenant-a/hfees", 0).await;
+    let stranger = platform.open(2, "tenant-b/h", 0).await;
+    wait_caught_up(&pool, &groups).await;
+
+    let tenant = "tenant-a";
+    let create = |name: &str, parent: &str| pb::CreateNodeRequest {
+        tenant_id: tenant.into(),
+        name: name.into(),
+        parent_id: parent.into(),
+    };
+    let node_of = |result: pb::HierarchyResult| {
+        assert_eq!(result.outcome, Outcome::Ok as i32, "{result:?}");
+        result.node.unwrap().node_id
+    };
+    let root = node_of(
+        tree.create_node(create("company", ""))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let eu = node_of(
+        tree.create_node(create("eu", &root))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let paris = node_of(
+        tree.create_node(create("paris", &eu))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let us = node_of(
+        tree.create_node(create("us", &root))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let attach = |node: &str, account: &str| pb::AttachAccountRequest {
+        tenant_id: tenant.into(),
+        node_id: node.into(),
+        account_id: account.into(),
+    };
+    for (node, wallet) in [(&paris, 0), (&paris, 1), (&eu, 2), (&us, 3)] {
+        node_of(
+            tree.attach_account(attach(node, &wallets[wallet]))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+
+    // Invalid edits change nothing.
+    let outcome_of = |result: Result<tonic::Response<pb::HierarchyResult>, tonic::Status>| {
+        Outcome::try_from(result.unwrap().into_inner().outcome).unwrap()
+    };
+    let moving = |node: &str, parent: &str| pb::MoveNodeRequest {
+        tenant_id: tenant.into(),
+        node_id: node.into(),
+        new_parent_id: parent.into(),
+    };
+    assert_eq!(
+        outcome_of(tree.move_node(moving(&root, &paris)).await),
+        Outcome::Cycle
+    );
+    assert_eq!(
+        outcome_of(tree.move_node(moving(&eu, &eu)).await),
+        Outcome::Cycle
+    );
+    let delete = |node: &str| pb::DeleteNodeRequest {
+        tenant_id: tenant.into(),
+        node_id: node.into(),
+    };
+    assert_eq!(
+        outcome_of(tree.delete_node(delete(&eu)).await),
+        Outcome::NotEmpty
+    );
+    assert_eq!(
+        outcome_of(tree.attach_account(attach(&root, &stranger)).await),
+        Outcome::CrossTenant
+    );
+    assert_eq!(
+        outcome_of(tree.attach_account(attach(&us, &wallets[0])).await),
+        Outcome::AlreadyAttached
+    );
+    assert_eq!(
+        outcome_of(tree.attach_account(attach(&us, "tenant-a/nobody")).await),
+        Outcome::AccountNotFound
+    );
+    assert_eq!(
+        outcome_of(tree.create_node(create(" ", &root)).await),
+        Outcome::InvalidName
+    );
+    assert_eq!(
+        outcome_of(tree.create_node(create(&"x".repeat(101), &root)).await),
+        Outcome::InvalidName
+    );
+    let foreign = pb::CreateNodeRequest {
+        tenant_id: "tenant-b".into(),
+        name: "mine".into(),
+        parent_id: root.clone(),
+    };
+    assert_eq!(
+        outcome_of(tree.create_node(foreign).await),
+        Outcome::NotFound
+    );
+    let shape = tree
+        .get_tree(pb::GetTreeRequest {
+            tenant_id: tenant.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(shape.len(), 4);
+    let root_node = shape.iter().find(|n| n.node_id == root).unwrap();
+    assert_eq!(root_node.parent_id, "");
+    assert_eq!(root_node.child_node_ids.len(), 2);
+
+    // Concurrent payments inside the tree, with fees leaving it.
+    let mut payers = Vec::new();
+    for worker in 0..3usize {
+        let platform = platform.clone();
+        let wallets = wallets.clone();
+        let fees = fees.clone();
+        payers.push(tokio::spawn(async move {
+            for n in 0..8usize {
+                let i = worker * 8 + n;
+                let (from, to) = (&wallets[i % 4], &wallets[(i + 1 + worker) % 4]);
+                let fee = (i % 2 == 0).then_some((fees.as_str(), 7));
+                platform
+                    .submit(payment_request(
+                        &format!("h-{i}"),
+                        from,
+                        to,
+                        50 + i as i128,
+                        fee,
+                    ))
+                    .await;
+            }
+        }));
+    }
+    for payer in payers {
+        payer.await.unwrap();
+    }
+    let truth = platform.balances().await;
+    let heads = wait_caught_up(&pool, &groups).await;
+    let reader = tree.clone();
+    let balance_of = |node: String| {
+        let mut tree = reader.clone();
+        async move {
+            let reply = tree
+                .get_node_balance(pb::GetNodeBalanceRequest {
+                    tenant_id: tenant.into(),
+                    node_id: node,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(reply.outcome, Outcome::Ok as i32);
+            let as_of: BTreeMap<u32, u64> =
+                reply.as_of.iter().map(|s| (s.shard_id, s.seq)).collect();
+            let usd = reply
+                .balances
+                .iter()
+                .find(|b| b.currency == "USD")
+                .map(|b| minor(&b.balance));
+            (usd, as_of)
+        }
+    };
+    let leaves = |indexes: &[usize]| -> i128 {
+        indexes
+            .iter()
+            .map(|i| minor(&truth[&wallets[*i]].balance))
+            .sum()
+    };
+    let (total, as_of) = balance_of(root.clone()).await;
+    assert_eq!(
+        as_of, heads,
+        "sums consistent with the applied seqs they name"
+    );
+    assert_eq!(total, Some(leaves(&[0, 1, 2, 3])));
+    assert!(total.unwrap() < 40_000, "the fees left the tree");
+    assert_eq!(balance_of(eu.clone()).await.0, Some(leaves(&[0, 1, 2])));
+    assert_eq!(balance_of(paris.clone()).await.0, Some(leaves(&[0, 1])));
+    assert_eq!(balance_of(us.clone()).await.0, Some(leaves(&[3])));
+
+    // Valid edits: Paris moves under the US, then a detached, emptied node can go.
+    let moved = tree
+        .move_node(moving(&paris, &us))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.node.unwrap().parent_id, us);
+    assert_eq!(balance_of(eu.clone()).await.0, Some(leaves(&[2])));
+    assert_eq!(balance_of(us.clone()).await.0, Some(leaves(&[0, 1, 3])));
+    let detach = pb::DetachAccountRequest {
+        tenant_id: tenant.into(),
+        node_id: eu.clone(),
+        account_id: wallets[2].clone(),
+    };
+    assert!(
+        tree.detach_account(detach.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .node
+            .unwrap()
+            .account_ids
+            .is_empty()
+    );
+    assert_eq!(
+        outcome_of(tree.detach_account(detach).await),
+        Outcome::NotFound
+    );
+    assert_eq!(
+        balance_of(eu.clone()).await.0,
+        None,
+        "an empty subtree has no balance"
+    );
+    assert_eq!(outcome_of(tree.delete_node(delete(&eu)).await), Outcome::Ok);
+    let other_tenant = tree
+        .get_node_balance(pb::GetNodeBalanceRequest {
+            tenant_id: "tenant-b".into(),
+            node_id: root.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other_tenant.outcome, Outcome::NotFound as i32);
 }
