@@ -32,6 +32,8 @@ pub struct Options {
     pub request_timeout: Duration,
     pub requests_per_second_max: NonZeroU32,
     pub body_bytes_max: usize,
+    /// The query service's address, for activity feeds (without one they answer 503).
+    pub query: Option<String>,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
             request_timeout: Duration::from_secs(5),
             requests_per_second_max: NonZeroU32::new(1_000).expect("non-zero"),
             body_bytes_max: 16 * 1024,
+            query: None,
         }
     }
 }
@@ -50,6 +53,8 @@ pub struct AppState {
     pub authenticator: auth::Authenticator,
     pub options: Options,
     pub metrics: Metrics,
+    /// The query service, when one is configured (activity feeds).
+    pub query: Option<tonic::transport::Channel>,
     /// System accounts (funding, fees) this process has made sure exist.
     pub system_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -57,6 +62,10 @@ pub struct AppState {
 impl AppState {
     pub fn new(pool: sqlx::PgPool, cluster: Arc<cluster::Cluster>, options: Options) -> AppState {
         AppState {
+            query: options
+                .query
+                .as_deref()
+                .and_then(|address| auticuro::client::channel(address).ok()),
             pool,
             cluster,
             authenticator: auth::Authenticator::new(options.requests_per_second_max),
@@ -80,6 +89,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(api::wallets::unfreeze),
         )
         .route("/wallets/{wallet_id}/close", post(api::wallets::close))
+        .route(
+            "/wallets/{wallet_id}/activities",
+            get(api::activities::list),
+        )
         .route("/deposits", post(api::transfers::deposit))
         .route("/withdrawals", post(api::transfers::withdraw))
         .route("/payments", post(api::transfers::pay))

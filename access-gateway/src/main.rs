@@ -35,6 +35,9 @@ enum Command {
         requests_per_second_max: NonZeroU32,
         #[arg(long, env = "GATEWAY_BODY_BYTES_MAX", default_value_t = 16 * 1024)]
         body_bytes_max: usize,
+        /// The query service (`query serve`), `ADDRESS`, for activity feeds.
+        #[arg(long, env = "GATEWAY_QUERY")]
+        query: Option<String>,
     },
     /// Issue an API key for a tenant; prints the key once (only its hash is stored).
     CreateKey {
@@ -66,12 +69,18 @@ async fn main() -> anyhow::Result<()> {
             request_timeout_ms,
             requests_per_second_max,
             body_bytes_max,
+            query,
         } => {
+            if let Some(address) = &query {
+                auticuro::client::channel(address)
+                    .map_err(|error| anyhow::anyhow!("--query {address}: {error}"))?;
+            }
             let cluster = access_gateway::cluster::Cluster::follow(topology);
             let options = access_gateway::Options {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 requests_per_second_max,
                 body_bytes_max,
+                query,
             };
             let state = Arc::new(access_gateway::AppState::new(pool, cluster, options));
             let listener = tokio::net::TcpListener::bind(listen).await?;

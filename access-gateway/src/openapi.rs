@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use crate::api::{health, transactions, transfers, wallets};
+use crate::api::{activities, health, transactions, transfers, wallets};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,7 +19,7 @@ use crate::api::{health, transactions, transfers, wallets};
             problem documents."),
     paths(
         wallets::create, wallets::get, wallets::balance, wallets::freeze, wallets::unfreeze,
-        wallets::close, transfers::deposit, transfers::withdraw, transfers::pay,
+        wallets::close, activities::list, transfers::deposit, transfers::withdraw, transfers::pay,
         transactions::get, transactions::events, health::healthz, health::readyz,
     ),
     modifiers(&BearerKey),

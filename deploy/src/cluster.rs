@@ -1,6 +1,7 @@
 //! A complete local cluster under one directory: a topology group, storage shards and
 //! coordinator shards (each a Raft group of replica processes), a PostgreSQL server (unless
-//! a database URL is given) and the access gateway, with an API key for a demo tenant.
+//! a database URL is given), the query service (projections in the same database, fed straight
+//! from the shards) and the access gateway, with an API key for a demo tenant.
 //!
 //! With fixed ports (`base_port` > 0) the cluster can be stopped and started again on the same
 //! directory: every replica recovers from its own disk. With `base_port` 0 every service takes
@@ -40,7 +41,7 @@ pub struct Options {
 /// One process of the cluster, as `cluster.json` lists it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProcessInfo {
-    /// `topology`, `storage`, `coordinator` or `gateway`.
+    /// `topology`, `storage`, `coordinator`, `query` or `gateway`.
     pub role: &'static str,
     pub shard_id: Option<u32>,
     pub node_id: Option<u64>,
@@ -234,9 +235,10 @@ async fn wait_until_ready(gateway: &str) -> Result<()> {
 }
 
 /// Port offsets from `base_port`: topology 0–9, storage shard s at 10·s, coordinator shard c
-/// at 500 + 10·c, Postgres at 999.
+/// at 500 + 10·c, the query service at 900, Postgres at 999.
 const STORAGE_PORTS: u16 = 10;
 const COORDINATOR_PORTS: u16 = 500;
+const QUERY_PORT: u16 = 900;
 const POSTGRES_PORT: u16 = 999;
 
 async fn start_postgres(options: &Options) -> Result<(PathBuf, String)> {
@@ -371,6 +373,28 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
             .map_err(Error::Setup)?;
     }
     let api_key = demo_key(&options.data_dir, &database_url).await?;
+    // The read side, embedded: it reads the shards' event streams directly into Postgres.
+    let query_listen = format!("127.0.0.1:{}", launcher.port(QUERY_PORT));
+    let query = launcher
+        .spawn(
+            "query",
+            "query",
+            Role {
+                role: "query",
+                shard_id: None,
+                node_id: None,
+            },
+            vec![
+                "serve".into(),
+                "--database-url".into(),
+                database_url.clone(),
+                "--listen".into(),
+                query_listen,
+                "--topology".into(),
+                topology.join(","),
+            ],
+        )
+        .await?;
     let gateway = launcher
         .spawn(
             "access-gateway",
@@ -388,6 +412,8 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
                 options.gateway_listen.to_string(),
                 "--topology".into(),
                 topology.join(","),
+                "--query".into(),
+                query,
             ],
         )
         .await?;

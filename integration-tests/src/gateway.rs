@@ -1,5 +1,6 @@
 //! An access gateway process over a platform started with a topology, with its own fresh
-//! database, and an HTTP client for it.
+//! database, the query service it reads activity feeds from (`query serve` on the same
+//! database), and an HTTP client for it.
 
 use reqwest::{Client, Method, RequestBuilder, StatusCode};
 use serde_json::Value;
@@ -11,6 +12,8 @@ use crate::{HarnessError, Result};
 
 pub struct Gateway {
     process: ServiceProcess,
+    /// The query service (projector and account queries) the gateway uses.
+    pub query: ServiceProcess,
     topology: String,
     extra_args: Vec<String>,
     pub database: TestDatabase,
@@ -55,11 +58,22 @@ impl Gateway {
             })?
             .addresses();
         let database = fresh_database().await?;
-        let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
+        let query_args = [
+            "serve",
+            "--database-url",
+            &database.url,
+            "--topology",
+            &topology,
+        ]
+        .map(String::from);
+        let query = crate::process::spawn(&workspace_binary("query"), &query_args).await?;
+        let mut extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
+        extra_args.extend(["--query".to_string(), query.address().to_string()]);
         let process = Self::spawn(&database, &topology, &extra_args).await?;
         let gateway = Gateway {
             url: format!("http://{}", process.address()),
             process,
+            query,
             topology,
             extra_args,
             database,

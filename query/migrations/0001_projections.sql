@@ -1,5 +1,6 @@
--- The read side's projections of the storage shards' event logs. Every table here is derived
--- from the events and can be rebuilt from them; docs/analyst-tables.md describes each column.
+-- The read side's projections of the storage shards' event logs, in the schema `query`. Every
+-- table here is derived from the events and can be rebuilt from them; docs/analyst-tables.md
+-- describes each column.
 
 -- Per shard, the last event seq applied to every table below (in the same SQL transaction).
 CREATE TABLE projection_offsets (
@@ -160,5 +161,5 @@ EXCEPTION WHEN duplicate_object OR unique_violation THEN
     NULL;
 END
 $$;
-GRANT USAGE ON SCHEMA public TO analyst;
-GRANT SELECT ON ALL TABLES IN SCHEMA public TO analyst;
+GRANT USAGE ON SCHEMA query TO analyst;
+GRANT SELECT ON ALL TABLES IN SCHEMA query TO analyst;

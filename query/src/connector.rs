@@ -1,19 +1,24 @@
-//! The connector: tails one storage shard's event stream and publishes each event to the
-//! `wallet.ledger.events` topic (key = shard id, one partition per shard so its order is kept),
-//! with an idempotent producer. After a restart it reads the last seq already in the topic for
-//! the shard and resumes right after it: nothing skipped, nothing published twice.
+//! The connector: tails one Raft group's event log — a storage shard's ledger events or a
+//! coordinator shard's transaction events — and publishes each event to its topic
+//! (`wallet.ledger.events`, `wallet.marker.transactions`; key = group id, one partition per group
+//! so its order is kept) with an idempotent producer. After a restart it reads the last seq
+//! already in the partition for the group and resumes right after it: nothing skipped, nothing
+//! published twice.
 
 use std::time::Duration;
 
 use auticuro::client::channel;
+use futures::{Stream, StreamExt};
 use prost::Message as _;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
+use proto::marker::v1 as marker;
+use proto::marker::v1::coordinator_client::CoordinatorClient;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-/// How far back from the end of a partition the connector looks for its shard's last event.
+/// How far back from the end of a partition the connector looks for its group's last event.
 const RESUME_SCAN_MESSAGES_MAX: i64 = 10_000;
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,15 +29,46 @@ pub enum ConnectorError {
     #[error("the topic holds an undecodable event at offset {offset}")]
     Corrupt { offset: i64 },
     #[error(
-        "no event of shard {shard_id} in the last {RESUME_SCAN_MESSAGES_MAX} messages of its partition"
+        "no event of group {group_id} in the last {RESUME_SCAN_MESSAGES_MAX} messages of its partition"
     )]
-    ResumePointNotFound { shard_id: u32 },
+    ResumePointNotFound { group_id: u32 },
 }
 
+/// A storage shard and its replicas (events stream from any of them).
 #[derive(Clone, Debug)]
 pub struct ShardSource {
     pub shard_id: u32,
-    /// The shard's replicas; events stream from any of them.
+    pub replicas: Vec<String>,
+}
+
+/// Which event log a group keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Log {
+    /// A storage shard's `wallet.auticuro.v1.Event`s.
+    Ledger,
+    /// A coordinator shard's `wallet.marker.v1.CoordinatorEvent`s.
+    Coordinator,
+}
+
+impl Log {
+    /// The group id and seq of an encoded event of this log.
+    fn position(self, payload: &[u8]) -> Option<(u32, u64)> {
+        match self {
+            Log::Ledger => pb::Event::decode(payload)
+                .ok()
+                .map(|event| (event.shard_id, event.seq)),
+            Log::Coordinator => marker::CoordinatorEvent::decode(payload)
+                .ok()
+                .map(|event| (event.coordinator_shard_id, event.seq)),
+        }
+    }
+}
+
+/// A group whose event log the connector publishes.
+#[derive(Clone, Debug)]
+pub struct LogSource {
+    pub log: Log,
+    pub group_id: u32,
     pub replicas: Vec<String>,
 }
 
@@ -40,15 +76,19 @@ pub struct ShardSource {
 pub struct Destination {
     pub brokers: String,
     pub topic: String,
-    /// The partition this shard's events go to (one partition per shard keeps its order).
+    /// The partition this group's events go to.
     pub partition: i32,
 }
 
-/// The last seq of `shard_id` already in the partition (0 when there is none).
-pub fn last_published_seq(destination: &Destination, shard_id: u32) -> Result<u64, ConnectorError> {
+/// The last seq of the group already in the partition (0 when there is none).
+pub fn last_published_seq(
+    destination: &Destination,
+    log: Log,
+    group_id: u32,
+) -> Result<u64, ConnectorError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &destination.brokers)
-        .set("group.id", format!("wallet-connector-resume-{shard_id}"))
+        .set("group.id", format!("wallet-connector-resume-{group_id}"))
         .set("enable.auto.commit", "false")
         .create()?;
     let (low, high) =
@@ -69,45 +109,105 @@ pub fn last_published_seq(destination: &Destination, shard_id: u32) -> Result<u6
                 None => continue,
             }
         };
-        let event = pb::Event::decode(message.payload().unwrap_or_default())
-            .map_err(|_| ConnectorError::Corrupt { offset })?;
-        if event.shard_id == shard_id {
-            return Ok(event.seq);
+        let (group, seq) = log
+            .position(message.payload().unwrap_or_default())
+            .ok_or(ConnectorError::Corrupt { offset })?;
+        if group == group_id {
+            return Ok(seq);
         }
         end = offset;
     }
     if end == low {
         return Ok(0);
     }
-    Err(ConnectorError::ResumePointNotFound { shard_id })
+    Err(ConnectorError::ResumePointNotFound { group_id })
 }
 
-/// Publishes the shard's events from where the topic ends, for as long as it runs. Returns only
-/// on a Kafka error; a replica that goes away is replaced by the next one.
-pub async fn run(source: ShardSource, destination: Destination) -> Result<(), ConnectorError> {
+/// An event as the connector publishes it: its seq and its encoding.
+type Encoded = (u64, Vec<u8>);
+
+/// A live subscription to the group's log from `from_seq`, from the first replica that accepts
+/// it (trying each in turn until one does).
+async fn subscribe_encoded(
+    source: &LogSource,
+    from_seq: u64,
+) -> std::pin::Pin<Box<dyn Stream<Item = Encoded> + Send>> {
+    match source.log {
+        Log::Ledger => {
+            let shard = ShardSource {
+                shard_id: source.group_id,
+                replicas: source.replicas.clone(),
+            };
+            let stream = subscribe(&shard, from_seq).await;
+            Box::pin(stream_items(stream).map(|event| (event.seq, event.encode_to_vec())))
+        }
+        Log::Coordinator => {
+            let stream = from_any_replica(&source.replicas, |channel| async move {
+                CoordinatorClient::new(channel)
+                    .subscribe(marker::SubscribeRequest { from_seq })
+                    .await
+            })
+            .await
+            .into_inner();
+            Box::pin(stream_items(stream).map(|event| (event.seq, event.encode_to_vec())))
+        }
+    }
+}
+
+/// The first successful answer of `call`, trying each replica in turn until one gives one.
+async fn from_any_replica<T, F, Fut>(replicas: &[String], mut call: F) -> T
+where
+    F: FnMut(tonic::transport::Channel) -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut attempt = 0usize;
+    loop {
+        attempt += 1;
+        let address = &replicas[attempt % replicas.len()];
+        if let Ok(channel) = channel(address)
+            && let Ok(answer) = call(channel).await
+        {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The messages of a gRPC stream until it ends or fails.
+fn stream_items<T: Send + 'static>(stream: tonic::Streaming<T>) -> impl Stream<Item = T> + Send {
+    futures::stream::unfold(stream, |mut stream| async move {
+        match stream.message().await {
+            Ok(Some(item)) => Some((item, stream)),
+            _ => None,
+        }
+    })
+}
+
+/// Publishes the group's events from where the partition ends, for as long as it runs. Returns
+/// only on a Kafka error; a replica that goes away is replaced by the next one.
+pub async fn run(source: LogSource, destination: Destination) -> Result<(), ConnectorError> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &destination.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create()?;
     let resume = {
-        let (destination, shard_id) = (destination.clone(), source.shard_id);
-        tokio::task::spawn_blocking(move || last_published_seq(&destination, shard_id))
+        let (destination, log, group_id) = (destination.clone(), source.log, source.group_id);
+        tokio::task::spawn_blocking(move || last_published_seq(&destination, log, group_id))
             .await
             .expect("the resume scan does not panic")?
     };
     let mut next = resume + 1;
-    let key = source.shard_id.to_string();
+    let key = source.group_id.to_string();
     loop {
-        let mut stream = subscribe(&source, next).await;
-        while let Ok(Some(event)) = stream.message().await {
+        let mut stream = subscribe_encoded(&source, next).await;
+        while let Some((seq, payload)) = stream.next().await {
             // Events arrive in order from `next`; anything else is a bug upstream.
             assert_eq!(
-                event.seq, next,
-                "shard {} skipped from {next} to {}",
-                source.shard_id, event.seq
+                seq, next,
+                "group {} skipped from {next} to {seq}",
+                source.group_id
             );
-            let payload = event.encode_to_vec();
             let record = FutureRecord::to(&destination.topic)
                 .partition(destination.partition)
                 .key(&key)
@@ -118,30 +218,24 @@ pub async fn run(source: ShardSource, destination: Destination) -> Result<(), Co
                 .map_err(|(error, _)| error)?;
             next += 1;
         }
-        tracing::warn!(shard = source.shard_id, "event stream ended; resubscribing");
+        tracing::warn!(group = source.group_id, "event stream ended; resubscribing");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// The shard's last event seq, as the first replica that answers knows it.
 pub async fn head_seq(source: &ShardSource) -> u64 {
-    let mut attempt = 0usize;
-    loop {
-        attempt += 1;
-        let address = &source.replicas[attempt % source.replicas.len()];
-        if let Ok(channel) = channel(address)
-            && let Ok(response) = LedgerClient::new(channel)
-                .read_events(pb::ReadEventsRequest {
-                    from_seq: 1,
-                    to_seq: 1,
-                    limit: 1,
-                })
-                .await
-        {
-            return response.into_inner().applied_seq;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let request = pb::ReadEventsRequest {
+        from_seq: 1,
+        to_seq: 1,
+        limit: 1,
+    };
+    from_any_replica(&source.replicas, |channel| async move {
+        LedgerClient::new(channel).read_events(request).await
+    })
+    .await
+    .into_inner()
+    .applied_seq
 }
 
 /// How many partitions the topic has.
@@ -160,17 +254,11 @@ pub fn partition_count(brokers: &str, topic: &str) -> Result<usize, ConnectorErr
 /// A live subscription to the shard's events from `from_seq`, from the first replica that
 /// accepts it (trying each in turn until one does).
 pub async fn subscribe(source: &ShardSource, from_seq: u64) -> tonic::Streaming<pb::Event> {
-    let mut attempt = 0usize;
-    loop {
-        attempt += 1;
-        let address = &source.replicas[attempt % source.replicas.len()];
-        if let Ok(channel) = channel(address)
-            && let Ok(stream) = LedgerClient::new(channel)
-                .subscribe(pb::SubscribeRequest { from_seq })
-                .await
-        {
-            return stream.into_inner();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    from_any_replica(&source.replicas, |channel| async move {
+        LedgerClient::new(channel)
+            .subscribe(pb::SubscribeRequest { from_seq })
+            .await
+    })
+    .await
+    .into_inner()
 }

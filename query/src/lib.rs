@@ -10,7 +10,10 @@ pub mod hierarchy;
 pub mod metrics;
 pub mod projector;
 pub mod service;
+pub mod snapshot;
 pub mod store;
 
-/// The topic every shard's events go to (key = shard id).
+/// The topic every storage shard's events go to (key = shard id).
 pub const LEDGER_TOPIC: &str = "wallet.ledger.events";
+/// The topic every coordinator shard's transaction events go to (key = coordinator shard id).
+pub const MARKER_TOPIC: &str = "wallet.marker.transactions";

@@ -2,8 +2,10 @@
 //!
 //! - `query serve`: projects the storage shards' events into Postgres and answers the account
 //!   query and hierarchy services (gRPC, with `/metrics` over HTTP/1.1) from the projections.
-//! - `query rebuild`: replays every event into a fresh database, with progress, and exits once
-//!   it has reached what the shards (or the topic) held when it started.
+//! - `query rebuild`: replays every event (or those after the live database's last snapshot)
+//!   into a fresh database, with progress, and exits once it has reached what the shards held
+//!   when it started.
+//! - `query snapshot`: takes a projection snapshot now (`serve` takes one periodically).
 //! - `query connect`: publishes every shard's events to Kafka exactly once, in order.
 //!
 //! Events come straight from the shards (the embedded default) or, with `--kafka-brokers`,
@@ -40,6 +42,14 @@ enum Command {
         /// gRPC and `/metrics` [default: 127.0.0.1:0; the line `ready ADDRESS` says which].
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Take a projection snapshot (for faster rebuilds) this often; 0 never.
+        #[arg(long, env = "QUERY_SNAPSHOT_EVERY_SECONDS", default_value_t = 600)]
+        snapshot_every_seconds: u64,
+    },
+    /// Take a projection snapshot now (a rebuild can start from it).
+    Snapshot {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
     },
     /// Replay every event from the shards into a fresh database, then exit. (To rebuild from
     /// Kafka instead, `serve` a fresh database with a new `--kafka-group`: it reads the topic
@@ -49,11 +59,21 @@ enum Command {
         source: SourceArgs,
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
+        /// Start from the latest snapshot in this (live) database instead of from seq 1.
+        #[arg(long)]
+        from_snapshot: Option<String>,
     },
-    /// Publish every shard's events to Kafka.
+    /// Publish every storage shard's events and every coordinator shard's transaction events
+    /// to Kafka.
     Connect {
         #[command(flatten)]
         source: SourceArgs,
+        /// A coordinator shard and its replicas, `ID=ADDRESS,ADDRESS,…` (repeat for each); the
+        /// topology's coordinators are added.
+        #[arg(long = "coordinator-shard", value_parser = auticuro::client::parse_shard_spec)]
+        coordinator_shards: Vec<(u32, Vec<String>)>,
+        #[arg(long, default_value = query::MARKER_TOPIC)]
+        marker_topic: String,
     },
 }
 
@@ -117,22 +137,52 @@ async fn main() -> anyhow::Result<()> {
             source,
             database_url,
             listen,
-        } => serve(source, &database_url, listen).await,
+            snapshot_every_seconds,
+        } => serve(source, &database_url, listen, snapshot_every_seconds).await,
+        Command::Snapshot { database_url } => {
+            let pool = query::store::connect(&database_url).await?;
+            let offsets = query::snapshot::take(&pool).await?;
+            println!("snapshot taken at {offsets:?}");
+            Ok(())
+        }
         Command::Rebuild {
             source,
             database_url,
-        } => rebuild(source, &database_url).await,
-        Command::Connect { source } => connect(source).await,
+            from_snapshot,
+        } => rebuild(source, &database_url, from_snapshot.as_deref()).await,
+        Command::Connect {
+            source,
+            coordinator_shards,
+            marker_topic,
+        } => connect(source, coordinator_shards, &marker_topic).await,
     }
 }
 
-async fn serve(source: SourceArgs, database_url: &str, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    source: SourceArgs,
+    database_url: &str,
+    listen: SocketAddr,
+    snapshot_every_seconds: u64,
+) -> anyhow::Result<()> {
     let pool = query::store::connect(database_url)
         .await
         .context("connecting to the projection database")?;
     let source = source.source().await?;
     let metrics = ProjectionMetrics::default();
     tokio::spawn(query::projector::run(pool.clone(), source, metrics.clone()));
+    if snapshot_every_seconds > 0 {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(snapshot_every_seconds));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(error) = query::snapshot::take(&pool).await {
+                    tracing::error!(%error, "projection snapshot");
+                }
+            }
+        });
+    }
     let metrics_route = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -170,10 +220,25 @@ async fn serve(source: SourceArgs, database_url: &str, listen: SocketAddr) -> an
     Ok(())
 }
 
-async fn rebuild(source: SourceArgs, database_url: &str) -> anyhow::Result<()> {
+async fn rebuild(
+    source: SourceArgs,
+    database_url: &str,
+    from_snapshot: Option<&str>,
+) -> anyhow::Result<()> {
     let pool = query::store::connect(database_url)
         .await
         .context("connecting to the projection database")?;
+    let mut start: BTreeMap<u32, u64> = query::store::applied_seqs(&pool).await?;
+    anyhow::ensure!(start.is_empty(), "rebuild needs an empty database");
+    if let Some(live) = from_snapshot {
+        let live = query::store::connect(live)
+            .await
+            .context("connecting to the snapshot's database")?;
+        start = query::snapshot::restore(&live, &pool)
+            .await?
+            .context("that database has no snapshot")?;
+        eprintln!("starting from the snapshot at {start:?}");
+    }
     let shards = source.shards().await?;
     anyhow::ensure!(
         !shards.is_empty(),
@@ -183,8 +248,9 @@ async fn rebuild(source: SourceArgs, database_url: &str) -> anyhow::Result<()> {
     for shard in &shards {
         heads.insert(shard.shard_id, query::connector::head_seq(shard).await);
     }
-    let total: u64 = heads.values().sum();
-    eprintln!("rebuilding {total} events of {} shards", heads.len());
+    let done_at_start: u64 = start.values().sum();
+    let total: u64 = heads.values().sum::<u64>().saturating_sub(done_at_start);
+    eprintln!("replaying {total} events of {} shards", heads.len());
     let started = Instant::now();
     let source = Source::Shards(shards);
     let metrics = ProjectionMetrics::default();
@@ -195,7 +261,7 @@ async fn rebuild(source: SourceArgs, database_url: &str) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let applied: u64 = query::store::applied_seqs(&pool)
                     .await
-                    .map(|seqs| seqs.values().sum())
+                    .map(|seqs| seqs.values().sum::<u64>().saturating_sub(done_at_start))
                     .unwrap_or(0);
                 let width = 40;
                 let filled = (applied * width)
@@ -215,33 +281,70 @@ async fn rebuild(source: SourceArgs, database_url: &str) -> anyhow::Result<()> {
     progress.abort();
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "\rrebuilt {total} events in {seconds:.1} s ({:.0} events/s)",
+        "\rreplayed {total} events in {seconds:.1} s ({:.0} events/s)",
         total as f64 / seconds.max(0.001)
     );
     Ok(())
 }
 
-async fn connect(source: SourceArgs) -> anyhow::Result<()> {
+async fn connect(
+    source: SourceArgs,
+    coordinator_shards: Vec<(u32, Vec<String>)>,
+    marker_topic: &str,
+) -> anyhow::Result<()> {
+    use query::connector::{Destination, Log, LogSource};
     let brokers = source
         .kafka_brokers
         .clone()
         .context("connect needs --kafka-brokers")?;
-    let shards = source.shards().await?;
+    let mut coordinators: BTreeMap<u32, Vec<String>> = coordinator_shards.into_iter().collect();
+    if !source.topology.is_empty() {
+        let topology = marker::topology::TopologyClient::new(source.topology.clone())
+            .get()
+            .await
+            .map_err(|error| anyhow::anyhow!("reading the topology: {error}"))?;
+        for (id, entry) in topology.coordinators {
+            coordinators.insert(id, entry.replicas);
+        }
+    }
+    let mut logs: Vec<(LogSource, &str)> = source
+        .shards()
+        .await?
+        .into_iter()
+        .map(|shard| {
+            let log = LogSource {
+                log: Log::Ledger,
+                group_id: shard.shard_id,
+                replicas: shard.replicas,
+            };
+            (log, source.kafka_topic.as_str())
+        })
+        .collect();
     anyhow::ensure!(
-        !shards.is_empty(),
+        !logs.is_empty(),
         "no storage shard: give --shard or --topology"
     );
-    let partitions = query::connector::partition_count(&brokers, &source.kafka_topic)?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for shard in shards {
-        let destination = query::connector::Destination {
-            brokers: brokers.clone(),
-            topic: source.kafka_topic.clone(),
-            partition: (shard.shard_id % partitions as u32) as i32,
+    logs.extend(coordinators.into_iter().map(|(group_id, replicas)| {
+        let log = LogSource {
+            log: Log::Coordinator,
+            group_id,
+            replicas,
         };
-        tasks.spawn(query::connector::run(shard, destination));
+        (log, marker_topic)
+    }));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (log, topic) in logs {
+        // One partition per group where the topic has enough of them.
+        let partitions = query::connector::partition_count(&brokers, topic)?;
+        let destination = Destination {
+            brokers: brokers.clone(),
+            topic: topic.to_string(),
+            partition: (log.group_id % partitions as u32) as i32,
+        };
+        tasks.spawn(query::connector::run(log, destination));
     }
-    println!("ready");
+    // The readiness line names the brokers: the connector listens on nothing.
+    println!("ready {brokers}");
     while let Some(result) = tasks.join_next().await {
         result??;
     }

@@ -26,6 +26,8 @@ pub enum StoreError {
         applied: u64,
         first: u64,
     },
+    #[error("the target projection is not empty")]
+    NotEmpty,
     #[error("event {seq} of shard {shard_id} is malformed: {reason}")]
     Malformed {
         shard_id: u32,
@@ -34,12 +36,20 @@ pub enum StoreError {
     },
 }
 
-/// Connects and brings the schema up to date.
+/// The Postgres schema of every projection table, so the read side can share a database with
+/// the gateway's tables (and their migrations) without mixing with them.
+pub const SCHEMA: &str = "query";
+
+/// Connects (every connection with `search_path` = [`SCHEMA`]) and brings the tables up to date.
 pub async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
+    let options: sqlx::postgres::PgConnectOptions = database_url.parse()?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(database_url)
+        .connect_with(options.options([("search_path", SCHEMA)]))
+        .await?;
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS query")
+        .execute(&pool)
         .await?;
     MIGRATIONS.run(&pool).await?;
     Ok(pool)

@@ -1,6 +1,7 @@
 //! The HTTP handlers and what they share: the JSON body extractor that turns every rejection
 //! into a problem, `Idempotency-Key` handling, public ids and consistency tokens.
 
+pub mod activities;
 pub mod health;
 pub mod transactions;
 pub mod transfers;

@@ -94,7 +94,7 @@ pub struct Pending {
 }
 
 /// Public transaction ids are `txn_` and 40 hex digits; the coordinator's are `t:` and the same.
-fn public_id(txn_id: &str) -> String {
+pub fn public_id(txn_id: &str) -> String {
     format!("txn_{}", txn_id.strip_prefix("t:").unwrap_or(txn_id))
 }
 

@@ -1,19 +1,19 @@
-//! The connector against a real storage shard and the real broker: every event lands in the
-//! topic once, in order, across a connector that is killed and restarted mid-stream.
+//! The connector against real storage and coordinator shards and the real broker: every event
+//! lands in the topic once, in order, across a connector that is killed and restarted
+//! mid-stream.
 
 use std::time::Duration;
 
 use integration_tests::commands::{command, create, transfer};
 use integration_tests::group::Group;
 use integration_tests::kafka::KafkaBroker;
-use prost::Message as _;
 use proto::auticuro::v1 as pb;
-use query::connector::{Destination, ShardSource};
+use query::connector::{Destination, Log, LogSource};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 /// Every event in the partition, in offset order.
-fn read_topic(broker: &KafkaBroker, topic: &str) -> Vec<pb::Event> {
+fn read_topic<M: prost::Message + Default>(broker: &KafkaBroker, topic: &str) -> Vec<M> {
     let consumer: BaseConsumer = broker
         .client_config()
         .set("group.id", format!("{topic}.check"))
@@ -31,7 +31,7 @@ fn read_topic(broker: &KafkaBroker, topic: &str) -> Vec<pb::Event> {
     let mut events = Vec::new();
     while (events.len() as i64) < high {
         if let Some(message) = consumer.poll(Duration::from_secs(10)) {
-            events.push(pb::Event::decode(message.unwrap().payload().unwrap()).unwrap());
+            events.push(M::decode(message.unwrap().payload().unwrap()).unwrap());
         }
     }
     events
@@ -60,8 +60,9 @@ async fn every_event_is_published_once_in_order_across_a_connector_restart() {
     let broker = KafkaBroker::shared().unwrap();
     let topic = broker.fresh_topic("wallet.ledger.events", 1).await.unwrap();
     let shard = Group::storage(21, 3, &[]).await.unwrap();
-    let source = ShardSource {
-        shard_id: 21,
+    let source = LogSource {
+        log: Log::Ledger,
+        group_id: 21,
         replicas: shard.replicas.iter().map(|r| r.address.clone()).collect(),
     };
     let destination = Destination {
@@ -103,7 +104,7 @@ async fn every_event_is_published_once_in_order_across_a_connector_restart() {
     wait_for_topic_length(broker, &topic, 62).await;
     restarted.abort();
 
-    let events = read_topic(broker, &topic);
+    let events: Vec<pb::Event> = read_topic(broker, &topic);
     let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
     assert_eq!(
         seqs,
@@ -123,5 +124,74 @@ async fn every_event_is_published_once_in_order_across_a_connector_restart() {
             .unwrap()
             .minor_units,
         "60"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_coordinator_event_is_published_once_in_order_across_a_connector_restart() {
+    use integration_tests::platform::{Platform, leg};
+    use proto::marker::v1 as marker;
+    let broker = KafkaBroker::shared().unwrap();
+    let topic = broker
+        .fresh_topic("wallet.marker.transactions", 1)
+        .await
+        .unwrap();
+    let platform = std::sync::Arc::new(Platform::start(&[]).await);
+    let alice = platform.open(1, "alice", 1_000).await;
+    let bob = platform.open(2, "bob", 0).await;
+    let source = LogSource {
+        log: Log::Coordinator,
+        group_id: 1,
+        replicas: platform
+            .coordinator
+            .replicas
+            .iter()
+            .map(|r| r.address.clone())
+            .collect(),
+    };
+    let destination = Destination {
+        brokers: broker.bootstrap_servers().to_string(),
+        topic: topic.clone(),
+        partition: 0,
+    };
+    let connector = tokio::spawn(query::connector::run(source.clone(), destination.clone()));
+    let payments = tokio::spawn({
+        let platform = platform.clone();
+        async move {
+            for n in 0..12 {
+                platform
+                    .pay(&format!("c-{n}"), vec![leg(&alice, -1), leg(&bob, 1)])
+                    .await;
+            }
+        }
+    });
+    wait_for_topic_length(broker, &topic, 6).await;
+    connector.abort();
+    let _ = connector.await;
+    let restarted = tokio::spawn(query::connector::run(source, destination));
+    payments.await.unwrap();
+    // Each payment is begun, decided and done: at least three events.
+    wait_for_topic_length(broker, &topic, 36).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    restarted.abort();
+
+    let events: Vec<marker::CoordinatorEvent> = read_topic(broker, &topic);
+    let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=events.len() as u64).collect::<Vec<u64>>(),
+        "each seq exactly once, in order"
+    );
+    assert!(events.iter().all(|event| event.coordinator_shard_id == 1));
+    let committed: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|event| event.transaction.as_ref())
+        .filter(|t| t.status == marker::TransactionStatus::Committed as i32)
+        .map(|t| t.idempotency_key.as_str())
+        .collect();
+    assert_eq!(
+        committed.len(),
+        12,
+        "every payment's decision is in the topic"
     );
 }

@@ -203,6 +203,78 @@ async fn every_endpoint_works_through_http() {
     let token = withdrawn.text("consistency_token");
     assert_eq!(available(&gateway, &key, &bob, Some(&token)).await, "20.00");
 
+    // The activity feeds, read with the writes' tokens, newest first.
+    let feed = |wallet: &str, query: &str| {
+        let path = format!("/v1/wallets/{wallet}/activities?{query}");
+        let (gateway, key) = (&gateway, &key);
+        async move { gateway.get(&path, key).await }
+    };
+    let entries = |answer: &Answer| -> Vec<(String, String, String)> {
+        answer.body["activities"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer:?}"))
+            .iter()
+            .map(|a| {
+                (
+                    a["kind"].as_str().unwrap().to_string(),
+                    a["amount"].as_str().unwrap().to_string(),
+                    a["counterparty"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let bobs = feed(&bob, &format!("consistency_token={token}")).await;
+    assert_eq!(bobs.status, StatusCode::OK, "{bobs:?}");
+    assert_eq!(
+        entries(&bobs),
+        vec![
+            (
+                "withdrawal".into(),
+                "-10.00".into(),
+                "sys:funding:USD".into()
+            ),
+            ("payment_received".into(), "30.00".into(), alice.clone()),
+        ]
+    );
+    assert_eq!(
+        bobs.body["activities"][1]["transaction_id"],
+        transaction_id.as_str()
+    );
+    assert_eq!(bobs.body["activities"][1]["metadata"]["order"], "42");
+    let paid_token = paid.text("consistency_token");
+    let mut alices = Vec::new();
+    let mut page = format!("consistency_token={paid_token}&page_size=1");
+    loop {
+        let answer = feed(&alice, &page).await;
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        alices.extend(entries(&answer));
+        match answer.body["next_page_token"].as_str() {
+            Some(next) => page = format!("page_size=1&page_token={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        alices,
+        vec![
+            ("fee".into(), "-1.50".into(), "sys:fees:USD".into()),
+            ("payment_sent".into(), "-30.00".into(), bob.clone()),
+            ("deposit".into(), "100.00".into(), "sys:funding:USD".into()),
+        ]
+    );
+    assert_eq!(
+        feed(&alice, "page_size=0").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        feed(&alice, "page_token=x").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let stranger = gateway.create_key("other-tenant", "read").await.unwrap();
+    let foreign = gateway
+        .get(&format!("/v1/wallets/{alice}/activities"), &stranger)
+        .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{foreign:?}");
+
     // Business rejections are typed problems and move nothing.
     let too_much = gateway
         .post(
@@ -706,7 +778,7 @@ async fn the_api_fuzzer_finds_no_server_error_and_no_response_outside_the_schema
         "the fuzzer found problems:\n{report}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(report.contains("Tested: 12"), "{report}");
+    assert!(report.contains("Tested: 13"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

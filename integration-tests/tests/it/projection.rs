@@ -15,7 +15,7 @@ use proto::common::v1::{ConsistencyToken, ShardSeq};
 use proto::query::v1 as pb;
 use proto::query::v1::account_query_client::AccountQueryClient;
 use query::activity::{FEE_ACCOUNT_KEY, FEE_KEY, FROM_KEY, KIND_KEY, TO_KEY};
-use query::connector::{Destination, ShardSource};
+use query::connector::ShardSource;
 use query::metrics::ProjectionMetrics;
 use query::projector::Source;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -163,7 +163,7 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
     let service = spawn(&deploy::process::workspace_binary("query"), &args)
         .await
         .unwrap();
-    let pool = database.pool().await.unwrap();
+    let pool = query::store::connect(&database.url).await.unwrap();
     let mut client = AccountQueryClient::new(auticuro::client::channel(service.address()).unwrap());
 
     let alice = platform.open(1, "tenant-a/alice", 10_000).await;
@@ -595,15 +595,16 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
     let groups = [platform.shard(1), platform.shard(2)];
     let broker = KafkaBroker::shared().unwrap();
     let topic = broker.fresh_topic("wallet.ledger.events", 2).await.unwrap();
-    let mut connectors = Vec::new();
-    for (partition, source) in sources(&groups).into_iter().enumerate() {
-        let destination = Destination {
-            brokers: broker.bootstrap_servers().into(),
-            topic: topic.clone(),
-            partition: partition as i32,
-        };
-        connectors.push(tokio::spawn(query::connector::run(source, destination)));
-    }
+    let binary = deploy::process::workspace_binary("query");
+    let mut connect = vec![
+        "connect".to_string(),
+        "--kafka-brokers".into(),
+        broker.bootstrap_servers().into(),
+        "--kafka-topic".into(),
+        topic.clone(),
+    ];
+    connect.extend(shard_args(&groups));
+    let _connector = spawn(&binary, &connect).await.unwrap();
     let live = fresh_database().await.unwrap();
     let args = vec![
         "serve".to_string(),
@@ -616,9 +617,8 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
         "--kafka-group".into(),
         format!("{topic}-live"),
     ];
-    let binary = deploy::process::workspace_binary("query");
     let mut service = spawn(&binary, &args).await.unwrap();
-    let pool = live.pool().await.unwrap();
+    let pool = query::store::connect(&live.url).await.unwrap();
 
     let mut accounts = Vec::new();
     for n in 0..4 {
@@ -663,6 +663,8 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _service = spawn(&binary, &args).await.unwrap();
     payments.await.unwrap();
+    // Once nothing is in flight, no event comes any more.
+    platform.balances().await;
     let heads = wait_caught_up(&pool, &groups).await;
 
     // A rebuild straight from the shards into a fresh database gives the same tables.
@@ -683,7 +685,7 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let rebuilt_pool = rebuilt.pool().await.unwrap();
+    let rebuilt_pool = query::store::connect(&rebuilt.url).await.unwrap();
     assert_eq!(
         query::store::applied_seqs(&rebuilt_pool).await.unwrap(),
         heads,
@@ -692,9 +694,6 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
     let live_tables = table_digests(&pool).await;
     assert!(live_tables["activities"].0 > 60, "{live_tables:?}");
     assert_eq!(live_tables, table_digests(&rebuilt_pool).await);
-    for connector in connectors {
-        connector.abort();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -713,7 +712,7 @@ async fn a_hierarchy_node_sums_its_subtree_and_invalid_edits_are_refused() {
     let service = spawn(&deploy::process::workspace_binary("query"), &args)
         .await
         .unwrap();
-    let pool = database.pool().await.unwrap();
+    let pool = query::store::connect(&database.url).await.unwrap();
     let mut tree = HierarchyClient::new(auticuro::client::channel(service.address()).unwrap());
 
     let mut wallets = Vec::new();
@@ -954,4 +953,94 @@ async fn a_hierarchy_node_sums_its_subtree_and_invalid_edits_are_refused() {
         .unwrap()
         .into_inner();
     assert_eq!(other_tenant.outcome, Outcome::NotFound as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
+    let platform = Platform::start(&[]).await;
+    let groups = [platform.shard(1), platform.shard(2)];
+    let live = fresh_database().await.unwrap();
+    let mut args = vec![
+        "serve".to_string(),
+        "--database-url".into(),
+        live.url.clone(),
+    ];
+    args.extend(shard_args(&groups));
+    let binary = deploy::process::workspace_binary("query");
+    let _service = spawn(&binary, &args).await.unwrap();
+    let pool = query::store::connect(&live.url).await.unwrap();
+    let alice = platform.open(1, "tenant-a/s-alice", 10_000).await;
+    let bob = platform.open(2, "tenant-a/s-bob", 10_000).await;
+    for n in 0..5 {
+        platform
+            .submit(payment_request(
+                &format!("s-{n}"),
+                &alice,
+                &bob,
+                10 + n as i128,
+                None,
+            ))
+            .await;
+    }
+    platform.balances().await;
+    wait_caught_up(&pool, &groups).await;
+    let snapshot = tokio::process::Command::new(&binary)
+        .args(["snapshot", "--database-url", &live.url])
+        .output()
+        .await
+        .unwrap();
+    assert!(snapshot.status.success(), "{snapshot:?}");
+    let at_snapshot: u64 = query::store::applied_seqs(&pool)
+        .await
+        .unwrap()
+        .values()
+        .sum();
+    for n in 5..12 {
+        platform
+            .submit(payment_request(
+                &format!("s-{n}"),
+                &bob,
+                &alice,
+                3 + n as i128,
+                None,
+            ))
+            .await;
+    }
+    platform.balances().await;
+    let heads = wait_caught_up(&pool, &groups).await;
+
+    let rebuilt = fresh_database().await.unwrap();
+    let mut rebuild = vec![
+        "rebuild".to_string(),
+        "--database-url".into(),
+        rebuilt.url.clone(),
+        "--from-snapshot".into(),
+        live.url.clone(),
+    ];
+    rebuild.extend(shard_args(&groups));
+    let output = tokio::process::Command::new(&binary)
+        .args(&rebuild)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let replayed = heads.values().sum::<u64>() - at_snapshot;
+    assert!(replayed > 0 && at_snapshot > 0);
+    assert!(
+        stderr.contains(&format!("replayed {replayed} events")),
+        "only the events after the snapshot: {stderr}"
+    );
+    let rebuilt_pool = query::store::connect(&rebuilt.url).await.unwrap();
+    assert_eq!(
+        table_digests(&pool).await,
+        table_digests(&rebuilt_pool).await
+    );
+    // A second rebuild into the same database is refused: it is not empty.
+    let again = tokio::process::Command::new(&binary)
+        .args(&rebuild)
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success());
 }

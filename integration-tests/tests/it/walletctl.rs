@@ -78,8 +78,9 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
             .unwrap();
     assert_eq!(cluster["gateway_url"], url.as_str());
     assert_eq!(cluster["api_key"], key.as_str());
-    // 3 topology replicas, 2 storage shards and 2 coordinator shards of 3, and the gateway.
-    assert_eq!(cluster["processes"].as_array().unwrap().len(), 16);
+    // 3 topology replicas, 2 storage shards and 2 coordinator shards of 3, the query service
+    // and the gateway.
+    assert_eq!(cluster["processes"].as_array().unwrap().len(), 17);
     let client = Client::new();
 
     let mut wallets = Vec::new();
@@ -123,5 +124,26 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     for (wallet, expected) in wallets.iter().zip(["15.00", "10.00"]) {
         assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
+    // The projection resumed from where it was: the feed holds each activity once.
+    let feed = Gateway::send(
+        client
+            .get(format!(
+                "{url}/v1/wallets/{}/activities?consistency_token={token}",
+                wallets[0]
+            ))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(feed.status, StatusCode::OK, "{feed:?}");
+    let kinds: Vec<(&str, &str)> = feed.body["activities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["kind"].as_str().unwrap(), a["amount"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![("payment_sent", "-10.00"), ("deposit", "25.00")]
+    );
     interrupt(walletctl, data_dir).await;
 }

@@ -1,0 +1,233 @@
+//! bench-query: the read side's lag and rebuild speed. One storage shard of three local
+//! `auticuro` processes takes transfers at a steady rate (open loop, `ExecuteMany` calls every
+//! 10 ms) while `query serve` projects them into Postgres straight from the shard; the
+//! commit-to-visible lag of each event is the time from the write's acknowledgement to the
+//! moment `projection_offsets` shows it applied. Then `query rebuild` replays everything into a
+//! fresh database. Prints a table and JSON.
+//!
+//! Run with a release build (see README.md).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use integration_tests::bench::{self, PhaseReport, Rng};
+use integration_tests::commands::{command, create, transfer};
+use integration_tests::group::Group;
+use proto::auticuro::v1 as pb;
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Commit-to-visible lag of the projection at a steady event rate, and rebuild speed"
+)]
+struct Args {
+    /// Events (transfers) per second offered to the shard.
+    #[arg(long, default_value_t = 2_000)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, default_value_t = 1_000)]
+    accounts: usize,
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    offered_events_per_second: u64,
+    lag: PhaseReport,
+    rebuild_events: u64,
+    rebuild_seconds: f64,
+    rebuild_events_per_second: f64,
+}
+
+/// When each seq was acknowledged to its writer, and when the projection showed it.
+#[derive(Default)]
+struct Timeline {
+    committed: BTreeMap<u64, Instant>,
+    visible: BTreeMap<u64, Instant>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let shard = Arc::new(Group::storage(1, 3, &[]).await?);
+    let database = integration_tests::postgres::fresh_database().await?;
+    let shard_arg = format!(
+        "1={}",
+        shard
+            .replicas
+            .iter()
+            .map(|r| r.address.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let binary = deploy::process::workspace_binary("query");
+    let _service = integration_tests::process::spawn(
+        &binary,
+        &[
+            "serve".into(),
+            "--database-url".into(),
+            database.url.clone(),
+            "--shard".into(),
+            shard_arg.clone(),
+        ],
+    )
+    .await?;
+    let pool = query::store::connect(&database.url).await?;
+
+    eprintln!("creating {} accounts…", args.accounts);
+    shard
+        .execute(command("c-funding", create("sys:funding:USD", true)))
+        .await?;
+    let accounts: Vec<String> = (0..args.accounts).map(|n| format!("acct-{n}")).collect();
+    for account in &accounts {
+        shard
+            .execute(command(format!("c-{account}"), create(account, false)))
+            .await?;
+        shard
+            .execute(command(
+                format!("f-{account}"),
+                transfer("sys:funding:USD", account, 1_000_000),
+            ))
+            .await?;
+    }
+    let setup_head = query::connector::head_seq(&query::connector::ShardSource {
+        shard_id: 1,
+        replicas: shard.replicas.iter().map(|r| r.address.clone()).collect(),
+    })
+    .await;
+
+    eprintln!("offering {} events/s for {} s…", args.rate, args.seconds);
+    let timeline = Arc::new(Mutex::new(Timeline::default()));
+    let observer = tokio::spawn({
+        let (pool, timeline) = (pool.clone(), timeline.clone());
+        async move {
+            let mut seen = setup_head;
+            loop {
+                let applied = query::store::applied_seqs(&pool)
+                    .await
+                    .map(|seqs| seqs.get(&1).copied().unwrap_or(0))
+                    .unwrap_or(seen);
+                if applied > seen {
+                    let now = Instant::now();
+                    let mut timeline = timeline.lock().unwrap();
+                    for seq in seen + 1..=applied {
+                        timeline.visible.insert(seq, now);
+                    }
+                    seen = applied;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let leader = shard.leader().await?;
+    let client = shard.ledger(leader).await?;
+    let per_tick = (args.rate / 100).max(1) as usize;
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut rng = Rng(7);
+    let mut calls = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(args.seconds) {
+        ticks.tick().await;
+        let commands: Vec<pb::Command> = (0..per_tick)
+            .map(|_| {
+                let from = rng.below(accounts.len());
+                let to = (from + 1 + rng.below(accounts.len() - 1)) % accounts.len();
+                sent += 1;
+                command(
+                    format!("t-{sent}"),
+                    transfer(&accounts[from], &accounts[to], 1),
+                )
+            })
+            .collect();
+        let (mut client, timeline) = (client.clone(), timeline.clone());
+        calls.spawn(async move {
+            let reply = client
+                .execute_many(pb::ExecuteManyRequest { commands })
+                .await;
+            let now = Instant::now();
+            if let Ok(reply) = reply {
+                let mut timeline = timeline.lock().unwrap();
+                for response in &reply.get_ref().responses {
+                    if let Some(pb::execute_response::Reply::Result(result)) = &response.reply
+                        && result.seq > 0
+                    {
+                        timeline.committed.insert(result.seq, now);
+                    }
+                }
+            }
+        });
+    }
+    while calls.join_next().await.is_some() {}
+    let elapsed = started.elapsed();
+    // Let the projection catch up with the last writes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = timeline.lock().unwrap().committed.keys().last().copied();
+        let visible = timeline.lock().unwrap().visible.keys().last().copied();
+        if last <= visible || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    observer.abort();
+    let mut histogram = bench::histogram();
+    let mut missing = 0;
+    {
+        let timeline = timeline.lock().unwrap();
+        for (seq, committed) in &timeline.committed {
+            match timeline.visible.get(seq) {
+                Some(visible) => bench::record(
+                    &mut histogram,
+                    visible.saturating_duration_since(*committed),
+                    1,
+                ),
+                None => missing += 1,
+            }
+        }
+    }
+    let lag = PhaseReport::new("commit to visible", 1, elapsed, &histogram, 0);
+    anyhow::ensure!(missing == 0, "{missing} events never became visible");
+
+    eprintln!("rebuilding into a fresh database…");
+    let rebuilt = integration_tests::postgres::fresh_database().await?;
+    let rebuild_started = Instant::now();
+    let status = tokio::process::Command::new(&binary)
+        .args([
+            "rebuild",
+            "--database-url",
+            &rebuilt.url,
+            "--shard",
+            &shard_arg,
+        ])
+        .status()
+        .await?;
+    let rebuild_seconds = rebuild_started.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "query rebuild failed");
+    let rebuild_events: u64 =
+        query::store::applied_seqs(&query::store::connect(&rebuilt.url).await?)
+            .await?
+            .values()
+            .sum();
+
+    bench::print_table("events", std::slice::from_ref(&lag));
+    println!(
+        "rebuild: {rebuild_events} events in {rebuild_seconds:.2} s ({:.0} events/s, including process start)",
+        rebuild_events as f64 / rebuild_seconds
+    );
+    let report = Report {
+        benchmark: "query",
+        offered_events_per_second: args.rate,
+        lag,
+        rebuild_events,
+        rebuild_seconds,
+        rebuild_events_per_second: rebuild_events as f64 / rebuild_seconds,
+    };
+    bench::emit_json(&report, args.json.as_deref())
+}
