@@ -1,8 +1,9 @@
 //! Running the platform: starting service processes and waiting for their readiness line,
 //! a private PostgreSQL server from the installed binaries, Raft groups of replica processes,
-//! and a complete local cluster (`walletctl up`). The test harness starts its processes with
-//! the same code.
+//! a complete local cluster (`walletctl up`), and the operator's checks (`walletctl audit`).
+//! The test harness starts its processes with the same code.
 
+pub mod audit;
 pub mod cluster;
 pub mod postgres;
 pub mod process;

@@ -1,4 +1,5 @@
-//! `walletctl`: the operator's tool. `walletctl up` runs a complete local cluster.
+//! `walletctl`: the operator's tool. `walletctl up` runs a complete local cluster;
+//! `walletctl audit` checks a running one.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +37,16 @@ enum Command {
         /// Use this database instead of a private Postgres server under the data directory.
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
+    },
+    /// Check a running cluster: conservation per currency on every shard, holds versus
+    /// in-flight transactions, projections versus shard state. Exits 1 on any mismatch.
+    Audit {
+        /// The cluster's data directory (its `cluster.json` names the topology and database).
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -81,6 +92,29 @@ async fn main() -> anyhow::Result<()> {
             tokio::signal::ctrl_c().await?;
             eprintln!("stopping");
             cluster.shutdown().await;
+        }
+        Command::Audit { data_dir, json } => {
+            let path = data_dir.join("cluster.json");
+            let cluster: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&path)
+                    .map_err(|error| anyhow::anyhow!("reading {}: {error}", path.display()))?,
+            )?;
+            let topology: Vec<String> = serde_json::from_value(cluster["topology"].clone())?;
+            let database_url = cluster["database_url"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("{} has no database_url", path.display()))?;
+            let checks = deploy::audit::audit(&topology, database_url).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for check in &checks {
+                    let verdict = if check.ok { "ok  " } else { "FAIL" };
+                    println!("{verdict} {:<36} {}", check.name, check.detail);
+                }
+            }
+            if checks.iter().any(|check| !check.ok) {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

@@ -116,6 +116,53 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     for (wallet, expected) in wallets.iter().zip(["15.00", "10.00"]) {
         assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
+
+    // The audit passes on the healthy cluster, and fails once a projected balance is wrong.
+    let caught_up = Gateway::send(
+        client
+            .get(format!(
+                "{url}/v1/wallets/{}/activities?consistency_token={token}",
+                wallets[1]
+            ))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(caught_up.status, StatusCode::OK, "{caught_up:?}");
+    let audit = || async {
+        tokio::process::Command::new(workspace_binary("walletctl"))
+            .args(["audit", "--data-dir"])
+            .arg(data_dir)
+            .output()
+            .await
+            .unwrap()
+    };
+    let healthy = audit().await;
+    let report = String::from_utf8_lossy(&healthy.stdout).to_string();
+    assert!(
+        healthy.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    assert_eq!(
+        report.matches("ok  ").count(),
+        6,
+        "3 checks × 2 shards: {report}"
+    );
+    let database_url = cluster["database_url"].as_str().unwrap();
+    let pool = query::store::connect(database_url).await.unwrap();
+    let corrupted = sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE account_id = $1")
+        .bind(format!("demo/{}", wallets[1]))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(corrupted.rows_affected(), 1);
+    let broken = audit().await;
+    let report = String::from_utf8_lossy(&broken.stdout).to_string();
+    assert_eq!(broken.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL") && report.contains(&wallets[1]),
+        "{report}"
+    );
     interrupt(walletctl, data_dir).await;
 
     // `up` again on the same directory: the same key, the same money.

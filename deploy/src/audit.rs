@@ -1,0 +1,266 @@
+//! `walletctl audit`: checks a running platform against its invariants, from the outside.
+//!
+//! - Conservation: on every storage shard the balances of each currency sum to zero (clearing
+//!   accounts included), at the shard's last event.
+//! - Holds versus in-flight transactions: when no coordinator has a transaction in flight, no
+//!   account has anything pending.
+//! - Projections versus shards: every account of the read side's `accounts` table equals the
+//!   shard's account as of the seq the projection says it applied, and no account is missing.
+//!
+//! Shard state is rebuilt from each shard's event log (every event carries the accounts it
+//! touched, after the command), so the audit needs no access to the shards' disks.
+
+use std::collections::BTreeMap;
+
+use auticuro::client::channel;
+use proto::auticuro::v1 as pb;
+use proto::auticuro::v1::ledger_client::LedgerClient;
+use proto::marker::v1 as marker;
+use proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient;
+use sqlx::Row;
+
+use crate::{Error, Result};
+
+/// Events read per `ReadEvents` call.
+const PAGE: u32 = 1_000;
+
+/// One check's verdict.
+#[derive(Debug, serde::Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Every account of a shard as its events leave it: at `at` (the projection's seq) and at the
+/// shard's last event.
+struct ShardState {
+    at: BTreeMap<String, pb::Account>,
+    last: BTreeMap<String, pb::Account>,
+    last_seq: u64,
+}
+
+fn minor(amount: &Option<proto::common::v1::Amount>) -> i128 {
+    amount
+        .as_ref()
+        .and_then(|a| a.minor_units.parse().ok())
+        .unwrap_or(0)
+}
+
+fn setup(what: &str) -> impl FnOnce(String) -> Error + '_ {
+    move |error| Error::Setup(format!("{what}: {error}"))
+}
+
+/// Reads a shard's whole event log from its first replica that answers.
+async fn shard_state(replicas: &[String], at: u64) -> Result<ShardState> {
+    let mut last_error = String::from("no replica");
+    for address in replicas {
+        let Ok(channel) = channel(address) else {
+            continue;
+        };
+        let mut client = LedgerClient::new(channel);
+        let mut state = ShardState {
+            at: BTreeMap::new(),
+            last: BTreeMap::new(),
+            last_seq: 0,
+        };
+        let mut from = 1;
+        let result: std::result::Result<(), tonic::Status> = async {
+            loop {
+                let page = client
+                    .read_events(pb::ReadEventsRequest {
+                        from_seq: from,
+                        to_seq: 0,
+                        limit: PAGE,
+                    })
+                    .await?
+                    .into_inner();
+                for event in &page.events {
+                    for account in &event.accounts {
+                        if event.seq <= at {
+                            state.at.insert(account.account_id.clone(), account.clone());
+                        }
+                        state
+                            .last
+                            .insert(account.account_id.clone(), account.clone());
+                    }
+                    state.last_seq = event.seq;
+                }
+                if page.events.is_empty() || state.last_seq >= page.applied_seq {
+                    return Ok(());
+                }
+                from = state.last_seq + 1;
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(state),
+            Err(status) => last_error = format!("{address}: {status}"),
+        }
+    }
+    Err(Error::Setup(format!("reading the event log: {last_error}")))
+}
+
+/// The number of transactions in flight on a coordinator shard (the most any replica reports).
+async fn in_flight(replicas: &[String]) -> Result<u64> {
+    let mut most = None;
+    for address in replicas {
+        let Ok(channel) = channel(address) else {
+            continue;
+        };
+        if let Ok(status) = CoordinatorAdminClient::new(channel)
+            .status(marker::CoordinatorStatusRequest {})
+            .await
+        {
+            most = Some(most.unwrap_or(0).max(status.into_inner().in_flight));
+        }
+    }
+    most.ok_or_else(|| Error::Setup("no coordinator replica answered".into()))
+}
+
+/// The read side's accounts of each shard and the seq each shard is projected to, read in one
+/// snapshot.
+async fn projection(
+    database_url: &str,
+) -> Result<(
+    BTreeMap<u32, u64>,
+    BTreeMap<u32, BTreeMap<String, Vec<String>>>,
+)> {
+    let pool = query::store::connect(database_url)
+        .await
+        .map_err(|error| Error::Setup(format!("the query database: {error}")))?;
+    let sql = |error: sqlx::Error| Error::Setup(format!("the query database: {error}"));
+    let mut tx = pool.begin().await.map_err(sql)?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(sql)?;
+    let offsets = sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets")
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sql)?
+        .iter()
+        .map(|row| (row.get::<i32, _>(0) as u32, row.get::<i64, _>(1) as u64))
+        .collect();
+    let mut accounts: BTreeMap<u32, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for row in sqlx::query(
+        "SELECT shard_id, account_id, balance::text, pending_out::text, pending_in::text,
+                version::text, state FROM accounts",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(sql)?
+    {
+        let fields = (2..7).map(|i| row.get::<String, _>(i)).collect();
+        accounts
+            .entry(row.get::<i32, _>(0) as u32)
+            .or_default()
+            .insert(row.get(1), fields);
+    }
+    tx.commit().await.map_err(sql)?;
+    Ok((offsets, accounts))
+}
+
+fn fields(account: &pb::Account) -> Vec<String> {
+    vec![
+        minor(&account.balance).to_string(),
+        minor(&account.pending_out).to_string(),
+        minor(&account.pending_in).to_string(),
+        account.version.to_string(),
+        query::store::state_name(account.state).to_string(),
+    ]
+}
+
+/// Runs every check against the platform behind `topology`, with the read side in
+/// `database_url`.
+pub async fn audit(topology: &[String], database_url: &str) -> Result<Vec<Check>> {
+    let topology = ::marker::topology::TopologyClient::new(topology.to_vec())
+        .get()
+        .await
+        .map_err(setup("reading the topology"))?;
+    let (offsets, projected) = projection(database_url).await?;
+    let mut checks = Vec::new();
+
+    let mut coordinators_in_flight = 0;
+    for entry in topology.coordinators.values() {
+        coordinators_in_flight += in_flight(&entry.replicas).await?;
+    }
+
+    for (shard_id, replicas) in &topology.storage_shards {
+        let projected_seq = offsets.get(shard_id).copied().unwrap_or(0);
+        let state = shard_state(replicas, projected_seq).await?;
+
+        let mut sums: BTreeMap<&str, i128> = BTreeMap::new();
+        for account in state.last.values() {
+            *sums.entry(account.currency.as_str()).or_default() += minor(&account.balance);
+        }
+        let unbalanced: Vec<String> = sums
+            .iter()
+            .filter(|(_, sum)| **sum != 0)
+            .map(|(currency, sum)| format!("{currency} sums to {sum}"))
+            .collect();
+        checks.push(Check {
+            name: format!("shard {shard_id}: conservation"),
+            ok: unbalanced.is_empty(),
+            detail: if unbalanced.is_empty() {
+                format!(
+                    "{} currencies sum to zero at seq {}",
+                    sums.len(),
+                    state.last_seq
+                )
+            } else {
+                unbalanced.join("; ")
+            },
+        });
+
+        let pending: Vec<&str> = state
+            .last
+            .values()
+            .filter(|a| minor(&a.pending_out) != 0 || minor(&a.pending_in) != 0)
+            .map(|a| a.account_id.as_str())
+            .collect();
+        let holds_ok = coordinators_in_flight > 0 || pending.is_empty();
+        checks.push(Check {
+            name: format!("shard {shard_id}: holds vs in-flight"),
+            ok: holds_ok,
+            detail: match (coordinators_in_flight, pending.len()) {
+                (0, 0) => "nothing in flight, nothing pending".into(),
+                (0, _) => format!("nothing in flight but pending on {}", pending.join(", ")),
+                (n, held) => format!("{n} in flight, {held} accounts pending (not compared)"),
+            },
+        });
+
+        let empty = BTreeMap::new();
+        let rows = projected.get(shard_id).unwrap_or(&empty);
+        let mut wrong: Vec<String> = Vec::new();
+        for (account_id, account) in &state.at {
+            match rows.get(account_id) {
+                Some(row) if *row == fields(account) => {}
+                Some(row) => wrong.push(format!(
+                    "{account_id}: projected {row:?}, shard {:?}",
+                    fields(account)
+                )),
+                None => wrong.push(format!("{account_id}: missing from the projection")),
+            }
+        }
+        for account_id in rows.keys() {
+            if !state.at.contains_key(account_id) {
+                wrong.push(format!("{account_id}: projected but not on the shard"));
+            }
+        }
+        checks.push(Check {
+            name: format!("shard {shard_id}: projection"),
+            ok: wrong.is_empty(),
+            detail: if wrong.is_empty() {
+                format!(
+                    "{} accounts match at seq {projected_seq} (shard at {})",
+                    state.at.len(),
+                    state.last_seq
+                )
+            } else {
+                wrong.join("; ")
+            },
+        });
+    }
+    Ok(checks)
+}
