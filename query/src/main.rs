@@ -167,9 +167,27 @@ async fn serve(
     let pool = query::store::connect(database_url)
         .await
         .context("connecting to the projection database")?;
+    let shards = source.shards().await?;
     let source = source.source().await?;
     let metrics = ProjectionMetrics::default();
     tokio::spawn(query::projector::run(pool.clone(), source, metrics.clone()));
+    // The lag in events, sampled against the shards (when they are known).
+    tokio::spawn({
+        let (pool, metrics) = (pool.clone(), metrics.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let Ok(applied) = query::store::applied_seqs(&pool).await else {
+                    continue;
+                };
+                for shard in &shards {
+                    let head = query::connector::head_seq(shard).await;
+                    let done = applied.get(&shard.shard_id).copied().unwrap_or(0);
+                    metrics.set_lag_events(shard.shard_id, head.saturating_sub(done));
+                }
+            }
+        }
+    });
     if snapshot_every_seconds > 0 {
         let pool = pool.clone();
         tokio::spawn(async move {

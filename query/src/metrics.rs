@@ -24,6 +24,8 @@ pub struct ProjectionMetrics {
     applied_seq: Family<ShardLabel, Gauge>,
     /// Milliseconds between an event's leader time and its projection, at the last batch.
     lag_ms: Family<ShardLabel, Gauge>,
+    /// Events the shard has that the projection has not applied yet (sampled).
+    lag_events: Family<ShardLabel, Gauge>,
     /// The first missing seq while a gap stops the shard's projection, 0 otherwise.
     gap: Family<ShardLabel, Gauge>,
     batch_events: Histogram,
@@ -40,6 +42,7 @@ impl Default for ProjectionMetrics {
             registry: Arc::default(),
             applied_seq: Family::default(),
             lag_ms: Family::default(),
+            lag_events: Family::default(),
             gap: Family::default(),
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             alarms: Counter::default(),
@@ -54,6 +57,11 @@ impl Default for ProjectionMetrics {
             "projection_lag_ms",
             "Leader time to projection of the last batch, per shard",
             metrics.lag_ms.clone(),
+        );
+        registry.register(
+            "projection_lag_events",
+            "Events the shard has and the projection has not applied yet, per shard (sampled)",
+            metrics.lag_events.clone(),
         );
         registry.register(
             "projection_gap",
@@ -114,6 +122,13 @@ impl ProjectionMetrics {
                 .get_or_create(&label)
                 .set(now_ms - event.timestamp_ms);
         }
+    }
+
+    /// Records how far the projection of `shard` is behind the shard's last event.
+    pub fn set_lag_events(&self, shard: u32, lag: u64) {
+        self.lag_events
+            .get_or_create(&ShardLabel { shard })
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
     }
 
     /// The gap gauge of a shard (0 when there is none).

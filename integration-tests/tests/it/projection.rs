@@ -450,6 +450,18 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
         )),
         "{metrics}"
     );
+    // The lag in events is sampled every few seconds; caught up, it reads 0.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, metrics) = deploy::process::http_get(service.address(), "/metrics")
+            .await
+            .unwrap();
+        if metrics.contains("query_projection_lag_events{shard=\"2\"} 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no lag sample: {metrics}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Shard events as the shard serves them, for producing to a topic by hand.
