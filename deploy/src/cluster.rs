@@ -59,19 +59,64 @@ pub struct ClusterInfo {
     pub processes: Vec<ProcessInfo>,
 }
 
+/// A process of the cluster and how to start it again.
+struct Supervised {
+    process: ServiceProcess,
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
 /// A running cluster; dropping it stops every process it started.
 pub struct LocalCluster {
     pub info: ClusterInfo,
-    processes: Vec<ServiceProcess>,
+    processes: Vec<Supervised>,
     postgres: Option<PathBuf>,
+    data_dir: PathBuf,
 }
 
+/// How often the supervisor looks for processes that died.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(500);
+
 impl LocalCluster {
+    /// Restarts, for as long as it runs, every process that dies (on the address it had, with
+    /// its data directory, so it recovers from its own disk), and keeps `cluster.json` current.
+    pub async fn supervise(&mut self) {
+        loop {
+            tokio::time::sleep(SUPERVISE_INTERVAL).await;
+            for (index, supervised) in self.processes.iter_mut().enumerate() {
+                let status = match supervised.process.try_wait() {
+                    Ok(Some(status)) => status,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        eprintln!("{}: {error}", supervised.name);
+                        continue;
+                    }
+                };
+                eprintln!("{} exited ({status}); restarting it", supervised.name);
+                let address = supervised.process.address().to_string();
+                let args = same_address(&supervised.args, &address);
+                match ServiceProcess::spawn(&supervised.program, &args, &supervised.log).await {
+                    Ok(process) => {
+                        self.info.processes[index].pid = process.pid();
+                        supervised.process = process;
+                        eprintln!("{} restarted", supervised.name);
+                        if let Err(error) = write_cluster_json(&self.data_dir, &self.info) {
+                            eprintln!("{error}");
+                        }
+                    }
+                    Err(error) => eprintln!("restarting {}: {error}", supervised.name),
+                }
+            }
+        }
+    }
+
     /// Stops every process and waits until each has exited (so their ports are free again),
     /// then stops Postgres.
     pub async fn shutdown(mut self) {
-        for process in &mut self.processes {
-            if let Err(error) = process.kill().await {
+        for supervised in &mut self.processes {
+            if let Err(error) = supervised.process.kill().await {
                 eprintln!("stopping a process: {error}");
             }
         }
@@ -91,7 +136,7 @@ impl Drop for LocalCluster {
 
 struct Launcher {
     options: Options,
-    processes: Vec<ServiceProcess>,
+    processes: Vec<Supervised>,
     infos: Vec<ProcessInfo>,
 }
 
@@ -120,7 +165,8 @@ impl Launcher {
         let logs = self.options.data_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io_error("creating the log directory"))?;
         let log = logs.join(format!("{name}.log"));
-        let process = ServiceProcess::spawn(&workspace_binary(binary), &args, &log).await?;
+        let program = workspace_binary(binary);
+        let process = ServiceProcess::spawn(&program, &args, &log).await?;
         let address = process.address().to_string();
         self.infos.push(ProcessInfo {
             role: role.role,
@@ -129,7 +175,13 @@ impl Launcher {
             address: address.clone(),
             pid: process.pid(),
         });
-        self.processes.push(process);
+        self.processes.push(Supervised {
+            process,
+            name: name.to_string(),
+            program,
+            args,
+            log,
+        });
         Ok(address)
     }
 
@@ -425,12 +477,28 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         topology,
         processes: launcher.infos,
     };
-    let json = serde_json::to_string_pretty(&info).expect("cluster info serializes");
-    let path = options.data_dir.join("cluster.json");
-    std::fs::write(&path, json).map_err(io_error("writing cluster.json"))?;
+    write_cluster_json(&options.data_dir, &info)?;
     Ok(LocalCluster {
         info,
         processes: launcher.processes,
         postgres,
+        data_dir: options.data_dir,
     })
+}
+
+fn write_cluster_json(data_dir: &Path, info: &ClusterInfo) -> Result<()> {
+    let json = serde_json::to_string_pretty(info).expect("cluster info serializes");
+    std::fs::write(data_dir.join("cluster.json"), json).map_err(io_error("writing cluster.json"))
+}
+
+/// `args` with the `--listen` value replaced by `address`: a restarted process takes the
+/// address its predecessor had (even one picked from port 0), where its peers look for it.
+fn same_address(args: &[String], address: &str) -> Vec<String> {
+    let mut args = args.to_vec();
+    if let Some(position) = args.iter().position(|arg| arg == "--listen")
+        && position + 1 < args.len()
+    {
+        args[position + 1] = address.to_string();
+    }
+    args
 }

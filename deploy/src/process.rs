@@ -39,10 +39,14 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
-    /// Starts `program` with standard error into `log_path` and waits (bounded) for its
+    /// Starts `program` with standard error appended to `log_path` and waits (bounded) for its
     /// readiness line.
     pub async fn spawn(program: &Path, args: &[String], log_path: &Path) -> Result<ServiceProcess> {
-        let log = std::fs::File::create(log_path).map_err(io_error("creating a service log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(io_error("opening a service log"))?;
         let mut command = Command::new(program);
         command
             .args(args)
@@ -108,6 +112,13 @@ impl ServiceProcess {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The exit status when the process has exited, without waiting.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        self.child
+            .try_wait()
+            .map_err(io_error("checking on a service"))
     }
 
     /// Waits until the process exits by itself.

@@ -15,7 +15,8 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a complete local cluster until interrupted (Ctrl-C stops every process).
+    /// Run a complete local cluster until interrupted, restarting any process that dies
+    /// (Ctrl-C stops every process).
     Up {
         /// Everything the cluster keeps: replica data, Postgres, logs, the demo API key.
         #[arg(long, default_value = ".wallet")]
@@ -89,7 +90,11 @@ async fn main() -> anyhow::Result<()> {
                 curl_example(&info.gateway_url, &info.api_key)
             );
             println!("ready {}", info.gateway_url.trim_start_matches("http://"));
-            tokio::signal::ctrl_c().await?;
+            let mut cluster = cluster;
+            tokio::select! {
+                stopped = tokio::signal::ctrl_c() => stopped?,
+                () = cluster.supervise() => {}
+            }
             eprintln!("stopping");
             cluster.shutdown().await;
         }

@@ -192,5 +192,63 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
         kinds,
         vec![("payment_sent", "-10.00"), ("deposit", "25.00")]
     );
+
+    // A process that dies is restarted: kill -9 a storage replica and the query service.
+    let pids = || {
+        let cluster: Value =
+            serde_json::from_str(&std::fs::read_to_string(data_dir.join("cluster.json")).unwrap())
+                .unwrap();
+        cluster["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let name = format!("{}-{}-{}", p["role"], p["shard_id"], p["node_id"]);
+                (name, p["pid"].as_u64().unwrap())
+            })
+            .collect::<std::collections::BTreeMap<String, u64>>()
+    };
+    let before = pids();
+    let victims = ["\"storage\"-1-2", "\"query\"-null-null"];
+    for victim in victims {
+        let status = std::process::Command::new("kill")
+            .args(["-9", &before[victim].to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = pids();
+        if victims.iter().all(|v| now[*v] != before[*v]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restarted: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let paid_again = post(
+        &client,
+        &format!("{url}/v1/payments"),
+        &key,
+        "pay-after-restarts",
+        json!({ "from_wallet_id": wallets[0], "to_wallet_id": wallets[1], "amount": "1.00", "currency": "EUR" }),
+    )
+    .await;
+    assert_eq!(paid_again["status"], "committed", "{paid_again}");
+    let token = paid_again["consistency_token"].as_str().unwrap();
+    let feed = Gateway::send(
+        client
+            .get(format!(
+                "{url}/v1/wallets/{}/activities?consistency_token={token}",
+                wallets[1]
+            ))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(feed.status, StatusCode::OK, "{feed:?}");
+    assert_eq!(feed.body["activities"][0]["amount"], "1.00", "{feed:?}");
     interrupt(walletctl, data_dir).await;
 }
