@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cluster;
 pub mod postgres;
 pub mod process;
+pub mod status;
 
 /// Errors of launching: a process that would not start, a command that failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
 //! `walletctl`: the operator's tool. `walletctl up` runs a complete local cluster;
-//! `walletctl audit` checks a running one.
+//! `walletctl status` shows a running one and `walletctl audit` checks it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +38,16 @@ enum Command {
         /// Use this database instead of a private Postgres server under the data directory.
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
+    },
+    /// Every Raft group with its leader, replicas and applied seq, the coordinators' in-flight
+    /// transactions and the projection of each storage shard.
+    Status {
+        /// The cluster's data directory (its `cluster.json` names the topology and database).
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a running cluster: conservation per currency on every shard, holds versus
     /// in-flight transactions, projections versus shard state. Exits 1 on any mismatch.
@@ -98,17 +108,18 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("stopping");
             cluster.shutdown().await;
         }
+        Command::Status { data_dir, json } => {
+            let (topology, database_url) = running_cluster(&data_dir)?;
+            let status = deploy::status::status(&topology, &database_url).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", deploy::status::render(&status));
+            }
+        }
         Command::Audit { data_dir, json } => {
-            let path = data_dir.join("cluster.json");
-            let cluster: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&path)
-                    .map_err(|error| anyhow::anyhow!("reading {}: {error}", path.display()))?,
-            )?;
-            let topology: Vec<String> = serde_json::from_value(cluster["topology"].clone())?;
-            let database_url = cluster["database_url"]
-                .as_str()
-                .ok_or_else(|| anyhow::anyhow!("{} has no database_url", path.display()))?;
-            let checks = deploy::audit::audit(&topology, database_url).await?;
+            let (topology, database_url) = running_cluster(&data_dir)?;
+            let checks = deploy::audit::audit(&topology, &database_url).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
@@ -123,6 +134,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The topology replicas and database URL of the cluster `up` runs on `data_dir`.
+fn running_cluster(data_dir: &std::path::Path) -> anyhow::Result<(Vec<String>, String)> {
+    let path = data_dir.join("cluster.json");
+    let cluster: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .map_err(|error| anyhow::anyhow!("reading {}: {error}", path.display()))?,
+    )?;
+    let topology: Vec<String> = serde_json::from_value(cluster["topology"].clone())?;
+    let database_url = cluster["database_url"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("{} has no database_url", path.display()))?;
+    Ok((topology, database_url.to_string()))
 }
 
 /// A ready-to-paste request that creates a wallet.

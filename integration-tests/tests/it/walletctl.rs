@@ -128,6 +128,54 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     )
     .await;
     assert_eq!(caught_up.status, StatusCode::OK, "{caught_up:?}");
+
+    // Status: every group has a leader and three reachable replicas; the projection has
+    // caught up with the payment (the activity read above waited for it).
+    let status = tokio::process::Command::new(workspace_binary("walletctl"))
+        .args(["status", "--json", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let groups = status["groups"].as_array().unwrap();
+    let kinds: Vec<&str> = groups.iter().map(|g| g["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "topology",
+            "storage",
+            "storage",
+            "coordinator",
+            "coordinator"
+        ]
+    );
+    for group in groups {
+        assert!(group["leader_node_id"].is_u64(), "{group}");
+        let replicas = group["replicas"].as_array().unwrap();
+        assert_eq!(replicas.len(), 3);
+        assert!(replicas.iter().all(|r| r["reachable"] == true), "{group}");
+    }
+    let projected: u64 = groups
+        .iter()
+        .filter(|g| g["kind"] == "storage")
+        .map(|g| g["projection"]["applied_seq"].as_u64().unwrap())
+        .sum();
+    let payment_seqs: u64 = token
+        .split('.')
+        .map(|part| part.split_once('-').unwrap().1.parse::<u64>().unwrap())
+        .max()
+        .unwrap();
+    assert!(projected >= payment_seqs, "{status}");
+    assert!(
+        groups
+            .iter()
+            .filter(|g| g["kind"] == "coordinator")
+            .all(|g| g["in_flight"].is_u64()),
+        "{status}"
+    );
+
     let audit = || async {
         tokio::process::Command::new(workspace_binary("walletctl"))
             .args(["audit", "--data-dir"])
