@@ -9,7 +9,7 @@ use integration_tests::group::Group;
 use integration_tests::kafka::KafkaBroker;
 use integration_tests::platform::{Platform, leg, minor, submit_request};
 use integration_tests::postgres::fresh_database;
-use integration_tests::process::spawn;
+use integration_tests::process::{ServiceProcess, spawn};
 use proto::auticuro::v1 as ledger;
 use proto::common::v1::{ConsistencyToken, ShardSeq};
 use proto::query::v1 as pb;
@@ -41,6 +41,42 @@ fn shard_args(groups: &[&Group]) -> Vec<String> {
             ]
         })
         .collect()
+}
+
+/// `query serve` projecting `groups` straight from the shards into `database_url`.
+async fn serve_from_shards(database_url: &str, groups: &[&Group]) -> ServiceProcess {
+    let mut args = vec![
+        "serve".to_string(),
+        "--database-url".into(),
+        database_url.to_string(),
+    ];
+    args.extend(shard_args(groups));
+    spawn(&deploy::process::workspace_binary("query"), &args)
+        .await
+        .unwrap()
+}
+
+/// Runs `query rebuild` of `groups` into `database_url` (from `snapshot`'s database, when
+/// given) to completion; returns its standard error.
+async fn rebuild(
+    database_url: &str,
+    groups: &[&Group],
+    snapshot: Option<&str>,
+) -> std::process::Output {
+    let mut args = vec![
+        "rebuild".to_string(),
+        "--database-url".into(),
+        database_url.to_string(),
+    ];
+    if let Some(live) = snapshot {
+        args.extend(["--from-snapshot".to_string(), live.to_string()]);
+    }
+    args.extend(shard_args(groups));
+    tokio::process::Command::new(deploy::process::workspace_binary("query"))
+        .args(&args)
+        .output()
+        .await
+        .unwrap()
 }
 
 /// Waits (bounded) until the projection has applied every shard's current head.
@@ -154,15 +190,7 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
     let platform = Platform::start(&[]).await;
     let groups = [platform.shard(1), platform.shard(2)];
     let database = fresh_database().await.unwrap();
-    let mut args = vec![
-        "serve".to_string(),
-        "--database-url".into(),
-        database.url.clone(),
-    ];
-    args.extend(shard_args(&groups));
-    let service = spawn(&deploy::process::workspace_binary("query"), &args)
-        .await
-        .unwrap();
+    let service = serve_from_shards(&database.url, &groups).await;
     let pool = query::store::connect(&database.url).await.unwrap();
     let mut client = AccountQueryClient::new(auticuro::client::channel(service.address()).unwrap());
 
@@ -681,17 +709,7 @@ async fn kafka_projection_survives_kill_9_and_equals_a_rebuild_from_the_shards()
 
     // A rebuild straight from the shards into a fresh database gives the same tables.
     let rebuilt = fresh_database().await.unwrap();
-    let mut rebuild = vec![
-        "rebuild".to_string(),
-        "--database-url".into(),
-        rebuilt.url.clone(),
-    ];
-    rebuild.extend(shard_args(&groups));
-    let output = tokio::process::Command::new(&binary)
-        .args(&rebuild)
-        .output()
-        .await
-        .unwrap();
+    let output = rebuild(&rebuilt.url, &groups, None).await;
     assert!(
         output.status.success(),
         "{}",
@@ -715,15 +733,7 @@ async fn a_hierarchy_node_sums_its_subtree_and_invalid_edits_are_refused() {
     let platform = std::sync::Arc::new(Platform::start(&[]).await);
     let groups = [platform.shard(1), platform.shard(2)];
     let database = fresh_database().await.unwrap();
-    let mut args = vec![
-        "serve".to_string(),
-        "--database-url".into(),
-        database.url.clone(),
-    ];
-    args.extend(shard_args(&groups));
-    let service = spawn(&deploy::process::workspace_binary("query"), &args)
-        .await
-        .unwrap();
+    let service = serve_from_shards(&database.url, &groups).await;
     let pool = query::store::connect(&database.url).await.unwrap();
     let mut tree = HierarchyClient::new(auticuro::client::channel(service.address()).unwrap());
 
@@ -972,15 +982,9 @@ async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
     let platform = Platform::start(&[]).await;
     let groups = [platform.shard(1), platform.shard(2)];
     let live = fresh_database().await.unwrap();
-    let mut args = vec![
-        "serve".to_string(),
-        "--database-url".into(),
-        live.url.clone(),
-    ];
-    args.extend(shard_args(&groups));
-    let binary = deploy::process::workspace_binary("query");
-    let _service = spawn(&binary, &args).await.unwrap();
+    let _service = serve_from_shards(&live.url, &groups).await;
     let pool = query::store::connect(&live.url).await.unwrap();
+    let binary = deploy::process::workspace_binary("query");
     let alice = platform.open(1, "tenant-a/s-alice", 10_000).await;
     let bob = platform.open(2, "tenant-a/s-bob", 10_000).await;
     for n in 0..5 {
@@ -1022,19 +1026,7 @@ async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
     let heads = wait_caught_up(&pool, &groups).await;
 
     let rebuilt = fresh_database().await.unwrap();
-    let mut rebuild = vec![
-        "rebuild".to_string(),
-        "--database-url".into(),
-        rebuilt.url.clone(),
-        "--from-snapshot".into(),
-        live.url.clone(),
-    ];
-    rebuild.extend(shard_args(&groups));
-    let output = tokio::process::Command::new(&binary)
-        .args(&rebuild)
-        .output()
-        .await
-        .unwrap();
+    let output = rebuild(&rebuilt.url, &groups, Some(&live.url)).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let replayed = heads.values().sum::<u64>() - at_snapshot;
@@ -1049,10 +1041,6 @@ async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
         table_digests(&rebuilt_pool).await
     );
     // A second rebuild into the same database is refused: it is not empty.
-    let again = tokio::process::Command::new(&binary)
-        .args(&rebuild)
-        .output()
-        .await
-        .unwrap();
+    let again = rebuild(&rebuilt.url, &groups, Some(&live.url)).await;
     assert!(!again.status.success());
 }

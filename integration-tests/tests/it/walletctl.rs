@@ -1,6 +1,6 @@
 //! `walletctl up`: one command runs a complete local cluster that serves payments.
 
-use integration_tests::gateway::Gateway;
+use integration_tests::gateway::{Answer, Gateway};
 use integration_tests::process::{ServiceProcess, spawn, workspace_binary};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
@@ -51,6 +51,20 @@ async fn up(data_dir: &std::path::Path, base_port: u16) -> ServiceProcess {
 }
 
 /// Ctrl-C: every process of the cluster stops, Postgres included.
+/// A wallet's activity feed, read with a consistency token (so it includes that write).
+async fn activities(client: &Client, url: &str, key: &str, wallet: &str, token: &str) -> Answer {
+    let feed = Gateway::send(
+        client
+            .get(format!(
+                "{url}/v1/wallets/{wallet}/activities?consistency_token={token}"
+            ))
+            .bearer_auth(key),
+    )
+    .await;
+    assert_eq!(feed.status, StatusCode::OK, "{feed:?}");
+    feed
+}
+
 async fn interrupt(mut walletctl: ServiceProcess, data_dir: &std::path::Path) {
     let status = std::process::Command::new("kill")
         .args(["-INT", &walletctl.pid().to_string()])
@@ -118,16 +132,7 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     }
 
     // The audit passes on the healthy cluster, and fails once a projected balance is wrong.
-    let caught_up = Gateway::send(
-        client
-            .get(format!(
-                "{url}/v1/wallets/{}/activities?consistency_token={token}",
-                wallets[1]
-            ))
-            .bearer_auth(&key),
-    )
-    .await;
-    assert_eq!(caught_up.status, StatusCode::OK, "{caught_up:?}");
+    activities(&client, &url, &key, &wallets[1], token).await;
 
     // Status: every group has a leader and three reachable replicas; the projection has
     // caught up with the payment (the activity read above waited for it).
@@ -220,16 +225,7 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
         assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
     // The projection resumed from where it was: the feed holds each activity once.
-    let feed = Gateway::send(
-        client
-            .get(format!(
-                "{url}/v1/wallets/{}/activities?consistency_token={token}",
-                wallets[0]
-            ))
-            .bearer_auth(&key),
-    )
-    .await;
-    assert_eq!(feed.status, StatusCode::OK, "{feed:?}");
+    let feed = activities(&client, &url, &key, &wallets[0], token).await;
     let kinds: Vec<(&str, &str)> = feed.body["activities"]
         .as_array()
         .unwrap()
@@ -287,16 +283,7 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     .await;
     assert_eq!(paid_again["status"], "committed", "{paid_again}");
     let token = paid_again["consistency_token"].as_str().unwrap();
-    let feed = Gateway::send(
-        client
-            .get(format!(
-                "{url}/v1/wallets/{}/activities?consistency_token={token}",
-                wallets[1]
-            ))
-            .bearer_auth(&key),
-    )
-    .await;
-    assert_eq!(feed.status, StatusCode::OK, "{feed:?}");
+    let feed = activities(&client, &url, &key, &wallets[1], token).await;
     assert_eq!(feed.body["activities"][0]["amount"], "1.00", "{feed:?}");
     interrupt(walletctl, data_dir).await;
 }
