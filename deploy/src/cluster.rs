@@ -1,7 +1,8 @@
 //! A complete local cluster under one directory: a topology group, storage shards and
 //! coordinator shards (each a Raft group of replica processes), a PostgreSQL server (unless
 //! a database URL is given), the query service (projections in the same database, fed straight
-//! from the shards) and the access gateway, with an API key for a demo tenant.
+//! from the shards, or through Kafka and the connector when brokers are given) and the access
+//! gateway, with an API key for a demo tenant.
 //!
 //! With fixed ports (`base_port` > 0) the cluster can be stopped and started again on the same
 //! directory: every replica recovers from its own disk. With `base_port` 0 every service takes
@@ -36,12 +37,15 @@ pub struct Options {
     pub gateway_listen: SocketAddr,
     /// An existing database; without one, a private server runs under the data directory.
     pub database_url: Option<String>,
+    /// Kafka bootstrap servers: events then flow shard → connector → Kafka → projector;
+    /// without them the projector reads the shards directly.
+    pub kafka_brokers: Option<String>,
 }
 
 /// One process of the cluster, as `cluster.json` lists it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProcessInfo {
-    /// `topology`, `storage`, `coordinator`, `query` or `gateway`.
+    /// `topology`, `storage`, `coordinator`, `connector`, `query` or `gateway`.
     pub role: &'static str,
     pub shard_id: Option<u32>,
     pub node_id: Option<u64>,
@@ -425,8 +429,33 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
             .map_err(Error::Setup)?;
     }
     let api_key = demo_key(&options.data_dir, &database_url).await?;
-    // The read side, embedded: it reads the shards' event streams directly into Postgres.
-    let query_listen = format!("127.0.0.1:{}", launcher.port(QUERY_PORT));
+    // The read side: the projector reads the shards' event streams directly into Postgres,
+    // or, with Kafka, the topics the connector fills.
+    let mut query_args = vec![
+        "serve".into(),
+        "--database-url".into(),
+        database_url.clone(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", launcher.port(QUERY_PORT)),
+        "--topology".into(),
+        topology.join(","),
+    ];
+    if let Some(brokers) = &options.kafka_brokers {
+        let role = Role {
+            role: "connector",
+            shard_id: None,
+            node_id: None,
+        };
+        let args = vec![
+            "connect".into(),
+            "--kafka-brokers".into(),
+            brokers.clone(),
+            "--topology".into(),
+            topology.join(","),
+        ];
+        launcher.spawn("query", "connector", role, args).await?;
+        query_args.extend(["--kafka-brokers".into(), brokers.clone()]);
+    }
     let query = launcher
         .spawn(
             "query",
@@ -436,15 +465,7 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
                 shard_id: None,
                 node_id: None,
             },
-            vec![
-                "serve".into(),
-                "--database-url".into(),
-                database_url.clone(),
-                "--listen".into(),
-                query_listen,
-                "--topology".into(),
-                topology.join(","),
-            ],
+            query_args,
         )
         .await?;
     let gateway = launcher

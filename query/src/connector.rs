@@ -238,6 +238,32 @@ pub async fn head_seq(source: &ShardSource) -> u64 {
     .applied_seq
 }
 
+/// Creates the topic with `partitions` partitions unless it exists.
+pub async fn ensure_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), ConnectorError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(ConnectorError::Kafka(rdkafka::error::KafkaError::AdminOp(
+                    code,
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How many partitions the topic has.
 pub fn partition_count(brokers: &str, topic: &str) -> Result<usize, ConnectorError> {
     let consumer: BaseConsumer = ClientConfig::new()

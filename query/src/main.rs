@@ -350,6 +350,15 @@ async fn connect(
         };
         (log, marker_topic)
     }));
+    // One partition per group of each kind, for topics this creates.
+    let storage_count = logs.iter().filter(|(l, _)| l.log == Log::Ledger).count();
+    let coordinator_count = logs.len() - storage_count;
+    for (topic, groups) in [
+        (source.kafka_topic.as_str(), storage_count),
+        (marker_topic, coordinator_count),
+    ] {
+        query::connector::ensure_topic(&brokers, topic, groups.max(1) as i32).await?;
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for (log, topic) in logs {
         // One partition per group where the topic has enough of them.

@@ -38,6 +38,10 @@ enum Command {
         /// Use this database instead of a private Postgres server under the data directory.
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
+        /// Kafka bootstrap servers: shard events go through Kafka to the projector (a
+        /// connector process publishes them); without them the projector reads the shards.
+        #[arg(long, env = "KAFKA_BROKERS")]
+        kafka_brokers: Option<String>,
     },
     /// Every Raft group with its leader, replicas and applied seq, the coordinators' in-flight
     /// transactions and the projection of each storage shard.
@@ -73,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
             base_port,
             gateway_listen,
             database_url,
+            kafka_brokers,
         } => {
             anyhow::ensure!(
                 storage_shards >= 1 && coordinator_shards >= 1,
@@ -87,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
                 base_port,
                 gateway_listen,
                 database_url,
+                kafka_brokers,
             })
             .await?;
             let info = &cluster.info;

@@ -50,7 +50,6 @@ async fn up(data_dir: &std::path::Path, base_port: u16) -> ServiceProcess {
     spawn(&workspace_binary("walletctl"), &args).await.unwrap()
 }
 
-/// Ctrl-C: every process of the cluster stops, Postgres included.
 /// A wallet's activity feed, read with a consistency token (so it includes that write).
 async fn activities(client: &Client, url: &str, key: &str, wallet: &str, token: &str) -> Answer {
     let feed = Gateway::send(
@@ -65,6 +64,7 @@ async fn activities(client: &Client, url: &str, key: &str, wallet: &str, token: 
     feed
 }
 
+/// Ctrl-C: every process of the cluster stops, Postgres included.
 async fn interrupt(mut walletctl: ServiceProcess, data_dir: &std::path::Path) {
     let status = std::process::Command::new("kill")
         .args(["-INT", &walletctl.pid().to_string()])
@@ -285,5 +285,86 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     let token = paid_again["consistency_token"].as_str().unwrap();
     let feed = activities(&client, &url, &key, &wallets[1], token).await;
     assert_eq!(feed.body["activities"][0]["amount"], "1.00", "{feed:?}");
+    interrupt(walletctl, data_dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn walletctl_up_with_kafka_projects_through_the_broker() {
+    let broker = integration_tests::kafka::KafkaBroker::shared().unwrap();
+    let data_dir = integration_tests::process::fresh_data_dir("walletctl-kafka-").unwrap();
+    let data_dir = data_dir.path();
+    let args = [
+        "up",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--base-port",
+        "0",
+        "--gateway-addr",
+        "127.0.0.1:0",
+        "--kafka-brokers",
+        broker.bootstrap_servers(),
+    ]
+    .map(String::from);
+    let walletctl = spawn(&workspace_binary("walletctl"), &args).await.unwrap();
+    let url = format!("http://{}", walletctl.address());
+    let key = std::fs::read_to_string(data_dir.join("api-key")).unwrap();
+    let cluster: Value =
+        serde_json::from_str(&std::fs::read_to_string(data_dir.join("cluster.json")).unwrap())
+            .unwrap();
+    let roles: Vec<&str> = cluster["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["role"].as_str().unwrap())
+        .collect();
+    assert!(roles.contains(&"connector"), "{roles:?}");
+    let client = Client::new();
+    let wallet = post(
+        &client,
+        &format!("{url}/v1/wallets"),
+        &key,
+        "create-kafka",
+        json!({ "owner_id": "k", "currency": "USD" }),
+    )
+    .await;
+    let wallet = wallet["wallet_id"].as_str().unwrap().to_string();
+    let deposited = post(
+        &client,
+        &format!("{url}/v1/deposits"),
+        &key,
+        "deposit-kafka",
+        json!({ "wallet_id": wallet, "amount": "7.25", "currency": "USD" }),
+    )
+    .await;
+    let token = deposited["consistency_token"].as_str().unwrap();
+    let feed = activities(&client, &url, &key, &wallet, token).await;
+    assert_eq!(feed.body["activities"][0]["kind"], "deposit", "{feed:?}");
+    assert_eq!(feed.body["activities"][0]["amount"], "7.25", "{feed:?}");
+    // The events went through the broker: the ledger topic holds them.
+    let consumer: rdkafka::consumer::BaseConsumer = broker.client_config().create().unwrap();
+    use rdkafka::consumer::Consumer;
+    let metadata = consumer
+        .fetch_metadata(
+            Some(query::LEDGER_TOPIC),
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut messages = 0;
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(
+                query::LEDGER_TOPIC,
+                partition,
+                std::time::Duration::from_secs(10),
+            )
+            .unwrap();
+        messages += high - low;
+    }
+    assert!(
+        messages >= 3,
+        "{messages} messages in {}",
+        query::LEDGER_TOPIC
+    );
     interrupt(walletctl, data_dir).await;
 }
