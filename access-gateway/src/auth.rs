@@ -32,6 +32,14 @@ impl Scope {
         }
     }
 
+    /// Scope names (`read`, `write`, `admin`), each known.
+    pub fn parse_all(names: &[String]) -> anyhow::Result<Vec<Scope>> {
+        names
+            .iter()
+            .map(|name| Scope::parse(name).ok_or_else(|| anyhow::anyhow!("unknown scope {name:?}")))
+            .collect()
+    }
+
     pub fn parse(name: &str) -> Option<Scope> {
         match name {
             "read" => Some(Scope::Read),

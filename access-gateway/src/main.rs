@@ -88,12 +88,7 @@ async fn main() -> anyhow::Result<()> {
             axum::serve(listener, access_gateway::router(state)).await?;
         }
         Command::CreateKey { tenant, scopes } => {
-            let scopes = scopes
-                .iter()
-                .map(|name| {
-                    Scope::parse(name).ok_or_else(|| anyhow::anyhow!("unknown scope {name:?}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let scopes = Scope::parse_all(&scopes)?;
             let key = access_gateway::store::create_key(&pool, &tenant, &scopes).await?;
             println!("{}", key.token);
         }

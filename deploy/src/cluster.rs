@@ -43,10 +43,10 @@ pub struct Options {
 }
 
 /// One process of the cluster, as `cluster.json` lists it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ProcessInfo {
     /// `topology`, `storage`, `coordinator`, `connector`, `query` or `gateway`.
-    pub role: &'static str,
+    pub role: String,
     pub shard_id: Option<u32>,
     pub node_id: Option<u64>,
     pub address: String,
@@ -54,7 +54,7 @@ pub struct ProcessInfo {
 }
 
 /// What `<data dir>/cluster.json` holds once the cluster is ready.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClusterInfo {
     pub gateway_url: String,
     pub api_key: String,
@@ -173,7 +173,7 @@ impl Launcher {
         let process = ServiceProcess::spawn(&program, &args, &log).await?;
         let address = process.address().to_string();
         self.infos.push(ProcessInfo {
-            role: role.role,
+            role: role.role.to_string(),
             shard_id: role.shard_id,
             node_id: role.node_id,
             address: address.clone(),
@@ -505,6 +505,15 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         postgres,
         data_dir: options.data_dir,
     })
+}
+
+/// The cluster `up` runs on `data_dir`, as its `cluster.json` describes it.
+pub fn running(data_dir: &Path) -> Result<ClusterInfo> {
+    let path = data_dir.join("cluster.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(io_error(format!("reading {}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|error| Error::Setup(format!("{}: {error}", path.display())))
 }
 
 fn write_cluster_json(data_dir: &Path, info: &ClusterInfo) -> Result<()> {

@@ -1,12 +1,14 @@
 //! Running the platform: starting service processes and waiting for their readiness line,
 //! a private PostgreSQL server from the installed binaries, Raft groups of replica processes,
-//! a complete local cluster (`walletctl up`), and the operator's checks (`walletctl audit`).
+//! a complete local cluster (`walletctl up`), and the operator's commands on a running one
+//! (`status`, `audit`, `rebuild`).
 //! The test harness starts its processes with the same code.
 
 pub mod audit;
 pub mod cluster;
 pub mod postgres;
 pub mod process;
+pub mod rebuild;
 pub mod status;
 
 /// Errors of launching: a process that would not start, a command that failed.

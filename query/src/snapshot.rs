@@ -22,6 +22,18 @@ pub const TABLES: [&str; 7] = [
     "activities",
 ];
 
+/// Empties every projected table (the hierarchy stays), so the projector replays from seq 1 once
+/// it starts over.
+pub async fn reset(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "TRUNCATE {}",
+        TABLES.join(", ")
+    )))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Replaces the snapshot with the tables as they are now; returns the applied seqs it holds.
 pub async fn take(pool: &PgPool) -> Result<BTreeMap<u32, u64>, StoreError> {
     let mut tx = pool.begin().await?;

@@ -53,6 +53,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// API keys of the running cluster's gateway.
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
+    /// Rebuild the running cluster's projections from the shards' event logs, in place (the
+    /// hierarchy stays); returns once they have caught up.
+    Rebuild {
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+    },
     /// Check a running cluster: conservation per currency on every shard, holds versus
     /// in-flight transactions, projections versus shard state. Exits 1 on any mismatch.
     Audit {
@@ -62,6 +73,27 @@ enum Command {
         /// Print the checks as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApikeyCommand {
+    /// Issue a key; prints it once (only its hash is stored).
+    Create {
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated: read, write, admin.
+        #[arg(long, value_delimiter = ',', default_value = "read,write")]
+        scopes: Vec<String>,
+    },
+    /// Revoke a key by its id (the part after `wk_` and before the next `_`).
+    Revoke {
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        key_id: String,
     },
 }
 
@@ -115,17 +147,40 @@ async fn main() -> anyhow::Result<()> {
             cluster.shutdown().await;
         }
         Command::Status { data_dir, json } => {
-            let (topology, database_url) = running_cluster(&data_dir)?;
-            let status = deploy::status::status(&topology, &database_url).await?;
+            let cluster = deploy::cluster::running(&data_dir)?;
+            let status = deploy::status::status(&cluster.topology, &cluster.database_url).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", deploy::status::render(&status));
             }
         }
+        Command::Apikey { command } => match command {
+            ApikeyCommand::Create {
+                data_dir,
+                tenant,
+                scopes,
+            } => {
+                let cluster = deploy::cluster::running(&data_dir)?;
+                let pool = access_gateway::store::connect(&cluster.database_url).await?;
+                let scopes = access_gateway::auth::Scope::parse_all(&scopes)?;
+                let key = access_gateway::store::create_key(&pool, &tenant, &scopes).await?;
+                println!("{}", key.token);
+            }
+            ApikeyCommand::Revoke { data_dir, key_id } => {
+                let cluster = deploy::cluster::running(&data_dir)?;
+                let pool = access_gateway::store::connect(&cluster.database_url).await?;
+                anyhow::ensure!(
+                    access_gateway::store::revoke_key(&pool, &key_id).await?,
+                    "no live key {key_id:?}"
+                );
+                println!("revoked {key_id}");
+            }
+        },
+        Command::Rebuild { data_dir } => deploy::rebuild::in_place(&data_dir).await?,
         Command::Audit { data_dir, json } => {
-            let (topology, database_url) = running_cluster(&data_dir)?;
-            let checks = deploy::audit::audit(&topology, &database_url).await?;
+            let cluster = deploy::cluster::running(&data_dir)?;
+            let checks = deploy::audit::audit(&cluster.topology, &cluster.database_url).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
@@ -140,20 +195,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The topology replicas and database URL of the cluster `up` runs on `data_dir`.
-fn running_cluster(data_dir: &std::path::Path) -> anyhow::Result<(Vec<String>, String)> {
-    let path = data_dir.join("cluster.json");
-    let cluster: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path)
-            .map_err(|error| anyhow::anyhow!("reading {}: {error}", path.display()))?,
-    )?;
-    let topology: Vec<String> = serde_json::from_value(cluster["topology"].clone())?;
-    let database_url = cluster["database_url"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("{} has no database_url", path.display()))?;
-    Ok((topology, database_url.to_string()))
 }
 
 /// A ready-to-paste request that creates a wallet.

@@ -285,6 +285,78 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     let token = paid_again["consistency_token"].as_str().unwrap();
     let feed = activities(&client, &url, &key, &wallets[1], token).await;
     assert_eq!(feed.body["activities"][0]["amount"], "1.00", "{feed:?}");
+
+    // A corrupted projection fails the audit; a rebuild in place makes it right again.
+    let pool = query::store::connect(cluster["database_url"].as_str().unwrap())
+        .await
+        .unwrap();
+    let corrupted = sqlx::query("UPDATE accounts SET balance = balance - 5 WHERE account_id = $1")
+        .bind("demo/sys:funding:EUR")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(corrupted.rows_affected(), 1);
+    let walletctl_command = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(workspace_binary("walletctl"));
+        command.args(args).arg("--data-dir").arg(data_dir);
+        command
+    };
+    let audit = walletctl_command(&["audit"]).output().await.unwrap();
+    assert_eq!(audit.status.code(), Some(1), "{audit:?}");
+    let rebuilt = walletctl_command(&["rebuild"]).output().await.unwrap();
+    assert!(rebuilt.status.success(), "{rebuilt:?}");
+    let audit = walletctl_command(&["audit"]).output().await.unwrap();
+    assert!(audit.status.success(), "{audit:?}");
+    let feed = activities(&client, &url, &key, &wallets[1], token).await;
+    let amounts: Vec<&str> = feed.body["activities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        amounts,
+        ["1.00", "10.00"],
+        "the feed rebuilt, each activity once"
+    );
+
+    // API keys: a new one works; revoked, it is refused (within the gateway's key cache time).
+    let created = walletctl_command(&["apikey", "create", "--tenant", "demo", "--scopes", "read"])
+        .output()
+        .await
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let new_key = String::from_utf8(created.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let read = |key: String| {
+        let (client, url, wallet) = (client.clone(), url.clone(), wallets[0].clone());
+        async move {
+            Gateway::send(
+                client
+                    .get(format!("{url}/v1/wallets/{wallet}/balance"))
+                    .bearer_auth(key),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(read(new_key.clone()).await, StatusCode::OK);
+    let key_id = new_key.split('_').nth(1).unwrap().to_string();
+    let revoked = walletctl_command(&["apikey", "revoke", "--key-id", &key_id])
+        .output()
+        .await
+        .unwrap();
+    assert!(revoked.status.success(), "{revoked:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while read(new_key.clone()).await != StatusCode::UNAUTHORIZED {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked key still works"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     interrupt(walletctl, data_dir).await;
 }
 
