@@ -239,6 +239,70 @@ impl Launcher {
     }
 }
 
+/// Records the storage shards and their replicas in the topology.
+pub async fn register_storage_shards(
+    client: &TopologyClient,
+    storage: &BTreeMap<u32, Vec<String>>,
+) -> Result<()> {
+    client
+        .update(|current| {
+            current.storage_shards.extend(storage.clone());
+            Ok(())
+        })
+        .await
+        .map(drop)
+        .map_err(Error::Setup)
+}
+
+/// Records a coordinator shard in the topology: active at epoch 1 when new; otherwise only its
+/// replicas change.
+pub async fn register_coordinator(
+    client: &TopologyClient,
+    coordinator_shard_id: u32,
+    replicas: &[String],
+) -> Result<()> {
+    client
+        .update(|current| {
+            let entry = current
+                .coordinators
+                .entry(coordinator_shard_id)
+                .or_insert_with(|| CoordinatorEntry {
+                    state: CoordinatorState::Active,
+                    epoch: 1,
+                    replicas: replicas.to_vec(),
+                });
+            entry.replicas = replicas.to_vec();
+            Ok(())
+        })
+        .await
+        .map(drop)
+        .map_err(Error::Setup)
+}
+
+/// Initializes a Raft group (node ids 1, 2, … in the order of `addresses`) unless it has a
+/// membership already, then waits for its leader. For groups started by something else than
+/// `up` (Kubernetes).
+pub async fn initialize_if_new(addresses: &[String]) -> Result<()> {
+    let first = &addresses[0];
+    let deadline = Instant::now() + GROUP_READY_TIMEOUT;
+    let status = loop {
+        match admin(first).await?.status(raft::StatusRequest {}).await {
+            Ok(status) => break status.into_inner(),
+            Err(status) if Instant::now() > deadline => {
+                return Err(Error::Setup(format!("{first} does not answer: {status}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let has_members = status
+        .membership
+        .is_some_and(|membership| !membership.voters.is_empty());
+    if !has_members {
+        initialize(addresses).await?;
+    }
+    wait_for_leader(first).await
+}
+
 async fn admin(address: &str) -> Result<RaftAdminClient<tonic::transport::Channel>> {
     let channel =
         consensus::client::channel(address).map_err(|error| Error::Setup(error.to_string()))?;
@@ -396,13 +460,7 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         );
     }
     let client = TopologyClient::new(topology.clone());
-    client
-        .update(|current| {
-            current.storage_shards = storage.clone();
-            Ok(())
-        })
-        .await
-        .map_err(Error::Setup)?;
+    register_storage_shards(&client, &storage).await?;
     for coordinator_shard_id in 1..=options.coordinator_shards {
         let mut args = vec![
             "--coordinator-shard-id".to_string(),
@@ -412,21 +470,7 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         let ports = COORDINATOR_PORTS + 10 * coordinator_shard_id as u16;
         let role = ("coordinator", Some(coordinator_shard_id));
         let replicas = launcher.group("marker", role, ports, &args).await?;
-        client
-            .update(|current| {
-                let entry = current
-                    .coordinators
-                    .entry(coordinator_shard_id)
-                    .or_insert_with(|| CoordinatorEntry {
-                        state: CoordinatorState::Active,
-                        epoch: 1,
-                        replicas: replicas.clone(),
-                    });
-                entry.replicas = replicas.clone();
-                Ok(())
-            })
-            .await
-            .map_err(Error::Setup)?;
+        register_coordinator(&client, coordinator_shard_id, &replicas).await?;
     }
     let api_key = demo_key(&options.data_dir, &database_url).await?;
     // The read side: the projector reads the shards' event streams directly into Postgres,

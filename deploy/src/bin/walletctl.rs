@@ -53,6 +53,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Initialize the Raft groups of a platform started by something else than `up`
+    /// (Kubernetes) and record its shards in the topology. Safe to run again.
+    Bootstrap {
+        /// Replicas of the topology group, `ADDRESS,ADDRESS,…` (node ids 1, 2, … in order).
+        #[arg(long, value_delimiter = ',', required = true)]
+        topology: Vec<String>,
+        /// A storage shard and its replicas, `ID=ADDRESS,ADDRESS,…` (repeat for each).
+        #[arg(long = "storage-shard", value_parser = auticuro::client::parse_shard_spec, required = true)]
+        storage_shards: Vec<(u32, Vec<String>)>,
+        /// A coordinator shard and its replicas, `ID=ADDRESS,ADDRESS,…` (repeat for each).
+        #[arg(long = "coordinator-shard", value_parser = auticuro::client::parse_shard_spec, required = true)]
+        coordinator_shards: Vec<(u32, Vec<String>)>,
+    },
     /// API keys of the running cluster's gateway.
     Apikey {
         #[command(subcommand)]
@@ -177,6 +190,26 @@ async fn main() -> anyhow::Result<()> {
                 println!("revoked {key_id}");
             }
         },
+        Command::Bootstrap {
+            topology,
+            storage_shards,
+            coordinator_shards,
+        } => {
+            use deploy::cluster::{
+                initialize_if_new, register_coordinator, register_storage_shards,
+            };
+            initialize_if_new(&topology).await?;
+            let client = marker::topology::TopologyClient::new(topology.clone());
+            for (_, replicas) in &storage_shards {
+                initialize_if_new(replicas).await?;
+            }
+            register_storage_shards(&client, &storage_shards.into_iter().collect()).await?;
+            for (coordinator_shard_id, replicas) in &coordinator_shards {
+                initialize_if_new(replicas).await?;
+                register_coordinator(&client, *coordinator_shard_id, replicas).await?;
+            }
+            println!("bootstrapped");
+        }
         Command::Rebuild { data_dir } => deploy::rebuild::in_place(&data_dir).await?,
         Command::Audit { data_dir, json } => {
             let cluster = deploy::cluster::running(&data_dir)?;

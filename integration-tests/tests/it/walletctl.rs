@@ -440,3 +440,107 @@ async fn walletctl_up_with_kafka_projects_through_the_broker() {
     );
     interrupt(walletctl, data_dir).await;
 }
+
+/// Processes started by something else than `up` (as Kubernetes would): `walletctl bootstrap`
+/// initializes every group and fills the topology, and running it again changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn walletctl_bootstrap_initializes_groups_started_elsewhere() {
+    let data_dir = integration_tests::process::fresh_data_dir("bootstrap-").unwrap();
+    let mut processes = Vec::new();
+    let start = |binary: &'static str, name: String, listen: String, args: Vec<String>| {
+        let dir = data_dir.path().join(&name);
+        async move {
+            let mut all = vec![
+                "--listen".to_string(),
+                listen,
+                "--data-dir".into(),
+                dir.display().to_string(),
+            ];
+            all.extend(args);
+            spawn(&workspace_binary(binary), &all).await.unwrap()
+        }
+    };
+    let any_port = || "127.0.0.1:0".to_string();
+    let mut topology = Vec::new();
+    for node in 1..=3 {
+        let args = vec!["--node-id".into(), node.to_string()];
+        let process = start("marker-topology", format!("t{node}"), any_port(), args).await;
+        topology.push(process.address().to_string());
+        processes.push(process);
+    }
+    let args = |group: &str, id: &str, node: u64| {
+        vec![
+            group.to_string(),
+            id.to_string(),
+            "--node-id".into(),
+            node.to_string(),
+            "--topology".into(),
+            topology.join(","),
+        ]
+    };
+    let mut storage = Vec::new();
+    for node in 1..=3 {
+        let process = start(
+            "auticuro",
+            format!("s{node}"),
+            any_port(),
+            args("--shard-id", "7", node),
+        )
+        .await;
+        storage.push(process.address().to_string());
+        processes.push(process);
+    }
+    // Coordinators are ready only once the topology lists a storage shard, so their addresses
+    // are fixed in advance (as a StatefulSet's are) and bootstrap runs while they start.
+    let coordinator: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", integration_tests::free_port().unwrap()))
+        .collect();
+    let bootstrap = || {
+        let mut command = tokio::process::Command::new(workspace_binary("walletctl"));
+        command.args([
+            "bootstrap",
+            "--topology",
+            &topology.join(","),
+            "--storage-shard",
+            &format!("7={}", storage.join(",")),
+            "--coordinator-shard",
+            &format!("3={}", coordinator.join(",")),
+        ]);
+        command
+    };
+    let first = bootstrap().output();
+    let coordinators = async {
+        let mut started = Vec::new();
+        for (node, address) in (1..=3).zip(&coordinator) {
+            let args = args("--coordinator-shard-id", "3", node);
+            started.push(start("marker", format!("c{node}"), address.clone(), args).await);
+        }
+        started
+    };
+    let (first, _coordinators) = tokio::join!(first, coordinators);
+    let first = first.unwrap();
+    assert!(first.status.success(), "{first:?}");
+    let again = bootstrap().output().await.unwrap();
+    assert!(again.status.success(), "{again:?}");
+    let status = deploy::status::status(&topology, "postgres://nowhere:1/none")
+        .await
+        .unwrap();
+    let groups: Vec<(&str, u32, bool, usize)> = status
+        .groups
+        .iter()
+        .map(|g| {
+            let reachable = g.replicas.iter().filter(|r| r.reachable).count();
+            (g.kind, g.group_id, g.leader_node_id.is_some(), reachable)
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("topology", 0, true, 3),
+            ("storage", 7, true, 3),
+            ("coordinator", 3, true, 3)
+        ]
+    );
+    let coordinator_status = status.groups.last().unwrap();
+    assert_eq!(coordinator_status.in_flight, Some(0));
+}
