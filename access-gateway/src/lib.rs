@@ -115,6 +115,31 @@ pub fn router(state: Arc<AppState>) -> Router {
             Arc::clone(&state),
             metrics::track,
         ))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                refuse_declared_oversize(request, next, body_bytes_max)
+            },
+        ))
         .layer(DefaultBodyLimit::max(body_bytes_max))
         .with_state(state)
+}
+
+/// A body whose declared length is over the limit is refused before any of it is read (bodies
+/// without a declared length are cut at the limit while read).
+async fn refuse_declared_oversize(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+    body_bytes_max: usize,
+) -> axum::response::Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > body_bytes_max as u64 => {
+            axum::response::IntoResponse::into_response(problem::ApiError::PayloadTooLarge)
+        }
+        _ => next.run(request).await,
+    }
 }

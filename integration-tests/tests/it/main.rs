@@ -6,6 +6,7 @@ mod gateway;
 mod harness_kafka;
 mod harness_postgres;
 mod harness_process;
+mod manifests;
 mod projection;
 mod storage_cluster;
 mod walletctl;
