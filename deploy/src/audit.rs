@@ -15,8 +15,6 @@ use std::collections::BTreeMap;
 use auticuro::client::channel;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
-use proto::marker::v1 as marker;
-use proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient;
 use sqlx::Row;
 
 use crate::{Error, Result};
@@ -101,23 +99,6 @@ async fn shard_state(replicas: &[String], at: u64) -> Result<ShardState> {
     Err(Error::Setup(format!("reading the event log: {last_error}")))
 }
 
-/// The number of transactions in flight on a coordinator shard (the most any replica reports).
-async fn in_flight(replicas: &[String]) -> Result<u64> {
-    let mut most = None;
-    for address in replicas {
-        let Ok(channel) = channel(address) else {
-            continue;
-        };
-        if let Ok(status) = CoordinatorAdminClient::new(channel)
-            .status(marker::CoordinatorStatusRequest {})
-            .await
-        {
-            most = Some(most.unwrap_or(0).max(status.into_inner().in_flight));
-        }
-    }
-    most.ok_or_else(|| Error::Setup("no coordinator replica answered".into()))
-}
-
 /// The read side's accounts of each shard and the seq each shard is projected to, read in one
 /// snapshot.
 async fn projection(
@@ -183,7 +164,9 @@ pub async fn audit(topology: &[String], database_url: &str) -> Result<Vec<Check>
 
     let mut coordinators_in_flight = 0;
     for entry in topology.coordinators.values() {
-        coordinators_in_flight += in_flight(&entry.replicas).await?;
+        coordinators_in_flight += crate::status::in_flight(&entry.replicas)
+            .await
+            .ok_or_else(|| Error::Setup("no coordinator replica answered".into()))?;
     }
 
     for (shard_id, replicas) in &topology.storage_shards {

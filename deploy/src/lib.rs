@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod drain;
 pub mod postgres;
 pub mod process;
 pub mod rebuild;

@@ -117,7 +117,8 @@ async fn group_status(kind: &'static str, group_id: u32, addresses: &[String]) -
     }
 }
 
-async fn in_flight(addresses: &[String]) -> Option<u64> {
+/// Transactions in flight on a coordinator shard, the most any replica reports.
+pub async fn in_flight(addresses: &[String]) -> Option<u64> {
     let mut most = None;
     for address in addresses {
         let Ok(channel) = channel(address) else {

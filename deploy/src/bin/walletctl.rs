@@ -66,6 +66,11 @@ enum Command {
         #[arg(long = "coordinator-shard", value_parser = auticuro::client::parse_shard_spec, required = true)]
         coordinator_shards: Vec<(u32, Vec<String>)>,
     },
+    /// Coordinator shards of the running cluster.
+    Coordinator {
+        #[command(subcommand)]
+        command: CoordinatorCommand,
+    },
     /// API keys of the running cluster's gateway.
     Apikey {
         #[command(subcommand)]
@@ -86,6 +91,19 @@ enum Command {
         /// Print the checks as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CoordinatorCommand {
+    /// Take a coordinator shard out of service: no new transactions, the ones it has finish,
+    /// then it is removed from the topology. Returns once it is removed.
+    Drain {
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+        /// The coordinator shard id.
+        #[arg(long)]
+        id: u32,
     },
 }
 
@@ -209,6 +227,13 @@ async fn main() -> anyhow::Result<()> {
                 register_coordinator(&client, *coordinator_shard_id, replicas).await?;
             }
             println!("bootstrapped");
+        }
+        Command::Coordinator {
+            command: CoordinatorCommand::Drain { data_dir, id },
+        } => {
+            let cluster = deploy::cluster::running(&data_dir)?;
+            deploy::drain::drain(&cluster.topology, id).await?;
+            println!("coordinator shard {id} drained and removed");
         }
         Command::Rebuild { data_dir } => deploy::rebuild::in_place(&data_dir).await?,
         Command::Audit { data_dir, json } => {

@@ -544,3 +544,142 @@ async fn walletctl_bootstrap_initializes_groups_started_elsewhere() {
     let coordinator_status = status.groups.last().unwrap();
     assert_eq!(coordinator_status.in_flight, Some(0));
 }
+
+/// Posts until the answer is final (201), retrying "pending" (202) and "unavailable" (503)
+/// answers with the same idempotency key, as a careful client does.
+async fn post_until_final(
+    client: &Client,
+    url: &str,
+    key: &str,
+    idempotency_key: &str,
+    body: Value,
+) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let answer = Gateway::send(
+            client
+                .post(url)
+                .bearer_auth(key)
+                .header("Idempotency-Key", idempotency_key)
+                .json(&body),
+        )
+        .await;
+        match answer.status {
+            StatusCode::CREATED => return answer.body,
+            StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            _ => panic!("{idempotency_key}: {answer:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn walletctl_coordinator_drain_under_load_fails_and_doubles_no_payment() {
+    const PER_WORKER: usize = 25;
+    let data_dir = integration_tests::process::fresh_data_dir("walletctl-drain-").unwrap();
+    let data_dir = data_dir.path();
+    let walletctl = up(data_dir, 0).await;
+    let url = format!("http://{}", walletctl.address());
+    let key = std::fs::read_to_string(data_dir.join("api-key")).unwrap();
+    let client = Client::new();
+    let mut wallets = Vec::new();
+    for n in 0..4 {
+        let wallet = post(
+            &client,
+            &format!("{url}/v1/wallets"),
+            &key,
+            &format!("drain-wallet-{n}"),
+            json!({ "owner_id": format!("o{n}"), "currency": "USD" }),
+        )
+        .await;
+        let wallet = wallet["wallet_id"].as_str().unwrap().to_string();
+        post(
+            &client,
+            &format!("{url}/v1/deposits"),
+            &key,
+            &format!("drain-deposit-{n}"),
+            json!({ "wallet_id": wallet, "amount": "100.00", "currency": "USD" }),
+        )
+        .await;
+        wallets.push(wallet);
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..4usize {
+        let (client, url, key, wallets, done) = (
+            client.clone(),
+            url.clone(),
+            key.clone(),
+            wallets.clone(),
+            done.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut tokens = Vec::new();
+            for n in 0..PER_WORKER {
+                let (from, to) = (&wallets[worker], &wallets[(worker + 1 + n % 3) % 4]);
+                let paid = post_until_final(
+                    &client,
+                    &format!("{url}/v1/payments"),
+                    &key,
+                    &format!("drain-pay-{worker}-{n}"),
+                    json!({ "from_wallet_id": from, "to_wallet_id": to, "amount": "1.00", "currency": "USD" }),
+                )
+                .await;
+                assert_eq!(paid["status"], "committed", "{paid}");
+                tokens.push(paid["consistency_token"].as_str().unwrap().to_string());
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            tokens
+        }));
+    }
+    while done.load(std::sync::atomic::Ordering::Relaxed) < 8 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let drained = tokio::process::Command::new(workspace_binary("walletctl"))
+        .args(["coordinator", "drain", "--id", "1", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(drained.status.success(), "{drained:?}");
+    let mut tokens = Vec::new();
+    for worker in workers {
+        tokens.extend(worker.await.unwrap());
+    }
+    assert_eq!(tokens.len(), 4 * PER_WORKER, "every payment committed");
+    let cluster = deploy::cluster::running(data_dir).unwrap();
+    let topology = marker::topology::TopologyClient::new(cluster.topology.clone())
+        .get()
+        .await
+        .unwrap();
+    assert_eq!(
+        topology.coordinators[&1].state,
+        marker::topology::CoordinatorState::Removed
+    );
+    // Each payment moved money once: every wallet paid PER_WORKER dollars and received what
+    // was sent to it.
+    let mut expected = [10_000i64; 4];
+    for worker in 0..4usize {
+        for n in 0..PER_WORKER {
+            expected[worker] -= 100;
+            expected[(worker + 1 + n % 3) % 4] += 100;
+        }
+    }
+    let last = tokens.last().unwrap().clone();
+    for (wallet, cents) in wallets.iter().zip(expected) {
+        let answer = balance(&client, &url, &key, wallet, &last).await;
+        let shown: f64 = answer.as_str().unwrap().parse().unwrap();
+        assert_eq!((shown * 100.0).round() as i64, cents, "{wallet}");
+    }
+    let audit = tokio::process::Command::new(workspace_binary("walletctl"))
+        .args(["audit", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(audit.status.success(), "{audit:?}");
+    interrupt(walletctl, data_dir).await;
+}
