@@ -5,6 +5,7 @@
 //! The test harness starts its processes with the same code.
 
 pub mod audit;
+pub mod bench;
 pub mod cluster;
 pub mod drain;
 pub mod postgres;

@@ -66,6 +66,20 @@ enum Command {
         #[arg(long = "coordinator-shard", value_parser = auticuro::client::parse_shard_spec, required = true)]
         coordinator_shards: Vec<(u32, Vec<String>)>,
     },
+    /// Run benchmark programs (storage, coordinator, gateway, query; default all) and print
+    /// one table of every phase and one JSON document. Build in release mode for real numbers.
+    Bench {
+        /// Workloads to run, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "storage,coordinator,gateway,query"
+        )]
+        workloads: Vec<String>,
+        /// Arguments passed to every benchmark program (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Coordinator shards of the running cluster.
     Coordinator {
         #[command(subcommand)]
@@ -234,6 +248,10 @@ async fn main() -> anyhow::Result<()> {
             let cluster = deploy::cluster::running(&data_dir)?;
             deploy::drain::drain(&cluster.topology, id).await?;
             println!("coordinator shard {id} drained and removed");
+        }
+        Command::Bench { workloads, args } => {
+            let reports = deploy::bench::run(&workloads, &args).await?;
+            println!("{}", serde_json::to_string_pretty(&reports)?);
         }
         Command::Rebuild { data_dir } => deploy::rebuild::in_place(&data_dir).await?,
         Command::Audit { data_dir, json } => {

@@ -683,3 +683,31 @@ async fn walletctl_coordinator_drain_under_load_fails_and_doubles_no_payment() {
     assert!(audit.status.success(), "{audit:?}");
     interrupt(walletctl, data_dir).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn walletctl_bench_runs_a_benchmark_and_prints_one_table_and_json() {
+    let output = tokio::process::Command::new(workspace_binary("walletctl"))
+        .args(["bench", "--workloads", "query", "--"])
+        .args(["--seconds", "1", "--rate", "200", "--accounts", "10"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout.contains("query        commit to visible"),
+        "{stdout}"
+    );
+    let json: Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["query"]["benchmark"], "query");
+    assert!(
+        json["query"]["lag"]["operations"].as_u64().unwrap() > 0,
+        "{json}"
+    );
+    let unknown = tokio::process::Command::new(workspace_binary("walletctl"))
+        .args(["bench", "--workloads", "nothing"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!unknown.status.success());
+}
