@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod bench;
 pub mod cluster;
+pub mod demo;
 pub mod drain;
 pub mod postgres;
 pub mod process;

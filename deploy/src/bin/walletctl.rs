@@ -80,6 +80,13 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// A scenario against the running cluster: wallets in two currencies, deposits, payments
+    /// across shards with fees, a refused overdraft, a hierarchy; then balances, roll-ups and a
+    /// conservation check.
+    Demo {
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+    },
     /// Coordinator shards of the running cluster.
     Coordinator {
         #[command(subcommand)]
@@ -248,6 +255,9 @@ async fn main() -> anyhow::Result<()> {
             let cluster = deploy::cluster::running(&data_dir)?;
             deploy::drain::drain(&cluster.topology, id).await?;
             println!("coordinator shard {id} drained and removed");
+        }
+        Command::Demo { data_dir } => {
+            deploy::demo::run(&deploy::cluster::running(&data_dir)?).await?;
         }
         Command::Bench { workloads, args } => {
             let reports = deploy::bench::run(&workloads, &args).await?;

@@ -438,6 +438,28 @@ async fn walletctl_up_with_kafka_projects_through_the_broker() {
         "{messages} messages in {}",
         query::LEDGER_TOPIC
     );
+
+    // The demo scenario runs against this cluster (twice: every run uses new keys).
+    for _ in 0..2 {
+        let demo = tokio::process::Command::new(workspace_binary("walletctl"))
+            .args(["demo", "--data-dir"])
+            .arg(data_dir)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&demo.stdout).to_string();
+        assert!(
+            demo.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&demo.stderr)
+        );
+        assert!(
+            stdout.contains("overdraft: 422 /problems/insufficient-funds"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("money conserved: EUR and USD"), "{stdout}");
+        assert!(stdout.contains("  USD team"), "{stdout}");
+    }
     interrupt(walletctl, data_dir).await;
 }
 
