@@ -4,7 +4,6 @@
 //! balances, the hierarchy's roll-up and a conservation check per currency.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 
 use proto::query::v1 as pb;
 use proto::query::v1::account_query_client::AccountQueryClient;
@@ -45,20 +44,6 @@ impl Api {
             (201, body) => Ok(body),
             (status, body) => Err(Error::Setup(format!("POST {path}: {status} {body}"))),
         }
-    }
-}
-
-fn progress(label: &str, done: usize, total: usize) {
-    let width = 30;
-    let filled = done * width / total.max(1);
-    eprint!(
-        "\r{label:<12} [{}{}] {done}/{total}",
-        "#".repeat(filled),
-        " ".repeat(width - filled)
-    );
-    let _ = std::io::stderr().flush();
-    if done == total {
-        eprintln!();
     }
 }
 
@@ -111,7 +96,7 @@ pub async fn run(cluster: &ClusterInfo) -> Result<()> {
         )
         .await?;
         wallets.push((name.to_string(), currency, id));
-        progress("wallets", done + 1, people.len());
+        query::progress::draw("wallets ", done as u64 + 1, people.len() as u64);
     }
 
     // Payments between wallets of the same currency (across shards), each with a fee.
@@ -135,7 +120,7 @@ pub async fn run(cluster: &ClusterInfo) -> Result<()> {
             )
             .await?;
         last_token = text(&paid, "consistency_token")?;
-        progress("payments", n + 1, PAYMENTS);
+        query::progress::draw("payments", n as u64 + 1, PAYMENTS as u64);
     }
 
     // An overdraft is refused and moves nothing.

@@ -4,7 +4,6 @@
 //! projection has reached the shards' heads as they were when the rebuild began.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -59,17 +58,7 @@ pub async fn in_place(data_dir: &Path) -> Result<()> {
             .keys()
             .map(|shard| applied.get(shard).copied().unwrap_or(0))
             .sum();
-        let width = 40;
-        let filled = (done * width)
-            .checked_div(total)
-            .unwrap_or(width)
-            .min(width);
-        eprint!(
-            "\r[{}{}] {done}/{total}",
-            "#".repeat(filled as usize),
-            " ".repeat((width - filled) as usize)
-        );
-        let _ = std::io::stderr().flush();
+        query::progress::draw("replaying", done, total);
         let caught_up = heads
             .iter()
             .all(|(shard, head)| applied.get(shard).copied().unwrap_or(0) >= *head);

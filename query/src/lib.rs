@@ -8,6 +8,7 @@ pub mod connector;
 pub mod cursor;
 pub mod hierarchy;
 pub mod metrics;
+pub mod progress;
 pub mod projector;
 pub mod service;
 pub mod snapshot;

@@ -12,7 +12,6 @@
 //! from the `wallet.ledger.events` topic.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -281,25 +280,16 @@ async fn rebuild(
                     .await
                     .map(|seqs| seqs.values().sum::<u64>().saturating_sub(done_at_start))
                     .unwrap_or(0);
-                let width = 40;
-                let filled = (applied * width)
-                    .checked_div(total)
-                    .unwrap_or(width)
-                    .min(width);
-                eprint!(
-                    "\r[{}{}] {applied}/{total}",
-                    "#".repeat(filled as usize),
-                    " ".repeat((width - filled) as usize)
-                );
-                let _ = std::io::stderr().flush();
+                query::progress::draw("replaying", applied, total);
             }
         }
     });
     query::projector::project(&pool, &source, &metrics, Some(&heads)).await?;
     progress.abort();
+    query::progress::draw("replaying", total, total);
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "\rreplayed {total} events in {seconds:.1} s ({:.0} events/s)",
+        "replayed {total} events in {seconds:.1} s ({:.0} events/s)",
         total as f64 / seconds.max(0.001)
     );
     Ok(())

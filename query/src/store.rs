@@ -127,6 +127,9 @@ fn activity_id(shard_id: u32, seq: u64, position: usize) -> i64 {
     ((u64::from(shard_id) << 53) | (seq << 10) | position as u64) as i64
 }
 
+/// A leg of money that moved: account, signed amount, currency.
+type Movement = (String, i128, String);
+
 /// Rows of one batch, gathered per table and written with one statement per table.
 #[derive(Default)]
 struct Rows {
@@ -188,19 +191,31 @@ struct ActivityRows {
 }
 
 impl ActivityRows {
-    fn add(
-        &mut self,
-        event: &pb::Event,
-        metadata: &BTreeMap<String, String>,
-        legs: &[(String, i128)],
-        currency: &str,
-    ) {
+    /// The activities of money that moved in `event`, one currency at a time (a batch may
+    /// move several), numbered in order within the event.
+    fn add(&mut self, event: &pb::Event, metadata: &BTreeMap<String, String>, legs: &[Movement]) {
         let visible: BTreeMap<String, String> = metadata
             .iter()
             .filter(|(key, _)| !key.starts_with("wallet:"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for (position, found) in activity::activities(metadata, legs).into_iter().enumerate() {
+        let mut currencies: Vec<&str> = Vec::new();
+        for (_, _, currency) in legs {
+            if !currencies.contains(&currency.as_str()) {
+                currencies.push(currency);
+            }
+        }
+        let found = currencies.into_iter().flat_map(|currency| {
+            let legs: Vec<(String, i128)> = legs
+                .iter()
+                .filter(|(_, _, c)| c == currency)
+                .map(|(account, amount, _)| (account.clone(), *amount))
+                .collect();
+            activity::activities(metadata, &legs)
+                .into_iter()
+                .map(move |found| (found, currency))
+        });
+        for (position, (found, currency)) in found.enumerate() {
             self.activity_id
                 .push(activity_id(event.shard_id, event.seq, position));
             self.tenant_id
@@ -350,11 +365,18 @@ async fn project_event(
         Some(Kind::Transfer(transfer)) => {
             let amount = minor_value(&transfer.amount);
             let legs = [
-                (transfer.from_account_id.clone(), -amount),
-                (transfer.to_account_id.clone(), amount),
+                (
+                    transfer.from_account_id.clone(),
+                    -amount,
+                    transfer.currency.clone(),
+                ),
+                (
+                    transfer.to_account_id.clone(),
+                    amount,
+                    transfer.currency.clone(),
+                ),
             ];
-            rows.activities
-                .add(event, &transfer.metadata, &legs, &transfer.currency);
+            rows.activities.add(event, &transfer.metadata, &legs);
         }
         Some(Kind::Batch(batch)) => {
             let legs = leg_values(&batch.legs);
@@ -362,17 +384,16 @@ async fn project_event(
                 insert_transaction(tx, event, &batch.txn_id, &batch.metadata, "committed").await?;
                 insert_legs(tx, event, &batch.txn_id, &batch.legs, "posted").await?;
             }
-            let currency = batch.legs.first().map_or("", |leg| leg.currency.as_str());
-            rows.activities.add(event, &batch.metadata, &legs, currency);
+            rows.activities.add(event, &batch.metadata, &legs);
         }
         Some(Kind::Reserve(reserve)) => {
             insert_transaction(tx, event, &reserve.txn_id, &reserve.metadata, "pending").await?;
             insert_legs(tx, event, &reserve.txn_id, &reserve.legs, "held").await?;
         }
         Some(Kind::Post(post)) => {
-            let (metadata, legs, currency) =
+            let (metadata, legs) =
                 finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
-            rows.activities.add(event, &metadata, &legs, &currency);
+            rows.activities.add(event, &metadata, &legs);
         }
         Some(Kind::Void(void)) => {
             finish_legs(tx, event, &void.txn_id, "voided", "aborted").await?;
@@ -382,9 +403,15 @@ async fn project_event(
     Ok(())
 }
 
-fn leg_values(legs: &[pb::Leg]) -> Vec<(String, i128)> {
+fn leg_values(legs: &[pb::Leg]) -> Vec<Movement> {
     legs.iter()
-        .map(|leg| (leg.account_id.clone(), minor_value(&leg.amount)))
+        .map(|leg| {
+            (
+                leg.account_id.clone(),
+                minor_value(&leg.amount),
+                leg.currency.clone(),
+            )
+        })
         .collect()
 }
 
@@ -453,15 +480,15 @@ async fn insert_legs(
     Ok(())
 }
 
-/// Posts or voids the shard's held legs of a transaction; returns the transaction's metadata,
-/// the legs and their currency.
+/// Posts or voids the shard's held legs of a transaction; returns the transaction's metadata
+/// and the legs.
 async fn finish_legs(
     tx: &mut Transaction<'static, Postgres>,
     event: &pb::Event,
     txn_id: &str,
     leg_state: &str,
     status: &str,
-) -> Result<(BTreeMap<String, String>, Vec<(String, i128)>, String), StoreError> {
+) -> Result<(BTreeMap<String, String>, Vec<Movement>), StoreError> {
     let legs = sqlx::query(
         "UPDATE transaction_legs SET state = $3
          WHERE txn_id = $1 AND shard_id = $2 AND state = 'held'
@@ -485,21 +512,20 @@ async fn finish_legs(
     let metadata: BTreeMap<String, String> = metadata
         .and_then(|row| serde_json::from_str(&row.get::<String, _>(0)).ok())
         .unwrap_or_default();
-    let currency = legs
-        .first()
-        .map_or_else(String::new, |row| row.get::<String, _>(2));
-    // Legs in the order the reservation named them.
-    let mut values: Vec<(String, i128)> = legs
+    // In a fixed order (debits first, then by account), so a rebuild numbers the activities the
+    // same way.
+    let mut values: Vec<Movement> = legs
         .iter()
         .map(|row| {
             (
                 row.get::<String, _>(0),
                 row.get::<String, _>(1).parse().unwrap_or(0),
+                row.get::<String, _>(2),
             )
         })
         .collect();
-    values.sort_by_key(|(account, amount)| (*amount >= 0, account.clone()));
-    Ok((metadata, values, currency))
+    values.sort_by_key(|(account, amount, _)| (*amount >= 0, account.clone()));
+    Ok((metadata, values))
 }
 
 async fn insert_rows(

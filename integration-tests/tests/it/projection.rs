@@ -218,6 +218,48 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
     assert_eq!(across.status, TransactionStatus::Committed as i32);
     assert_eq!(within.status, TransactionStatus::Committed as i32);
     assert_eq!(refused.status, TransactionStatus::Aborted as i32);
+    // A batch that moves two currencies at once (straight on the shard).
+    let shard = platform.shard(1);
+    for (id, unbounded) in [("tenant-a/eur-x", true), ("tenant-a/eur-y", false)] {
+        let create = ledger::command::Kind::CreateAccount(ledger::CreateAccount {
+            account_id: id.into(),
+            currency: "EUR".into(),
+            scale: 2,
+            no_lower_limit: unbounded,
+            ..Default::default()
+        });
+        let created = shard
+            .execute(integration_tests::commands::command(
+                format!("c-{id}"),
+                create,
+            ))
+            .await
+            .unwrap();
+        assert!(integration_tests::commands::ok(&created), "{created:?}");
+    }
+    let two_currencies = ledger::command::Kind::Batch(ledger::Batch {
+        legs: vec![
+            leg(&alice, -5),
+            leg(&carol, 5),
+            ledger::Leg {
+                currency: "EUR".into(),
+                ..leg("tenant-a/eur-x", -7)
+            },
+            ledger::Leg {
+                currency: "EUR".into(),
+                ..leg("tenant-a/eur-y", 7)
+            },
+        ],
+        ..Default::default()
+    });
+    let batch = shard
+        .execute(integration_tests::commands::command(
+            "two-currencies",
+            two_currencies,
+        ))
+        .await
+        .unwrap();
+    assert!(integration_tests::commands::ok(&batch), "{batch:?}");
 
     // Read-your-write: the token of the payment just made.
     let bob_balance = client
@@ -364,6 +406,27 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
             (1, "30".into(), "posted".into()),
             (2, "1000".into(), "posted".into())
         ]
+    );
+
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT account_id, amount::text, currency FROM activities a
+         JOIN ledger_events e ON e.shard_id = 1 AND e.request_id = 'two-currencies'
+              AND a.activity_id >> 53 = 1
+              AND a.activity_id >> 10 & ((1::bigint << 43) - 1) = e.seq
+         ORDER BY a.activity_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (alice.clone(), "-5".into(), "USD".into()),
+            (carol.clone(), "5".into(), "USD".into()),
+            ("tenant-a/eur-x".into(), "-7".into(), "EUR".into()),
+            ("tenant-a/eur-y".into(), "7".into(), "EUR".into()),
+        ],
+        "each currency's legs with their own currency"
     );
 
     // The activity feed, through the service, paginated two at a time.
