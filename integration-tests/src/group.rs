@@ -137,21 +137,8 @@ impl Group {
         for node_id in 1..=size {
             shard.add_process(node_id).await?;
         }
-        let members = shard
-            .replicas
-            .iter()
-            .map(|replica| raft::Node {
-                node_id: replica.node_id,
-                address: replica.address.clone(),
-            })
-            .collect();
-        shard
-            .admin(1)
-            .await?
-            .initialize(raft::InitializeRequest { members })
-            .await
-            .map_err(setup_error("initialize"))?;
-        shard.leader().await?;
+        let addresses: Vec<String> = shard.replicas.iter().map(|r| r.address.clone()).collect();
+        deploy::cluster::initialize_if_new(&addresses).await?;
         Ok(shard)
     }
 
