@@ -70,6 +70,9 @@ struct Supervised {
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    /// The last start (or failed attempt): a process that keeps dying is restarted at most
+    /// once per [`RESTART_INTERVAL_MIN`].
+    started: Instant,
 }
 
 /// A running cluster; dropping it stops every process it started.
@@ -82,6 +85,7 @@ pub struct LocalCluster {
 
 /// How often the supervisor looks for processes that died.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(500);
+const RESTART_INTERVAL_MIN: Duration = Duration::from_secs(5);
 
 impl LocalCluster {
     /// Restarts, for as long as it runs, every process that dies (on the address it had, with
@@ -98,9 +102,13 @@ impl LocalCluster {
                         continue;
                     }
                 };
+                if supervised.started.elapsed() < RESTART_INTERVAL_MIN {
+                    continue;
+                }
                 eprintln!("{} exited ({status}); restarting it", supervised.name);
                 let address = supervised.process.address().to_string();
                 let args = same_address(&supervised.args, &address);
+                supervised.started = Instant::now();
                 match ServiceProcess::spawn(&supervised.program, &args, &supervised.log).await {
                     Ok(process) => {
                         self.info.processes[index].pid = process.pid();
@@ -185,6 +193,7 @@ impl Launcher {
             program,
             args,
             log,
+            started: Instant::now(),
         });
         Ok(address)
     }
