@@ -1,7 +1,9 @@
-//! What the benchmark programs share: a deterministic generator, latency histograms, and one
-//! report format (a table for people, JSON for machines).
+//! What the benchmark programs share: a deterministic generator, latency histograms, a
+//! closed-loop driver, and one report format (a table for people, JSON for machines).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -108,4 +110,52 @@ pub fn emit_json<T: Serialize>(report: &T, path: Option<&std::path::Path>) -> an
         std::fs::write(path, &json)?;
     }
     Ok(())
+}
+
+/// Runs `clients` closed-loop clients for `seconds`, each sending its next operation when the
+/// last one answered; `operation` gets the client's index and random generator back and says
+/// whether it succeeded.
+pub async fn closed_loop<F, Fut>(
+    name: &str,
+    clients: usize,
+    seconds: u64,
+    operation: F,
+) -> anyhow::Result<PhaseReport>
+where
+    F: Fn(usize, Rng) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<(bool, Rng)>> + Send,
+{
+    let operation = Arc::new(operation);
+    let rejected = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = started + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (operation, rejected) = (Arc::clone(&operation), Arc::clone(&rejected));
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = histogram();
+            let mut rng = Rng(client as u64 * 7919 + 1);
+            while Instant::now() < end {
+                let sent = Instant::now();
+                let (succeeded, next) = operation(client, rng).await?;
+                rng = next;
+                if !succeeded {
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                record(&mut histogram, sent.elapsed(), 1);
+            }
+            anyhow::Ok(histogram)
+        }));
+    }
+    let mut histogram: Histogram<u64> = histogram();
+    for task in tasks {
+        histogram.add(task.await??)?;
+    }
+    Ok(PhaseReport::new(
+        name,
+        clients,
+        started.elapsed(),
+        &histogram,
+        rejected.load(Ordering::Relaxed),
+    ))
 }

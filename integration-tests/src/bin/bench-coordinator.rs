@@ -8,10 +8,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use clap::Parser;
-use integration_tests::bench::{self, PhaseReport, Rng};
+use integration_tests::bench::{self, PhaseReport};
 use integration_tests::platform::{Platform, leg};
 use proto::marker::v1 as pb;
 use serde::Serialize;
@@ -62,17 +61,14 @@ async fn main() -> anyhow::Result<()> {
     let channel = auticuro::client::channel(&address)?;
     eprintln!("{} clients for {} s…", args.clients, args.seconds);
     static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
-    let rejected = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for index in 0..args.clients {
-        let mut client = pb::coordinator_client::CoordinatorClient::new(channel.clone());
-        let (accounts, rejected) = (accounts.clone(), rejected.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut histogram = bench::histogram();
-            let mut rng = Rng(0x5851_f42d_4c95_7f2d ^ (index as u64 + 1));
-            while Instant::now() < deadline {
+    let phase = bench::closed_loop(
+        "cross-shard, max",
+        args.clients,
+        args.seconds,
+        move |_, mut rng| {
+            let mut client = pb::coordinator_client::CoordinatorClient::new(channel.clone());
+            let accounts = accounts.clone();
+            async move {
                 let from_shard = rng.below(2);
                 let from = &accounts[from_shard][rng.below(accounts[from_shard].len())];
                 let to = &accounts[1 - from_shard][rng.below(accounts[1 - from_shard].len())];
@@ -85,28 +81,13 @@ async fn main() -> anyhow::Result<()> {
                     wait_ms_max: 30_000,
                     wait_until_done: false,
                 };
-                let sent = Instant::now();
                 let reply = client.submit(request).await?.into_inner().reply;
                 let committed = matches!(reply, Some(pb::submit_response::Reply::Transaction(t)) if t.status == pb::TransactionStatus::Committed as i32);
-                if !committed {
-                    rejected.fetch_add(1, Ordering::Relaxed);
-                }
-                bench::record(&mut histogram, sent.elapsed(), 1);
+                Ok((committed, rng))
             }
-            anyhow::Ok(histogram)
-        }));
-    }
-    let mut histogram = bench::histogram();
-    for task in tasks {
-        histogram.add(task.await??)?;
-    }
-    let phase = PhaseReport::new(
-        "cross-shard, max",
-        args.clients,
-        started.elapsed(),
-        &histogram,
-        rejected.load(Ordering::Relaxed),
-    );
+        },
+    )
+    .await?;
     let phases = vec![phase];
     bench::print_table("transfers", &phases);
     bench::emit_json(

@@ -9,11 +9,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hdrhistogram::Histogram;
-use integration_tests::bench::{self, PhaseReport, Rng};
+use integration_tests::bench::{self, PhaseReport};
 use integration_tests::gateway::Gateway;
 use integration_tests::platform::Platform;
 use serde::Serialize;
@@ -39,52 +37,6 @@ struct Report {
     phases: Vec<PhaseReport>,
     /// Gateway payments/s over Postgres ledger payments/s.
     ratio: f64,
-}
-
-/// Runs `clients` closed-loop clients for `seconds`; `payment` returns whether it succeeded.
-async fn closed_loop<F, Fut>(
-    name: &str,
-    clients: usize,
-    seconds: u64,
-    payment: F,
-) -> anyhow::Result<PhaseReport>
-where
-    F: Fn(usize, Rng) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<(bool, Rng)>> + Send,
-{
-    let payment = Arc::new(payment);
-    let rejected = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let end = started + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for client in 0..clients {
-        let (payment, rejected) = (Arc::clone(&payment), Arc::clone(&rejected));
-        tasks.push(tokio::spawn(async move {
-            let mut histogram = bench::histogram();
-            let mut rng = Rng(client as u64 * 7919 + 1);
-            while Instant::now() < end {
-                let sent = Instant::now();
-                let (succeeded, next) = payment(client, rng).await?;
-                rng = next;
-                if !succeeded {
-                    rejected.fetch_add(1, Ordering::Relaxed);
-                }
-                bench::record(&mut histogram, sent.elapsed(), 1);
-            }
-            anyhow::Ok(histogram)
-        }));
-    }
-    let mut histogram: Histogram<u64> = bench::histogram();
-    for task in tasks {
-        histogram.add(task.await??)?;
-    }
-    Ok(PhaseReport::new(
-        name,
-        clients,
-        started.elapsed(),
-        &histogram,
-        rejected.load(Ordering::Relaxed),
-    ))
 }
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
@@ -121,7 +73,7 @@ async fn gateway_phase(args: &Args) -> anyhow::Result<PhaseReport> {
     }
     let wallets = Arc::new(wallets);
     eprintln!("running {} clients for {} s…", args.clients, args.seconds);
-    closed_loop("gateway REST payments", args.clients, args.seconds, move |_, mut rng| {
+    bench::closed_loop("gateway REST payments", args.clients, args.seconds, move |_, mut rng| {
         let (gateway, wallets, key) = (Arc::clone(&gateway), Arc::clone(&wallets), key.clone());
         async move {
             let from = rng.below(wallets.len());
@@ -152,7 +104,7 @@ async fn postgres_phase(args: &Args) -> anyhow::Result<PhaseReport> {
         .execute(&pool)
         .await?;
     let wallets = args.wallets;
-    closed_loop(
+    bench::closed_loop(
         "postgres ledger payments",
         args.clients,
         args.seconds,
