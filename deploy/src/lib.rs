@@ -12,6 +12,7 @@ pub mod drain;
 pub mod postgres;
 pub mod process;
 pub mod rebuild;
+pub mod replicas;
 pub mod status;
 
 /// Errors of launching: a process that would not start, a command that failed.

@@ -92,6 +92,11 @@ enum Command {
         #[command(subcommand)]
         command: CoordinatorCommand,
     },
+    /// Storage shard membership: add a running replica, or remove one.
+    Shard {
+        #[command(subcommand)]
+        command: ShardCommand,
+    },
     /// API keys of the running cluster's gateway.
     Apikey {
         #[command(subcommand)]
@@ -125,6 +130,52 @@ enum CoordinatorCommand {
         /// The coordinator shard id.
         #[arg(long)]
         id: u32,
+    },
+}
+
+/// Where the platform's topology group is: given, or read from `up`'s `cluster.json`.
+#[derive(clap::Args, Debug)]
+struct TopologyArgs {
+    #[arg(long, default_value = ".wallet")]
+    data_dir: PathBuf,
+    /// Replicas of the topology group, `ADDRESS,ADDRESS,…` (instead of `cluster.json`).
+    #[arg(long, value_delimiter = ',')]
+    topology: Vec<String>,
+}
+
+impl TopologyArgs {
+    fn replicas(&self) -> anyhow::Result<Vec<String>> {
+        if self.topology.is_empty() {
+            Ok(deploy::cluster::running(&self.data_dir)?.topology)
+        } else {
+            Ok(self.topology.clone())
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum ShardCommand {
+    /// Make a running replica process (empty data directory, a node id never used in the
+    /// shard) a voter of the shard: it catches up first, then joins.
+    AddReplica {
+        #[command(flatten)]
+        topology: TopologyArgs,
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        node_id: u64,
+        /// The new replica's address.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a voter from the shard (stop its process afterwards).
+    RemoveReplica {
+        #[command(flatten)]
+        topology: TopologyArgs,
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        node_id: u64,
     },
 }
 
@@ -263,6 +314,26 @@ async fn main() -> anyhow::Result<()> {
             let reports = deploy::bench::run(&workloads, &args).await?;
             println!("{}", serde_json::to_string_pretty(&reports)?);
         }
+        Command::Shard { command } => match command {
+            ShardCommand::AddReplica {
+                topology,
+                shard,
+                node_id,
+                address,
+            } => {
+                deploy::replicas::add(&topology.replicas()?, shard, node_id, &address).await?;
+                println!("node {node_id} ({address}) is a voter of storage shard {shard}");
+            }
+            ShardCommand::RemoveReplica {
+                topology,
+                shard,
+                node_id,
+            } => {
+                let address =
+                    deploy::replicas::remove(&topology.replicas()?, shard, node_id).await?;
+                println!("node {node_id} ({address}) removed from storage shard {shard}; stop it");
+            }
+        },
         Command::Rebuild { data_dir } => deploy::rebuild::in_place(&data_dir).await?,
         Command::Audit { data_dir, json } => {
             let cluster = deploy::cluster::running(&data_dir)?;

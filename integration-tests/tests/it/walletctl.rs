@@ -733,3 +733,96 @@ async fn walletctl_bench_runs_a_benchmark_and_prints_one_table_and_json() {
         .unwrap();
     assert!(!unknown.status.success());
 }
+
+/// A storage replica is added (it catches up, then votes) and another removed, and the topology
+/// follows, while payments keep working.
+#[tokio::test(flavor = "multi_thread")]
+async fn walletctl_shard_adds_and_removes_replicas_and_the_topology_follows() {
+    use integration_tests::platform::{Platform, leg};
+    let mut platform = Platform::start_with_topology(1).await;
+    let topology = platform.topology.as_ref().unwrap().addresses();
+    let alice = platform.open(1, "r-alice", 1_000).await;
+    let bob = platform.open(2, "r-bob", 0).await;
+    let new_address = platform.storage[0]
+        .add_process(4)
+        .await
+        .unwrap()
+        .address
+        .clone();
+    let walletctl = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(workspace_binary("walletctl"));
+        command
+            .args(["shard"])
+            .args(args)
+            .args(["--topology", &topology]);
+        command
+    };
+    let added = walletctl(&[
+        "add-replica",
+        "--shard",
+        "1",
+        "--node-id",
+        "4",
+        "--address",
+        &new_address,
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let voters = |status: proto::raft::v1::StatusResponse| -> Vec<u64> {
+        status
+            .membership
+            .unwrap()
+            .voters
+            .iter()
+            .map(|n| n.node_id)
+            .collect()
+    };
+    assert_eq!(
+        voters(platform.storage[0].status(4).await.unwrap()),
+        [1, 2, 3, 4]
+    );
+    let removed = walletctl(&["remove-replica", "--shard", "1", "--node-id", "2"])
+        .output()
+        .await
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    let removed_address = platform.storage[0].address_of(2).to_string();
+    platform.storage[0].kill(2).await.unwrap();
+    assert_eq!(
+        voters(platform.storage[0].status(4).await.unwrap()),
+        [1, 3, 4]
+    );
+    let listed =
+        marker::topology::TopologyClient::new(topology.split(',').map(String::from).collect())
+            .get()
+            .await
+            .unwrap()
+            .storage_shards[&1]
+            .clone();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.contains(&new_address) && !listed.contains(&removed_address));
+    let paid = platform
+        .pay(
+            "after-membership-change",
+            vec![leg(&alice, -10), leg(&bob, 10)],
+        )
+        .await;
+    assert_eq!(
+        paid.status,
+        proto::marker::v1::TransactionStatus::Committed as i32
+    );
+    // The new replica has every event, up to the payment's post.
+    let shard = &platform.storage[0];
+    let leader_seq = shard
+        .status(shard.leader().await.unwrap())
+        .await
+        .unwrap()
+        .applied_seq;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shard.status(4).await.unwrap().applied_seq < leader_seq {
+        assert!(std::time::Instant::now() < deadline, "the new replica lags");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
