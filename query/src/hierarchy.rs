@@ -100,6 +100,20 @@ async fn done(
     }))
 }
 
+/// Runs an edit of one node's row: NOT_FOUND when it changed nothing, else OK with the node.
+async fn apply(
+    mut tx: Transaction<'static, Postgres>,
+    edit: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    tenant_id: &str,
+    node_id: &str,
+) -> Result<Response<pb::HierarchyResult>, Status> {
+    let changed = edit.execute(&mut *tx).await.map_err(unavailable)?;
+    if changed.rows_affected() == 0 {
+        return outcome(Outcome::NotFound);
+    }
+    done(tx, tenant_id, node_id).await
+}
+
 #[tonic::async_trait]
 impl Hierarchy for HierarchyService {
     async fn create_node(
@@ -140,20 +154,14 @@ impl Hierarchy for HierarchyService {
         if !valid_name(&request.name) {
             return outcome(Outcome::InvalidName);
         }
-        let mut tx = self.edit(&request.tenant_id).await?;
-        let renamed = sqlx::query(
+        let tx = self.edit(&request.tenant_id).await?;
+        let rename = sqlx::query(
             "UPDATE hierarchy_nodes SET name = $3 WHERE node_id = $1 AND tenant_id = $2",
         )
         .bind(&request.node_id)
         .bind(&request.tenant_id)
-        .bind(&request.name)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if renamed.rows_affected() == 0 {
-            return outcome(Outcome::NotFound);
-        }
-        done(tx, &request.tenant_id, &request.node_id).await
+        .bind(&request.name);
+        apply(tx, rename, &request.tenant_id, &request.node_id).await
     }
 
     async fn move_node(
@@ -271,20 +279,14 @@ impl Hierarchy for HierarchyService {
         request: Request<pb::DetachAccountRequest>,
     ) -> Result<Response<pb::HierarchyResult>, Status> {
         let request = request.into_inner();
-        let mut tx = self.edit(&request.tenant_id).await?;
-        let detached = sqlx::query(
+        let tx = self.edit(&request.tenant_id).await?;
+        let detach = sqlx::query(
             "DELETE FROM hierarchy_accounts WHERE account_id = $1 AND node_id = $2 AND tenant_id = $3",
         )
         .bind(&request.account_id)
         .bind(&request.node_id)
-        .bind(&request.tenant_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if detached.rows_affected() == 0 {
-            return outcome(Outcome::NotFound);
-        }
-        done(tx, &request.tenant_id, &request.node_id).await
+        .bind(&request.tenant_id);
+        apply(tx, detach, &request.tenant_id, &request.node_id).await
     }
 
     async fn get_tree(
