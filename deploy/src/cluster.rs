@@ -80,8 +80,13 @@ pub struct LocalCluster {
     pub info: ClusterInfo,
     processes: Vec<Supervised>,
     postgres: Option<PathBuf>,
-    data_dir: PathBuf,
+    options: Options,
+    /// `<data dir>/control.sock`: `walletctl` asks the running `up` to change the cluster.
+    control: tokio::net::UnixListener,
 }
+
+/// The request `walletctl coordinator add` sends on the control socket.
+pub const ADD_COORDINATOR: &str = "add-coordinator";
 
 /// How often the supervisor looks for processes that died.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(500);
@@ -90,9 +95,17 @@ const RESTART_INTERVAL_MIN: Duration = Duration::from_secs(5);
 impl LocalCluster {
     /// Restarts, for as long as it runs, every process that dies (on the address it had, with
     /// its data directory, so it recovers from its own disk), and keeps `cluster.json` current.
+    /// Between checks it answers requests on the control socket.
     pub async fn supervise(&mut self) {
         loop {
-            tokio::time::sleep(SUPERVISE_INTERVAL).await;
+            tokio::select! {
+                () = tokio::time::sleep(SUPERVISE_INTERVAL) => {}
+                accepted = self.control.accept() => {
+                    if let Ok((connection, _)) = accepted {
+                        self.answer(connection).await;
+                    }
+                }
+            }
             for (index, supervised) in self.processes.iter_mut().enumerate() {
                 let status = match supervised.process.try_wait() {
                     Ok(Some(status)) => status,
@@ -114,7 +127,7 @@ impl LocalCluster {
                         self.info.processes[index].pid = process.pid();
                         supervised.process = process;
                         eprintln!("{} restarted", supervised.name);
-                        if let Err(error) = write_cluster_json(&self.data_dir, &self.info) {
+                        if let Err(error) = write_cluster_json(&self.options.data_dir, &self.info) {
                             eprintln!("{error}");
                         }
                     }
@@ -122,6 +135,43 @@ impl LocalCluster {
                 }
             }
         }
+    }
+
+    /// One control request: a line naming what to do, answered by one line.
+    async fn answer(&mut self, connection: tokio::net::UnixStream) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (reader, mut writer) = connection.into_split();
+        let mut line = String::new();
+        if BufReader::new(reader).read_line(&mut line).await.is_err() {
+            return;
+        }
+        let reply = match line.trim() {
+            ADD_COORDINATOR => match self.add_coordinator().await {
+                Ok(id) => format!("ok {id}\n"),
+                Err(error) => format!("error {error}\n"),
+            },
+            other => format!("error unknown request {other:?}\n"),
+        };
+        let _ = writer.write_all(reply.as_bytes()).await;
+    }
+
+    /// Starts a new coordinator shard (its replicas supervised like every other process) and
+    /// makes it active in the topology; returns its id.
+    pub async fn add_coordinator(&mut self) -> Result<u32> {
+        let client = TopologyClient::new(self.info.topology.clone());
+        let topology = client.get().await.map_err(Error::Setup)?;
+        let id = topology.coordinators.keys().max().copied().unwrap_or(0) + 1;
+        let mut launcher = Launcher {
+            options: self.options.clone(),
+            processes: Vec::new(),
+            infos: Vec::new(),
+        };
+        start_coordinator(&mut launcher, &client, &self.info.topology, id).await?;
+        self.processes.append(&mut launcher.processes);
+        self.info.processes.append(&mut launcher.infos);
+        write_cluster_json(&self.options.data_dir, &self.info)?;
+        eprintln!("coordinator shard {id} added");
+        Ok(id)
     }
 
     /// Stops every process and waits until each has exited (so their ports are free again),
@@ -470,16 +520,18 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
     }
     let client = TopologyClient::new(topology.clone());
     register_storage_shards(&client, &storage).await?;
-    for coordinator_shard_id in 1..=options.coordinator_shards {
-        let mut args = vec![
-            "--coordinator-shard-id".to_string(),
-            coordinator_shard_id.to_string(),
-        ];
-        args.extend_from_slice(&watch);
-        let ports = COORDINATOR_PORTS + 10 * coordinator_shard_id as u16;
-        let role = ("coordinator", Some(coordinator_shard_id));
-        let replicas = launcher.group("marker", role, ports, &args).await?;
-        register_coordinator(&client, coordinator_shard_id, &replicas).await?;
+    // The configured coordinator shards, and any added to this cluster since (still in use).
+    let mut coordinators: std::collections::BTreeSet<u32> =
+        (1..=options.coordinator_shards).collect();
+    let known = client.get().await.map_err(Error::Setup)?.coordinators;
+    coordinators.extend(
+        known
+            .iter()
+            .filter(|(_, entry)| entry.state != CoordinatorState::Removed)
+            .map(|(id, _)| *id),
+    );
+    for coordinator_shard_id in coordinators {
+        start_coordinator(&mut launcher, &client, &topology, coordinator_shard_id).await?;
     }
     let api_key = demo_key(&options.data_dir, &database_url).await?;
     // The read side: the projector reads the shards' event streams directly into Postgres,
@@ -552,12 +604,38 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         processes: launcher.infos,
     };
     write_cluster_json(&options.data_dir, &info)?;
+    let socket = options.data_dir.join("control.sock");
+    let _ = std::fs::remove_file(&socket);
+    let control =
+        tokio::net::UnixListener::bind(&socket).map_err(io_error("opening the control socket"))?;
     Ok(LocalCluster {
         info,
         processes: launcher.processes,
         postgres,
-        data_dir: options.data_dir,
+        options,
+        control,
     })
+}
+
+/// Starts coordinator shard `id`'s replicas and records it in the topology (active at epoch 1
+/// when new).
+async fn start_coordinator(
+    launcher: &mut Launcher,
+    client: &TopologyClient,
+    topology: &[String],
+    id: u32,
+) -> Result<()> {
+    let args = [
+        "--coordinator-shard-id".to_string(),
+        id.to_string(),
+        "--topology".to_string(),
+        topology.join(","),
+    ];
+    let ports = COORDINATOR_PORTS + 10 * id as u16;
+    let replicas = launcher
+        .group("marker", ("coordinator", Some(id)), ports, &args)
+        .await?;
+    register_coordinator(client, id, &replicas).await
 }
 
 /// The cluster `up` runs on `data_dir`, as its `cluster.json` describes it.

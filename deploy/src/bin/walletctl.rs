@@ -122,6 +122,12 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CoordinatorCommand {
+    /// Start a new coordinator shard in the running `walletctl up` (supervised like the rest)
+    /// and make it active: gateways start sending it new transactions.
+    Add {
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+    },
     /// Take a coordinator shard out of service: no new transactions, the ones it has finish,
     /// then it is removed from the topology. Returns once it is removed.
     Drain {
@@ -299,6 +305,29 @@ async fn main() -> anyhow::Result<()> {
                 register_coordinator(&client, *coordinator_shard_id, replicas).await?;
             }
             println!("bootstrapped");
+        }
+        Command::Coordinator {
+            command: CoordinatorCommand::Add { data_dir },
+        } => {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+            let socket = data_dir.join("control.sock");
+            let mut connection =
+                tokio::net::UnixStream::connect(&socket)
+                    .await
+                    .map_err(|error| {
+                        anyhow::anyhow!(
+                            "{}: {error} (is `walletctl up` running?)",
+                            socket.display()
+                        )
+                    })?;
+            let request = format!("{}\n", deploy::cluster::ADD_COORDINATOR);
+            connection.write_all(request.as_bytes()).await?;
+            let mut reply = String::new();
+            BufReader::new(connection).read_line(&mut reply).await?;
+            match reply.trim().split_once(' ') {
+                Some(("ok", id)) => println!("coordinator shard {id} added"),
+                _ => anyhow::bail!("{}", reply.trim()),
+            }
         }
         Command::Coordinator {
             command: CoordinatorCommand::Drain { data_dir, id },

@@ -216,11 +216,30 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
         report.contains("FAIL") && report.contains(&wallets[1]),
         "{report}"
     );
+    // A coordinator shard added to the running cluster is supervised and comes back with it.
+    let added = tokio::process::Command::new(workspace_binary("walletctl"))
+        .args(["coordinator", "add", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&added.stdout).trim(),
+        "coordinator shard 3 added"
+    );
+    let process_count = || deploy::cluster::running(data_dir).unwrap().processes.len();
+    assert_eq!(process_count(), 20);
     interrupt(walletctl, data_dir).await;
 
     // `up` again on the same directory: the same key, the same money.
     let walletctl = up(data_dir, base_port).await;
     let url = format!("http://{}", walletctl.address());
+    assert_eq!(
+        process_count(),
+        20,
+        "the added coordinator shard runs again"
+    );
     for (wallet, expected) in wallets.iter().zip(["15.00", "10.00"]) {
         assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
@@ -628,6 +647,14 @@ async fn walletctl_coordinator_drain_under_load_fails_and_doubles_no_payment() {
         .await;
         wallets.push(wallet);
     }
+    // A third coordinator shard joins before the load: new transactions spread over three.
+    let added = tokio::process::Command::new(workspace_binary("walletctl"))
+        .args(["coordinator", "add", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut workers = Vec::new();
     for worker in 0..4usize {
@@ -681,6 +708,22 @@ async fn walletctl_coordinator_drain_under_load_fails_and_doubles_no_payment() {
         topology.coordinators[&1].state,
         marker::topology::CoordinatorState::Removed
     );
+    let third = deploy::status::in_flight(&topology.coordinators[&3].replicas).await;
+    assert_eq!(
+        third,
+        Some(0),
+        "the added shard answers and has finished its work"
+    );
+    let status = deploy::status::status(&cluster.topology, &cluster.database_url)
+        .await
+        .unwrap();
+    let third_applied = status
+        .groups
+        .iter()
+        .find(|g| g.kind == "coordinator" && g.group_id == 3)
+        .map(|g| g.applied_seq)
+        .unwrap();
+    assert!(third_applied > 0, "the added shard took transactions");
     // Each payment moved money once: every wallet paid PER_WORKER dollars and received what
     // was sent to it.
     let mut expected = [10_000i64; 4];
