@@ -163,7 +163,12 @@ pub async fn audit(topology: &[String], database_url: &str) -> Result<Vec<Check>
     let mut checks = Vec::new();
 
     let mut coordinators_in_flight = 0;
-    for entry in topology.coordinators.values() {
+    // A removed coordinator shard holds nothing (it removed itself only once drained).
+    let serving = topology
+        .coordinators
+        .values()
+        .filter(|entry| entry.state != ::marker::topology::CoordinatorState::Removed);
+    for entry in serving {
         coordinators_in_flight += crate::status::in_flight(&entry.replicas)
             .await
             .ok_or_else(|| Error::Setup("no coordinator replica answered".into()))?;

@@ -87,6 +87,8 @@ pub struct LocalCluster {
 
 /// The request `walletctl coordinator add` sends on the control socket.
 pub const ADD_COORDINATOR: &str = "add-coordinator";
+/// The request `walletctl coordinator remove ID` sends on the control socket (with the id).
+pub const REMOVE_COORDINATOR: &str = "remove-coordinator";
 
 /// How often the supervisor looks for processes that died.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(500);
@@ -145,12 +147,18 @@ impl LocalCluster {
         if BufReader::new(reader).read_line(&mut line).await.is_err() {
             return;
         }
-        let reply = match line.trim() {
-            ADD_COORDINATOR => match self.add_coordinator().await {
-                Ok(id) => format!("ok {id}\n"),
-                Err(error) => format!("error {error}\n"),
+        let request: Vec<&str> = line.split_whitespace().collect();
+        let result = match request[..] {
+            [ADD_COORDINATOR] => self.add_coordinator().await,
+            [REMOVE_COORDINATOR, id] => match id.parse() {
+                Ok(id) => self.remove_coordinator(id).await.map(|()| id),
+                Err(_) => Err(Error::Setup(format!("bad coordinator shard id {id:?}"))),
             },
-            other => format!("error unknown request {other:?}\n"),
+            _ => Err(Error::Setup(format!("unknown request {:?}", line.trim()))),
+        };
+        let reply = match result {
+            Ok(id) => format!("ok {id}\n"),
+            Err(error) => format!("error {error}\n"),
         };
         let _ = writer.write_all(reply.as_bytes()).await;
     }
@@ -172,6 +180,37 @@ impl LocalCluster {
         write_cluster_json(&self.options.data_dir, &self.info)?;
         eprintln!("coordinator shard {id} added");
         Ok(id)
+    }
+
+    /// Stops a drained coordinator shard's replicas for good (the topology says it is removed,
+    /// so nothing routes to it and storage shards fence it).
+    pub async fn remove_coordinator(&mut self, id: u32) -> Result<()> {
+        let topology = TopologyClient::new(self.info.topology.clone())
+            .get()
+            .await
+            .map_err(Error::Setup)?;
+        match topology.coordinators.get(&id).map(|entry| entry.state) {
+            Some(CoordinatorState::Removed) => {}
+            Some(_) => {
+                return Err(Error::Setup(format!(
+                    "coordinator shard {id} is not drained: run `walletctl coordinator drain --id {id}` first"
+                )));
+            }
+            None => return Err(Error::Setup(format!("no coordinator shard {id}"))),
+        }
+        let mut index = self.processes.len();
+        while index > 0 {
+            index -= 1;
+            let info = &self.info.processes[index];
+            if info.role == "coordinator" && info.shard_id == Some(id) {
+                let mut supervised = self.processes.remove(index);
+                self.info.processes.remove(index);
+                supervised.process.kill().await?;
+            }
+        }
+        write_cluster_json(&self.options.data_dir, &self.info)?;
+        eprintln!("coordinator shard {id} removed");
+        Ok(())
     }
 
     /// Stops every process and waits until each has exited (so their ports are free again),

@@ -1,5 +1,5 @@
 //! `walletctl status`: every Raft group of a running platform (the topology group, storage
-//! shards, coordinator shards) with its leader, members and applied seq, the coordinators'
+//! shards, coordinator shards not removed) with its leader, members and applied seq, the coordinators'
 //! in-flight transactions and the read side's projection of each storage shard.
 
 use std::time::Duration;
@@ -158,7 +158,11 @@ pub async fn status(topology_replicas: &[String], database_url: &str) -> Result<
         });
         groups.push(group);
     }
-    for (coordinator_id, entry) in &topology.coordinators {
+    let serving = topology
+        .coordinators
+        .iter()
+        .filter(|(_, entry)| entry.state != ::marker::topology::CoordinatorState::Removed);
+    for (coordinator_id, entry) in serving {
         let mut group = group_status("coordinator", *coordinator_id, &entry.replicas).await;
         group.in_flight = in_flight(&entry.replicas).await;
         groups.push(group);

@@ -128,6 +128,14 @@ enum CoordinatorCommand {
         #[arg(long, default_value = ".wallet")]
         data_dir: PathBuf,
     },
+    /// Stop a drained coordinator shard's replicas in the running `walletctl up`.
+    Remove {
+        #[arg(long, default_value = ".wallet")]
+        data_dir: PathBuf,
+        /// The coordinator shard id.
+        #[arg(long)]
+        id: u32,
+    },
     /// Take a coordinator shard out of service: no new transactions, the ones it has finish,
     /// then it is removed from the topology. Returns once it is removed.
     Drain {
@@ -309,25 +317,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Coordinator {
             command: CoordinatorCommand::Add { data_dir },
         } => {
-            use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-            let socket = data_dir.join("control.sock");
-            let mut connection =
-                tokio::net::UnixStream::connect(&socket)
-                    .await
-                    .map_err(|error| {
-                        anyhow::anyhow!(
-                            "{}: {error} (is `walletctl up` running?)",
-                            socket.display()
-                        )
-                    })?;
-            let request = format!("{}\n", deploy::cluster::ADD_COORDINATOR);
-            connection.write_all(request.as_bytes()).await?;
-            let mut reply = String::new();
-            BufReader::new(connection).read_line(&mut reply).await?;
-            match reply.trim().split_once(' ') {
-                Some(("ok", id)) => println!("coordinator shard {id} added"),
-                _ => anyhow::bail!("{}", reply.trim()),
-            }
+            let id = ask_up(&data_dir, deploy::cluster::ADD_COORDINATOR).await?;
+            println!("coordinator shard {id} added");
+        }
+        Command::Coordinator {
+            command: CoordinatorCommand::Remove { data_dir, id },
+        } => {
+            let request = format!("{} {id}", deploy::cluster::REMOVE_COORDINATOR);
+            ask_up(&data_dir, &request).await?;
+            println!("coordinator shard {id} stopped");
         }
         Command::Coordinator {
             command: CoordinatorCommand::Drain { data_dir, id },
@@ -381,6 +379,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sends one request to the running `walletctl up` on its control socket; returns what its
+/// `ok` answer carries.
+async fn ask_up(data_dir: &std::path::Path, request: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let socket = data_dir.join("control.sock");
+    let mut connection = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|error| {
+            anyhow::anyhow!("{}: {error} (is `walletctl up` running?)", socket.display())
+        })?;
+    connection
+        .write_all(format!("{request}\n").as_bytes())
+        .await?;
+    let mut reply = String::new();
+    BufReader::new(connection).read_line(&mut reply).await?;
+    match reply.trim().split_once(' ') {
+        Some(("ok", value)) => Ok(value.to_string()),
+        _ => anyhow::bail!("{}", reply.trim()),
+    }
 }
 
 /// A ready-to-paste request that creates a wallet.

@@ -708,6 +708,35 @@ async fn walletctl_coordinator_drain_under_load_fails_and_doubles_no_payment() {
         topology.coordinators[&1].state,
         marker::topology::CoordinatorState::Removed
     );
+    // The drained shard's processes can go; an active one cannot.
+    let operator = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(workspace_binary("walletctl"));
+        command.args(args).arg("--data-dir").arg(data_dir);
+        command
+    };
+    let before = deploy::cluster::running(data_dir).unwrap().processes.len();
+    let refused = operator(&["coordinator", "remove", "--id", "2"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not drained"),
+        "{refused:?}"
+    );
+    let removed = operator(&["coordinator", "remove", "--id", "1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    let after = deploy::cluster::running(data_dir).unwrap();
+    assert_eq!(after.processes.len(), before - 3);
+    assert!(
+        !after
+            .processes
+            .iter()
+            .any(|p| p.role == "coordinator" && p.shard_id == Some(1))
+    );
     let third = deploy::status::in_flight(&topology.coordinators[&3].replicas).await;
     assert_eq!(
         third,
