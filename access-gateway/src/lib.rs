@@ -32,8 +32,6 @@ pub struct Options {
     pub request_timeout: Duration,
     pub requests_per_second_max: NonZeroU32,
     pub body_bytes_max: usize,
-    /// The query service's address, for activity feeds (without one they answer 503).
-    pub query: Option<String>,
 }
 
 impl Default for Options {
@@ -42,7 +40,6 @@ impl Default for Options {
             request_timeout: Duration::from_secs(5),
             requests_per_second_max: NonZeroU32::new(1_000).expect("non-zero"),
             body_bytes_max: 16 * 1024,
-            query: None,
         }
     }
 }
@@ -53,19 +50,22 @@ pub struct AppState {
     pub authenticator: auth::Authenticator,
     pub options: Options,
     pub metrics: Metrics,
-    /// The query service, when one is configured (activity feeds).
+    /// The query service, when one is configured (activity feeds; without it they answer
+    /// 503).
     pub query: Option<tonic::transport::Channel>,
     /// System accounts (funding, fees) this process has made sure exist.
     pub system_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl AppState {
-    pub fn new(pool: sqlx::PgPool, cluster: Arc<cluster::Cluster>, options: Options) -> AppState {
+    pub fn new(
+        pool: sqlx::PgPool,
+        cluster: Arc<cluster::Cluster>,
+        options: Options,
+        query: Option<tonic::transport::Channel>,
+    ) -> AppState {
         AppState {
-            query: options
-                .query
-                .as_deref()
-                .and_then(|address| auticuro::client::channel(address).ok()),
+            query,
             pool,
             cluster,
             authenticator: auth::Authenticator::new(options.requests_per_second_max),

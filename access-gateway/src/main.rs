@@ -71,18 +71,19 @@ async fn main() -> anyhow::Result<()> {
             body_bytes_max,
             query,
         } => {
-            if let Some(address) = &query {
-                auticuro::client::channel(address)
-                    .map_err(|error| anyhow::anyhow!("--query {address}: {error}"))?;
-            }
+            let query = query
+                .map(|address| {
+                    auticuro::client::channel(&address)
+                        .map_err(|error| anyhow::anyhow!("--query {address}: {error}"))
+                })
+                .transpose()?;
             let cluster = access_gateway::cluster::Cluster::follow(topology);
             let options = access_gateway::Options {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 requests_per_second_max,
                 body_bytes_max,
-                query,
             };
-            let state = Arc::new(access_gateway::AppState::new(pool, cluster, options));
+            let state = Arc::new(access_gateway::AppState::new(pool, cluster, options, query));
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!("ready {}", listener.local_addr()?);
             axum::serve(listener, access_gateway::router(state)).await?;

@@ -164,6 +164,17 @@ pub fn pb_amount(amount: Amount) -> PbAmount {
     }
 }
 
+/// The name of an account state as the APIs and the read side's tables show it (`active`,
+/// `frozen`, `closed`).
+pub fn state_name(state: i32) -> &'static str {
+    match pb::AccountState::try_from(state) {
+        Ok(pb::AccountState::Active) => "active",
+        Ok(pb::AccountState::Frozen) => "frozen",
+        Ok(pb::AccountState::Closed) => "closed",
+        _ => "unknown",
+    }
+}
+
 pub fn outcome(outcome: Outcome) -> pb::Outcome {
     pb::Outcome::try_from(outcome as i32).expect("core outcomes are the protobuf values")
 }

@@ -148,7 +148,7 @@ fn fields(account: &pb::Account) -> Vec<String> {
         minor(&account.pending_out).to_string(),
         minor(&account.pending_in).to_string(),
         account.version.to_string(),
-        query::store::state_name(account.state).to_string(),
+        auticuro::convert::state_name(account.state).to_string(),
     ]
 }
 

@@ -149,18 +149,8 @@ pub async fn run(cluster: &ClusterInfo) -> Result<()> {
     let channel = auticuro::client::channel(&query_address)
         .map_err(|error| Error::Setup(format!("query service: {error}")))?;
     let mut accounts = AccountQueryClient::new(channel.clone());
-    let token = proto::common::v1::ConsistencyToken {
-        shard_seqs: last_token
-            .split('.')
-            .filter_map(|part| {
-                let (shard, seq) = part.split_once('-')?;
-                Some(proto::common::v1::ShardSeq {
-                    shard_id: shard.parse().ok()?,
-                    seq: seq.parse().ok()?,
-                })
-            })
-            .collect(),
-    };
+    let token = access_gateway::api::consistency_token::decode(&last_token)
+        .map_err(|error| Error::Setup(format!("the payment's consistency token: {error}")))?;
     let mut names: Vec<(String, String)> = wallets
         .iter()
         .map(|(name, _, id)| (name.clone(), id.clone()))

@@ -8,11 +8,25 @@
 
 use std::collections::BTreeMap;
 
+/// Metadata keys that start with this belong to the gateway; callers cannot set them and never
+/// see them.
+pub const RESERVED_PREFIX: &str = "wallet:";
 pub const KIND_KEY: &str = "wallet:kind";
 pub const FROM_KEY: &str = "wallet:from";
 pub const TO_KEY: &str = "wallet:to";
 pub const FEE_KEY: &str = "wallet:fee";
 pub const FEE_ACCOUNT_KEY: &str = "wallet:fee_account";
+
+/// Metadata without the gateway's own keys, for showing to the caller.
+pub fn visible<'a>(
+    metadata: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> BTreeMap<String, String> {
+    metadata
+        .into_iter()
+        .filter(|(key, _)| !key.starts_with(RESERVED_PREFIX))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActivityKind {

@@ -9,6 +9,8 @@ use proto::auticuro::v1::command::Kind;
 use proto::common::v1::Amount;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
+use auticuro::convert::state_name;
+
 use crate::activity::{self, KIND_KEY};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -79,15 +81,6 @@ fn minor(amount: &Option<Amount>) -> String {
 
 fn minor_value(amount: &Option<Amount>) -> i128 {
     minor(amount).parse().unwrap_or(0)
-}
-
-pub fn state_name(state: i32) -> &'static str {
-    match pb::AccountState::try_from(state) {
-        Ok(pb::AccountState::Active) => "active",
-        Ok(pb::AccountState::Frozen) => "frozen",
-        Ok(pb::AccountState::Closed) => "closed",
-        _ => "unspecified",
-    }
 }
 
 fn state_value(name: &str) -> i32 {
@@ -194,11 +187,7 @@ impl ActivityRows {
     /// The activities of money that moved in `event`, one currency at a time (a batch may
     /// move several), numbered in order within the event.
     fn add(&mut self, event: &pb::Event, metadata: &BTreeMap<String, String>, legs: &[Movement]) {
-        let visible: BTreeMap<String, String> = metadata
-            .iter()
-            .filter(|(key, _)| !key.starts_with("wallet:"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let visible = activity::visible(metadata);
         let mut currencies: Vec<&str> = Vec::new();
         for (_, _, currency) in legs {
             if !currencies.contains(&currency.as_str()) {

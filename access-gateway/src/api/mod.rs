@@ -220,8 +220,7 @@ pub fn request_id(tenant_id: &str, key: &IdempotencyKey) -> String {
     format!("g:{}", hex::encode(&digest[..20]))
 }
 
-/// Metadata keys that start with this belong to the gateway.
-pub const RESERVED_METADATA_PREFIX: &str = "wallet:";
+use query::activity::RESERVED_PREFIX as RESERVED_METADATA_PREFIX;
 
 /// Metadata entries a caller may give; the ledger keeps 16 per command and the gateway adds up
 /// to 6 of its own (kind, parties, fee, reference).
@@ -246,17 +245,6 @@ pub fn caller_metadata(
         )));
     }
     Ok(metadata)
-}
-
-/// Metadata without the gateway's own keys, for showing to the caller.
-pub fn visible_metadata<'a>(
-    metadata: impl IntoIterator<Item = (&'a String, &'a String)>,
-) -> BTreeMap<String, String> {
-    metadata
-        .into_iter()
-        .filter(|(key, _)| !key.starts_with(RESERVED_METADATA_PREFIX))
-        .map(|(key, value)| (key.clone(), value.clone()))
-        .collect()
 }
 
 /// Read-your-write: the highest seq a write produced on each shard it touched, as

@@ -149,8 +149,11 @@ fn view(tenant_id: &str, transaction: &pb::Transaction) -> Transaction {
             }
         })
         .collect();
-    let mut metadata = super::visible_metadata(&transaction.metadata);
-    if let Some(reference) = transaction.metadata.get("wallet:reference") {
+    let mut metadata = query::activity::visible(&transaction.metadata);
+    if let Some(reference) = transaction
+        .metadata
+        .get(super::transfers::REFERENCE_METADATA_KEY)
+    {
         metadata.insert("reference".into(), reference.clone());
     }
     Transaction {

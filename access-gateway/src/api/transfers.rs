@@ -9,6 +9,9 @@ use auticuro::ledger::AccountId;
 use axum::extract::State;
 use axum::response::Response;
 use query::activity;
+
+/// Where a deposit's or withdrawal's `reference` travels in the transaction's metadata.
+pub const REFERENCE_METADATA_KEY: &str = "wallet:reference";
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -91,7 +94,7 @@ fn with_reference(
 ) -> Result<BTreeMap<String, String>, ApiError> {
     let mut metadata = super::caller_metadata(metadata)?;
     if let Some(reference) = reference {
-        metadata.insert("wallet:reference".into(), reference.clone());
+        metadata.insert(REFERENCE_METADATA_KEY.into(), reference.clone());
     }
     Ok(metadata)
 }

@@ -122,15 +122,6 @@ pub fn minor(amount: Option<&Amount>) -> i128 {
         .unwrap_or(0)
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::AccountState::try_from(state) {
-        Ok(pb::AccountState::Active) => "active",
-        Ok(pb::AccountState::Frozen) => "frozen",
-        Ok(pb::AccountState::Closed) => "closed",
-        _ => "unknown",
-    }
-}
-
 fn wallet_view(account: &pb::Account, token: Option<String>) -> Wallet {
     let scale = account.scale;
     let wallet_id = account
@@ -148,7 +139,7 @@ fn wallet_view(account: &pb::Account, token: Option<String>) -> Wallet {
             .cloned()
             .unwrap_or_default(),
         currency: account.currency.clone(),
-        state: state_name(account.state).to_string(),
+        state: auticuro::convert::state_name(account.state).to_string(),
         balance: money::format(balance, scale),
         available: money::format(balance - pending_out, scale),
         pending_out: money::format(pending_out, scale),
@@ -163,7 +154,7 @@ fn wallet_view(account: &pb::Account, token: Option<String>) -> Wallet {
                 .as_ref()
                 .map(|limit| money::format(minor(Some(limit)), scale)),
         },
-        metadata: super::visible_metadata(&account.metadata),
+        metadata: query::activity::visible(&account.metadata),
         version: account.version,
         consistency_token: token,
     }

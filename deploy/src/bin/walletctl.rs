@@ -9,6 +9,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(version, about = "Runs, inspects and scales the wallet platform")]
 struct Args {
+    /// The cluster's directory: everything `up` keeps (replica data, Postgres, logs, the demo
+    /// API key) and its `cluster.json`, which the other commands read.
+    #[arg(long, global = true, default_value = ".wallet")]
+    data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -18,9 +22,6 @@ enum Command {
     /// Run a complete local cluster until interrupted, restarting any process that dies
     /// (Ctrl-C stops every process).
     Up {
-        /// Everything the cluster keeps: replica data, Postgres, logs, the demo API key.
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
         #[arg(long, default_value_t = 2)]
         storage_shards: u32,
         #[arg(long, default_value_t = 2)]
@@ -46,9 +47,6 @@ enum Command {
     /// Every Raft group with its leader, replicas and applied seq, the coordinators' in-flight
     /// transactions and the projection of each storage shard.
     Status {
-        /// The cluster's data directory (its `cluster.json` names the topology and database).
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
         /// Print the status as JSON.
         #[arg(long)]
         json: bool,
@@ -83,10 +81,7 @@ enum Command {
     /// A scenario against the running cluster: wallets in two currencies, deposits, payments
     /// across shards with fees, a refused overdraft, a hierarchy; then balances, roll-ups and a
     /// conservation check.
-    Demo {
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
-    },
+    Demo,
     /// Coordinator shards of the running cluster.
     Coordinator {
         #[command(subcommand)]
@@ -104,16 +99,10 @@ enum Command {
     },
     /// Rebuild the running cluster's projections from the shards' event logs, in place (the
     /// hierarchy stays); returns once they have caught up.
-    Rebuild {
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
-    },
+    Rebuild,
     /// Check a running cluster: conservation per currency on every shard, holds versus
     /// in-flight transactions, projections versus shard state. Exits 1 on any mismatch.
     Audit {
-        /// The cluster's data directory (its `cluster.json` names the topology and database).
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
         /// Print the checks as JSON.
         #[arg(long)]
         json: bool,
@@ -124,14 +113,9 @@ enum Command {
 enum CoordinatorCommand {
     /// Start a new coordinator shard in the running `walletctl up` (supervised like the rest)
     /// and make it active: gateways start sending it new transactions.
-    Add {
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
-    },
+    Add,
     /// Stop a drained coordinator shard's replicas in the running `walletctl up`.
     Remove {
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
         /// The coordinator shard id.
         #[arg(long)]
         id: u32,
@@ -139,28 +123,25 @@ enum CoordinatorCommand {
     /// Take a coordinator shard out of service: no new transactions, the ones it has finish,
     /// then it is removed from the topology. Returns once it is removed.
     Drain {
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
         /// The coordinator shard id.
         #[arg(long)]
         id: u32,
     },
 }
 
-/// Where the platform's topology group is: given, or read from `up`'s `cluster.json`.
+/// Where the platform's topology group is: given, or read from `up`'s `cluster.json` in the
+/// data directory.
 #[derive(clap::Args, Debug)]
 struct TopologyArgs {
-    #[arg(long, default_value = ".wallet")]
-    data_dir: PathBuf,
     /// Replicas of the topology group, `ADDRESS,ADDRESS,…` (instead of `cluster.json`).
     #[arg(long, value_delimiter = ',')]
     topology: Vec<String>,
 }
 
 impl TopologyArgs {
-    fn replicas(&self) -> anyhow::Result<Vec<String>> {
+    fn replicas(&self, data_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
         if self.topology.is_empty() {
-            Ok(deploy::cluster::running(&self.data_dir)?.topology)
+            Ok(deploy::cluster::running(data_dir)?.topology)
         } else {
             Ok(self.topology.clone())
         }
@@ -197,8 +178,6 @@ enum ShardCommand {
 enum ApikeyCommand {
     /// Issue a key; prints it once (only its hash is stored).
     Create {
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
         #[arg(long)]
         tenant: String,
         /// Comma-separated: read, write, admin.
@@ -207,8 +186,6 @@ enum ApikeyCommand {
     },
     /// Revoke a key by its id (the part after `wk_` and before the next `_`).
     Revoke {
-        #[arg(long, default_value = ".wallet")]
-        data_dir: PathBuf,
         #[arg(long)]
         key_id: String,
     },
@@ -219,7 +196,6 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Up {
-            data_dir,
             storage_shards,
             coordinator_shards,
             replicas,
@@ -234,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
             );
             anyhow::ensure!(replicas >= 1 && replicas <= 9, "1 to 9 replicas per group");
             let cluster = deploy::cluster::up(deploy::cluster::Options {
-                data_dir: data_dir.clone(),
+                data_dir: args.data_dir.clone(),
                 storage_shards,
                 coordinator_shards,
                 replicas,
@@ -248,8 +224,8 @@ async fn main() -> anyhow::Result<()> {
             println!("gateway  {}", info.gateway_url);
             println!("api key  {}", info.api_key);
             println!("docs     {}/docs/", info.gateway_url);
-            println!("cluster  {}", data_dir.join("cluster.json").display());
-            println!("logs     {}", data_dir.join("logs").display());
+            println!("cluster  {}", args.data_dir.join("cluster.json").display());
+            println!("logs     {}", args.data_dir.join("logs").display());
             println!(
                 "try      {}",
                 curl_example(&info.gateway_url, &info.api_key)
@@ -263,8 +239,8 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("stopping");
             cluster.shutdown().await;
         }
-        Command::Status { data_dir, json } => {
-            let cluster = deploy::cluster::running(&data_dir)?;
+        Command::Status { json } => {
+            let cluster = deploy::cluster::running(&args.data_dir)?;
             let status = deploy::status::status(&cluster.topology, &cluster.database_url).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -273,19 +249,15 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Apikey { command } => match command {
-            ApikeyCommand::Create {
-                data_dir,
-                tenant,
-                scopes,
-            } => {
-                let cluster = deploy::cluster::running(&data_dir)?;
+            ApikeyCommand::Create { tenant, scopes } => {
+                let cluster = deploy::cluster::running(&args.data_dir)?;
                 let pool = access_gateway::store::connect(&cluster.database_url).await?;
                 let scopes = access_gateway::auth::Scope::parse_all(&scopes)?;
                 let key = access_gateway::store::create_key(&pool, &tenant, &scopes).await?;
                 println!("{}", key.token);
             }
-            ApikeyCommand::Revoke { data_dir, key_id } => {
-                let cluster = deploy::cluster::running(&data_dir)?;
+            ApikeyCommand::Revoke { key_id } => {
+                let cluster = deploy::cluster::running(&args.data_dir)?;
                 let pool = access_gateway::store::connect(&cluster.database_url).await?;
                 anyhow::ensure!(
                     access_gateway::store::revoke_key(&pool, &key_id).await?,
@@ -315,27 +287,27 @@ async fn main() -> anyhow::Result<()> {
             println!("bootstrapped");
         }
         Command::Coordinator {
-            command: CoordinatorCommand::Add { data_dir },
+            command: CoordinatorCommand::Add,
         } => {
-            let id = ask_up(&data_dir, deploy::cluster::ADD_COORDINATOR).await?;
+            let id = ask_up(&args.data_dir, deploy::cluster::ADD_COORDINATOR).await?;
             println!("coordinator shard {id} added");
         }
         Command::Coordinator {
-            command: CoordinatorCommand::Remove { data_dir, id },
+            command: CoordinatorCommand::Remove { id },
         } => {
             let request = format!("{} {id}", deploy::cluster::REMOVE_COORDINATOR);
-            ask_up(&data_dir, &request).await?;
+            ask_up(&args.data_dir, &request).await?;
             println!("coordinator shard {id} stopped");
         }
         Command::Coordinator {
-            command: CoordinatorCommand::Drain { data_dir, id },
+            command: CoordinatorCommand::Drain { id },
         } => {
-            let cluster = deploy::cluster::running(&data_dir)?;
+            let cluster = deploy::cluster::running(&args.data_dir)?;
             deploy::drain::drain(&cluster.topology, id).await?;
             println!("coordinator shard {id} drained and removed");
         }
-        Command::Demo { data_dir } => {
-            deploy::demo::run(&deploy::cluster::running(&data_dir)?).await?;
+        Command::Demo => {
+            deploy::demo::run(&deploy::cluster::running(&args.data_dir)?).await?;
         }
         Command::Bench { workloads, args } => {
             let reports = deploy::bench::run(&workloads, &args).await?;
@@ -348,7 +320,13 @@ async fn main() -> anyhow::Result<()> {
                 node_id,
                 address,
             } => {
-                deploy::replicas::add(&topology.replicas()?, shard, node_id, &address).await?;
+                deploy::replicas::add(
+                    &topology.replicas(&args.data_dir)?,
+                    shard,
+                    node_id,
+                    &address,
+                )
+                .await?;
                 println!("node {node_id} ({address}) is a voter of storage shard {shard}");
             }
             ShardCommand::RemoveReplica {
@@ -357,13 +335,14 @@ async fn main() -> anyhow::Result<()> {
                 node_id,
             } => {
                 let address =
-                    deploy::replicas::remove(&topology.replicas()?, shard, node_id).await?;
+                    deploy::replicas::remove(&topology.replicas(&args.data_dir)?, shard, node_id)
+                        .await?;
                 println!("node {node_id} ({address}) removed from storage shard {shard}; stop it");
             }
         },
-        Command::Rebuild { data_dir } => deploy::rebuild::in_place(&data_dir).await?,
-        Command::Audit { data_dir, json } => {
-            let cluster = deploy::cluster::running(&data_dir)?;
+        Command::Rebuild => deploy::rebuild::in_place(&args.data_dir).await?,
+        Command::Audit { json } => {
+            let cluster = deploy::cluster::running(&args.data_dir)?;
             let checks = deploy::audit::audit(&cluster.topology, &cluster.database_url).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
