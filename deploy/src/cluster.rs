@@ -66,6 +66,8 @@ pub struct ClusterInfo {
 /// A process of the cluster and how to start it again.
 struct Supervised {
     process: ServiceProcess,
+    /// What `cluster.json` says of it.
+    info: ProcessInfo,
     name: String,
     program: PathBuf,
     args: Vec<String>,
@@ -108,7 +110,8 @@ impl LocalCluster {
                     }
                 }
             }
-            for (index, supervised) in self.processes.iter_mut().enumerate() {
+            let mut restarted = false;
+            for supervised in &mut self.processes {
                 let status = match supervised.process.try_wait() {
                     Ok(Some(status)) => status,
                     Ok(None) => continue,
@@ -126,17 +129,24 @@ impl LocalCluster {
                 supervised.started = Instant::now();
                 match ServiceProcess::spawn(&supervised.program, &args, &supervised.log).await {
                     Ok(process) => {
-                        self.info.processes[index].pid = process.pid();
+                        supervised.info.pid = process.pid();
                         supervised.process = process;
+                        restarted = true;
                         eprintln!("{} restarted", supervised.name);
-                        if let Err(error) = write_cluster_json(&self.options.data_dir, &self.info) {
-                            eprintln!("{error}");
-                        }
                     }
                     Err(error) => eprintln!("restarting {}: {error}", supervised.name),
                 }
             }
+            if restarted && let Err(error) = self.save() {
+                eprintln!("{error}");
+            }
         }
+    }
+
+    /// Writes `cluster.json` with the processes as they are now.
+    fn save(&mut self) -> Result<()> {
+        self.info.processes = self.processes.iter().map(|s| s.info.clone()).collect();
+        write_cluster_json(&self.options.data_dir, &self.info)
     }
 
     /// One control request: a line naming what to do, answered by one line.
@@ -172,12 +182,10 @@ impl LocalCluster {
         let mut launcher = Launcher {
             options: self.options.clone(),
             processes: Vec::new(),
-            infos: Vec::new(),
         };
         start_coordinator(&mut launcher, &client, &self.info.topology, id).await?;
         self.processes.append(&mut launcher.processes);
-        self.info.processes.append(&mut launcher.infos);
-        write_cluster_json(&self.options.data_dir, &self.info)?;
+        self.save()?;
         eprintln!("coordinator shard {id} added");
         Ok(id)
     }
@@ -198,17 +206,14 @@ impl LocalCluster {
             }
             None => return Err(Error::Setup(format!("no coordinator shard {id}"))),
         }
-        let mut index = self.processes.len();
-        while index > 0 {
-            index -= 1;
-            let info = &self.info.processes[index];
-            if info.role == "coordinator" && info.shard_id == Some(id) {
-                let mut supervised = self.processes.remove(index);
-                self.info.processes.remove(index);
-                supervised.process.kill().await?;
-            }
+        let (mut stopping, keeping) = std::mem::take(&mut self.processes)
+            .into_iter()
+            .partition(|s| s.info.role == "coordinator" && s.info.shard_id == Some(id));
+        self.processes = keeping;
+        for supervised in &mut stopping {
+            supervised.process.kill().await?;
         }
-        write_cluster_json(&self.options.data_dir, &self.info)?;
+        self.save()?;
         eprintln!("coordinator shard {id} removed");
         Ok(())
     }
@@ -238,7 +243,6 @@ impl Drop for LocalCluster {
 struct Launcher {
     options: Options,
     processes: Vec<Supervised>,
-    infos: Vec<ProcessInfo>,
 }
 
 /// Who a process is in the cluster.
@@ -269,15 +273,16 @@ impl Launcher {
         let program = workspace_binary(binary);
         let process = ServiceProcess::spawn(&program, &args, &log).await?;
         let address = process.address().to_string();
-        self.infos.push(ProcessInfo {
+        let info = ProcessInfo {
             role: role.role.to_string(),
             shard_id: role.shard_id,
             node_id: role.node_id,
             address: address.clone(),
             pid: process.pid(),
-        });
+        };
         self.processes.push(Supervised {
             process,
+            info,
             name: name.to_string(),
             program,
             args,
@@ -540,7 +545,6 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
     let mut launcher = Launcher {
         options: options.clone(),
         processes: Vec::new(),
-        infos: Vec::new(),
     };
     let topology = launcher
         .group("marker-topology", ("topology", None), 0, &[])
@@ -640,7 +644,7 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
         api_key,
         database_url,
         topology,
-        processes: launcher.infos,
+        processes: launcher.processes.iter().map(|s| s.info.clone()).collect(),
     };
     write_cluster_json(&options.data_dir, &info)?;
     let socket = options.data_dir.join("control.sock");
