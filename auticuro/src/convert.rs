@@ -23,6 +23,15 @@ fn txn_id(text: &str) -> Result<TxnId, Invalid> {
     TxnId::parse(text).map_err(|_| Outcome::InvalidRequestId)
 }
 
+/// An optional id field: empty means absent.
+fn optional_txn_id(text: &str) -> Result<Option<TxnId>, Invalid> {
+    (!text.is_empty()).then(|| txn_id(text)).transpose()
+}
+
+fn pb_optional_id(id: &Option<TxnId>) -> String {
+    id.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
 fn currency(text: &str) -> Result<Currency, Invalid> {
     Currency::parse(text).map_err(|_| Outcome::InvalidCurrency)
 }
@@ -126,18 +135,26 @@ pub fn command(command: Option<&pb::Command>) -> Result<Command, Invalid> {
         },
         Kind::Batch(batch) => CommandKind::Batch {
             legs: legs(&batch.legs)?,
-            txn_id: if batch.txn_id.is_empty() {
-                None
-            } else {
-                Some(txn_id(&batch.txn_id)?)
-            },
+            txn_id: optional_txn_id(&batch.txn_id)?,
+            hold_id: optional_txn_id(&batch.hold_id)?,
             metadata: metadata(&batch.metadata)?,
         },
         Kind::Reserve(reserve) => CommandKind::Reserve {
             txn_id: txn_id(&reserve.txn_id)?,
             owner: owner(reserve.owner.as_ref())?,
             legs: legs(&reserve.legs)?,
+            hold_id: optional_txn_id(&reserve.hold_id)?,
             metadata: metadata(&reserve.metadata)?,
+        },
+        Kind::PlaceHold(hold) => CommandKind::PlaceHold {
+            hold_id: txn_id(&hold.hold_id)?,
+            account_id: account_id(&hold.account_id)?,
+            amount: amount(hold.amount.as_ref())?,
+            currency: currency(&hold.currency)?,
+            metadata: metadata(&hold.metadata)?,
+        },
+        Kind::VoidHold(void) => CommandKind::VoidHold {
+            hold_id: txn_id(&void.hold_id)?,
         },
         Kind::Post(post) => CommandKind::Post {
             txn_id: txn_id(&post.txn_id)?,
@@ -312,22 +329,42 @@ pub fn pb_command(command: &Command) -> pb::Command {
         CommandKind::Batch {
             legs,
             txn_id,
+            hold_id,
             metadata,
         } => Kind::Batch(pb::Batch {
             legs: legs.iter().map(pb_leg).collect(),
-            txn_id: txn_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+            txn_id: pb_optional_id(txn_id),
             metadata: pb_metadata(metadata),
+            hold_id: pb_optional_id(hold_id),
         }),
         CommandKind::Reserve {
             txn_id,
             owner,
             legs,
+            hold_id,
             metadata,
         } => Kind::Reserve(pb::Reserve {
             txn_id: txn_id.to_string(),
             owner: Some(pb_owner(owner)),
             legs: legs.iter().map(pb_leg).collect(),
             metadata: pb_metadata(metadata),
+            hold_id: pb_optional_id(hold_id),
+        }),
+        CommandKind::PlaceHold {
+            hold_id,
+            account_id,
+            amount,
+            currency,
+            metadata,
+        } => Kind::PlaceHold(pb::PlaceHold {
+            hold_id: hold_id.to_string(),
+            account_id: account_id.to_string(),
+            amount: Some(pb_amount(*amount)),
+            currency: currency.to_string(),
+            metadata: pb_metadata(metadata),
+        }),
+        CommandKind::VoidHold { hold_id } => Kind::VoidHold(pb::VoidHold {
+            hold_id: hold_id.to_string(),
         }),
         CommandKind::Post { txn_id, owner } => Kind::Post(pb::Post {
             txn_id: txn_id.to_string(),
@@ -402,13 +439,25 @@ mod tests {
             CommandKind::Batch {
                 legs: vec![leg.clone()],
                 txn_id: Some(TxnId::parse("t").unwrap()),
+                hold_id: None,
                 metadata: metadata.clone(),
             },
             CommandKind::Reserve {
                 txn_id: TxnId::parse("t").unwrap(),
                 owner,
                 legs: vec![leg],
+                hold_id: Some(TxnId::parse("h").unwrap()),
+                metadata: metadata.clone(),
+            },
+            CommandKind::PlaceHold {
+                hold_id: TxnId::parse("h").unwrap(),
+                account_id: AccountId::parse("a").unwrap(),
+                amount: Amount(7),
+                currency: Currency::parse("USD").unwrap(),
                 metadata,
+            },
+            CommandKind::VoidHold {
+                hold_id: TxnId::parse("h").unwrap(),
             },
             CommandKind::Void {
                 txn_id: TxnId::parse("t").unwrap(),

@@ -6,12 +6,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::ledger::{
-    Account, AccountId, Command, CommandKind, DedupRecord, Event, Ledger, LedgerState, Outcome,
-    RequestId, TxnId, TxnRecord,
+    Account, AccountId, Command, CommandKind, DedupRecord, Event, HoldRecord, Ledger, LedgerState,
+    Outcome, RequestId, TxnId, TxnRecord,
 };
 
 const ACCOUNTS: &str = "accounts";
 const TRANSACTIONS: &str = "transactions";
+const HOLDS: &str = "holds";
 const DEDUP: &str = "dedup";
 const LEDGER_META: &str = "ledger_meta";
 const FENCES: &[u8] = b"fences";
@@ -69,6 +70,9 @@ impl LedgerMachine {
         for (txn_id, record) in &state.transactions {
             writes.put(TRANSACTIONS, txn_id.as_str().as_bytes(), &encode(record));
         }
+        for (hold_id, record) in &state.holds {
+            writes.put(HOLDS, hold_id.as_str().as_bytes(), &encode(record));
+        }
         for (request_id, record) in &state.dedup {
             writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));
         }
@@ -96,6 +100,7 @@ impl App for LedgerMachine {
     const COLUMN_FAMILIES: &'static [&'static str] = &[
         ACCOUNTS,
         TRANSACTIONS,
+        HOLDS,
         DEDUP,
         event_log::EVENTS,
         LEDGER_META,
@@ -108,6 +113,11 @@ impl App for LedgerMachine {
             .scan_from(TRANSACTIONS, &[], usize::MAX)?
             .iter()
             .map(|(key, value)| Ok((txn_key(key)?, decode("transaction", value)?)))
+            .collect::<Result<_, Error>>()?;
+        let holds: Vec<(TxnId, HoldRecord)> = store
+            .scan_from(HOLDS, &[], usize::MAX)?
+            .iter()
+            .map(|(key, value)| Ok((txn_key(key)?, decode("hold", value)?)))
             .collect::<Result<_, Error>>()?;
         let dedup: Vec<(RequestId, DedupRecord)> = store
             .scan_from(DEDUP, &[], usize::MAX)?
@@ -122,6 +132,7 @@ impl App for LedgerMachine {
             last_seq,
             accounts,
             transactions,
+            holds,
             dedup,
             fences,
         });
@@ -150,6 +161,9 @@ impl App for LedgerMachine {
         }
         for (txn_id, record) in &applied.changes.transactions {
             writes.put(TRANSACTIONS, txn_id.as_str().as_bytes(), &encode(record));
+        }
+        for (hold_id, record) in &applied.changes.holds {
+            writes.put(HOLDS, hold_id.as_str().as_bytes(), &encode(record));
         }
         if let Some((request_id, record)) = &applied.changes.dedup_inserted {
             writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));

@@ -59,6 +59,8 @@ fn kind_label(command: &Command) -> &'static str {
         CommandKind::Reserve { .. } => "reserve",
         CommandKind::Post { .. } => "post",
         CommandKind::Void { .. } => "void",
+        CommandKind::PlaceHold { .. } => "place_hold",
+        CommandKind::VoidHold { .. } => "void_hold",
         CommandKind::PruneDedup { .. } => "prune_dedup",
         CommandKind::FenceCoordinator { .. } => "fence_coordinator",
     }

@@ -100,6 +100,20 @@ impl Account {
         self.version += 1;
     }
 
+    /// Captures a hold of `held` (in `pending_out`) for `captured <= held`: the captured amount
+    /// leaves the balance and the rest is released. Cannot fail: the hold checked the limits.
+    pub fn capture(&mut self, held: Amount, captured: Amount) {
+        self.pending_out = self
+            .pending_out
+            .checked_sub(held)
+            .expect("a capture settles an earlier hold");
+        self.balance = self
+            .balance
+            .checked_sub(captured)
+            .expect("a captured hold fits its range");
+        self.version += 1;
+    }
+
     fn pending_after(&self, delta: Amount, direction: i128) -> Option<(Amount, Amount)> {
         let magnitude = Amount(delta.0.checked_abs()?.checked_mul(direction)?);
         if delta.0 < 0 {

@@ -63,15 +63,21 @@ pub enum CommandKind {
         currency: Currency,
         metadata: Metadata,
     },
+    /// With `hold_id`, the batch's one debit leg draws from that open hold: the hold is
+    /// captured (its remainder released) in the same command.
     Batch {
         legs: Vec<Leg>,
         txn_id: Option<TxnId>,
+        hold_id: Option<TxnId>,
         metadata: Metadata,
     },
+    /// With `hold_id`, the reservation's one debit leg draws from that open hold instead of the
+    /// available balance; the post captures the hold, a void reopens it.
     Reserve {
         txn_id: TxnId,
         owner: Owner,
         legs: Vec<Leg>,
+        hold_id: Option<TxnId>,
         metadata: Metadata,
     },
     Post {
@@ -81,6 +87,19 @@ pub enum CommandKind {
     Void {
         txn_id: TxnId,
         owner: Owner,
+    },
+    /// Authorizes `amount` on an account: it moves into `pending_out` (checked against the lower
+    /// limit) until the hold is captured by a transaction or voided.
+    PlaceHold {
+        hold_id: TxnId,
+        account_id: AccountId,
+        amount: Amount,
+        currency: Currency,
+        metadata: Metadata,
+    },
+    /// Releases an open hold.
+    VoidHold {
+        hold_id: TxnId,
     },
     /// Forgets idempotency records stamped before `older_than_ms` (leader time).
     PruneDedup {
@@ -100,13 +119,16 @@ pub struct Command {
 }
 
 impl CommandKind {
-    /// The coordinator transaction a command belongs to, when it belongs to one.
+    /// The coordinator transaction (or the hold) a command belongs to, when it belongs to one.
     pub fn txn_id(&self) -> Option<&TxnId> {
         match self {
             CommandKind::Batch { txn_id, .. } => txn_id.as_ref(),
             CommandKind::Reserve { txn_id, .. }
             | CommandKind::Post { txn_id, .. }
             | CommandKind::Void { txn_id, .. } => Some(txn_id),
+            CommandKind::PlaceHold { hold_id, .. } | CommandKind::VoidHold { hold_id } => {
+                Some(hold_id)
+            }
             _ => None,
         }
     }

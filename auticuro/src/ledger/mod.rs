@@ -12,7 +12,10 @@ pub mod types;
 pub use account::{Account, AccountState};
 pub use command::{Command, CommandKind, Leg, Limits};
 pub use outcome::{Outcome, Rejection};
-pub use state::{Applied, Changes, DedupRecord, Event, Ledger, LedgerState, LegState, TxnRecord};
+pub use state::{
+    Applied, Changes, DedupRecord, Event, HoldRecord, HoldState, Ledger, LedgerState, LegState,
+    TxnRecord,
+};
 pub use types::{AccountId, Amount, Currency, Metadata, Owner, ParseError, RequestId, TxnId};
 
 #[cfg(test)]

@@ -36,10 +36,18 @@ pub enum Outcome {
     AccountNotActive = 26,
     AmountOverflow = 27,
     CoordinatorFenced = 28,
+    HoldNotFound = 29,
+    /// The hold is being captured, captured or voided.
+    HoldNotOpen = 30,
+    HoldAlreadyExists = 31,
+    /// A capture of more than the hold authorized.
+    HoldExceeded = 32,
+    /// A capture whose debit is not one leg on the hold's account and currency.
+    HoldMismatch = 33,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 28] = [
+    pub const ALL: [Outcome; 33] = [
         Outcome::Ok,
         Outcome::InsufficientFunds,
         Outcome::LimitExceeded,
@@ -68,6 +76,11 @@ impl Outcome {
         Outcome::AccountNotActive,
         Outcome::AmountOverflow,
         Outcome::CoordinatorFenced,
+        Outcome::HoldNotFound,
+        Outcome::HoldNotOpen,
+        Outcome::HoldAlreadyExists,
+        Outcome::HoldExceeded,
+        Outcome::HoldMismatch,
     ];
 
     pub fn is_ok(self) -> bool {

@@ -35,8 +35,39 @@ pub struct TxnRecord {
     pub owner: Owner,
     pub state: LegState,
     pub legs: Vec<Leg>,
+    /// The hold its one debit leg draws from, when it captures one.
+    pub hold_id: Option<TxnId>,
     /// Leader time of the reserve (or of the tombstone).
     pub at_ms: i64,
+}
+
+/// Where a hold stands. `Captured` and `Voided` are final.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HoldState {
+    Open,
+    /// A transaction's reservation draws from it; its post captures, its void reopens.
+    Capturing(TxnId),
+    Captured { txn_id: TxnId, amount: Amount },
+    Voided,
+}
+
+/// An authorization on one account: `amount` sits in the account's `pending_out` while the
+/// hold is open or being captured.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HoldRecord {
+    pub account_id: AccountId,
+    pub currency: Currency,
+    pub amount: Amount,
+    pub state: HoldState,
+    /// Leader time of the authorization.
+    pub at_ms: i64,
+}
+
+impl HoldRecord {
+    /// Whether its amount is still in the account's `pending_out`.
+    pub fn is_pending(&self) -> bool {
+        matches!(self.state, HoldState::Open | HoldState::Capturing(_))
+    }
 }
 
 /// What the shard remembers of a request id: the payload's fingerprint and the outcome.
@@ -64,6 +95,7 @@ pub struct Event {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub transactions: Vec<(TxnId, TxnRecord)>,
+    pub holds: Vec<(TxnId, HoldRecord)>,
     pub dedup_inserted: Option<(RequestId, DedupRecord)>,
     pub dedup_removed: Vec<RequestId>,
 }
@@ -82,9 +114,11 @@ pub struct Applied {
 }
 
 /// What an accepted command did, before it gets its seq.
+#[derive(Default)]
 struct Effect {
     accounts: Vec<Account>,
     transactions: Vec<(TxnId, TxnRecord)>,
+    holds: Vec<(TxnId, HoldRecord)>,
     dedup_removed: Vec<RequestId>,
 }
 
@@ -92,8 +126,7 @@ impl Effect {
     fn accounts(accounts: Vec<Account>) -> Effect {
         Effect {
             accounts,
-            transactions: Vec::new(),
-            dedup_removed: Vec::new(),
+            ..Effect::default()
         }
     }
 }
@@ -105,6 +138,7 @@ pub struct LedgerState {
     pub last_seq: u64,
     pub accounts: Vec<Account>,
     pub transactions: Vec<(TxnId, TxnRecord)>,
+    pub holds: Vec<(TxnId, HoldRecord)>,
     pub dedup: Vec<(RequestId, DedupRecord)>,
     pub fences: Vec<(u32, u64)>,
 }
@@ -113,6 +147,7 @@ pub struct LedgerState {
 pub struct Ledger {
     accounts: HashMap<AccountId, Account>,
     transactions: HashMap<TxnId, TxnRecord>,
+    holds: HashMap<TxnId, HoldRecord>,
     dedup: HashMap<RequestId, DedupRecord>,
     /// Scale of every currency seen on this shard; fixed by its first account.
     scales: BTreeMap<Currency, u8>,
@@ -142,6 +177,10 @@ impl Ledger {
 
     pub fn transaction(&self, id: &TxnId) -> Option<&TxnRecord> {
         self.transactions.get(id)
+    }
+
+    pub fn hold(&self, id: &TxnId) -> Option<&HoldRecord> {
+        self.holds.get(id)
     }
 
     /// Transactions whose legs are still held since before `cutoff_ms` (leader time), by id:
@@ -233,6 +272,9 @@ impl Ledger {
         for (txn_id, record) in &effect.transactions {
             self.transactions.insert(txn_id.clone(), record.clone());
         }
+        for (hold_id, record) in &effect.holds {
+            self.holds.insert(hold_id.clone(), record.clone());
+        }
         for request_id in &effect.dedup_removed {
             self.dedup.remove(request_id);
         }
@@ -260,6 +302,7 @@ impl Ledger {
         };
         let changes = Changes {
             transactions: effect.transactions,
+            holds: effect.holds,
             dedup_inserted: None,
             dedup_removed: effect.dedup_removed,
         };
@@ -294,13 +337,30 @@ impl Ledger {
                 currency,
                 metadata: _,
             } => self.transfer(from, to, *amount, currency),
-            CommandKind::Batch { legs, .. } => self.batch(legs),
+            CommandKind::Batch {
+                legs,
+                txn_id,
+                hold_id,
+                ..
+            } => match hold_id {
+                None => self.batch(legs),
+                Some(hold_id) => self.capture_batch(legs, txn_id.as_ref(), hold_id),
+            },
             CommandKind::Reserve {
                 txn_id,
                 owner,
                 legs,
+                hold_id,
                 ..
-            } => self.reserve(txn_id, *owner, legs, timestamp_ms),
+            } => self.reserve(txn_id, *owner, legs, hold_id.as_ref(), timestamp_ms),
+            CommandKind::PlaceHold {
+                hold_id,
+                account_id,
+                amount,
+                currency,
+                metadata: _,
+            } => self.place_hold(hold_id, account_id, *amount, currency, timestamp_ms),
+            CommandKind::VoidHold { hold_id } => self.void_hold(hold_id),
             CommandKind::Post { txn_id, owner } => self.post(txn_id, *owner),
             CommandKind::Void { txn_id, owner } => self.void(txn_id, *owner, timestamp_ms),
             CommandKind::PruneDedup { older_than_ms } => Ok(self.prune_dedup(*older_than_ms)),
@@ -440,11 +500,133 @@ impl Ledger {
         Ok(Effect::accounts(accounts))
     }
 
+    /// A batch whose one debit leg captures an open hold: that account's hold leaves
+    /// `pending_out` and the captured amount its balance; the other legs move as in a batch.
+    fn capture_batch(
+        &self,
+        legs: &[Leg],
+        txn_id: Option<&TxnId>,
+        hold_id: &TxnId,
+    ) -> Result<Effect, Rejection> {
+        check_legs(legs)?;
+        check_zero_sum(legs)?;
+        let (debit, hold) = self.capturable_hold(hold_id, legs)?;
+        let mut accounts = self.movable_accounts(legs)?;
+        for (index, (account, leg)) in accounts.iter_mut().zip(legs).enumerate() {
+            if index == debit {
+                account.capture(hold.amount, Amount(-leg.amount.0));
+            } else {
+                account.move_balance(leg.amount)?;
+            }
+        }
+        let captured = HoldRecord {
+            state: HoldState::Captured {
+                // A fast-path batch without a transaction id captures on its own behalf.
+                txn_id: txn_id.unwrap_or(hold_id).clone(),
+                amount: Amount(-legs[debit].amount.0),
+            },
+            ..hold.clone()
+        };
+        Ok(Effect {
+            accounts,
+            holds: vec![(hold_id.clone(), captured)],
+            ..Effect::default()
+        })
+    }
+
+    /// The open hold a capture draws from and the index of its one debit leg, which must be on
+    /// the hold's account and currency and at most the hold's amount.
+    fn capturable_hold(
+        &self,
+        hold_id: &TxnId,
+        legs: &[Leg],
+    ) -> Result<(usize, &HoldRecord), Rejection> {
+        let hold = self
+            .holds
+            .get(hold_id)
+            .ok_or(Rejection::new(Outcome::HoldNotFound))?;
+        if hold.state != HoldState::Open {
+            return Err(Rejection::on(Outcome::HoldNotOpen, &hold.account_id));
+        }
+        let mut debits = legs
+            .iter()
+            .enumerate()
+            .filter(|(_, leg)| leg.amount.0 < 0);
+        let (Some((index, debit)), None) = (debits.next(), debits.next()) else {
+            return Err(Rejection::on(Outcome::HoldMismatch, &hold.account_id));
+        };
+        if debit.account_id != hold.account_id || debit.currency != hold.currency {
+            return Err(Rejection::on(Outcome::HoldMismatch, &debit.account_id));
+        }
+        if -debit.amount.0 > hold.amount.0 {
+            return Err(Rejection::on(Outcome::HoldExceeded, &debit.account_id));
+        }
+        Ok((index, hold))
+    }
+
+    fn place_hold(
+        &self,
+        hold_id: &TxnId,
+        account_id: &AccountId,
+        amount: Amount,
+        currency: &Currency,
+        timestamp_ms: i64,
+    ) -> Result<Effect, Rejection> {
+        if self.holds.contains_key(hold_id) {
+            return Err(Rejection::on(Outcome::HoldAlreadyExists, account_id));
+        }
+        if !amount.is_positive() || amount.0 > AMOUNT_ABS_MAX {
+            return Err(Rejection::on(Outcome::InvalidAmount, account_id));
+        }
+        let leg = Leg {
+            account_id: account_id.clone(),
+            amount: Amount(-amount.0),
+            currency: currency.clone(),
+        };
+        let mut account = self.movable_account(&leg)?.clone();
+        account.hold(leg.amount)?;
+        let hold = HoldRecord {
+            account_id: account_id.clone(),
+            currency: currency.clone(),
+            amount,
+            state: HoldState::Open,
+            at_ms: timestamp_ms,
+        };
+        Ok(Effect {
+            accounts: vec![account],
+            holds: vec![(hold_id.clone(), hold)],
+            ..Effect::default()
+        })
+    }
+
+    /// Releases an open hold, also on a frozen account (a release only frees money).
+    fn void_hold(&self, hold_id: &TxnId) -> Result<Effect, Rejection> {
+        let hold = self
+            .holds
+            .get(hold_id)
+            .ok_or(Rejection::new(Outcome::HoldNotFound))?;
+        if hold.state != HoldState::Open {
+            return Err(Rejection::on(Outcome::HoldNotOpen, &hold.account_id));
+        }
+        let mut account = self.accounts[&hold.account_id].clone();
+        account.release(Amount(-hold.amount.0));
+        let voided = HoldRecord {
+            state: HoldState::Voided,
+            ..hold.clone()
+        };
+        Ok(Effect {
+            accounts: vec![account],
+            holds: vec![(hold_id.clone(), voided)],
+            ..Effect::default()
+        })
+    }
+
     fn reserve(
         &self,
         txn_id: &TxnId,
         owner: Owner,
         legs: &[Leg],
+        hold_id: Option<&TxnId>,
         timestamp_ms: i64,
     ) -> Result<Effect, Rejection> {
         if let Some(record) = self.transactions.get(txn_id) {
@@ -457,31 +639,72 @@ impl Ledger {
             }));
         }
         check_legs(legs)?;
+        let capture = hold_id
+            .map(|hold_id| self.capturable_hold(hold_id, legs))
+            .transpose()?;
         let mut accounts = self.movable_accounts(legs)?;
-        for (account, leg) in accounts.iter_mut().zip(legs) {
-            account.hold(leg.amount)?;
+        for (index, (account, leg)) in accounts.iter_mut().zip(legs).enumerate() {
+            if capture.is_some_and(|(debit, _)| debit == index) {
+                // Already in pending_out through the hold.
+                account.version += 1;
+            } else {
+                account.hold(leg.amount)?;
+            }
         }
+        let holds = match (hold_id, capture) {
+            (Some(hold_id), Some((_, hold))) => vec![(
+                hold_id.clone(),
+                HoldRecord {
+                    state: HoldState::Capturing(txn_id.clone()),
+                    ..hold.clone()
+                },
+            )],
+            _ => Vec::new(),
+        };
         let record = TxnRecord {
             owner,
             state: LegState::Held,
             legs: legs.to_vec(),
+            hold_id: hold_id.cloned(),
             at_ms: timestamp_ms,
         };
         Ok(Effect {
             accounts,
             transactions: vec![(txn_id.clone(), record)],
-            dedup_removed: Vec::new(),
+            holds,
+            ..Effect::default()
         })
+    }
+
+    /// The hold a held transaction captures, with the index of the leg that draws from it.
+    fn capturing_hold<'a>(
+        &'a self,
+        record: &'a TxnRecord,
+    ) -> Option<(usize, &'a TxnId, &'a HoldRecord)> {
+        let hold_id = record.hold_id.as_ref()?;
+        let hold = &self.holds[hold_id];
+        let index = record
+            .legs
+            .iter()
+            .position(|leg| leg.amount.0 < 0 && leg.account_id == hold.account_id)
+            .expect("a capturing reservation has its debit on the hold's account");
+        Some((index, hold_id, hold))
     }
 
     /// Settles every held leg. Limits and account states are not checked again: the reserve
     /// checked them, and a post of a held leg must never fail.
     fn post(&self, txn_id: &TxnId, owner: Owner) -> Result<Effect, Rejection> {
         let record = self.held_transaction(txn_id, owner)?;
+        let capture = self.capturing_hold(record);
         let mut accounts: Vec<Account> = Vec::with_capacity(record.legs.len() + 1);
-        for leg in &record.legs {
+        for (index, leg) in record.legs.iter().enumerate() {
             let mut account = self.accounts[&leg.account_id].clone();
-            account.post(leg.amount);
+            match capture {
+                Some((debit, _, hold)) if debit == index => {
+                    account.capture(hold.amount, Amount(-leg.amount.0))
+                }
+                _ => account.post(leg.amount),
+            }
             accounts.push(account);
         }
         // The clearing account takes the opposite of what this shard's legs moved, so the shard
@@ -505,6 +728,18 @@ impl Ledger {
                 .expect("clearing stays in range");
             clearing.version += 1;
         }
+        let holds = capture
+            .map(|(debit, hold_id, hold)| {
+                let captured = HoldRecord {
+                    state: HoldState::Captured {
+                        txn_id: txn_id.clone(),
+                        amount: Amount(-record.legs[debit].amount.0),
+                    },
+                    ..hold.clone()
+                };
+                vec![(hold_id.clone(), captured)]
+            })
+            .unwrap_or_default();
         let record = TxnRecord {
             state: LegState::Posted,
             ..record.clone()
@@ -512,7 +747,8 @@ impl Ledger {
         Ok(Effect {
             accounts,
             transactions: vec![(txn_id.clone(), record)],
-            dedup_removed: Vec::new(),
+            holds,
+            ..Effect::default()
         })
     }
 
@@ -522,12 +758,12 @@ impl Ledger {
                 owner,
                 state: LegState::Tombstone,
                 legs: Vec::new(),
+                hold_id: None,
                 at_ms: timestamp_ms,
             };
             return Ok(Effect {
-                accounts: Vec::new(),
                 transactions: vec![(txn_id.clone(), tombstone)],
-                dedup_removed: Vec::new(),
+                ..Effect::default()
             });
         };
         if record.owner.coordinator_shard_id != owner.coordinator_shard_id {
@@ -537,12 +773,26 @@ impl Ledger {
             LegState::Voided | LegState::Tombstone => Ok(Effect::accounts(Vec::new())),
             LegState::Posted => Err(Rejection::new(Outcome::LegNotHeld)),
             LegState::Held => {
+                let capture = self.capturing_hold(record);
                 let mut accounts = Vec::with_capacity(record.legs.len());
-                for leg in &record.legs {
+                for (index, leg) in record.legs.iter().enumerate() {
                     let mut account = self.accounts[&leg.account_id].clone();
-                    account.release(leg.amount);
+                    match capture {
+                        // The money stays held, by the hold again.
+                        Some((debit, _, _)) if debit == index => account.version += 1,
+                        _ => account.release(leg.amount),
+                    }
                     accounts.push(account);
                 }
+                let holds = capture
+                    .map(|(_, hold_id, hold)| {
+                        let reopened = HoldRecord {
+                            state: HoldState::Open,
+                            ..hold.clone()
+                        };
+                        vec![(hold_id.clone(), reopened)]
+                    })
+                    .unwrap_or_default();
                 let record = TxnRecord {
                     state: LegState::Voided,
                     ..record.clone()
@@ -550,7 +800,8 @@ impl Ledger {
                 Ok(Effect {
                     accounts,
                     transactions: vec![(txn_id.clone(), record)],
-                    dedup_removed: Vec::new(),
+                    holds,
+                    ..Effect::default()
                 })
             }
         }
@@ -593,9 +844,8 @@ impl Ledger {
             .collect();
         removed.sort();
         Effect {
-            accounts: Vec::new(),
-            transactions: Vec::new(),
             dedup_removed: removed,
+            ..Effect::default()
         }
     }
 
@@ -658,6 +908,12 @@ impl Ledger {
             .map(|(id, record)| (id.clone(), record.clone()))
             .collect();
         transactions.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut holds: Vec<_> = self
+            .holds
+            .iter()
+            .map(|(id, record)| (id.clone(), record.clone()))
+            .collect();
+        holds.sort_by(|a, b| a.0.cmp(&b.0));
         let mut dedup: Vec<_> = self
             .dedup
             .iter()
@@ -668,6 +924,7 @@ impl Ledger {
             last_seq: self.last_seq,
             accounts,
             transactions,
+            holds,
             dedup,
             fences: self.fences(),
         }
@@ -688,6 +945,7 @@ impl Ledger {
                 .map(|a| (a.id.clone(), a))
                 .collect(),
             transactions: state.transactions.into_iter().collect(),
+            holds: state.holds.into_iter().collect(),
             dedup: state.dedup.into_iter().collect(),
             scales,
             fences: state.fences.into_iter().collect(),

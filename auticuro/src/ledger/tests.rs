@@ -121,6 +121,7 @@ impl Shard {
             txn_id: txn(txn_id),
             owner,
             legs,
+            hold_id: None,
             metadata: Metadata::default(),
         })
     }
@@ -167,6 +168,7 @@ fn batch(legs: Vec<Leg>) -> CommandKind {
     CommandKind::Batch {
         legs,
         txn_id: None,
+        hold_id: None,
         metadata: Metadata::default(),
     }
 }
@@ -950,6 +952,7 @@ fn bad_reservations_are_rejected_without_any_change() {
         txn_id: txn("t1"),
         owner: COORDINATOR,
         legs,
+        hold_id: None,
         metadata: Metadata::default(),
     };
     shard.assert_rejected(
@@ -996,6 +999,7 @@ fn a_fenced_coordinator_can_neither_reserve_nor_settle_and_fences_only_rise() {
             txn_id: txn("t2"),
             owner: COORDINATOR,
             legs: vec![leg("alice", -1)],
+            hold_id: None,
             metadata: Metadata::default(),
         },
     ] {
@@ -1037,6 +1041,219 @@ fn export_and_import_round_trip_to_the_same_digest() {
     assert_eq!(restored.last_seq(), shard.ledger.last_seq());
 }
 
+// ---- Holds ----
+
+fn place_hold(hold: &str, account: &str, amount: i128) -> CommandKind {
+    CommandKind::PlaceHold {
+        hold_id: txn(hold),
+        account_id: id(account),
+        amount: Amount(amount),
+        currency: usd(),
+        metadata: Metadata::default(),
+    }
+}
+
+fn void_hold(hold: &str) -> CommandKind {
+    CommandKind::VoidHold { hold_id: txn(hold) }
+}
+
+fn capture_batch(hold: &str, legs: Vec<Leg>) -> CommandKind {
+    CommandKind::Batch {
+        legs,
+        txn_id: None,
+        hold_id: Some(txn(hold)),
+        metadata: Metadata::default(),
+    }
+}
+
+fn capture_reserve(txn_id: &str, hold: &str, legs: Vec<Leg>) -> CommandKind {
+    CommandKind::Reserve {
+        txn_id: txn(txn_id),
+        owner: COORDINATOR,
+        legs,
+        hold_id: Some(txn(hold)),
+        metadata: Metadata::default(),
+    }
+}
+
+impl Shard {
+    /// (balance, pending_out, available) of an account.
+    fn funds(&self, account: &str) -> (i128, i128, i128) {
+        let account = self.ledger.account(&id(account)).unwrap();
+        (
+            account.balance.0,
+            account.pending_out.0,
+            account.available().unwrap().0,
+        )
+    }
+
+    fn hold_state(&self, hold: &str) -> HoldState {
+        self.ledger.hold(&txn(hold)).unwrap().state.clone()
+    }
+}
+
+#[test]
+fn a_hold_takes_from_available_and_a_void_gives_it_back() {
+    let mut shard = Shard::with_customers();
+    assert!(shard.run(place_hold("h1", "alice", 30)).outcome.is_ok());
+    assert_eq!(shard.funds("alice"), (100, 30, 70));
+    // The held money cannot be spent twice.
+    shard.assert_rejected(place_hold("h2", "alice", 71), Outcome::InsufficientFunds);
+    assert_eq!(
+        shard.transfer("alice", "bob", 71).outcome,
+        Outcome::InsufficientFunds
+    );
+    // Nor can the account be closed while it holds money.
+    shard.assert_rejected(
+        CommandKind::Close {
+            account_id: id("alice"),
+        },
+        Outcome::AccountNotEmpty,
+    );
+    assert!(shard.run(void_hold("h1")).outcome.is_ok());
+    assert_eq!(shard.funds("alice"), (100, 0, 100));
+    assert_eq!(shard.hold_state("h1"), HoldState::Voided);
+    shard.assert_rejected(void_hold("h1"), Outcome::HoldNotOpen);
+    shard.assert_rejected(void_hold("nope"), Outcome::HoldNotFound);
+}
+
+#[test]
+fn bad_holds_are_rejected_without_any_change() {
+    let mut shard = Shard::with_customers();
+    assert!(shard.run(place_hold("h1", "alice", 10)).outcome.is_ok());
+    shard.assert_rejected(place_hold("h1", "bob", 10), Outcome::HoldAlreadyExists);
+    shard.assert_rejected(place_hold("h2", "alice", 0), Outcome::InvalidAmount);
+    shard.assert_rejected(place_hold("h2", "alice", -5), Outcome::InvalidAmount);
+    shard.assert_rejected(place_hold("h2", "ghost", 5), Outcome::AccountNotFound);
+    shard.assert_rejected(
+        place_hold("h2", "sys:clearing:USD", 5),
+        Outcome::InvalidAccountId,
+    );
+    shard.assert_rejected(
+        CommandKind::PlaceHold {
+            hold_id: txn("h2"),
+            account_id: id("alice"),
+            amount: Amount(5),
+            currency: eur(),
+            metadata: Metadata::default(),
+        },
+        Outcome::CurrencyMismatch,
+    );
+    assert!(
+        shard
+            .run(CommandKind::Freeze {
+                account_id: id("alice")
+            })
+            .outcome
+            .is_ok()
+    );
+    shard.assert_rejected(place_hold("h2", "alice", 5), Outcome::AccountFrozen);
+    // A frozen account's open hold can still be released.
+    assert!(shard.run(void_hold("h1")).outcome.is_ok());
+    assert_eq!(shard.funds("alice"), (100, 0, 100));
+}
+
+#[test]
+fn a_batch_captures_part_of_a_hold_and_releases_the_rest() {
+    let mut shard = Shard::with_customers();
+    assert!(shard.run(place_hold("h1", "alice", 60)).outcome.is_ok());
+    shard.assert_rejected(
+        capture_batch("h1", vec![leg("alice", -61), leg("bob", 61)]),
+        Outcome::HoldExceeded,
+    );
+    shard.assert_rejected(
+        capture_batch("h1", vec![leg("bob", -10), leg("alice", 10)]),
+        Outcome::HoldMismatch,
+    );
+    shard.assert_rejected(
+        capture_batch(
+            "h1",
+            vec![leg("alice", -10), leg("sys:funding:USD", -5), leg("bob", 15)],
+        ),
+        Outcome::HoldMismatch,
+    );
+    shard.assert_rejected(
+        capture_batch("nope", vec![leg("alice", -10), leg("bob", 10)]),
+        Outcome::HoldNotFound,
+    );
+    let applied = shard.run(capture_batch("h1", vec![leg("alice", -45), leg("bob", 45)]));
+    assert!(applied.outcome.is_ok());
+    assert_eq!(shard.funds("alice"), (55, 0, 55));
+    assert_eq!(shard.balance("bob"), 45);
+    assert_eq!(
+        shard.hold_state("h1"),
+        HoldState::Captured {
+            txn_id: txn("h1"),
+            amount: Amount(45)
+        }
+    );
+    shard.assert_rejected(
+        capture_batch("h1", vec![leg("alice", -5), leg("bob", 5)]),
+        Outcome::HoldNotOpen,
+    );
+    shard.assert_rejected(void_hold("h1"), Outcome::HoldNotOpen);
+    assert!(shard.ledger.balance_sums().values().all(|sum| *sum == 0));
+}
+
+#[test]
+fn a_reservation_draws_from_a_hold_its_post_captures_and_its_void_reopens() {
+    let mut shard = Shard::with_customers();
+    assert!(shard.run(place_hold("h1", "alice", 60)).outcome.is_ok());
+    // The reservation does not take the money a second time.
+    let reserve = capture_reserve("t1", "h1", vec![leg("alice", -50), leg("bob", 50)]);
+    assert!(shard.run(reserve).outcome.is_ok());
+    assert_eq!(shard.funds("alice"), (100, 60, 40));
+    assert_eq!(shard.hold_state("h1"), HoldState::Capturing(txn("t1")));
+    // While a transaction captures it, the hold can be neither voided nor captured again.
+    shard.assert_rejected(void_hold("h1"), Outcome::HoldNotOpen);
+    shard.assert_rejected(
+        capture_reserve("t2", "h1", vec![leg("alice", -5), leg("bob", 5)]),
+        Outcome::HoldNotOpen,
+    );
+    assert!(shard.void("t1", COORDINATOR).outcome.is_ok());
+    assert_eq!(shard.funds("alice"), (100, 60, 40));
+    assert_eq!(shard.hold_state("h1"), HoldState::Open);
+    assert_eq!(shard.ledger.account(&id("bob")).unwrap().pending_in.0, 0);
+
+    let reserve = capture_reserve("t3", "h1", vec![leg("alice", -50), leg("bob", 50)]);
+    assert!(shard.run(reserve).outcome.is_ok());
+    assert!(shard.post("t3", COORDINATOR).outcome.is_ok());
+    assert_eq!(shard.funds("alice"), (50, 0, 50));
+    assert_eq!(shard.balance("bob"), 50);
+    assert_eq!(
+        shard.hold_state("h1"),
+        HoldState::Captured {
+            txn_id: txn("t3"),
+            amount: Amount(50)
+        }
+    );
+    assert!(shard.ledger.balance_sums().values().all(|sum| *sum == 0));
+}
+
+#[test]
+fn a_capture_across_shards_moves_exactly_the_captured_amount() {
+    // The payer's shard holds and captures; the payee's shard only credits.
+    let mut payer_shard = Shard::with_customers();
+    let mut payee_shard = Shard::new();
+    assert!(
+        payee_shard
+            .create("carol", usd(), Limits::NO_OVERDRAFT)
+            .outcome
+            .is_ok()
+    );
+    assert!(payer_shard.run(place_hold("h1", "alice", 80)).outcome.is_ok());
+    let debit = capture_reserve("t1", "h1", vec![leg("alice", -30)]);
+    assert!(payer_shard.run(debit).outcome.is_ok());
+    assert!(payee_shard.reserve("t1", COORDINATOR, &[("carol", 30)]).outcome.is_ok());
+    assert!(payer_shard.post("t1", COORDINATOR).outcome.is_ok());
+    assert!(payee_shard.post("t1", COORDINATOR).outcome.is_ok());
+    assert_eq!(payer_shard.funds("alice"), (70, 0, 70));
+    assert_eq!(payee_shard.balance("carol"), 30);
+    let clearing = |shard: &Shard| shard.balance("sys:clearing:USD");
+    assert_eq!(clearing(&payer_shard) + clearing(&payee_shard), 0);
+    assert_eq!(clearing(&payer_shard), 30);
+}
+
 // ---- Properties ----
 
 #[derive(Clone, Debug)]
@@ -1058,6 +1275,22 @@ enum Op {
     },
     Void {
         txn: usize,
+    },
+    PlaceHold {
+        hold: usize,
+        account: usize,
+        amount: i128,
+    },
+    VoidHold {
+        hold: usize,
+    },
+    /// A transfer from the hold's account that captures it: a reservation of `txn`, or a
+    /// fast-path batch without one.
+    Capture {
+        hold: usize,
+        txn: Option<usize>,
+        to: usize,
+        amount: i128,
     },
     Freeze {
         account: usize,
@@ -1081,6 +1314,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0usize..6, prop::collection::vec((account.clone(), amount), 1..3)).prop_map(|(txn, legs)| Op::Reserve { txn, legs }),
         2 => (0usize..6).prop_map(|txn| Op::Post { txn }),
         2 => (0usize..6).prop_map(|txn| Op::Void { txn }),
+        2 => (0usize..4, account.clone(), -10i128..120).prop_map(|(hold, account, amount)| Op::PlaceHold { hold, account, amount }),
+        1 => (0usize..4).prop_map(|hold| Op::VoidHold { hold }),
+        2 => (0usize..4, prop::option::of(0usize..6), account.clone(), 1i128..130).prop_map(|(hold, txn, to, amount)| Op::Capture { hold, txn, to, amount }),
         1 => account.clone().prop_map(|account| Op::Freeze { account }),
         1 => account.prop_map(|account| Op::Unfreeze { account }),
         1 => (0usize..20).prop_map(|back| Op::Retry { back }),
@@ -1094,6 +1330,7 @@ fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
             .collect::<Vec<_>>()
     };
     let txn_id = |t: usize| txn(&format!("txn-{t}"));
+    let hold_id = |h: usize| txn(&format!("hold-{h}"));
     let kind = match op {
         Op::Transfer { from, to, amount } => CommandKind::Transfer {
             from: id(ACCOUNTS[*from]),
@@ -1112,6 +1349,7 @@ fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
             CommandKind::Batch {
                 legs,
                 txn_id: None,
+                hold_id: None,
                 metadata: Metadata::default(),
             }
         }
@@ -1119,8 +1357,67 @@ fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
             txn_id: txn_id(*txn),
             owner: COORDINATOR,
             legs: legs(raw),
+            hold_id: None,
             metadata: Metadata::default(),
         },
+        Op::PlaceHold {
+            hold,
+            account,
+            amount,
+        } => CommandKind::PlaceHold {
+            hold_id: hold_id(*hold),
+            account_id: id(ACCOUNTS[*account]),
+            amount: Amount(*amount),
+            currency: usd(),
+            metadata: Metadata::default(),
+        },
+        Op::VoidHold { hold } => CommandKind::VoidHold {
+            hold_id: hold_id(*hold),
+        },
+        // Captures debit the account the hold was placed on (found in the history), so that
+        // most of them are well formed; the amount may still exceed the hold.
+        Op::Capture {
+            hold,
+            txn,
+            to,
+            amount,
+        } => {
+            let held_account = history
+                .iter()
+                .rev()
+                .find_map(|command| match &command.kind {
+                    CommandKind::PlaceHold {
+                        hold_id: placed,
+                        account_id,
+                        ..
+                    } if *placed == hold_id(*hold) => Some(account_id.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| id(ACCOUNTS[1]));
+            let legs = vec![
+                Leg {
+                    account_id: held_account,
+                    amount: Amount(-amount),
+                    currency: usd(),
+                },
+                leg(ACCOUNTS[*to], *amount),
+            ];
+            match txn {
+                Some(txn) => CommandKind::Reserve {
+                    txn_id: txn_id(*txn),
+                    owner: COORDINATOR,
+                    legs,
+                    hold_id: Some(hold_id(*hold)),
+                    metadata: Metadata::default(),
+                },
+                None => CommandKind::Batch {
+                    legs,
+                    txn_id: None,
+                    hold_id: Some(hold_id(*hold)),
+                    metadata: Metadata::default(),
+                },
+            }
+        }
         Op::Post { txn } => CommandKind::Post {
             txn_id: txn_id(*txn),
             owner: COORDINATOR,
@@ -1228,15 +1525,37 @@ proptest! {
                     posted_or_voided.insert(txn_id, record.state);
                 }
             }
-        }
-        // Pending amounts equal exactly what held transactions hold.
-        let mut held: BTreeMap<AccountId, (i128, i128)> = BTreeMap::new();
-        for (_, record) in ledger.export().transactions {
-            if record.state == LegState::Held {
-                for leg in record.legs {
-                    let entry = held.entry(leg.account_id).or_default();
-                    if leg.amount.0 < 0 { entry.0 -= leg.amount.0 } else { entry.1 += leg.amount.0 }
+            // A captured or voided hold stays so; a capturing one is captured only by its
+            // transaction's post, for at most its amount.
+            for (hold_id, hold) in ledger.export().holds {
+                let before = before.holds.iter().find(|(id, _)| *id == hold_id).map(|(_, h)| h.state.clone());
+                if let Some(previous @ (HoldState::Captured { .. } | HoldState::Voided)) = &before {
+                    prop_assert_eq!(previous, &hold.state, "{} left a final state", hold_id);
                 }
+                if let HoldState::Captured { amount, .. } = &hold.state {
+                    prop_assert!(amount.0 > 0 && amount.0 <= hold.amount.0);
+                }
+            }
+        }
+        // Pending amounts equal exactly what held transactions and pending holds hold (a
+        // reservation's debit that draws from a hold is counted once, as the hold).
+        let state = ledger.export();
+        let mut held: BTreeMap<AccountId, (i128, i128)> = BTreeMap::new();
+        for (_, record) in &state.transactions {
+            if record.state == LegState::Held {
+                for leg in &record.legs {
+                    let entry = held.entry(leg.account_id.clone()).or_default();
+                    match (leg.amount.0 < 0, record.hold_id.is_some()) {
+                        (true, true) => {}
+                        (true, false) => entry.0 -= leg.amount.0,
+                        (false, _) => entry.1 += leg.amount.0,
+                    }
+                }
+            }
+        }
+        for (_, hold) in &state.holds {
+            if hold.is_pending() {
+                held.entry(hold.account_id.clone()).or_default().0 += hold.amount.0;
             }
         }
         for account in ledger.accounts() {
@@ -1273,7 +1592,7 @@ proptest! {
                 applied_requests[applied_requests.len() - 1].clone()
             } else {
                 let kind = match step {
-                    0 => CommandKind::Reserve { txn_id: txn("t"), owner: COORDINATOR, legs: vec![leg("alice", -40), leg("bob", 40)], metadata: Metadata::default() },
+                    0 => CommandKind::Reserve { txn_id: txn("t"), owner: COORDINATOR, legs: vec![leg("alice", -40), leg("bob", 40)], hold_id: None, metadata: Metadata::default() },
                     1 => CommandKind::Post { txn_id: txn("t"), owner: COORDINATOR },
                     _ => CommandKind::Void { txn_id: txn("t"), owner: COORDINATOR },
                 };
