@@ -96,6 +96,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/deposits", post(api::transfers::deposit))
         .route("/withdrawals", post(api::transfers::withdraw))
         .route("/payments", post(api::transfers::pay))
+        .route("/holds", post(api::holds::place))
+        .route("/holds/{hold_id}", get(api::holds::get))
+        .route("/holds/{hold_id}/capture", post(api::holds::capture))
+        .route("/holds/{hold_id}/void", post(api::holds::void))
         .route(
             "/transactions/{transaction_id}",
             get(api::transactions::get),

@@ -9,18 +9,19 @@ use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use crate::api::{activities, health, transactions, transfers, wallets};
+use crate::api::{activities, health, holds, transactions, transfers, wallets};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Wallet platform API", version = "1.0.0",
-        description = "Wallets, deposits, withdrawals and payments. Amounts are decimal strings in \
+        description = "Wallets, deposits, withdrawals, payments and holds. Amounts are decimal strings in \
             the currency's unit. Every POST takes an `Idempotency-Key`. Errors are RFC 7807 \
             problem documents."),
     paths(
         wallets::create, wallets::get, wallets::balance, wallets::freeze, wallets::unfreeze,
         wallets::close, activities::list, transfers::deposit, transfers::withdraw, transfers::pay,
-        transactions::get, transactions::events, health::healthz, health::readyz,
+        holds::place, holds::get, holds::capture, holds::void, transactions::get,
+        transactions::events, health::healthz, health::readyz,
     ),
     modifiers(&BearerKey),
 )]

@@ -72,6 +72,7 @@ impl ApiError {
             ApiError::NotFound("transaction") => {
                 (404, "transaction-not-found", "No such transaction")
             }
+            ApiError::NotFound("hold") => outcome_problem(Outcome::HoldNotFound),
             ApiError::NotFound(_) => (404, "not-found", "Not found"),
             ApiError::IdempotencyMismatch => (
                 409,
@@ -172,6 +173,23 @@ fn outcome_problem(outcome: Outcome) -> (u16, &'static str, &'static str) {
         InvalidLimits => (400, "invalid-limits", "The limits are invalid"),
         InvalidMetadata => (400, "invalid-metadata", "The metadata is invalid"),
         InvalidCurrency => (400, "invalid-currency", "The currency is invalid"),
+        HoldNotFound => (404, "hold-not-found", "No such hold"),
+        HoldNotOpen => (
+            409,
+            "hold-not-open",
+            "The hold is being captured, captured or voided",
+        ),
+        HoldAlreadyExists => (409, "hold-already-exists", "The hold exists already"),
+        HoldExceeded => (
+            422,
+            "hold-exceeded",
+            "The capture is more than the hold authorized",
+        ),
+        HoldMismatch => (
+            422,
+            "hold-mismatch",
+            "The capture does not match the hold's wallet or currency",
+        ),
         _ => (500, "internal", "Internal error"),
     }
 }
@@ -214,6 +232,10 @@ mod tests {
             Outcome::AccountClosed,
             Outcome::CurrencyMismatch,
             Outcome::AccountNotEmpty,
+            Outcome::HoldNotFound,
+            Outcome::HoldNotOpen,
+            Outcome::HoldExceeded,
+            Outcome::HoldMismatch,
         ];
         let mut kinds = std::collections::BTreeSet::new();
         for outcome in callers_outcomes {

@@ -104,6 +104,36 @@ impl ShardClient {
             .await
     }
 
+    /// An authorization hold, read linearizably on the leader.
+    pub async fn get_hold(
+        &self,
+        hold_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<pb::Hold>, Unknown> {
+        self.group
+            .on_leader(deadline, |channel, timeout| {
+                let mut client = LedgerClient::new(channel);
+                let mut request = tonic::Request::new(pb::GetHoldRequest {
+                    hold_id: hold_id.to_string(),
+                });
+                request.set_timeout(timeout);
+                async move {
+                    Ok(
+                        match client.get_hold(request).await?.into_inner().reply {
+                            Some(pb::get_hold_response::Reply::Read(read)) => {
+                                Answer::Done(read.hold)
+                            }
+                            Some(pb::get_hold_response::Reply::Redirect(redirect)) => {
+                                Answer::Redirect(redirect.leader_address)
+                            }
+                            None => Answer::Empty,
+                        },
+                    )
+                }
+            })
+            .await
+    }
+
     /// How many transactions of a coordinator still hold legs on this shard (asked of the
     /// leader, following redirects, until `deadline`).
     pub async fn count_holds(

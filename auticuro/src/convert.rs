@@ -8,7 +8,7 @@ use proto::common::v1::Amount as PbAmount;
 
 use crate::ledger::{
     Account, AccountId, AccountState, Amount, Command, CommandKind, Currency, Event, Leg, Limits,
-    Metadata, Outcome, Owner, RequestId, TxnId,
+    HoldRecord, HoldState, Metadata, Outcome, Owner, RequestId, TxnId,
 };
 use crate::machine::CommandResult;
 
@@ -24,11 +24,11 @@ fn txn_id(text: &str) -> Result<TxnId, Invalid> {
 }
 
 /// An optional id field: empty means absent.
-fn optional_txn_id(text: &str) -> Result<Option<TxnId>, Invalid> {
+pub fn optional_txn_id(text: &str) -> Result<Option<TxnId>, Invalid> {
     (!text.is_empty()).then(|| txn_id(text)).transpose()
 }
 
-fn pb_optional_id(id: &Option<TxnId>) -> String {
+pub fn pb_optional_id(id: &Option<TxnId>) -> String {
     id.as_ref().map(ToString::to_string).unwrap_or_default()
 }
 
@@ -388,6 +388,27 @@ pub fn pb_command(command: &Command) -> pb::Command {
     pb::Command {
         request_id: command.request_id.to_string(),
         kind: Some(kind),
+    }
+}
+
+pub fn hold(hold_id: &TxnId, hold: &HoldRecord) -> pb::Hold {
+    let (status, capture_txn_id, captured_amount) = match &hold.state {
+        HoldState::Open => (pb::HoldStatus::Open, None, None),
+        HoldState::Capturing(txn_id) => (pb::HoldStatus::Capturing, Some(txn_id), None),
+        HoldState::Captured { txn_id, amount } => {
+            (pb::HoldStatus::Captured, Some(txn_id), Some(*amount))
+        }
+        HoldState::Voided => (pb::HoldStatus::Voided, None, None),
+    };
+    pb::Hold {
+        hold_id: hold_id.to_string(),
+        account_id: hold.account_id.to_string(),
+        amount: Some(pb_amount(hold.amount)),
+        currency: hold.currency.to_string(),
+        status: status as i32,
+        capture_txn_id: capture_txn_id.map(ToString::to_string).unwrap_or_default(),
+        captured_amount: captured_amount.map(pb_amount),
+        placed_at_ms: hold.at_ms,
     }
 }
 

@@ -303,6 +303,29 @@ impl LedgerRpc for LedgerService {
         }))
     }
 
+    async fn get_hold(
+        &self,
+        request: Request<pb::GetHoldRequest>,
+    ) -> Result<Response<pb::GetHoldResponse>, Status> {
+        use pb::get_hold_response::Reply;
+        let hold_id = TxnId::parse(&request.get_ref().hold_id)
+            .map_err(|_| Status::invalid_argument("invalid hold id"))?;
+        if self.raft.ensure_linearizable().await.is_err() {
+            let reply = Reply::Redirect(self.current_redirect());
+            return Ok(Response::new(pb::GetHoldResponse { reply: Some(reply) }));
+        }
+        let read = self.machine.read(|machine| pb::HoldRead {
+            hold: machine
+                .ledger()
+                .hold(&hold_id)
+                .map(|hold| convert::hold(&hold_id, hold)),
+            applied_seq: machine.ledger().last_seq(),
+        });
+        Ok(Response::new(pb::GetHoldResponse {
+            reply: Some(Reply::Read(read)),
+        }))
+    }
+
     async fn read_events(
         &self,
         request: Request<pb::ReadEventsRequest>,

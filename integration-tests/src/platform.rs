@@ -35,6 +35,7 @@ pub fn submit_request(key: &str, legs: Vec<ledger::Leg>) -> pb::SubmitRequest {
         wait: true,
         wait_ms_max: 10_000,
         wait_until_done: false,
+        hold_id: String::new(),
     }
 }
 

@@ -242,6 +242,7 @@ impl Driver {
                 legs: transaction.plan[0].legs.iter().map(leg_message).collect(),
                 txn_id: transaction.txn_id.to_string(),
                 metadata: auticuro::convert::pb_metadata(&transaction.metadata),
+                hold_id: auticuro::convert::pb_optional_id(&transaction.hold_id),
             })),
         }
     }
@@ -249,6 +250,13 @@ impl Driver {
     /// Reserves on every shard in plan order; returns the decision this warrants.
     async fn reserve_all(&self, transaction: &Transaction) -> Decision {
         for (position, group) in transaction.plan.iter().enumerate() {
+            // A captured hold is drawn from by the debit, on the debit's shard.
+            let hold_id = match &transaction.hold_id {
+                Some(hold_id) if group.legs.iter().any(|leg| leg.amount.0 < 0) => {
+                    hold_id.to_string()
+                }
+                _ => String::new(),
+            };
             let command = pb::Command {
                 request_id: format!("{}/reserve/{}", transaction.txn_id, group.shard_id),
                 kind: Some(pb::command::Kind::Reserve(pb::Reserve {
@@ -258,6 +266,7 @@ impl Driver {
                     // What the transaction means travels with each shard's part of it (the
                     // read side builds activity feeds from it).
                     metadata: auticuro::convert::pb_metadata(&transaction.metadata),
+                    hold_id,
                 })),
             };
             let remaining_ms = transaction.decide_by_ms.saturating_sub(now_ms()).max(0) as u64;

@@ -47,6 +47,8 @@ pub struct NewTransaction {
     pub idempotency_key: String,
     pub legs: Vec<Leg>,
     pub metadata: Metadata,
+    /// The hold the one debit leg captures, when it captures one.
+    pub hold_id: Option<TxnId>,
     /// Storage shards in the order reservations go: shards with debit legs first.
     pub plan: Vec<ShardLegs>,
     /// How long reservations may take, from the leader time of `Begin`.
@@ -61,6 +63,7 @@ pub struct Transaction {
     pub fingerprint: [u8; 32],
     pub legs: Vec<Leg>,
     pub metadata: Metadata,
+    pub hold_id: Option<TxnId>,
     pub plan: Vec<ShardLegs>,
     pub begun_at_ms: i64,
     pub decide_by_ms: i64,
@@ -133,8 +136,8 @@ pub fn txn_id_for(tenant_id: &str, idempotency_key: &str) -> TxnId {
 }
 
 /// What the idempotency check compares: the body of the request.
-pub fn fingerprint(legs: &[Leg], metadata: &Metadata) -> [u8; 32] {
-    let bytes = postcard::to_stdvec(&(legs, metadata)).expect("legs always encode");
+pub fn fingerprint(legs: &[Leg], metadata: &Metadata, hold_id: Option<&TxnId>) -> [u8; 32] {
+    let bytes = postcard::to_stdvec(&(legs, metadata, hold_id)).expect("legs always encode");
     Sha256::digest(&bytes).into()
 }
 
@@ -213,7 +216,7 @@ impl Coordinator {
         new: &NewTransaction,
         timestamp_ms: i64,
     ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
-        let fingerprint = fingerprint(&new.legs, &new.metadata);
+        let fingerprint = fingerprint(&new.legs, &new.metadata, new.hold_id.as_ref());
         if let Some(existing) = self.transactions.get(&new.txn_id) {
             if existing.fingerprint != fingerprint {
                 return (
@@ -235,6 +238,7 @@ impl Coordinator {
             fingerprint,
             legs: new.legs.clone(),
             metadata: new.metadata.clone(),
+            hold_id: new.hold_id.clone(),
             plan: new.plan.clone(),
             begun_at_ms: timestamp_ms,
             decide_by_ms: timestamp_ms.saturating_add(new.reserve_timeout_ms),
@@ -375,6 +379,7 @@ mod tests {
             idempotency_key: key.into(),
             legs,
             metadata: Metadata::default(),
+            hold_id: None,
             plan,
             reserve_timeout_ms: 1_000,
         }

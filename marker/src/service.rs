@@ -83,6 +83,7 @@ pub fn transaction_message(
         tenant_id: transaction.tenant_id.clone(),
         legs: transaction.legs.iter().map(convert::pb_leg).collect(),
         metadata: convert::pb_metadata(&transaction.metadata),
+        hold_id: convert::pb_optional_id(&transaction.hold_id),
         status: status as i32,
         abort_reason: abort_reason as i32,
         outcome: convert::outcome(outcome) as i32,
@@ -285,6 +286,14 @@ impl CoordinatorRpc for CoordinatorService {
         if let Err(rejection) = check_transaction_legs(&legs) {
             return invalid(rejection.outcome);
         }
+        let hold_id = match convert::optional_txn_id(&request.hold_id) {
+            Ok(hold_id) => hold_id,
+            Err(outcome) => return invalid(outcome),
+        };
+        // A capture has one debit: the leg that draws from the hold.
+        if hold_id.is_some() && legs.iter().filter(|leg| leg.amount.0 < 0).count() != 1 {
+            return invalid(Outcome::HoldMismatch);
+        }
         if self.state() != CoordinatorState::Active {
             // Draining or removed: new work goes to an active shard. Transactions begun here
             // before still finish here; a retry of one is answered below from the log.
@@ -309,6 +318,7 @@ impl CoordinatorRpc for CoordinatorService {
             plan: saga::plan(&legs, |account| storage.shard_of(account)),
             legs,
             metadata,
+            hold_id,
             reserve_timeout_ms: i64::try_from(self.reserve_timeout.as_millis()).unwrap_or(i64::MAX),
         };
         let txn_id = new.txn_id.clone();

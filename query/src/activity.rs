@@ -16,6 +16,8 @@ pub const FROM_KEY: &str = "wallet:from";
 pub const TO_KEY: &str = "wallet:to";
 pub const FEE_KEY: &str = "wallet:fee";
 pub const FEE_ACCOUNT_KEY: &str = "wallet:fee_account";
+/// On a capture: the hold it captures.
+pub const HOLD_KEY: &str = "wallet:hold";
 
 /// Metadata without the gateway's own keys, for showing to the caller.
 pub fn visible<'a>(
@@ -35,6 +37,12 @@ pub enum ActivityKind {
     PaymentSent,
     PaymentReceived,
     Fee,
+    /// Money authorized (taken from `available`, not yet from the balance).
+    Hold,
+    /// The payer's side of a captured hold.
+    Capture,
+    /// A hold released without capture.
+    Void,
 }
 
 impl ActivityKind {
@@ -45,6 +53,9 @@ impl ActivityKind {
             ActivityKind::PaymentSent => "payment_sent",
             ActivityKind::PaymentReceived => "payment_received",
             ActivityKind::Fee => "fee",
+            ActivityKind::Hold => "hold",
+            ActivityKind::Capture => "capture",
+            ActivityKind::Void => "void",
         }
     }
 
@@ -55,6 +66,9 @@ impl ActivityKind {
             ActivityKind::PaymentSent,
             ActivityKind::PaymentReceived,
             ActivityKind::Fee,
+            ActivityKind::Hold,
+            ActivityKind::Capture,
+            ActivityKind::Void,
         ]
         .into_iter()
         .find(|kind| kind.name() == name)
@@ -103,7 +117,10 @@ pub fn activities(metadata: &BTreeMap<String, String>, legs: &[(String, i128)]) 
                     push(ActivityKind::Fee, -fee, fee_account.map(str::to_string));
                 }
             }
-            Some("payment") if Some(account.as_str()) == to => {
+            Some("capture") if Some(account.as_str()) == from => {
+                push(ActivityKind::Capture, *amount, other_of(account))
+            }
+            Some("payment" | "capture") if Some(account.as_str()) == to => {
                 push(ActivityKind::PaymentReceived, *amount, other_of(account))
             }
             Some("payment") if Some(account.as_str()) == fee_account => {
@@ -153,6 +170,25 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_capture_is_the_payers_capture_and_the_payees_payment() {
+        let meta = metadata(&[
+            (KIND_KEY, "capture"),
+            (FROM_KEY, "t/alice"),
+            (TO_KEY, "t/shop"),
+            (HOLD_KEY, "h:1"),
+        ]);
+        let all = activities(&meta, &legs(&[("t/alice", -45), ("t/shop", 45)]));
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            summary(&all),
+            vec![
+                ("t/alice".into(), "capture", -45, some("t/shop")),
+                ("t/shop".into(), "payment_received", 45, some("t/alice")),
+            ]
+        );
     }
 
     #[test]
@@ -243,6 +279,7 @@ mod tests {
         let three = activities(&BTreeMap::new(), &legs(&[("a", -7), ("b", 5), ("c", 2)]));
         assert!(three.iter().all(|a| a.counterparty.is_none()));
         assert_eq!(ActivityKind::parse("fee"), Some(ActivityKind::Fee));
-        assert_eq!(ActivityKind::parse("hold"), None);
+        assert_eq!(ActivityKind::parse("hold"), Some(ActivityKind::Hold));
+        assert_eq!(ActivityKind::parse("refund"), None);
     }
 }

@@ -114,6 +114,9 @@ fn activity_kind(name: &str) -> pb::ActivityKind {
         Some(Kind::PaymentSent) => pb::ActivityKind::PaymentSent,
         Some(Kind::PaymentReceived) => pb::ActivityKind::PaymentReceived,
         Some(Kind::Fee) => pb::ActivityKind::Fee,
+        Some(Kind::Hold) => pb::ActivityKind::Hold,
+        Some(Kind::Capture) => pb::ActivityKind::Capture,
+        Some(Kind::Void) => pb::ActivityKind::Void,
         None => pb::ActivityKind::Unspecified,
     }
 }

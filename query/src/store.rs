@@ -11,7 +11,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use auticuro::convert::state_name;
 
-use crate::activity::{self, KIND_KEY};
+use crate::activity::{self, Activity, ActivityKind, KIND_KEY};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -106,6 +106,8 @@ fn command_name(kind: &Option<Kind>) -> &'static str {
         Some(Kind::Void(_)) => "void",
         Some(Kind::PruneDedup(_)) => "prune_dedup",
         Some(Kind::FenceCoordinator(_)) => "fence_coordinator",
+        Some(Kind::PlaceHold(_)) => "place_hold",
+        Some(Kind::VoidHold(_)) => "void_hold",
         None => "unknown",
     }
 }
@@ -181,30 +183,81 @@ struct ActivityRows {
     counterparty: Vec<Option<String>>,
     time_ms: Vec<i64>,
     metadata: Vec<String>,
+    /// The event of the last activity and its position in it.
+    last: Option<(u32, u64, usize)>,
 }
 
 impl ActivityRows {
     /// The activities of money that moved in `event`, one currency at a time (a batch may
     /// move several), numbered in order within the event.
     fn add(&mut self, event: &pb::Event, metadata: &BTreeMap<String, String>, legs: &[Movement]) {
-        let visible = activity::visible(metadata);
         let mut currencies: Vec<&str> = Vec::new();
         for (_, _, currency) in legs {
             if !currencies.contains(&currency.as_str()) {
                 currencies.push(currency);
             }
         }
-        let found = currencies.into_iter().flat_map(|currency| {
-            let legs: Vec<(String, i128)> = legs
-                .iter()
-                .filter(|(_, _, c)| c == currency)
-                .map(|(account, amount, _)| (account.clone(), *amount))
-                .collect();
-            activity::activities(metadata, &legs)
-                .into_iter()
-                .map(move |found| (found, currency))
-        });
-        for (position, (found, currency)) in found.enumerate() {
+        let found: Vec<(Activity, String)> = currencies
+            .into_iter()
+            .flat_map(|currency| {
+                let legs: Vec<(String, i128)> = legs
+                    .iter()
+                    .filter(|(_, _, c)| c == currency)
+                    .map(|(account, amount, _)| (account.clone(), *amount))
+                    .collect();
+                activity::activities(metadata, &legs)
+                    .into_iter()
+                    .map(move |found| (found, currency.to_string()))
+            })
+            .collect();
+        self.push(event, metadata, found);
+    }
+
+    /// Activities of a hold (placed or released): each leg of the hold as `kind`, its amount
+    /// signed as `available` moved.
+    fn add_hold(
+        &mut self,
+        event: &pb::Event,
+        metadata: &BTreeMap<String, String>,
+        legs: &[Movement],
+        kind: ActivityKind,
+        sign: i128,
+    ) {
+        let found = legs
+            .iter()
+            .map(|(account, amount, currency)| {
+                let activity = Activity {
+                    account_id: account.clone(),
+                    kind,
+                    amount: sign * amount.abs(),
+                    counterparty: None,
+                };
+                (activity, currency.clone())
+            })
+            .collect();
+        self.push(event, metadata, found);
+    }
+
+    fn push(
+        &mut self,
+        event: &pb::Event,
+        metadata: &BTreeMap<String, String>,
+        found: Vec<(Activity, String)>,
+    ) {
+        let visible = activity::visible(metadata);
+        for (found, currency) in found {
+            let position = match &mut self.last {
+                Some((shard_id, seq, position))
+                    if (*shard_id, *seq) == (event.shard_id, event.seq) =>
+                {
+                    *position += 1;
+                    *position
+                }
+                last => {
+                    *last = Some((event.shard_id, event.seq, 0));
+                    0
+                }
+            };
             self.activity_id
                 .push(activity_id(event.shard_id, event.seq, position));
             self.tenant_id
@@ -212,7 +265,7 @@ impl ActivityRows {
             self.account_id.push(found.account_id);
             self.kind.push(found.kind.name());
             self.amount.push(found.amount.to_string());
-            self.currency.push(currency.to_string());
+            self.currency.push(currency);
             self.txn_id
                 .push(Some(event.txn_id.clone()).filter(|t| !t.is_empty()));
             self.counterparty.push(found.counterparty);
@@ -374,6 +427,7 @@ async fn project_event(
                 insert_legs(tx, event, &batch.txn_id, &batch.legs, "posted").await?;
             }
             rows.activities.add(event, &batch.metadata, &legs);
+            capture_hold(tx, event, &batch.metadata).await?;
         }
         Some(Kind::Reserve(reserve)) => {
             insert_transaction(tx, event, &reserve.txn_id, &reserve.metadata, "pending").await?;
@@ -383,11 +437,45 @@ async fn project_event(
             let (metadata, legs) =
                 finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
             rows.activities.add(event, &metadata, &legs);
+            capture_hold(tx, event, &metadata).await?;
         }
         Some(Kind::Void(void)) => {
             finish_legs(tx, event, &void.txn_id, "voided", "aborted").await?;
         }
+        Some(Kind::PlaceHold(hold)) => {
+            let leg = pb::Leg {
+                account_id: hold.account_id.clone(),
+                amount: Some(Amount {
+                    minor_units: format!("-{}", minor(&hold.amount)),
+                }),
+                currency: hold.currency.clone(),
+            };
+            insert_transaction(tx, event, &hold.hold_id, &hold.metadata, "authorized").await?;
+            insert_legs(tx, event, &hold.hold_id, std::slice::from_ref(&leg), "held").await?;
+            let legs = leg_values(&[leg]);
+            rows.activities
+                .add_hold(event, &hold.metadata, &legs, ActivityKind::Hold, -1);
+        }
+        Some(Kind::VoidHold(void)) => {
+            let (metadata, legs) =
+                finish_legs(tx, event, &void.hold_id, "voided", "voided").await?;
+            rows.activities
+                .add_hold(event, &metadata, &legs, ActivityKind::Void, 1);
+        }
         _ => {}
+    }
+    Ok(())
+}
+
+/// The hold a capture (a posted transaction with the hold in its metadata) captured: its leg on
+/// this shard becomes posted and the hold captured.
+async fn capture_hold(
+    tx: &mut Transaction<'static, Postgres>,
+    event: &pb::Event,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), StoreError> {
+    if let Some(hold_id) = metadata.get(activity::HOLD_KEY) {
+        finish_legs(tx, event, hold_id, "posted", "captured").await?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod activities;
 pub mod health;
+pub mod holds;
 pub mod transactions;
 pub mod transfers;
 pub mod wallets;

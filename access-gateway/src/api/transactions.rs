@@ -33,6 +33,7 @@ pub enum Kind {
     Deposit,
     Withdrawal,
     Payment,
+    Capture,
 }
 
 impl Kind {
@@ -41,6 +42,7 @@ impl Kind {
             Kind::Deposit => "deposit",
             Kind::Withdrawal => "withdrawal",
             Kind::Payment => "payment",
+            Kind::Capture => "capture",
         }
     }
 }
@@ -51,6 +53,8 @@ pub struct NewTransaction {
     pub legs: Vec<(AccountId, i128)>,
     pub currency: Currency,
     pub metadata: BTreeMap<String, String>,
+    /// The ledger hold the one debit leg captures.
+    pub hold_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -65,7 +69,7 @@ pub struct Leg {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Transaction {
     pub transaction_id: String,
-    /// `deposit`, `withdrawal` or `payment`.
+    /// `deposit`, `withdrawal`, `payment` or `capture`.
     pub kind: String,
     /// `pending`, `committed` or `aborted`.
     pub status: String,
@@ -220,6 +224,7 @@ pub async fn submit<B: Serialize>(
         wait: true,
         wait_ms_max: DECISION_WAIT_MS_MAX,
         wait_until_done: true,
+        hold_id: transaction.hold_id.unwrap_or_default(),
     };
     let operation = Operation {
         name: transaction.kind.name(),

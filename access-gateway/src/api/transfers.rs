@@ -62,12 +62,12 @@ pub struct Payment {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
-fn currency_of(code: &str) -> Result<Currency, ApiError> {
+pub(super) fn currency_of(code: &str) -> Result<Currency, ApiError> {
     Currency::parse(code)
         .ok_or_else(|| ApiError::InvalidRequest(format!("unknown currency {code:?}")))
 }
 
-fn positive(text: &str, currency: Currency, field: &str) -> Result<i128, ApiError> {
+pub(super) fn positive(text: &str, currency: Currency, field: &str) -> Result<i128, ApiError> {
     money::parse_positive(text, currency)
         .map_err(|error| ApiError::InvalidRequest(format!("{field}: {error}")))
 }
@@ -160,6 +160,7 @@ async fn move_through_funding(
         legs,
         currency,
         metadata,
+        hold_id: None,
     };
     Ok(submit(&state, &caller, &key, &request, transaction).await)
 }
@@ -215,6 +216,7 @@ pub async fn pay(
         legs,
         currency,
         metadata,
+        hold_id: None,
     };
     Ok(submit(&state, &caller, &key, &request, transaction).await)
 }

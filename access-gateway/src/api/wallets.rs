@@ -20,6 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{Body, IdempotencyKey, Operation, Params, Reply, consistency_token, once};
 use crate::AppState;
 use crate::auth::{Caller, Scope};
+use crate::cluster::ShardHandle;
 use crate::money::{self, Currency};
 use crate::problem::{ApiError, Problem};
 
@@ -160,7 +161,7 @@ fn wallet_view(account: &pb::Account, token: Option<String>) -> Wallet {
     }
 }
 
-fn token_of(shard_id: u32, seq: u64) -> String {
+pub(super) fn token_of(shard_id: u32, seq: u64) -> String {
     consistency_token::encode(&ConsistencyToken {
         shard_seqs: vec![ShardSeq { shard_id, seq }],
     })
@@ -178,13 +179,13 @@ fn parse_limit(text: &Option<String>, currency: Currency) -> Result<Option<Amoun
         .transpose()
 }
 
-/// Executes an account command on the wallet's shard; answers with the wallet after it.
-async fn execute_on_wallet(
+/// Executes a command on the shard of `account_id`; a rejection becomes its problem. Returns
+/// the shard's id and client with the result.
+pub(super) async fn execute_on(
     state: &AppState,
     account_id: &AccountId,
     command: pb::Command,
-    status: StatusCode,
-) -> Result<Reply, ApiError> {
+) -> Result<(u32, ShardHandle, pb::CommandResult), ApiError> {
     let (shard_id, shard) = state.cluster.shard_of(account_id)?;
     let deadline = Instant::now() + state.options.request_timeout;
     let result = shard
@@ -199,6 +200,18 @@ async fn execute_on_wallet(
             transaction_id: None,
         });
     }
+    Ok((shard_id, shard, result))
+}
+
+/// Executes an account command on the wallet's shard; answers with the wallet after it.
+async fn execute_on_wallet(
+    state: &AppState,
+    account_id: &AccountId,
+    command: pb::Command,
+    status: StatusCode,
+) -> Result<Reply, ApiError> {
+    let (shard_id, shard, result) = execute_on(state, account_id, command).await?;
+    let deadline = Instant::now() + state.options.request_timeout;
     // A duplicate (a retry, or a concurrent request with the same key) carries no account
     // states: read the wallet as of the command's seq instead.
     let account = match result

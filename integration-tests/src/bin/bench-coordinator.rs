@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
                     wait: true,
                     wait_ms_max: 30_000,
                     wait_until_done: false,
+                    hold_id: String::new(),
                 };
                 let reply = client.submit(request).await?.into_inner().reply;
                 let committed = matches!(reply, Some(pb::submit_response::Reply::Transaction(t)) if t.status == pb::TransactionStatus::Committed as i32);

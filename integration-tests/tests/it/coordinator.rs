@@ -519,6 +519,7 @@ async fn a_storage_shard_resolves_a_stale_hold_with_its_owner_coordinator() {
             }),
             legs: vec![leg(&alice, -50)],
             metadata: BTreeMap::new(),
+            ..Default::default()
         })),
     };
     assert_eq!(
@@ -694,6 +695,7 @@ async fn draining_a_coordinator_under_load_moves_new_work_and_fences_it_once_rem
             }),
             legs: vec![leg(&alice, -1)],
             metadata: BTreeMap::new(),
+            ..Default::default()
         })),
     };
     let mut outcome = 0;
