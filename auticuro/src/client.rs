@@ -118,17 +118,13 @@ impl ShardClient {
                 });
                 request.set_timeout(timeout);
                 async move {
-                    Ok(
-                        match client.get_hold(request).await?.into_inner().reply {
-                            Some(pb::get_hold_response::Reply::Read(read)) => {
-                                Answer::Done(read.hold)
-                            }
-                            Some(pb::get_hold_response::Reply::Redirect(redirect)) => {
-                                Answer::Redirect(redirect.leader_address)
-                            }
-                            None => Answer::Empty,
-                        },
-                    )
+                    Ok(match client.get_hold(request).await?.into_inner().reply {
+                        Some(pb::get_hold_response::Reply::Read(read)) => Answer::Done(read.hold),
+                        Some(pb::get_hold_response::Reply::Redirect(redirect)) => {
+                            Answer::Redirect(redirect.leader_address)
+                        }
+                        None => Answer::Empty,
+                    })
                 }
             })
             .await

@@ -7,8 +7,8 @@ use proto::auticuro::v1 as pb;
 use proto::common::v1::Amount as PbAmount;
 
 use crate::ledger::{
-    Account, AccountId, AccountState, Amount, Command, CommandKind, Currency, Event, Leg, Limits,
-    HoldRecord, HoldState, Metadata, Outcome, Owner, RequestId, TxnId,
+    Account, AccountId, AccountState, Amount, Command, CommandKind, Currency, Event, HoldRecord,
+    HoldState, Leg, Limits, Metadata, Outcome, Owner, RequestId, TxnId,
 };
 use crate::machine::CommandResult;
 

@@ -47,7 +47,10 @@ pub enum HoldState {
     Open,
     /// A transaction's reservation draws from it; its post captures, its void reopens.
     Capturing(TxnId),
-    Captured { txn_id: TxnId, amount: Amount },
+    Captured {
+        txn_id: TxnId,
+        amount: Amount,
+    },
     Voided,
 }
 
@@ -548,10 +551,7 @@ impl Ledger {
         if hold.state != HoldState::Open {
             return Err(Rejection::on(Outcome::HoldNotOpen, &hold.account_id));
         }
-        let mut debits = legs
-            .iter()
-            .enumerate()
-            .filter(|(_, leg)| leg.amount.0 < 0);
+        let mut debits = legs.iter().enumerate().filter(|(_, leg)| leg.amount.0 < 0);
         let (Some((index, debit)), None) = (debits.next(), debits.next()) else {
             return Err(Rejection::on(Outcome::HoldMismatch, &hold.account_id));
         };

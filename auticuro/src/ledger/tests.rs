@@ -1168,7 +1168,11 @@ fn a_batch_captures_part_of_a_hold_and_releases_the_rest() {
     shard.assert_rejected(
         capture_batch(
             "h1",
-            vec![leg("alice", -10), leg("sys:funding:USD", -5), leg("bob", 15)],
+            vec![
+                leg("alice", -10),
+                leg("sys:funding:USD", -5),
+                leg("bob", 15),
+            ],
         ),
         Outcome::HoldMismatch,
     );
@@ -1241,10 +1245,20 @@ fn a_capture_across_shards_moves_exactly_the_captured_amount() {
             .outcome
             .is_ok()
     );
-    assert!(payer_shard.run(place_hold("h1", "alice", 80)).outcome.is_ok());
+    assert!(
+        payer_shard
+            .run(place_hold("h1", "alice", 80))
+            .outcome
+            .is_ok()
+    );
     let debit = capture_reserve("t1", "h1", vec![leg("alice", -30)]);
     assert!(payer_shard.run(debit).outcome.is_ok());
-    assert!(payee_shard.reserve("t1", COORDINATOR, &[("carol", 30)]).outcome.is_ok());
+    assert!(
+        payee_shard
+            .reserve("t1", COORDINATOR, &[("carol", 30)])
+            .outcome
+            .is_ok()
+    );
     assert!(payer_shard.post("t1", COORDINATOR).outcome.is_ok());
     assert!(payee_shard.post("t1", COORDINATOR).outcome.is_ok());
     assert_eq!(payer_shard.funds("alice"), (70, 0, 70));

@@ -387,6 +387,8 @@ async fn every_endpoint_works_through_http() {
         "/v1/payments",
         "/v1/deposits",
         "/v1/withdrawals",
+        "/v1/holds",
+        "/v1/holds/{hold_id}/capture",
         "/v1/transactions/{transaction_id}",
     ] {
         assert!(openapi.body["paths"][path].is_object(), "{path} missing");
@@ -534,6 +536,241 @@ async fn bad_input_gets_clear_problems_and_changes_nothing() {
 
     assert_eq!(available(&gateway, &key, &alice, None).await, "10.00");
     assert_eq!(available(&gateway, &key, &bob, None).await, "0.00");
+    assert_money_conserved(&platform).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn holds_authorize_then_capture_part_or_all_or_void() {
+    let (platform, gateway) = start().await;
+    let key = gateway.create_key(TENANT, "read,write").await.unwrap();
+    let alice = wallet_on(&gateway, &key, TENANT, 1, "alice").await;
+    let bob = wallet_on(&gateway, &key, TENANT, 2, "bob").await;
+    let carol = wallet_on(&gateway, &key, TENANT, 1, "carol").await;
+    assert_eq!(
+        deposit(&gateway, &key, &alice, "100.00").await.status,
+        StatusCode::CREATED
+    );
+    let place = |idempotency_key: &'static str, amount: &str| {
+        let body = json!({ "wallet_id": alice, "amount": amount, "currency": "USD" });
+        let (gateway, key) = (&gateway, &key);
+        async move { gateway.post("/v1/holds", key, idempotency_key, body).await }
+    };
+    let capture = |idempotency_key: &'static str, hold_id: &str, body: serde_json::Value| {
+        let path = format!("/v1/holds/{hold_id}/capture");
+        let (gateway, key) = (&gateway, &key);
+        async move { gateway.post(&path, key, idempotency_key, body).await }
+    };
+    let funds = |token: String| {
+        let (gateway, key, alice) = (&gateway, &key, &alice);
+        async move {
+            let path = format!("/v1/wallets/{alice}/balance?consistency_token={token}");
+            let answer = gateway.get(&path, key).await;
+            assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+            (
+                answer.text("balance"),
+                answer.text("available"),
+                answer.text("pending_out"),
+            )
+        }
+    };
+    let hold_of = |hold_id: String| {
+        let (gateway, key) = (&gateway, &key);
+        async move { gateway.get(&format!("/v1/holds/{hold_id}"), key).await }
+    };
+
+    // Authorize: the money leaves `available`, not the balance.
+    let held = place("hold-1", "60.00").await;
+    assert_eq!(held.status, StatusCode::CREATED, "{held:?}");
+    assert_eq!(held.text("status"), "authorized");
+    assert_eq!(held.text("amount"), "60.00");
+    assert_eq!(held.text("wallet_id"), alice);
+    let first = held.text("hold_id");
+    assert_eq!(
+        funds(held.text("consistency_token")).await,
+        ("100.00".into(), "40.00".into(), "60.00".into())
+    );
+    let replayed = place("hold-1", "60.00").await;
+    assert_eq!(replayed.text("hold_id"), first);
+    assert_eq!(replayed.headers["idempotent-replayed"], "true");
+    assert_eq!(place("hold-1", "61.00").await.status, StatusCode::CONFLICT);
+    let too_much = place("hold-too-much", "40.01").await;
+    assert_eq!(
+        too_much.problem_type(),
+        "/problems/insufficient-funds",
+        "{too_much:?}"
+    );
+    assert_eq!(hold_of(first.clone()).await.text("status"), "authorized");
+
+    // Capture part of it across shards: the rest is released.
+    let captured = capture(
+        "capture-1",
+        &first,
+        json!({ "to_wallet_id": bob, "amount": "45.00" }),
+    )
+    .await;
+    assert_eq!(captured.status, StatusCode::CREATED, "{captured:?}");
+    assert_eq!(captured.text("kind"), "capture");
+    assert_eq!(captured.text("status"), "committed");
+    assert_eq!(
+        funds(captured.text("consistency_token")).await,
+        ("55.00".into(), "55.00".into(), "0.00".into())
+    );
+    assert_eq!(
+        available(
+            &gateway,
+            &key,
+            &bob,
+            Some(&captured.text("consistency_token"))
+        )
+        .await,
+        "45.00"
+    );
+    let after = hold_of(first.clone()).await;
+    assert_eq!(after.text("status"), "captured", "{after:?}");
+    assert_eq!(after.text("captured_amount"), "45.00");
+    assert_eq!(
+        after.text("capture_transaction_id"),
+        captured.text("transaction_id")
+    );
+    let again = capture("capture-again", &first, json!({ "to_wallet_id": bob })).await;
+    assert_eq!(again.problem_type(), "/problems/hold-not-open", "{again:?}");
+    let void_captured = gateway
+        .post(
+            &format!("/v1/holds/{first}/void"),
+            &key,
+            "void-captured",
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        void_captured.problem_type(),
+        "/problems/hold-not-open",
+        "{void_captured:?}"
+    );
+
+    // More than the hold is refused and leaves it authorized; then all of it, on one shard.
+    let second = place("hold-2", "20.00").await.text("hold_id");
+    let exceeded = capture(
+        "capture-2-exceeded",
+        &second,
+        json!({ "to_wallet_id": bob, "amount": "20.01" }),
+    )
+    .await;
+    assert_eq!(
+        exceeded.problem_type(),
+        "/problems/hold-exceeded",
+        "{exceeded:?}"
+    );
+    assert_eq!(hold_of(second.clone()).await.text("status"), "authorized");
+    let to_itself = capture("capture-2-self", &second, json!({ "to_wallet_id": alice })).await;
+    assert_eq!(to_itself.status, StatusCode::BAD_REQUEST, "{to_itself:?}");
+    let whole = capture("capture-2", &second, json!({ "to_wallet_id": carol })).await;
+    assert_eq!(whole.status, StatusCode::CREATED, "{whole:?}");
+    assert_eq!(
+        funds(whole.text("consistency_token")).await,
+        ("35.00".into(), "35.00".into(), "0.00".into())
+    );
+    assert_eq!(
+        hold_of(second.clone()).await.text("captured_amount"),
+        "20.00"
+    );
+
+    // Void: all of it is available again, once.
+    let third = place("hold-3", "10.00").await.text("hold_id");
+    let voided = gateway
+        .post(
+            &format!("/v1/holds/{third}/void"),
+            &key,
+            "void-3",
+            json!(null),
+        )
+        .await;
+    assert_eq!(voided.status, StatusCode::OK, "{voided:?}");
+    assert_eq!(voided.text("status"), "voided");
+    let token = voided.text("consistency_token");
+    assert_eq!(
+        funds(token.clone()).await,
+        ("35.00".into(), "35.00".into(), "0.00".into())
+    );
+    let twice = gateway
+        .post(
+            &format!("/v1/holds/{third}/void"),
+            &key,
+            "void-3-again",
+            json!(null),
+        )
+        .await;
+    assert_eq!(twice.problem_type(), "/problems/hold-not-open", "{twice:?}");
+
+    // The feed tells the story, newest first.
+    let feed = gateway
+        .get(
+            &format!("/v1/wallets/{alice}/activities?consistency_token={token}"),
+            &key,
+        )
+        .await;
+    assert_eq!(feed.status, StatusCode::OK, "{feed:?}");
+    let kinds: Vec<(String, String)> = feed.body["activities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["kind"].as_str().unwrap().into(),
+                a["amount"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("void", "10.00"),
+        ("hold", "-10.00"),
+        ("capture", "-20.00"),
+        ("hold", "-20.00"),
+        ("capture", "-45.00"),
+        ("hold", "-60.00"),
+        ("deposit", "100.00"),
+    ];
+    assert_eq!(
+        kinds,
+        expected
+            .map(|(k, a)| (k.to_string(), a.to_string()))
+            .to_vec()
+    );
+
+    // Another tenant cannot see, capture or void these holds, nor hold on these wallets.
+    let stranger = gateway.create_key("globex", "read,write").await.unwrap();
+    let unknown_hold = format!("hold_{}", "0".repeat(64));
+    for hold_id in [first.as_str(), second.as_str(), unknown_hold.as_str()] {
+        let seen = gateway
+            .get(&format!("/v1/holds/{hold_id}"), &stranger)
+            .await;
+        assert_eq!(seen.problem_type(), "/problems/hold-not-found", "{seen:?}");
+        for (action, body) in [
+            ("capture", json!({ "to_wallet_id": bob })),
+            ("void", json!(null)),
+        ] {
+            let path = format!("/v1/holds/{hold_id}/{action}");
+            let answer = gateway
+                .post(&path, &stranger, &format!("steal-{action}-{hold_id}"), body)
+                .await;
+            assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}: {answer:?}");
+        }
+    }
+    let foreign_hold = gateway
+        .post(
+            "/v1/holds",
+            &stranger,
+            "steal-hold",
+            json!({ "wallet_id": alice, "amount": "1.00", "currency": "USD" }),
+        )
+        .await;
+    assert_eq!(
+        foreign_hold.problem_type(),
+        "/problems/wallet-not-found",
+        "{foreign_hold:?}"
+    );
+    assert_eq!(available(&gateway, &key, &alice, None).await, "35.00");
+
     assert_money_conserved(&platform).await;
 }
 
