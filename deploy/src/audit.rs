@@ -2,8 +2,8 @@
 //!
 //! - Conservation: on every storage shard the balances of each currency sum to zero (clearing
 //!   accounts included), at the shard's last event.
-//! - Holds versus in-flight transactions: when no coordinator has a transaction in flight, no
-//!   account has anything pending.
+//! - Pending amounts versus what explains them: when no coordinator has a transaction in flight,
+//!   no account has anything pending but its open authorization holds.
 //! - Projections versus shards: every account of the read side's `accounts` table equals the
 //!   shard's account as of the seq the projection says it applied, and no account is missing.
 //!
@@ -32,10 +32,59 @@ pub struct Check {
 
 /// Every account of a shard as its events leave it: at `at` (the projection's seq) and at the
 /// shard's last event.
+#[derive(Default)]
 struct ShardState {
     at: BTreeMap<String, pb::Account>,
     last: BTreeMap<String, pb::Account>,
     last_seq: u64,
+    /// Authorization holds not captured or voided at the last event: hold id → (account, amount).
+    open_holds: BTreeMap<String, (String, i128)>,
+    /// Reservations that draw from a hold: transaction id → hold id.
+    capturing: BTreeMap<String, String>,
+}
+
+impl ShardState {
+    /// Follows the holds through one event.
+    fn track_holds(&mut self, event: &pb::Event) {
+        use pb::command::Kind;
+        let Some(kind) = event.command.as_ref().and_then(|c| c.kind.as_ref()) else {
+            return;
+        };
+        match kind {
+            Kind::PlaceHold(hold) => {
+                let amount = (hold.account_id.clone(), minor(&hold.amount));
+                self.open_holds.insert(hold.hold_id.clone(), amount);
+            }
+            Kind::VoidHold(void) => {
+                self.open_holds.remove(&void.hold_id);
+            }
+            Kind::Batch(batch) => {
+                self.open_holds.remove(&batch.hold_id);
+            }
+            Kind::Reserve(reserve) if !reserve.hold_id.is_empty() => {
+                self.capturing
+                    .insert(reserve.txn_id.clone(), reserve.hold_id.clone());
+            }
+            Kind::Post(post) => {
+                if let Some(hold_id) = self.capturing.remove(&post.txn_id) {
+                    self.open_holds.remove(&hold_id);
+                }
+            }
+            Kind::Void(void) => {
+                self.capturing.remove(&void.txn_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Per account, what its open holds keep in `pending_out`.
+    fn held(&self) -> BTreeMap<&str, i128> {
+        let mut held = BTreeMap::new();
+        for (account_id, amount) in self.open_holds.values() {
+            *held.entry(account_id.as_str()).or_default() += amount;
+        }
+        held
+    }
 }
 
 fn minor(amount: &Option<proto::common::v1::Amount>) -> i128 {
@@ -57,11 +106,7 @@ async fn shard_state(replicas: &[String], at: u64) -> Result<ShardState> {
             continue;
         };
         let mut client = LedgerClient::new(channel);
-        let mut state = ShardState {
-            at: BTreeMap::new(),
-            last: BTreeMap::new(),
-            last_seq: 0,
-        };
+        let mut state = ShardState::default();
         let mut from = 1;
         let result: std::result::Result<(), tonic::Status> = async {
             loop {
@@ -82,6 +127,7 @@ async fn shard_state(replicas: &[String], at: u64) -> Result<ShardState> {
                             .last
                             .insert(account.account_id.clone(), account.clone());
                     }
+                    state.track_holds(event);
                     state.last_seq = event.seq;
                 }
                 if page.events.is_empty() || state.last_seq >= page.applied_seq {
@@ -201,19 +247,29 @@ pub async fn audit(topology: &[String], database_url: &str) -> Result<Vec<Check>
             },
         });
 
+        let held = state.held();
         let pending: Vec<&str> = state
             .last
             .values()
-            .filter(|a| minor(&a.pending_out) != 0 || minor(&a.pending_in) != 0)
+            .filter(|a| {
+                let on_hold = held.get(a.account_id.as_str()).copied().unwrap_or(0);
+                minor(&a.pending_out) != on_hold || minor(&a.pending_in) != 0
+            })
             .map(|a| a.account_id.as_str())
             .collect();
         let holds_ok = coordinators_in_flight > 0 || pending.is_empty();
         checks.push(Check {
-            name: format!("shard {shard_id}: holds vs in-flight"),
+            name: format!("shard {shard_id}: pending vs in-flight and holds"),
             ok: holds_ok,
             detail: match (coordinators_in_flight, pending.len()) {
-                (0, 0) => "nothing in flight, nothing pending".into(),
-                (0, _) => format!("nothing in flight but pending on {}", pending.join(", ")),
+                (0, 0) => format!(
+                    "nothing in flight, nothing pending but {} open holds",
+                    state.open_holds.len()
+                ),
+                (0, _) => format!(
+                    "nothing in flight but pending beyond open holds on {}",
+                    pending.join(", ")
+                ),
                 (n, held) => format!("{n} in flight, {held} accounts pending (not compared)"),
             },
         });

@@ -143,7 +143,51 @@ pub async fn run(cluster: &ClusterInfo) -> Result<()> {
             "the overdraft was not refused: {problem}"
         )));
     }
-    println!("holds: not available in the gateway yet");
+
+    // A hold: authorized on alice's wallet, part of it captured to bob (the rest released);
+    // another one voided.
+    let hold = api
+        .created(
+            "/v1/holds",
+            "hold-1",
+            json!({ "wallet_id": wallets[0].2, "amount": "50.00", "currency": "USD" }),
+        )
+        .await?;
+    let hold_id = text(&hold, "hold_id")?;
+    let captured = api
+        .created(
+            &format!("/v1/holds/{hold_id}/capture"),
+            "capture-1",
+            json!({ "to_wallet_id": wallets[1].2, "amount": "30.00" }),
+        )
+        .await?;
+    let voided = api
+        .created(
+            "/v1/holds",
+            "hold-2",
+            json!({ "wallet_id": wallets[0].2, "amount": "20.00", "currency": "USD" }),
+        )
+        .await?;
+    let voided_id = text(&voided, "hold_id")?;
+    let (status, voided) = api
+        .post(
+            &format!("/v1/holds/{voided_id}/void"),
+            "void-2",
+            json!(null),
+        )
+        .await?;
+    if status != 200 {
+        return Err(Error::Setup(format!("the void was refused: {voided}")));
+    }
+    println!(
+        "holds: 50.00 authorized, 30.00 captured ({}), 20.00 {}",
+        text(&captured, "status")?,
+        text(&voided, "status")?
+    );
+    // The reads below wait for the payments, the capture and the void.
+    for write in [&captured, &voided] {
+        last_token = format!("{last_token}.{}", text(write, "consistency_token")?);
+    }
 
     // Every wallet and system account, as the read side has it once it has the last payment.
     let channel = auticuro::client::channel(&query_address)

@@ -131,8 +131,18 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
         assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
 
-    // The audit passes on the healthy cluster, and fails once a projected balance is wrong.
+    // The audit passes on the healthy cluster (an open hold explains what is pending), and
+    // fails once a projected balance is wrong.
     activities(&client, &url, &key, &wallets[1], token).await;
+    let hold = post(
+        &client,
+        &format!("{url}/v1/holds"),
+        &key,
+        "hold",
+        json!({ "wallet_id": wallets[0], "amount": "5.00", "currency": "EUR" }),
+    )
+    .await;
+    assert_eq!(hold["status"], "authorized", "{hold}");
 
     // Status: every group has a leader and three reachable replicas; the projection has
     // caught up with the payment (the activity read above waited for it).
@@ -244,7 +254,8 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
         assert_eq!(balance(&client, &url, &key, wallet, token).await, expected);
     }
     // The projection resumed from where it was: the feed holds each activity once.
-    let feed = activities(&client, &url, &key, &wallets[0], token).await;
+    let hold_token = hold["consistency_token"].as_str().unwrap();
+    let feed = activities(&client, &url, &key, &wallets[0], hold_token).await;
     let kinds: Vec<(&str, &str)> = feed.body["activities"]
         .as_array()
         .unwrap()
@@ -253,7 +264,11 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
         .collect();
     assert_eq!(
         kinds,
-        vec![("payment_sent", "-10.00"), ("deposit", "25.00")]
+        vec![
+            ("hold", "-5.00"),
+            ("payment_sent", "-10.00"),
+            ("deposit", "25.00")
+        ]
     );
 
     // A process that dies is restarted: kill -9 a storage replica and the query service.
@@ -474,6 +489,10 @@ async fn walletctl_up_with_kafka_projects_through_the_broker() {
         );
         assert!(
             stdout.contains("overdraft: 422 /problems/insufficient-funds"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("holds: 50.00 authorized, 30.00 captured (committed), 20.00 voided"),
             "{stdout}"
         );
         assert!(stdout.contains("money conserved: EUR and USD"), "{stdout}");
