@@ -467,14 +467,19 @@ async fn project_event(
     Ok(())
 }
 
-/// The hold a capture (a posted transaction with the hold in its metadata) captured: its leg on
-/// this shard becomes posted and the hold captured.
+/// The hold a capture (a posted transaction with the hold in its metadata) captured, when this
+/// event posted the capture on the hold's shard (the held wallet is the payer): the hold's leg
+/// becomes posted and the hold captured.
 async fn capture_hold(
     tx: &mut Transaction<'static, Postgres>,
     event: &pb::Event,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), StoreError> {
-    if let Some(hold_id) = metadata.get(activity::HOLD_KEY) {
+    let Some(hold_id) = metadata.get(activity::HOLD_KEY) else {
+        return Ok(());
+    };
+    let payer = metadata.get(activity::FROM_KEY);
+    if event.accounts.iter().any(|a| Some(&a.account_id) == payer) {
         finish_legs(tx, event, hold_id, "posted", "captured").await?;
     }
     Ok(())

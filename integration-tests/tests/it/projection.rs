@@ -1107,3 +1107,113 @@ async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
     let again = rebuild(&rebuilt.url, &groups, Some(&live.url)).await;
     assert!(!again.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_are_projected_as_authorized_then_captured_or_voided_and_a_rebuild_agrees() {
+    let platform = Platform::start(&[]).await;
+    let groups = [platform.shard(1), platform.shard(2)];
+    let database = fresh_database().await.unwrap();
+    let service = serve_from_shards(&database.url, &groups).await;
+    let pool = query::store::connect(&database.url).await.unwrap();
+    let mut client = AccountQueryClient::new(auticuro::client::channel(service.address()).unwrap());
+    let alice = platform.open(1, "tenant-a/h-alice", 1_000).await;
+    let bob = platform.open(2, "tenant-a/h-bob", 0).await;
+    let shard = platform.shard(1);
+    for (hold_id, amount) in [("h:captured", 600), ("h:voided", 300)] {
+        let place = ledger::command::Kind::PlaceHold(ledger::PlaceHold {
+            hold_id: hold_id.into(),
+            account_id: alice.clone(),
+            amount: Some(proto::common::v1::Amount {
+                minor_units: amount.to_string(),
+            }),
+            currency: "USD".into(),
+            metadata: BTreeMap::from([
+                (KIND_KEY.to_string(), "hold".to_string()),
+                (FROM_KEY.to_string(), alice.clone()),
+            ]),
+        });
+        let placed = shard
+            .execute(integration_tests::commands::command(
+                format!("place-{hold_id}"),
+                place,
+            ))
+            .await
+            .unwrap();
+        assert!(integration_tests::commands::ok(&placed), "{placed:?}");
+    }
+    let void = ledger::command::Kind::VoidHold(ledger::VoidHold {
+        hold_id: "h:voided".into(),
+    });
+    let voided = shard
+        .execute(integration_tests::commands::command("void-hold", void))
+        .await
+        .unwrap();
+    assert!(integration_tests::commands::ok(&voided), "{voided:?}");
+    // Capture 450 of the 600 across shards: the coordinator's reservation draws from the hold.
+    let mut capture = submit_request("capture", vec![leg(&alice, -450), leg(&bob, 450)]);
+    capture.hold_id = "h:captured".into();
+    capture.metadata = BTreeMap::from([
+        (KIND_KEY.to_string(), "capture".to_string()),
+        (FROM_KEY.to_string(), alice.clone()),
+        (TO_KEY.to_string(), bob.clone()),
+        (
+            query::activity::HOLD_KEY.to_string(),
+            "h:captured".to_string(),
+        ),
+    ]);
+    let captured = platform.submit(capture).await;
+    assert_eq!(
+        captured.status,
+        proto::marker::v1::TransactionStatus::Committed as i32,
+        "{captured:?}"
+    );
+    let balances = platform.balances().await;
+    assert_eq!(minor(&balances[&alice].balance), 550);
+    assert_eq!(minor(&balances[&alice].pending_out), 0);
+    assert_eq!(minor(&balances[&bob].balance), 450);
+    wait_caught_up(&pool, &groups).await;
+
+    let holds: Vec<(String, String, String)> = sqlx::query(
+        "SELECT t.txn_id, t.status, l.state FROM transactions t
+         JOIN transaction_legs l USING (txn_id) WHERE t.kind = 'hold' ORDER BY t.txn_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1), row.get(2)))
+    .collect();
+    let expected = [
+        ("h:captured", "captured", "posted"),
+        ("h:voided", "voided", "voided"),
+    ];
+    assert_eq!(
+        holds,
+        expected.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    );
+    let feed: Vec<(i32, String)> = activities_of(&mut client, "tenant-a", &alice)
+        .await
+        .iter()
+        .map(|a| (a.kind, minor(&a.amount)))
+        .map(|(kind, amount)| (kind, amount.to_string()))
+        .collect();
+    use pb::ActivityKind;
+    let expected = [
+        (ActivityKind::Capture, "-450"),
+        (ActivityKind::Void, "300"),
+        (ActivityKind::Hold, "-300"),
+        (ActivityKind::Hold, "-600"),
+    ];
+    assert_eq!(
+        &feed[..4],
+        expected.map(|(kind, amount)| (kind as i32, amount.to_string()))
+    );
+    let rebuilt = fresh_database().await.unwrap();
+    let output = rebuild(&rebuilt.url, &groups, None).await;
+    assert!(output.status.success(), "{output:?}");
+    let rebuilt_pool = query::store::connect(&rebuilt.url).await.unwrap();
+    assert_eq!(
+        table_digests(&pool).await,
+        table_digests(&rebuilt_pool).await
+    );
+}
