@@ -537,13 +537,8 @@ impl Ledger {
         })
     }
 
-    /// The open hold a capture draws from and the index of its one debit leg, which must be on
-    /// the hold's account and currency and at most the hold's amount.
-    fn capturable_hold(
-        &self,
-        hold_id: &TxnId,
-        legs: &[Leg],
-    ) -> Result<(usize, &HoldRecord), Rejection> {
+    /// An existing hold that is open (neither being captured, captured nor voided).
+    fn open_hold(&self, hold_id: &TxnId) -> Result<&HoldRecord, Rejection> {
         let hold = self
             .holds
             .get(hold_id)
@@ -551,6 +546,17 @@ impl Ledger {
         if hold.state != HoldState::Open {
             return Err(Rejection::on(Outcome::HoldNotOpen, &hold.account_id));
         }
+        Ok(hold)
+    }
+
+    /// The open hold a capture draws from and the index of its one debit leg, which must be on
+    /// the hold's account and currency and at most the hold's amount.
+    fn capturable_hold(
+        &self,
+        hold_id: &TxnId,
+        legs: &[Leg],
+    ) -> Result<(usize, &HoldRecord), Rejection> {
+        let hold = self.open_hold(hold_id)?;
         let mut debits = legs.iter().enumerate().filter(|(_, leg)| leg.amount.0 < 0);
         let (Some((index, debit)), None) = (debits.next(), debits.next()) else {
             return Err(Rejection::on(Outcome::HoldMismatch, &hold.account_id));
@@ -601,13 +607,7 @@ impl Ledger {
 
     /// Releases an open hold, also on a frozen account (a release only frees money).
     fn void_hold(&self, hold_id: &TxnId) -> Result<Effect, Rejection> {
-        let hold = self
-            .holds
-            .get(hold_id)
-            .ok_or(Rejection::new(Outcome::HoldNotFound))?;
-        if hold.state != HoldState::Open {
-            return Err(Rejection::on(Outcome::HoldNotOpen, &hold.account_id));
-        }
+        let hold = self.open_hold(hold_id)?;
         let mut account = self.accounts[&hold.account_id].clone();
         account.release(Amount(-hold.amount.0));
         let voided = HoldRecord {
