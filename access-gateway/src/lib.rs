@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod cluster;
+pub mod console;
 mod metrics;
 pub mod money;
 pub mod openapi;
@@ -100,6 +101,29 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/holds/{hold_id}", get(api::holds::get))
         .route("/holds/{hold_id}/capture", post(api::holds::capture))
         .route("/holds/{hold_id}/void", post(api::holds::void))
+        .route("/me", get(api::hierarchy::me))
+        .route("/hierarchy", get(api::hierarchy::tree))
+        .route("/hierarchy/nodes", post(api::hierarchy::create))
+        .route(
+            "/hierarchy/nodes/{node_id}/rename",
+            post(api::hierarchy::rename),
+        )
+        .route(
+            "/hierarchy/nodes/{node_id}/move",
+            post(api::hierarchy::move_node),
+        )
+        .route(
+            "/hierarchy/nodes/{node_id}/delete",
+            post(api::hierarchy::delete),
+        )
+        .route(
+            "/hierarchy/nodes/{node_id}/attach",
+            post(api::hierarchy::attach),
+        )
+        .route(
+            "/hierarchy/nodes/{node_id}/detach",
+            post(api::hierarchy::detach),
+        )
         .route(
             "/transactions/{transaction_id}",
             get(api::transactions::get),
@@ -114,6 +138,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(api::health::readyz))
         .route("/metrics", get(metrics::serve))
         .merge(openapi::routes())
+        .merge(console::routes())
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),

@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use crate::api::{activities, health, holds, transactions, transfers, wallets};
+use crate::api::{activities, health, hierarchy, holds, transactions, transfers, wallets};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,7 +20,9 @@ use crate::api::{activities, health, holds, transactions, transfers, wallets};
     paths(
         wallets::create, wallets::get, wallets::balance, wallets::freeze, wallets::unfreeze,
         wallets::close, activities::list, transfers::deposit, transfers::withdraw, transfers::pay,
-        holds::place, holds::get, holds::capture, holds::void, transactions::get,
+        holds::place, holds::get, holds::capture, holds::void, hierarchy::me, hierarchy::tree,
+        hierarchy::create, hierarchy::rename, hierarchy::move_node, hierarchy::delete,
+        hierarchy::attach, hierarchy::detach, transactions::get,
         transactions::events, health::healthz, health::readyz,
     ),
     modifiers(&BearerKey),

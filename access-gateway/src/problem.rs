@@ -35,6 +35,9 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("the idempotency key was used with a different request")]
     IdempotencyMismatch,
+    /// The request conflicts with the current state: a problem `type` and its title.
+    #[error("{1}")]
+    Conflict(&'static str, &'static str),
     #[error("too many requests")]
     RateLimited,
     #[error("the request body is too large")]
@@ -73,6 +76,8 @@ impl ApiError {
                 (404, "transaction-not-found", "No such transaction")
             }
             ApiError::NotFound("hold") => outcome_problem(Outcome::HoldNotFound),
+            ApiError::NotFound("node") => (404, "node-not-found", "No such hierarchy node"),
+            ApiError::Conflict(kind, title) => (409, *kind, *title),
             ApiError::NotFound(_) => (404, "not-found", "Not found"),
             ApiError::IdempotencyMismatch => (
                 409,

@@ -99,11 +99,7 @@ pub async fn list(
         .as_deref()
         .map(consistency_token::decode)
         .transpose()?;
-    let channel = state
-        .query
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("no query service configured".into()))?;
-    let mut client = AccountQueryClient::new(channel);
+    let mut client = AccountQueryClient::new(super::query_channel(&state)?);
     let unavailable = |status: tonic::Status| match status.code() {
         tonic::Code::InvalidArgument => ApiError::InvalidRequest("invalid page_token".into()),
         _ => ApiError::Unavailable(format!("query service: {status}")),

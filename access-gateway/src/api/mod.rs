@@ -3,6 +3,7 @@
 
 pub mod activities;
 pub mod health;
+pub mod hierarchy;
 pub mod holds;
 pub mod transactions;
 pub mod transfers;
@@ -84,6 +85,14 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         }
         Ok(IdempotencyKey(key.to_string()))
     }
+}
+
+/// The query service's channel (activity feeds, hierarchies).
+pub fn query_channel(state: &AppState) -> Result<tonic::transport::Channel, ApiError> {
+    state
+        .query
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("no query service configured".into()))
 }
 
 /// 404 for every path that is not an endpoint.

@@ -1,6 +1,7 @@
 //! The platform's integration tests: one binary, one module per area.
 
 mod connector;
+mod console;
 mod coordinator;
 mod gateway;
 mod harness_kafka;

@@ -1,0 +1,263 @@
+// The operator console: a client of the gateway's REST API, with the API key kept in this
+// tab's session storage (sent as a bearer token, never put in a URL).
+"use strict";
+
+const KEY = "wallet-console-key";
+let me = null;
+
+const $ = (id) => document.getElementById(id);
+
+function element(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (name === "text") node.textContent = value;
+    else node.setAttribute(name, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function idempotencyKey() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return "console-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function api(method, path, body) {
+  const headers = { Authorization: "Bearer " + sessionStorage.getItem(KEY) };
+  if (method === "POST") {
+    headers["Idempotency-Key"] = idempotencyKey();
+    headers["Content-Type"] = "application/json";
+  }
+  const response = await fetch(path, {
+    method,
+    headers,
+    body: method === "POST" ? JSON.stringify(body ?? {}) : undefined,
+  });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const problem = data.title || response.statusText;
+    throw new Error(data.detail ? `${problem}: ${data.detail}` : problem);
+  }
+  return data;
+}
+
+/// Runs an action, showing its error (and changing nothing else) when it fails.
+async function attempt(action) {
+  try {
+    showError("");
+    await action();
+    return true;
+  } catch (error) {
+    showError(error.message);
+    return false;
+  }
+}
+
+const isAdmin = () => me && me.scopes.includes("admin");
+
+// ---- Sign-in ----
+
+async function signIn(key) {
+  sessionStorage.setItem(KEY, key);
+  try {
+    me = await api("GET", "/v1/me");
+  } catch (error) {
+    sessionStorage.removeItem(KEY);
+    throw error;
+  }
+  $("who").textContent = `${me.tenant_id} · ${isAdmin() ? "admin" : "read-only"}`;
+  $("nav").hidden = false;
+  if (!location.hash || location.hash === "#/") location.hash = "#/hierarchy";
+  await route();
+}
+
+function signOut() {
+  sessionStorage.removeItem(KEY);
+  me = null;
+  $("nav").hidden = true;
+  showError("");
+  location.hash = "";
+  show("sign-in");
+}
+
+function show(section) {
+  for (const id of ["sign-in", "hierarchy", "accounts", "transactions"]) {
+    $(id).hidden = id !== section;
+  }
+}
+
+async function route() {
+  if (!me) return show("sign-in");
+  const page = (location.hash.replace("#/", "") || "hierarchy").split("/")[0];
+  if (page === "accounts") show("accounts");
+  else if (page === "transactions") show("transactions");
+  else {
+    show("hierarchy");
+    await attempt(loadTree);
+  }
+}
+
+// ---- Hierarchy ----
+
+function balancesText(node) {
+  if (!node.balances.length) return "no balance";
+  return node.balances.map((b) => `${b.currency} ${b.balance}`).join(" · ");
+}
+
+function control(labelText, input, buttonText, onSubmit) {
+  const id = "c-" + Math.random().toString(36).slice(2);
+  input.id = id;
+  const form = element("form", { class: "control" },
+    element("label", { for: id, text: labelText }), input,
+    element("button", { type: "submit", text: buttonText }));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (await attempt(() => onSubmit(input.value))) await attempt(loadTree);
+  });
+  return form;
+}
+
+function nodeControls(node, nodes) {
+  const controls = element("div", { class: "controls" });
+  controls.append(control(`Child name for ${node.name}`, element("input", { required: "", maxlength: "64" }),
+    "Add child", (name) => api("POST", "/v1/hierarchy/nodes", { name, parent_id: node.node_id })));
+  controls.append(control(`New name for ${node.name}`, element("input", { required: "", maxlength: "64" }),
+    "Rename", (name) => api("POST", `/v1/hierarchy/nodes/${node.node_id}/rename`, { name })));
+  const parent = element("select");
+  parent.append(element("option", { value: "", text: "(make it a root)" }));
+  for (const other of nodes) {
+    if (other.node_id !== node.node_id) {
+      parent.append(element("option", { value: other.node_id, text: other.name }));
+    }
+  }
+  controls.append(control(`Move ${node.name} under`, parent, "Move",
+    (parent_id) => api("POST", `/v1/hierarchy/nodes/${node.node_id}/move`, { parent_id: parent_id || null })));
+  controls.append(control(`Wallet to attach to ${node.name}`, element("input", { required: "" }),
+    "Attach", (wallet_id) => api("POST", `/v1/hierarchy/nodes/${node.node_id}/attach`, { wallet_id })));
+  const remove = element("button", { type: "button", text: "Delete", "aria-label": `Delete ${node.name}` });
+  remove.addEventListener("click", async () => {
+    if (!confirm(`Delete the node ${node.name}?`)) return;
+    if (await attempt(() => api("POST", `/v1/hierarchy/nodes/${node.node_id}/delete`))) await attempt(loadTree);
+  });
+  controls.append(remove);
+  return controls;
+}
+
+function renderNode(node, byId, nodes) {
+  const item = element("li", { role: "treeitem", "aria-expanded": "true", "data-node": node.name },
+    element("span", { class: "node-name", text: node.name }),
+    element("span", { class: "balance", "data-balance-of": node.name, text: balancesText(node) }),
+    element("span", { class: "seq", text: `consistent with ${node.consistent_with || "-"}` }));
+  if (node.wallet_ids.length) {
+    const wallets = element("ul", { class: "wallets", "aria-label": `Wallets of ${node.name}` });
+    for (const wallet of node.wallet_ids) {
+      const entry = element("li", {}, element("a", { href: `#/accounts/${wallet}`, text: wallet }));
+      if (isAdmin()) {
+        const detach = element("button", { type: "button", text: "Detach", "aria-label": `Detach ${wallet} from ${node.name}` });
+        detach.addEventListener("click", async () => {
+          const done = await attempt(() => api("POST", `/v1/hierarchy/nodes/${node.node_id}/detach`, { wallet_id: wallet }));
+          if (done) await attempt(loadTree);
+        });
+        entry.append(" ", detach);
+      }
+      wallets.append(entry);
+    }
+    item.append(wallets);
+  }
+  if (isAdmin()) item.append(nodeControls(node, nodes));
+  const children = node.child_node_ids.map((id) => byId.get(id)).filter(Boolean);
+  if (children.length) {
+    const group = element("ul", { role: "group" });
+    for (const child of children) group.append(renderNode(child, byId, nodes));
+    item.append(group);
+  }
+  return item;
+}
+
+async function loadTree() {
+  const { nodes } = await api("GET", "/v1/hierarchy");
+  const byId = new Map(nodes.map((node) => [node.node_id, node]));
+  const tree = $("tree");
+  tree.replaceChildren();
+  for (const root of nodes.filter((node) => !node.parent_id)) {
+    tree.append(renderNode(root, byId, nodes));
+  }
+  if (!nodes.length) tree.append(element("li", { text: "No nodes yet." }));
+  $("new-root").hidden = !isAdmin();
+}
+
+// ---- Accounts and transactions ----
+
+function table(headers, rows) {
+  const head = element("tr", {}, ...headers.map((h) => element("th", { scope: "col", text: h })));
+  const body = rows.map((cells) => element("tr", {}, ...cells.map((cell, index) =>
+    element("td", { class: index > 0 && /^-?\d/.test(cell) ? "amount" : "", text: cell }))));
+  return element("table", {}, element("thead", {}, head), element("tbody", {}, ...body));
+}
+
+async function showAccount(walletId) {
+  const wallet = await api("GET", `/v1/wallets/${encodeURIComponent(walletId)}`);
+  const feed = await api("GET", `/v1/wallets/${encodeURIComponent(walletId)}/activities?page_size=50`);
+  $("account").replaceChildren(
+    element("h3", { text: `${wallet.wallet_id} (${wallet.owner_id})` }),
+    table(["field", "value"], [
+      ["state", wallet.state], ["currency", wallet.currency], ["balance", wallet.balance],
+      ["available", wallet.available], ["pending out", wallet.pending_out],
+      ["pending in", wallet.pending_in], ["lower limit", wallet.limits.lower ?? "none"],
+      ["upper limit", wallet.limits.upper ?? "none"], ["version", String(wallet.version)],
+    ]),
+    element("h4", { text: "Activity, newest first" }),
+    table(["when", "kind", "amount", "counterparty", "transaction"], feed.activities.map((a) => [
+      new Date(a.occurred_at_ms).toISOString(), a.kind, a.amount, a.counterparty ?? "", a.transaction_id ?? "",
+    ])));
+}
+
+async function showTransaction(transactionId) {
+  const t = await api("GET", `/v1/transactions/${encodeURIComponent(transactionId)}`);
+  $("transaction").replaceChildren(
+    element("h3", { text: `${t.transaction_id}: ${t.kind} ${t.status}${t.done ? " (done)" : ""}` }),
+    table(["account", "amount", "currency"], t.legs.map((l) => [l.account, l.amount, l.currency])));
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("sign-in-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const input = $("api-key");
+    if (await attempt(() => signIn(input.value.trim()))) input.value = "";
+  });
+  $("sign-out").addEventListener("click", signOut);
+  $("refresh-tree").addEventListener("click", () => attempt(loadTree));
+  $("new-root").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const name = $("new-root-name");
+    const done = await attempt(() => api("POST", "/v1/hierarchy/nodes", { name: name.value }));
+    if (done) {
+      name.value = "";
+      await attempt(loadTree);
+    }
+  });
+  $("account-search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    location.hash = `#/accounts/${$("account-id").value.trim()}`;
+  });
+  $("transaction-search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    location.hash = `#/transactions/${$("transaction-id").value.trim()}`;
+  });
+  window.addEventListener("hashchange", async () => {
+    await route();
+    const [page, id] = location.hash.replace("#/", "").split("/");
+    if (me && id && page === "accounts") await attempt(() => showAccount(id));
+    if (me && id && page === "transactions") await attempt(() => showTransaction(id));
+  });
+  const key = sessionStorage.getItem(KEY);
+  if (key) await attempt(() => signIn(key));
+  else show("sign-in");
+});
