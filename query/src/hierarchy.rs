@@ -50,6 +50,19 @@ fn valid_name(name: &str) -> bool {
         && name.chars().all(|c| !c.is_control())
 }
 
+/// Node ids are `node_` and 32 hex digits; any other text names no node (and never reaches the
+/// database).
+fn valid_node_id(node_id: &str) -> bool {
+    node_id
+        .strip_prefix("node_")
+        .is_some_and(|hex| hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// An account id the ledger could have (anything else is attached nowhere).
+fn valid_account_id(account_id: &str) -> bool {
+    auticuro::ledger::AccountId::parse(account_id).is_ok()
+}
+
 fn outcome(outcome: Outcome) -> Result<Response<pb::HierarchyResult>, Status> {
     Ok(Response::new(pb::HierarchyResult {
         outcome: outcome as i32,
@@ -63,6 +76,9 @@ async fn load_node(
     tenant_id: &str,
     node_id: &str,
 ) -> Result<Option<pb::HierarchyNode>, Status> {
+    if !valid_node_id(node_id) {
+        return Ok(None);
+    }
     let row = sqlx::query(
         "SELECT name, coalesce(parent_id, ''),
                 ARRAY(SELECT node_id FROM hierarchy_nodes c WHERE c.parent_id = n.node_id
@@ -107,6 +123,9 @@ async fn apply(
     tenant_id: &str,
     node_id: &str,
 ) -> Result<Response<pb::HierarchyResult>, Status> {
+    if !valid_node_id(node_id) {
+        return outcome(Outcome::NotFound);
+    }
     let changed = edit.execute(&mut *tx).await.map_err(unavailable)?;
     if changed.rows_affected() == 0 {
         return outcome(Outcome::NotFound);
@@ -239,6 +258,9 @@ impl Hierarchy for HierarchyService {
         request: Request<pb::AttachAccountRequest>,
     ) -> Result<Response<pb::HierarchyResult>, Status> {
         let request = request.into_inner();
+        if !valid_account_id(&request.account_id) {
+            return outcome(Outcome::AccountNotFound);
+        }
         if tenant_of(&request.account_id) != request.tenant_id {
             return outcome(Outcome::CrossTenant);
         }
@@ -279,6 +301,9 @@ impl Hierarchy for HierarchyService {
         request: Request<pb::DetachAccountRequest>,
     ) -> Result<Response<pb::HierarchyResult>, Status> {
         let request = request.into_inner();
+        if !valid_account_id(&request.account_id) {
+            return outcome(Outcome::AccountNotFound);
+        }
         let tx = self.edit(&request.tenant_id).await?;
         let detach = sqlx::query(
             "DELETE FROM hierarchy_accounts WHERE account_id = $1 AND node_id = $2 AND tenant_id = $3",

@@ -897,6 +897,19 @@ async fn a_hierarchy_node_sums_its_subtree_and_invalid_edits_are_refused() {
         outcome_of(tree.attach_account(attach(&us, "tenant-a/nobody")).await),
         Outcome::AccountNotFound
     );
+    // Malformed ids (a NUL byte, which the database cannot even hold) name nothing.
+    assert_eq!(
+        outcome_of(tree.move_node(moving(&eu, "\0")).await),
+        Outcome::NotFound
+    );
+    assert_eq!(
+        outcome_of(tree.delete_node(delete("node_\0")).await),
+        Outcome::NotFound
+    );
+    assert_eq!(
+        outcome_of(tree.attach_account(attach(&us, "tenant-a/\0")).await),
+        Outcome::AccountNotFound
+    );
     assert_eq!(
         outcome_of(tree.create_node(create(" ", &root)).await),
         Outcome::InvalidName
