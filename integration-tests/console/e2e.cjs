@@ -116,6 +116,12 @@ async function run(page) {
   // Deleting a node that has children is refused too.
   await page.getByRole("button", { name: "Delete Europe" }).click();
   await page.getByRole("alert").filter({ hasText: "Only a node without children" }).waitFor();
+  // Detaching a wallet takes it out of the roll-ups; attaching puts it back.
+  await page.getByRole("button", { name: `Detach ${bob} from Europe` }).click();
+  await waitForBalance(page, "Europe", "USD 70.00");
+  await page.getByLabel("Wallet to attach to Europe").fill(bob);
+  await page.getByLabel("Wallet to attach to Europe").press("Enter");
+  await waitForBalance(page, "Company", "USD 150.00");
   // Rename works.
   await page.getByLabel("New name for Company").fill("Company SE");
   await page.getByLabel("New name for Company").press("Enter");

@@ -52,6 +52,44 @@ async fn the_console_edits_hierarchies_in_a_real_browser() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    // Another tenant sees none of it and can edit none of it.
+    let tree = gateway.get("/v1/hierarchy", &admin).await;
+    assert_eq!(tree.body["nodes"].as_array().unwrap().len(), 3, "{tree:?}");
+    let company = tree.body["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["name"] == "Company SE")
+        .unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stranger = gateway.create_key("globex", "admin").await.unwrap();
+    let theirs = gateway.get("/v1/hierarchy", &stranger).await;
+    assert_eq!(theirs.body["nodes"], json!([]), "{theirs:?}");
+    let rename = gateway
+        .post(
+            &format!("/v1/hierarchy/nodes/{company}/rename"),
+            &stranger,
+            "steal-rename",
+            json!({ "name": "Ours" }),
+        )
+        .await;
+    assert_eq!(
+        rename.problem_type(),
+        "/problems/node-not-found",
+        "{rename:?}"
+    );
+    // A read-only key cannot edit through the API either.
+    let refused = gateway
+        .post(
+            "/v1/hierarchy/nodes",
+            &reader,
+            "reader-create",
+            json!({ "name": "Mine" }),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
     for page in [
         "sign-in",
         "hierarchy",
