@@ -57,6 +57,9 @@ pub struct ProcessInfo {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClusterInfo {
     pub gateway_url: String,
+    /// The operator console (served by the gateway).
+    #[serde(default)]
+    pub console_url: String,
     pub api_key: String,
     pub database_url: String,
     pub topology: Vec<String>,
@@ -641,6 +644,7 @@ pub async fn up(options: Options) -> Result<LocalCluster> {
     wait_until_ready(&gateway).await?;
     let info = ClusterInfo {
         gateway_url: format!("http://{gateway}"),
+        console_url: format!("http://{gateway}/console/"),
         api_key,
         database_url,
         topology,

@@ -224,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
             println!("gateway  {}", info.gateway_url);
             println!("api key  {}", info.api_key);
             println!("docs     {}/docs/", info.gateway_url);
+            println!("console  {} (sign in with an API key)", info.console_url);
             println!("cluster  {}", args.data_dir.join("cluster.json").display());
             println!("logs     {}", args.data_dir.join("logs").display());
             println!(

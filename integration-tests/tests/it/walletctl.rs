@@ -91,6 +91,12 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
         serde_json::from_str(&std::fs::read_to_string(data_dir.join("cluster.json")).unwrap())
             .unwrap();
     assert_eq!(cluster["gateway_url"], url.as_str());
+    // The operator console is served by the cluster.
+    let console_url = cluster["console_url"].as_str().unwrap();
+    assert_eq!(console_url, format!("{url}/console/"));
+    let console = reqwest::get(console_url).await.unwrap();
+    assert_eq!(console.status(), StatusCode::OK);
+    assert!(console.text().await.unwrap().contains("Operator console"));
     assert_eq!(cluster["api_key"], key.as_str());
     // 3 topology replicas, 2 storage shards and 2 coordinator shards of 3, the query service
     // and the gateway.
