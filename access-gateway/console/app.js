@@ -81,6 +81,8 @@ async function signIn(key) {
 function signOut() {
   sessionStorage.removeItem(KEY);
   me = null;
+  // Nothing the last operator saw stays on the page.
+  for (const id of ["tree", "account", "transaction", "in-flight", "who"]) $(id).replaceChildren();
   $("nav").hidden = true;
   showError("");
   location.hash = "";
@@ -97,7 +99,10 @@ async function route() {
   if (!me) return show("sign-in");
   const page = (location.hash.replace("#/", "") || "hierarchy").split("/")[0];
   if (page === "accounts") show("accounts");
-  else if (page === "transactions") show("transactions");
+  else if (page === "transactions") {
+    show("transactions");
+    await attempt(loadInFlight);
+  }
   else {
     show("hierarchy");
     await attempt(loadTree);
@@ -221,9 +226,54 @@ async function showAccount(walletId) {
 
 async function showTransaction(transactionId) {
   const t = await api("GET", `/v1/transactions/${encodeURIComponent(transactionId)}`);
+  const when = (ms) => new Date(ms).toISOString();
+  const changes = [["begun (pending)", when(t.created_at_ms)]];
+  if (t.decided_at_ms) changes.push([`decided: ${t.status}`, when(t.decided_at_ms)]);
+  if (t.failure) changes.push(["failure", t.failure]);
+  changes.push(["every shard settled", t.done ? "yes" : "not yet"]);
   $("transaction").replaceChildren(
     element("h3", { text: `${t.transaction_id}: ${t.kind} ${t.status}${t.done ? " (done)" : ""}` }),
+    table(["status change", "at"], changes),
     table(["account", "amount", "currency"], t.legs.map((l) => [l.account, l.amount, l.currency])));
+}
+
+/// An admin action on one transaction, after the operator confirms it.
+async function intervene(transactionId, action, question) {
+  if (!confirm(question)) return;
+  const done = await attempt(() => api("POST", `/v1/admin/transactions/${transactionId}/${action}`));
+  if (done) await attempt(loadInFlight);
+}
+
+async function loadInFlight() {
+  const { transactions } = await api("GET", "/v1/admin/in-flight");
+  const box = $("in-flight");
+  if (!transactions.length) {
+    box.replaceChildren(element("p", { text: "Nothing in flight." }));
+    return;
+  }
+  const rows = transactions.map(({ transaction: t, age_ms, coordinator_shard_id }) => {
+    const actions = element("td");
+    if (isAdmin()) {
+      const retry = element("button", { type: "button", text: "Retry now", "aria-label": `Retry ${t.transaction_id} now` });
+      retry.addEventListener("click", () =>
+        intervene(t.transaction_id, "retry", `Drive ${t.transaction_id} again now?`));
+      actions.append(retry);
+      if (t.status === "pending") {
+        const abort = element("button", { type: "button", text: "Force abort", "aria-label": `Force abort ${t.transaction_id}` });
+        abort.addEventListener("click", () =>
+          intervene(t.transaction_id, "abort", `Abort ${t.transaction_id}? Nothing of it will move.`));
+        actions.append(abort);
+      }
+    }
+    return element("tr", {},
+      element("td", {}, element("a", { href: `#/transactions/${t.transaction_id}`, text: t.transaction_id })),
+      element("td", { text: t.kind }), element("td", { text: t.status }),
+      element("td", { class: "amount", text: `${(age_ms / 1000).toFixed(1)} s` }),
+      element("td", { text: String(coordinator_shard_id) }), actions);
+  });
+  const head = element("tr", {}, ...["transaction", "kind", "status", "age", "coordinator shard", "actions"]
+    .map((h) => element("th", { scope: "col", text: h })));
+  box.replaceChildren(element("table", {}, element("thead", {}, head), element("tbody", {}, ...rows)));
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
@@ -234,6 +284,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("sign-out").addEventListener("click", signOut);
   $("refresh-tree").addEventListener("click", () => attempt(loadTree));
+  $("refresh-in-flight").addEventListener("click", () => attempt(loadInFlight));
   $("new-root").addEventListener("submit", async (event) => {
     event.preventDefault();
     const name = $("new-root-name");

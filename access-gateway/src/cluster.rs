@@ -118,6 +118,17 @@ impl Cluster {
         Ok(active[(hash % active.len() as u64) as usize])
     }
 
+    /// Every coordinator shard that is not removed, by id.
+    pub fn serving_coordinators(&self) -> Vec<(u32, Arc<CoordinatorClient>)> {
+        self.coordinators
+            .read()
+            .expect("no poisoned lock")
+            .iter()
+            .filter(|(_, coordinator)| coordinator.state != CoordinatorState::Removed)
+            .map(|(id, coordinator)| (*id, Arc::clone(&coordinator.client)))
+            .collect()
+    }
+
     pub fn coordinator(
         &self,
         coordinator_shard_id: u32,

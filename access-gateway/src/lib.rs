@@ -102,6 +102,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/holds/{hold_id}/capture", post(api::holds::capture))
         .route("/holds/{hold_id}/void", post(api::holds::void))
         .route("/me", get(api::hierarchy::me))
+        .route("/admin/in-flight", get(api::transactions::in_flight))
+        .route(
+            "/admin/transactions/{transaction_id}/retry",
+            post(api::transactions::retry),
+        )
+        .route(
+            "/admin/transactions/{transaction_id}/abort",
+            post(api::transactions::abort),
+        )
         .route("/hierarchy", get(api::hierarchy::tree))
         .route("/hierarchy/nodes", post(api::hierarchy::create))
         .route(

@@ -39,7 +39,7 @@ async function main() {
   // Deleting asks for confirmation: the operator confirms.
   page.on("dialog", (dialog) => dialog.accept());
   try {
-    await run(page);
+    await (process.env.PHASE === "in-flight" ? inFlight(page) : run(page));
   } catch (error) {
     await page.screenshot({ path: `${shots}/failure.png`, fullPage: true }).catch(() => {});
     throw error;
@@ -145,7 +145,9 @@ async function run(page) {
 
   // A read-only operator sees the tree and its roll-ups, and no control that edits.
   await page.getByRole("button", { name: "Sign out" }).click();
+  check(await node(page, "Company SE").count() === 0, "signing out clears the page");
   await signIn(page, process.env.READ_KEY);
+  await page.getByText("acme · read-only").waitFor();
   await waitForBalance(page, "Company SE", "USD 150.00");
   for (const name of ["Add child", "Rename", "Move", "Attach", "Create root"]) {
     const count = await page.getByRole("button", { name, exact: true }).count();
@@ -154,6 +156,24 @@ async function run(page) {
   check(await page.getByRole("button", { name: /^Delete|^Detach/ }).count() === 0, "no delete or detach");
   await page.screenshot({ path: `${shots}/read-only.png`, fullPage: true });
   console.log("console end-to-end: passed");
+}
+
+/// With a payment stuck (its credit shard down), an admin sees it in flight and aborts it.
+async function inFlight(page) {
+  const stuck = process.env.STUCK_TRANSACTION;
+  await page.goto(`${url}/console/`);
+  await signIn(page, process.env.ADMIN_KEY);
+  await page.getByRole("link", { name: "Transactions" }).click();
+  const row = page.locator("tr", { has: page.getByRole("link", { name: stuck }) });
+  await row.waitFor();
+  check((await row.textContent()).includes("pending"), "the stuck payment is pending");
+  await page.screenshot({ path: `${shots}/in-flight.png`, fullPage: true });
+  await page.getByRole("button", { name: `Force abort ${stuck}` }).click();
+  // Aborted, and still in flight until the shard returns to void its part.
+  await row.filter({ hasText: "aborted" }).waitFor();
+  check(await page.getByRole("button", { name: `Force abort ${stuck}` }).count() === 0,
+    "a decided transaction offers no abort");
+  console.log("console in-flight: passed");
 }
 
 main().catch((error) => {

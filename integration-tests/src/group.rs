@@ -97,13 +97,15 @@ impl Group {
         coordinator_shard_id: u32,
         size: u64,
         topology: &Group,
+        extra_args: &[&str],
     ) -> Result<Group> {
-        let group_args = vec![
+        let mut group_args = vec![
             "--coordinator-shard-id".to_string(),
             coordinator_shard_id.to_string(),
             "--topology".into(),
             topology.addresses(),
         ];
+        group_args.extend(extra_args.iter().map(|arg| arg.to_string()));
         Group::start("marker", coordinator_shard_id, size, group_args).await
     }
 

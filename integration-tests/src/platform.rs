@@ -85,6 +85,14 @@ impl Platform {
     /// A topology group, two storage shards that watch it, and `coordinators` coordinator
     /// shards (ids 1, 2, …) that take everything from it, all active at epoch 1.
     pub async fn start_with_topology(coordinators: u32) -> Platform {
+        Platform::start_with_topology_and(coordinators, &[]).await
+    }
+
+    /// The same, with extra arguments for every coordinator replica.
+    pub async fn start_with_topology_and(
+        coordinators: u32,
+        extra_coordinator_args: &[&str],
+    ) -> Platform {
         let topology = Group::topology(3).await.unwrap();
         let watch = ["--topology".to_string(), topology.addresses()];
         let watch: Vec<&str> = watch.iter().map(String::as_str).collect();
@@ -120,7 +128,7 @@ impl Platform {
         let mut groups = Vec::new();
         for id in 1..=coordinators {
             groups.push(
-                Group::coordinator_under_topology(id, 3, &topology)
+                Group::coordinator_under_topology(id, 3, &topology, extra_coordinator_args)
                     .await
                     .unwrap(),
             );

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use consensus::client::{Answer, LeaderClient, Unknown};
 use proto::marker::v1 as pb;
+use proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient;
 use proto::marker::v1::coordinator_client::CoordinatorClient as GrpcClient;
 use tonic::transport::Channel;
 
@@ -89,6 +90,61 @@ impl CoordinatorClient {
                             None => Answer::Empty,
                         },
                     )
+                }
+            })
+            .await
+    }
+
+    /// Transactions in flight on this shard, oldest first, as the replica believed to lead
+    /// knows them.
+    pub async fn list_in_flight(
+        &self,
+        limit: u32,
+        deadline: Instant,
+    ) -> Result<Vec<pb::InFlightTransaction>, Unknown> {
+        self.group
+            .on_leader(deadline, |channel, timeout| {
+                let mut client = CoordinatorAdminClient::new(channel);
+                let mut request = tonic::Request::new(pb::ListInFlightRequest { limit });
+                request.set_timeout(timeout);
+                async move {
+                    let listed = client.list_in_flight(request).await?.into_inner();
+                    Ok(Answer::Done(listed.transactions))
+                }
+            })
+            .await
+    }
+
+    /// Drives a transaction again now (`force_abort: false`), or decides abort if it is not
+    /// decided yet (`force_abort: true`), on the leader.
+    pub async fn intervene(
+        &self,
+        txn_id: &str,
+        force_abort: bool,
+        deadline: Instant,
+    ) -> Result<pb::admin_response::Reply, Unknown> {
+        self.group
+            .on_leader(deadline, |channel, timeout| {
+                let mut client = CoordinatorAdminClient::new(channel);
+                let txn_id = txn_id.to_string();
+                async move {
+                    let answer = if force_abort {
+                        let mut request = tonic::Request::new(pb::ForceAbortRequest { txn_id });
+                        request.set_timeout(timeout);
+                        client.force_abort(request).await?
+                    } else {
+                        let mut request = tonic::Request::new(pb::RetryRequest { txn_id });
+                        request.set_timeout(timeout);
+                        client.retry(request).await?
+                    };
+                    use pb::admin_response::Reply;
+                    Ok(match answer.into_inner().reply {
+                        Some(Reply::Redirect(redirect)) => {
+                            Answer::Redirect(redirect.leader_address)
+                        }
+                        Some(reply) => Answer::Done(reply),
+                        None => Answer::Empty,
+                    })
                 }
             })
             .await

@@ -395,3 +395,118 @@ pub async fn events(
         });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InFlight {
+    pub transaction: Transaction,
+    /// Since it was begun.
+    pub age_ms: i64,
+    pub coordinator_shard_id: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InFlightList {
+    /// Oldest first.
+    pub transactions: Vec<InFlight>,
+}
+
+/// The caller's transactions not done yet, on every coordinator shard, oldest first.
+#[utoipa::path(get, path = "/v1/admin/in-flight", tag = "transactions",
+    responses((status = 200, body = InFlightList), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = [])))]
+pub async fn in_flight(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<axum::Json<InFlightList>, ApiError> {
+    caller.require(Scope::Read)?;
+    let deadline = Instant::now() + state.options.request_timeout;
+    let mut transactions = Vec::new();
+    for (coordinator_shard_id, client) in state.cluster.serving_coordinators() {
+        let listed = client
+            .list_in_flight(0, deadline)
+            .await
+            .map_err(|unknown| ApiError::Unavailable(unknown.to_string()))?;
+        transactions.extend(
+            listed
+                .into_iter()
+                .filter_map(|entry| Some((entry.transaction?, entry.age_ms)))
+                .filter(|(transaction, _)| transaction.tenant_id == caller.tenant_id)
+                .map(|(transaction, age_ms)| InFlight {
+                    transaction: view(&caller.tenant_id, &transaction),
+                    age_ms,
+                    coordinator_shard_id,
+                }),
+        );
+    }
+    transactions.sort_by_key(|entry| std::cmp::Reverse(entry.age_ms));
+    Ok(axum::Json(InFlightList { transactions }))
+}
+
+/// Retry now (`force_abort: false`) or force an abort (before a decision only) of one of the
+/// caller's transactions, once per idempotency key (admin).
+async fn intervene(
+    state: Arc<AppState>,
+    caller: Caller,
+    key: IdempotencyKey,
+    transaction_id: String,
+    force_abort: bool,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let (txn_id, client, _) = fetch(&state, &caller, &transaction_id).await?;
+    let operation = Operation {
+        name: if force_abort { "force-abort" } else { "retry" },
+        body: &transaction_id,
+        txn_id: None,
+        coordinator_shard_id: None,
+    };
+    Ok(once(&state, &caller, &key, operation, |_| async {
+        use pb::admin_response::Reply as Answer;
+        let deadline = Instant::now() + state.options.request_timeout;
+        let answer = client
+            .intervene(&txn_id, force_abort, deadline)
+            .await
+            .map_err(|unknown| ApiError::Unavailable(unknown.to_string()))?;
+        match answer {
+            Answer::Transaction(transaction) => Ok(Reply::new(
+                StatusCode::OK,
+                &view(&caller.tenant_id, &transaction),
+            )),
+            Answer::AlreadyDecided(_) => Err(ApiError::Conflict(
+                "already-decided",
+                "The transaction is decided already; a decision never changes",
+            )),
+            Answer::NotFound(_) => Err(ApiError::NotFound("transaction")),
+            Answer::Redirect(_) => Err(ApiError::Unavailable("redirected".into())),
+        }
+    })
+    .await)
+}
+
+/// Drive one of the caller's transactions again now (admin).
+#[utoipa::path(post, path = "/v1/admin/transactions/{transaction_id}/retry", tag = "transactions",
+    params(("transaction_id" = String, Path), ("Idempotency-Key" = String, Header)),
+    responses((status = 200, body = Transaction), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = [])))]
+pub async fn retry(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    key: IdempotencyKey,
+    Path(transaction_id): Path<String>,
+) -> Result<Response, ApiError> {
+    intervene(state, caller, key, transaction_id, false).await
+}
+
+/// Abort one of the caller's transactions that is not decided yet (admin); a decided one is
+/// refused with `already-decided`.
+#[utoipa::path(post, path = "/v1/admin/transactions/{transaction_id}/abort", tag = "transactions",
+    params(("transaction_id" = String, Path), ("Idempotency-Key" = String, Header)),
+    responses((status = 200, body = Transaction), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = [])))]
+pub async fn abort(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    key: IdempotencyKey,
+    Path(transaction_id): Path<String>,
+) -> Result<Response, ApiError> {
+    intervene(state, caller, key, transaction_id, true).await
+}

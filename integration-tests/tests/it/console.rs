@@ -3,6 +3,8 @@
 //! coordinator shard, the query service, the gateway and Postgres. Screenshots of each page are
 //! kept under `$CARGO_TARGET_DIR/console-screenshots/`.
 
+use auticuro::ledger::AccountId;
+use auticuro::routing::SlotTable;
 use integration_tests::gateway::Gateway;
 use integration_tests::platform::Platform;
 use reqwest::StatusCode;
@@ -10,23 +12,33 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_edits_hierarchies_in_a_real_browser() {
-    let platform = Platform::start_with_topology(1).await;
+    let mut platform =
+        Platform::start_with_topology_and(1, &["--reserve-timeout-ms", "60000"]).await;
     let gateway = Gateway::start(&platform).await.unwrap();
     let admin = gateway.create_key("acme", "admin").await.unwrap();
     let reader = gateway.create_key("acme", "read").await.unwrap();
     let writer = gateway.create_key("acme", "read,write").await.unwrap();
+    // Alice's wallet on storage shard 1, bob's on shard 2.
     let mut wallets = Vec::new();
-    for name in ["alice", "bob"] {
-        let created = gateway
-            .post(
-                "/v1/wallets",
-                &writer,
-                &format!("console-{name}"),
-                json!({ "owner_id": name, "currency": "USD" }),
-            )
-            .await;
-        assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
-        wallets.push(created.text("wallet_id"));
+    for (name, shard_id) in [("alice", 1), ("bob", 2)] {
+        for attempt in 0.. {
+            let created = gateway
+                .post(
+                    "/v1/wallets",
+                    &writer,
+                    &format!("console-{name}-{attempt}"),
+                    json!({ "owner_id": name, "currency": "USD" }),
+                )
+                .await;
+            assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+            let wallet = created.text("wallet_id");
+            let account = AccountId::parse(&format!("acme/{wallet}")).unwrap();
+            if SlotTable::uniform(&[1, 2]).shard_of(&account) == shard_id {
+                wallets.push(wallet);
+                break;
+            }
+            assert!(attempt < 64, "no wallet landed on shard {shard_id}");
+        }
     }
     let screenshots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
@@ -34,24 +46,33 @@ async fn the_console_edits_hierarchies_in_a_real_browser() {
         .join("console-screenshots");
     let _ = std::fs::remove_dir_all(&screenshots);
     std::fs::create_dir_all(&screenshots).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/console/e2e.cjs");
-    let output = tokio::process::Command::new("node")
-        .arg(script)
-        .env("GATEWAY_URL", &gateway.url)
-        .env("ADMIN_KEY", &admin)
-        .env("READ_KEY", &reader)
-        .env("WRITE_KEY", &writer)
-        .env("WALLETS", wallets.join(","))
-        .env("SCREENSHOTS", &screenshots)
-        .output()
-        .await
-        .expect("node runs (scripts/setup.sh installs it, playwright-core and chromium)");
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let browser = |phase: &str, stuck: &str| {
+        tokio::process::Command::new("node")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/console/e2e.cjs"))
+            .env("PHASE", phase)
+            .env("STUCK_TRANSACTION", stuck)
+            .env("GATEWAY_URL", &gateway.url)
+            .env("ADMIN_KEY", &admin)
+            .env("READ_KEY", &reader)
+            .env("WRITE_KEY", &writer)
+            .env("WALLETS", wallets.join(","))
+            .env("SCREENSHOTS", &screenshots)
+            .output()
+    };
+    let passed = |output: std::process::Output| {
+        assert!(
+            output.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    passed(
+        browser("main", "")
+            .await
+            .expect("node runs (scripts/setup.sh installs it)"),
     );
+
     // Another tenant sees none of it and can edit none of it.
     let tree = gateway.get("/v1/hierarchy", &admin).await;
     assert_eq!(tree.body["nodes"].as_array().unwrap().len(), 3, "{tree:?}");
@@ -90,12 +111,34 @@ async fn the_console_edits_hierarchies_in_a_real_browser() {
         )
         .await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+    // A payment stuck on a shard that is down: the admin sees it in flight and aborts it.
+    for node_id in 1..=3 {
+        platform.storage[1].kill(node_id).await.unwrap();
+    }
+    let pending = gateway
+        .post(
+            "/v1/payments",
+            &writer,
+            "console-stuck",
+            json!({ "from_wallet_id": wallets[0], "to_wallet_id": wallets[1], "amount": "1.00", "currency": "USD" }),
+        )
+        .await;
+    assert_eq!(pending.status, StatusCode::ACCEPTED, "{pending:?}");
+    passed(
+        browser("in-flight", &pending.text("transaction_id"))
+            .await
+            .unwrap(),
+    );
+    for node_id in 1..=3 {
+        platform.storage[1].restart(node_id).await.unwrap();
+    }
     for page in [
         "sign-in",
         "hierarchy",
         "account",
         "transaction",
         "read-only",
+        "in-flight",
     ] {
         let shot = screenshots.join(format!("{page}.png"));
         let size = std::fs::metadata(&shot).map_or(0, |m| m.len());

@@ -775,6 +775,98 @@ async fn holds_authorize_then_capture_part_or_all_or_void() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn operators_see_in_flight_payments_and_retry_or_abort_them() {
+    let mut platform =
+        Platform::start_with_topology_and(1, &["--reserve-timeout-ms", "60000"]).await;
+    let gateway = Gateway::start(&platform).await.unwrap();
+    let admin = gateway.create_key(TENANT, "admin").await.unwrap();
+    let reader = gateway.create_key(TENANT, "read").await.unwrap();
+    let alice = wallet_on(&gateway, &admin, TENANT, 1, "alice").await;
+    let bob = wallet_on(&gateway, &admin, TENANT, 2, "bob").await;
+    let deposited = deposit(&gateway, &admin, &alice, "100.00").await;
+    assert_eq!(deposited.status, StatusCode::CREATED, "{deposited:?}");
+
+    // The credit shard goes down: a payment waits in flight, undecided.
+    for node_id in 1..=3 {
+        platform.storage[1].kill(node_id).await.unwrap();
+    }
+    let pending = gateway
+        .post(
+            "/v1/payments",
+            &admin,
+            "stuck",
+            json!({ "from_wallet_id": alice, "to_wallet_id": bob, "amount": "10.00", "currency": "USD" }),
+        )
+        .await;
+    assert_eq!(pending.status, StatusCode::ACCEPTED, "{pending:?}");
+    let stuck = pending.text("transaction_id");
+    let listed = gateway.get("/v1/admin/in-flight", &reader).await;
+    assert_eq!(listed.status, StatusCode::OK, "{listed:?}");
+    let entries = listed.body["transactions"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 1, "{listed:?}");
+    assert_eq!(entries[0]["transaction"]["transaction_id"], stuck.as_str());
+    assert_eq!(entries[0]["transaction"]["status"], "pending");
+    assert!(entries[0]["age_ms"].as_i64().unwrap() >= 0);
+    let stranger = gateway.create_key("globex", "admin").await.unwrap();
+    let theirs = gateway.get("/v1/admin/in-flight", &stranger).await;
+    assert_eq!(theirs.body["transactions"], json!([]), "{theirs:?}");
+    let path = |action: &str, id: &str| format!("/v1/admin/transactions/{id}/{action}");
+    let foreign = gateway
+        .post(
+            &path("abort", &stuck),
+            &stranger,
+            "steal-abort",
+            json!(null),
+        )
+        .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{foreign:?}");
+    let not_admin = gateway
+        .post(&path("retry", &stuck), &reader, "reader-retry", json!(null))
+        .await;
+    assert_eq!(not_admin.status, StatusCode::FORBIDDEN, "{not_admin:?}");
+
+    // Retry now keeps it pending; a forced abort decides it; a decided one cannot be aborted.
+    let retried = gateway
+        .post(&path("retry", &stuck), &admin, "retry-1", json!(null))
+        .await;
+    assert_eq!(retried.status, StatusCode::OK, "{retried:?}");
+    assert_eq!(retried.text("status"), "pending");
+    let aborted = gateway
+        .post(&path("abort", &stuck), &admin, "abort-1", json!(null))
+        .await;
+    assert_eq!(aborted.status, StatusCode::OK, "{aborted:?}");
+    assert_eq!(aborted.text("status"), "aborted");
+    let committed = deposited.text("transaction_id");
+    let refused = gateway
+        .post(&path("abort", &committed), &admin, "abort-2", json!(null))
+        .await;
+    assert_eq!(
+        refused.problem_type(),
+        "/problems/already-decided",
+        "{refused:?}"
+    );
+
+    // The shard returns: the abort settles there too, and nothing moved.
+    for node_id in 1..=3 {
+        platform.storage[1].restart(node_id).await.unwrap();
+    }
+    let mut left = usize::MAX;
+    for _ in 0..300 {
+        let listed = gateway.get("/v1/admin/in-flight", &admin).await;
+        left = listed.body["transactions"]
+            .as_array()
+            .map_or(usize::MAX, Vec::len);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "the aborted payment never settled");
+    assert_eq!(available(&gateway, &admin, &alice, None).await, "100.00");
+    assert_money_conserved(&platform).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tenants_cannot_see_or_move_each_others_wallets() {
     let (platform, gateway) = start().await;
     let acme = gateway.create_key("acme", "read,write").await.unwrap();
@@ -1036,7 +1128,7 @@ async fn the_api_fuzzer_finds_no_server_error_and_no_response_outside_the_schema
         "the fuzzer found problems:\n{report}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(report.contains("Tested: 25"), "{report}");
+    assert!(report.contains("Tested: 28"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
