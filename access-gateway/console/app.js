@@ -4,6 +4,7 @@
 
 const KEY = "wallet-console-key";
 let me = null;
+let clusterTimer = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -73,6 +74,8 @@ async function signIn(key) {
     throw error;
   }
   $("who").textContent = `${me.tenant_id} · ${isAdmin() ? "admin" : "read-only"}`;
+  // The platform's status is for admins.
+  $("cluster-link").hidden = !isAdmin();
   $("nav").hidden = false;
   if (!location.hash || location.hash === "#/") location.hash = "#/hierarchy";
   await route();
@@ -82,7 +85,9 @@ function signOut() {
   sessionStorage.removeItem(KEY);
   me = null;
   // Nothing the last operator saw stays on the page.
-  for (const id of ["tree", "account", "transaction", "in-flight", "who"]) $(id).replaceChildren();
+  for (const id of ["tree", "account", "transaction", "in-flight", "who", "groups", "found"]) {
+    $(id).replaceChildren();
+  }
   $("nav").hidden = true;
   showError("");
   location.hash = "";
@@ -90,9 +95,10 @@ function signOut() {
 }
 
 function show(section) {
-  for (const id of ["sign-in", "hierarchy", "accounts", "transactions"]) {
+  for (const id of ["sign-in", "hierarchy", "accounts", "transactions", "cluster"]) {
     $(id).hidden = id !== section;
   }
+  clearInterval(clusterTimer);
 }
 
 async function route() {
@@ -102,6 +108,11 @@ async function route() {
   else if (page === "transactions") {
     show("transactions");
     await attempt(loadInFlight);
+  } else if (page === "cluster") {
+    show("cluster");
+    await attempt(loadCluster);
+    // Live: refreshed every two seconds while the page is shown.
+    clusterTimer = setInterval(() => attempt(loadCluster), 2000);
   }
   else {
     show("hierarchy");
@@ -218,10 +229,29 @@ async function showAccount(walletId) {
       ["pending in", wallet.pending_in], ["lower limit", wallet.limits.lower ?? "none"],
       ["upper limit", wallet.limits.upper ?? "none"], ["version", String(wallet.version)],
     ]),
+    element("h4", { text: "Versions, newest first" }),
+    element("div", { id: "versions" }),
     element("h4", { text: "Activity, newest first" }),
     table(["when", "kind", "amount", "counterparty", "transaction"], feed.activities.map((a) => [
       new Date(a.occurred_at_ms).toISOString(), a.kind, a.amount, a.counterparty ?? "", a.transaction_id ?? "",
     ])));
+  await showVersions(walletId);
+}
+
+/// One page of a wallet's versions, older pages appended by the button below it.
+async function showVersions(walletId, beforeVersion) {
+  const query = beforeVersion ? `&before_version=${beforeVersion}` : "";
+  const page = await api("GET", `/v1/wallets/${encodeURIComponent(walletId)}/versions?page_size=10${query}`);
+  const box = $("versions");
+  box.querySelector("button")?.remove();
+  box.append(table(["version", "state", "balance", "available", "pending out", "pending in", "seq", "when"],
+    page.versions.map((v) => [String(v.version), v.state, v.balance, v.available, v.pending_out,
+      v.pending_in, String(v.seq), new Date(v.at_ms).toISOString()])));
+  if (page.next_before_version) {
+    const older = element("button", { type: "button", text: "Older versions" });
+    older.addEventListener("click", () => attempt(() => showVersions(walletId, page.next_before_version)));
+    box.append(older);
+  }
 }
 
 async function showTransaction(transactionId) {
@@ -235,6 +265,20 @@ async function showTransaction(transactionId) {
     element("h3", { text: `${t.transaction_id}: ${t.kind} ${t.status}${t.done ? " (done)" : ""}` }),
     table(["status change", "at"], changes),
     table(["account", "amount", "currency"], t.legs.map((l) => [l.account, l.amount, l.currency])));
+}
+
+async function loadCluster() {
+  const { groups } = await api("GET", "/v1/admin/cluster");
+  const dash = (value) => (value === null || value === undefined ? "-" : String(value));
+  const rows = groups.map((g) => [
+    `${g.kind} ${g.group_id}`, dash(g.leader_node_id), dash(g.term), String(g.applied_seq),
+    g.replicas.map((r) => `${r.address} ${r.reachable ? r.state : "unreachable"}`).join(", "),
+    dash(g.in_flight), g.projection ? String(g.projection.applied_seq) : "-",
+    g.projection ? String(g.projection.lag_events) : "-",
+  ]);
+  $("groups").replaceChildren(table(
+    ["group", "leader", "term", "applied seq", "members", "in flight", "projected seq", "projection lag"], rows));
+  $("cluster-updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
 }
 
 /// An admin action on one transaction, after the operator confirms it.
@@ -294,9 +338,20 @@ document.addEventListener("DOMContentLoaded", async () => {
       await attempt(loadTree);
     }
   });
-  $("account-search").addEventListener("submit", (event) => {
+  $("account-search").addEventListener("submit", async (event) => {
     event.preventDefault();
-    location.hash = `#/accounts/${$("account-id").value.trim()}`;
+    const text = $("account-id").value.trim();
+    if (/^wal_[0-9a-f]{24}$/.test(text)) {
+      location.hash = `#/accounts/${text}`;
+      return;
+    }
+    await attempt(async () => {
+      const { wallet_ids } = await api("GET", `/v1/wallets?owner_id=${encodeURIComponent(text)}`);
+      const found = $("found");
+      found.replaceChildren(...wallet_ids.map((id) =>
+        element("li", {}, element("a", { href: `#/accounts/${id}`, text: id }))));
+      if (!wallet_ids.length) found.append(element("li", { text: `No wallet of ${text}.` }));
+    });
   });
   $("transaction-search").addEventListener("submit", (event) => {
     event.preventDefault();

@@ -19,6 +19,8 @@ struct Coordinator {
 
 #[derive(Default)]
 pub struct Cluster {
+    /// The topology group's replicas.
+    topology_replicas: Vec<String>,
     storage: RwLock<Option<Arc<StorageShards>>>,
     coordinators: RwLock<BTreeMap<u32, Coordinator>>,
 }
@@ -27,7 +29,10 @@ impl Cluster {
     /// Follows the topology from `topology_replicas` in the background (retrying until they
     /// answer); `ready` says when it has arrived.
     pub fn follow(topology_replicas: Vec<String>) -> Arc<Cluster> {
-        let cluster = Arc::new(Cluster::default());
+        let cluster = Arc::new(Cluster {
+            topology_replicas: topology_replicas.clone(),
+            ..Cluster::default()
+        });
         let client = TopologyClient::new(topology_replicas);
         let watched = Arc::clone(&cluster);
         tokio::spawn(client.watch(move |topology| watched.apply(&topology)));
@@ -72,6 +77,10 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    pub fn topology_replicas(&self) -> &[String] {
+        &self.topology_replicas
     }
 
     /// Whether the topology has arrived with storage shards and an active coordinator.

@@ -81,7 +81,10 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let body_bytes_max = state.options.body_bytes_max;
     let v1 = Router::new()
-        .route("/wallets", post(api::wallets::create))
+        .route(
+            "/wallets",
+            post(api::wallets::create).get(api::activities::by_owner),
+        )
         .route("/wallets/{wallet_id}", get(api::wallets::get))
         .route("/wallets/{wallet_id}/balance", get(api::wallets::balance))
         .route("/wallets/{wallet_id}/freeze", post(api::wallets::freeze))
@@ -94,6 +97,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/wallets/{wallet_id}/activities",
             get(api::activities::list),
         )
+        .route(
+            "/wallets/{wallet_id}/versions",
+            get(api::activities::versions),
+        )
         .route("/deposits", post(api::transfers::deposit))
         .route("/withdrawals", post(api::transfers::withdraw))
         .route("/payments", post(api::transfers::pay))
@@ -103,6 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/holds/{hold_id}/void", post(api::holds::void))
         .route("/me", get(api::hierarchy::me))
         .route("/admin/in-flight", get(api::transactions::in_flight))
+        .route("/admin/cluster", get(api::cluster::status))
         .route(
             "/admin/transactions/{transaction_id}/retry",
             post(api::transactions::retry),

@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use crate::api::{activities, health, hierarchy, holds, transactions, transfers, wallets};
+use crate::api::{activities, cluster, health, hierarchy, holds, transactions, transfers, wallets};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,11 +19,11 @@ use crate::api::{activities, health, hierarchy, holds, transactions, transfers, 
             problem documents."),
     paths(
         wallets::create, wallets::get, wallets::balance, wallets::freeze, wallets::unfreeze,
-        wallets::close, activities::list, transfers::deposit, transfers::withdraw, transfers::pay,
+        wallets::close, activities::list, activities::versions, activities::by_owner, transfers::deposit, transfers::withdraw, transfers::pay,
         holds::place, holds::get, holds::capture, holds::void, hierarchy::me, hierarchy::tree,
         hierarchy::create, hierarchy::rename, hierarchy::move_node, hierarchy::delete,
         hierarchy::attach, hierarchy::detach, transactions::get, transactions::in_flight,
-        transactions::retry, transactions::abort,
+        transactions::retry, transactions::abort, cluster::status,
         transactions::events, health::healthz, health::readyz,
     ),
     modifiers(&BearerKey),

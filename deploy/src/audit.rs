@@ -215,7 +215,7 @@ pub async fn audit(topology: &[String], database_url: &str) -> Result<Vec<Check>
         .values()
         .filter(|entry| entry.state != ::marker::topology::CoordinatorState::Removed);
     for entry in serving {
-        coordinators_in_flight += crate::status::in_flight(&entry.replicas)
+        coordinators_in_flight += ::marker::status::in_flight(&entry.replicas)
             .await
             .ok_or_else(|| Error::Setup("no coordinator replica answered".into()))?;
     }

@@ -64,7 +64,7 @@ pub async fn drain(topology_replicas: &[String], coordinator_shard_id: u32) -> R
             eprintln!();
             return Ok(());
         }
-        let in_flight = crate::status::in_flight(&entry.replicas).await;
+        let in_flight = ::marker::status::in_flight(&entry.replicas).await;
         eprint!(
             "\rdraining coordinator shard {coordinator_shard_id}: {} in flight   ",
             in_flight.map_or_else(|| "?".to_string(), |n| n.to_string())

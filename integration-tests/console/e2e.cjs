@@ -134,7 +134,16 @@ async function run(page) {
   await page.getByRole("cell", { name: "payment_sent" }).waitFor();
   const available = page.locator("tr", { has: page.getByRole("cell", { name: "available", exact: true }) });
   check((await available.textContent()).includes("70.00"), "available is 70.00");
+  // Its versions, newest first: the payment's debit made the newest.
+  const newest = page.locator("#versions tbody tr").first();
+  check((await newest.textContent()).includes("70.00"), "the newest version holds 70.00");
+  check(await page.locator("#versions tbody tr").count() >= 3, "created, deposit, payment");
   await page.screenshot({ path: `${shots}/account.png`, fullPage: true });
+  // Search by owner.
+  await page.getByRole("link", { name: "Accounts" }).click();
+  await page.getByLabel("Wallet id or owner id").fill("bob");
+  await page.getByRole("button", { name: "Search" }).click();
+  await page.getByRole("list", { name: "Wallets found" }).getByRole("link", { name: bob }).waitFor();
 
   // A transaction by id.
   await page.getByRole("link", { name: "Transactions" }).click();
@@ -143,7 +152,19 @@ async function run(page) {
   await page.getByRole("heading", { name: `${payment.transaction_id}: payment committed (done)` }).waitFor();
   await page.screenshot({ path: `${shots}/transaction.png`, fullPage: true });
 
+  // The cluster: every group with its leader, refreshing live.
+  await page.getByRole("link", { name: "Cluster" }).click();
+  for (const group of ["topology 0", "storage 1", "storage 2", "coordinator 1"]) {
+    const row = page.locator("tr", { has: page.getByRole("cell", { name: group, exact: true }) });
+    await row.waitFor();
+    check(/leader/.test(await row.textContent()), `${group} has a leader`);
+  }
+  const updated = await page.locator("#cluster-updated").textContent();
+  await page.waitForFunction((before) => document.getElementById("cluster-updated").textContent !== before, updated);
+  await page.screenshot({ path: `${shots}/cluster.png`, fullPage: true });
+
   // A read-only operator sees the tree and its roll-ups, and no control that edits.
+
   await page.getByRole("button", { name: "Sign out" }).click();
   check(await node(page, "Company SE").count() === 0, "signing out clears the page");
   await signIn(page, process.env.READ_KEY);
@@ -154,6 +175,7 @@ async function run(page) {
     check(count === 0, `a read-only operator sees ${count} "${name}" buttons`);
   }
   check(await page.getByRole("button", { name: /^Delete|^Detach/ }).count() === 0, "no delete or detach");
+  check(!(await page.getByRole("link", { name: "Cluster" }).isVisible()), "no cluster page");
   await page.screenshot({ path: `${shots}/read-only.png`, fullPage: true });
   console.log("console end-to-end: passed");
 }

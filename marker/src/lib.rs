@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod saga;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod topology;

@@ -16,6 +16,8 @@ pub const FROM_KEY: &str = "wallet:from";
 pub const TO_KEY: &str = "wallet:to";
 pub const FEE_KEY: &str = "wallet:fee";
 pub const FEE_ACCOUNT_KEY: &str = "wallet:fee_account";
+/// On a wallet: the caller's id of its owner.
+pub const OWNER_KEY: &str = "wallet:owner_id";
 /// On a capture: the hold it captures.
 pub const HOLD_KEY: &str = "wallet:hold";
 

@@ -191,6 +191,44 @@ impl AccountQuery for AccountQueryService {
         }))
     }
 
+    async fn get_projection(
+        &self,
+        _: Request<pb::GetProjectionRequest>,
+    ) -> Result<Response<pb::GetProjectionResponse>, Status> {
+        let applied = store::applied_seqs(&self.pool).await.map_err(internal)?;
+        Ok(Response::new(pb::GetProjectionResponse {
+            applied: applied
+                .into_iter()
+                .map(|(shard_id, seq)| ShardSeq { shard_id, seq })
+                .collect(),
+        }))
+    }
+
+    async fn find_accounts(
+        &self,
+        request: Request<pb::FindAccountsRequest>,
+    ) -> Result<Response<pb::FindAccountsResponse>, Status> {
+        let request = request.into_inner();
+        // Text Postgres can hold, and a bounded page.
+        if [&request.tenant_id, &request.key, &request.value]
+            .iter()
+            .any(|text| text.contains('\0') || text.len() > 256)
+        {
+            return Err(Status::invalid_argument("invalid search"));
+        }
+        let limit = i64::from(page_size(request.limit));
+        let account_ids = store::accounts_with(
+            &self.pool,
+            &request.tenant_id,
+            &request.key,
+            &request.value,
+            limit,
+        )
+        .await
+        .map_err(internal)?;
+        Ok(Response::new(pb::FindAccountsResponse { account_ids }))
+    }
+
     async fn get_balance_at(
         &self,
         request: Request<pb::GetBalanceAtRequest>,

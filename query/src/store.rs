@@ -57,6 +57,26 @@ pub async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
     Ok(pool)
 }
 
+/// The accounts of a tenant whose metadata has `key` = `value`, by id (at most `limit`).
+pub async fn accounts_with(
+    pool: &PgPool,
+    tenant_id: &str,
+    key: &str,
+    value: &str,
+    limit: i64,
+) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT account_id FROM accounts WHERE tenant_id = $1 AND metadata ->> $2 = $3
+         ORDER BY account_id LIMIT $4",
+    )
+    .bind(tenant_id)
+    .bind(key)
+    .bind(value)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// The last applied seq of every shard projected so far.
 pub async fn applied_seqs(pool: &PgPool) -> Result<BTreeMap<u32, u64>, StoreError> {
     let rows = sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets")

@@ -1,6 +1,6 @@
-//! A wallet's activity feed (deposits, withdrawals, payments sent and received, fees), newest
-//! first, from the query service's projections. A write's consistency token makes the feed
-//! include that write.
+//! A wallet's activity feed (deposits, withdrawals, payments sent and received, fees, holds),
+//! newest first, and every version of it, from the query service's projections. A write's
+//! consistency token makes the feed include that write.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -58,6 +58,16 @@ pub struct ActivityParams {
     pub consistency_token: Option<String>,
 }
 
+fn page_size(requested: Option<u32>) -> Result<u32, ApiError> {
+    match requested {
+        None => Ok(50),
+        Some(size @ 1..=PAGE_SIZE_MAX) => Ok(size),
+        Some(_) => Err(ApiError::InvalidRequest(format!(
+            "page_size is 1 to {PAGE_SIZE_MAX}"
+        ))),
+    }
+}
+
 fn kind_name(kind: i32) -> &'static str {
     match pb::ActivityKind::try_from(kind) {
         Ok(pb::ActivityKind::Deposit) => "deposit",
@@ -85,15 +95,7 @@ pub async fn list(
 ) -> Result<axum::Json<ActivityPage>, ApiError> {
     caller.require(Scope::Read)?;
     let account_id = super::wallets::account_of(&caller, &wallet_id)?;
-    let page_size = match params.page_size {
-        None => 50,
-        Some(size @ 1..=PAGE_SIZE_MAX) => size,
-        Some(_) => {
-            return Err(ApiError::InvalidRequest(format!(
-                "page_size is 1 to {PAGE_SIZE_MAX}"
-            )));
-        }
-    };
+    let page_size = page_size(params.page_size)?;
     let token = params
         .consistency_token
         .as_deref()
@@ -164,5 +166,146 @@ pub async fn list(
     Ok(axum::Json(ActivityPage {
         activities,
         next_page_token: Some(page.next_page_token).filter(|token| !token.is_empty()),
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Version {
+    pub version: u64,
+    /// `active`, `frozen` or `closed`.
+    pub state: String,
+    pub balance: String,
+    pub available: String,
+    pub pending_out: String,
+    pub pending_in: String,
+    /// The ledger event that made this version: its shard seq and time.
+    pub seq: u64,
+    pub at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VersionPage {
+    /// Newest first.
+    pub versions: Vec<Version>,
+    /// Pass as `before_version` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before_version: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct VersionParams {
+    /// Versions strictly older than this one.
+    pub before_version: Option<u64>,
+    /// 1 to 200 (default 50).
+    pub page_size: Option<u32>,
+}
+
+/// List every version of a wallet (each change of its balance, pending amounts or state),
+/// newest first, from the read side.
+#[utoipa::path(get, path = "/v1/wallets/{wallet_id}/versions", tag = "wallets",
+    params(("wallet_id" = String, Path), VersionParams),
+    responses((status = 200, body = VersionPage), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = [])))]
+pub async fn versions(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(wallet_id): Path<String>,
+    Params(params): Params<VersionParams>,
+) -> Result<axum::Json<VersionPage>, ApiError> {
+    caller.require(Scope::Read)?;
+    let account_id = super::wallets::account_of(&caller, &wallet_id)?;
+    let page_size = page_size(params.page_size)?;
+    let mut client = AccountQueryClient::new(super::query_channel(&state)?);
+    let history = client
+        .get_history(pb::GetHistoryRequest {
+            tenant_id: caller.tenant_id.clone(),
+            account_id: account_id.as_str().to_string(),
+            before_version: params.before_version.unwrap_or(0),
+            page_size,
+        })
+        .await
+        .map_err(|status| ApiError::Unavailable(format!("query service: {status}")))?
+        .into_inner();
+    if history.versions.is_empty() && params.before_version.is_none() {
+        return Err(ApiError::NotFound("wallet"));
+    }
+    let versions = history
+        .versions
+        .into_iter()
+        .filter_map(|view| {
+            let account = view.account?;
+            let scale = account.scale;
+            let amount = |a: Option<&proto::common::v1::Amount>| {
+                money::format(super::wallets::minor(a), scale)
+            };
+            let balance = super::wallets::minor(account.balance.as_ref());
+            let pending_out = super::wallets::minor(account.pending_out.as_ref());
+            Some(Version {
+                version: account.version,
+                state: auticuro::convert::state_name(account.state).to_string(),
+                balance: amount(account.balance.as_ref()),
+                available: money::format(balance - pending_out, scale),
+                pending_out: amount(account.pending_out.as_ref()),
+                pending_in: amount(account.pending_in.as_ref()),
+                seq: view.seq,
+                at_ms: view.updated_at_ms,
+                transaction_id: Some(view.last_txn_id)
+                    .filter(|id| id.starts_with("t:"))
+                    .map(|id| super::transactions::public_id(&id)),
+            })
+        })
+        .collect();
+    Ok(axum::Json(VersionPage {
+        versions,
+        next_before_version: Some(history.next_before_version).filter(|v| *v > 0),
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerParams {
+    /// The owner id given when the wallets were created.
+    pub owner_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WalletList {
+    pub wallet_ids: Vec<String>,
+}
+
+/// The wallets of one owner (as the read side has them, up to 200).
+#[utoipa::path(get, path = "/v1/wallets", tag = "wallets",
+    params(OwnerParams),
+    responses((status = 200, body = WalletList), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = [])))]
+pub async fn by_owner(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Params(params): Params<OwnerParams>,
+) -> Result<axum::Json<WalletList>, ApiError> {
+    caller.require(Scope::Read)?;
+    super::wallets::check_owner_id(&params.owner_id)?;
+    let mut client = AccountQueryClient::new(super::query_channel(&state)?);
+    let found = client
+        .find_accounts(pb::FindAccountsRequest {
+            tenant_id: caller.tenant_id.clone(),
+            key: query::activity::OWNER_KEY.into(),
+            value: params.owner_id,
+            limit: PAGE_SIZE_MAX,
+        })
+        .await
+        .map_err(|status| ApiError::Unavailable(format!("query service: {status}")))?
+        .into_inner();
+    let prefix = format!("{}/", caller.tenant_id);
+    Ok(axum::Json(WalletList {
+        wallet_ids: found
+            .account_ids
+            .iter()
+            .filter_map(|id| id.strip_prefix(&prefix))
+            .map(str::to_string)
+            .collect(),
     }))
 }

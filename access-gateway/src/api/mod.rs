@@ -2,6 +2,7 @@
 //! into a problem, `Idempotency-Key` handling, public ids and consistency tokens.
 
 pub mod activities;
+pub mod cluster;
 pub mod health;
 pub mod hierarchy;
 pub mod holds;

@@ -25,7 +25,7 @@ use crate::money::{self, Currency};
 use crate::problem::{ApiError, Problem};
 
 const OWNER_ID_LENGTH_MAX: usize = 64;
-const OWNER_METADATA_KEY: &str = "wallet:owner_id";
+use query::activity::OWNER_KEY as OWNER_METADATA_KEY;
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +90,19 @@ pub struct Balance {
 pub struct ReadParams {
     /// From a write's response: the read waits until that write is visible.
     pub consistency_token: Option<String>,
+}
+
+/// Owner ids are 1 to 64 printable ASCII characters.
+pub fn check_owner_id(owner_id: &str) -> Result<(), ApiError> {
+    let valid = (1..=OWNER_ID_LENGTH_MAX).contains(&owner_id.len())
+        && owner_id.chars().all(|c| c.is_ascii_graphic());
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidRequest(format!(
+            "owner_id is 1 to {OWNER_ID_LENGTH_MAX} printable ASCII characters"
+        )))
+    }
 }
 
 /// Wallet ids are `wal_` and 24 lowercase hex digits, derived from the tenant and the
@@ -244,13 +257,7 @@ pub async fn create(
     let currency = Currency::parse(&request.currency).ok_or_else(|| {
         ApiError::InvalidRequest(format!("unknown currency {:?}", request.currency))
     })?;
-    let owner_valid = (1..=OWNER_ID_LENGTH_MAX).contains(&request.owner_id.len())
-        && request.owner_id.chars().all(|c| c.is_ascii_graphic());
-    if !owner_valid {
-        return Err(ApiError::InvalidRequest(format!(
-            "owner_id is 1 to {OWNER_ID_LENGTH_MAX} printable ASCII characters"
-        )));
-    }
+    check_owner_id(&request.owner_id)?;
     let mut metadata = super::caller_metadata(&request.metadata)?;
     metadata.insert(OWNER_METADATA_KEY.into(), request.owner_id.clone());
     let limits = request.limits.clone().unwrap_or_default();

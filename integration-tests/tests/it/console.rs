@@ -101,6 +101,36 @@ async fn the_console_edits_hierarchies_in_a_real_browser() {
         "/problems/node-not-found",
         "{rename:?}"
     );
+    let found = gateway.get("/v1/wallets?owner_id=alice", &stranger).await;
+    assert_eq!(found.body["wallet_ids"], json!([]), "{found:?}");
+    // Alice owns every wallet created for her above (until one landed on shard 1).
+    let found = gateway.get("/v1/wallets?owner_id=alice", &reader).await;
+    let alices = found.body["wallet_ids"].as_array().unwrap();
+    assert!(alices.contains(&json!(wallets[0])), "{found:?}");
+    assert!(!alices.contains(&json!(wallets[1])), "{found:?}");
+    // Versions page by page, newest first.
+    let versions = |query: String| {
+        let path = format!("/v1/wallets/{}/versions?{query}", wallets[0]);
+        let (gateway, reader) = (&gateway, &reader);
+        async move { gateway.get(&path, reader).await }
+    };
+    let first = versions("page_size=2".into()).await;
+    let numbers = |answer: &integration_tests::gateway::Answer| -> Vec<u64> {
+        answer.body["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(numbers(&first), [4, 3], "{first:?}");
+    let next = first.body["next_before_version"].as_u64().unwrap();
+    let rest = versions(format!("page_size=2&before_version={next}")).await;
+    assert_eq!(numbers(&rest), [2, 1], "{rest:?}");
+    let foreign = gateway
+        .get(&format!("/v1/wallets/{}/versions", wallets[0]), &stranger)
+        .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{foreign:?}");
     // A read-only key cannot edit through the API either.
     let refused = gateway
         .post(
@@ -139,6 +169,7 @@ async fn the_console_edits_hierarchies_in_a_real_browser() {
         "transaction",
         "read-only",
         "in-flight",
+        "cluster",
     ] {
         let shot = screenshots.join(format!("{page}.png"));
         let size = std::fs::metadata(&shot).map_or(0, |m| m.len());

@@ -762,7 +762,7 @@ async fn walletctl_coordinator_drain_under_load_fails_and_doubles_no_payment() {
             .iter()
             .any(|p| p.role == "coordinator" && p.shard_id == Some(1))
     );
-    let third = deploy::status::in_flight(&topology.coordinators[&3].replicas).await;
+    let third = marker::status::in_flight(&topology.coordinators[&3].replicas).await;
     assert_eq!(
         third,
         Some(0),

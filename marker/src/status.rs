@@ -1,0 +1,172 @@
+//! The status of a running platform, asked of every Raft group listed in the topology (the
+//! topology group, storage shards, coordinator shards not removed): leader, members, applied
+//! seq, the coordinators' in-flight transactions and, when given, how far the read side has
+//! projected each storage shard. `walletctl status` prints it; the gateway serves it to the
+//! operator console.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use auticuro::client::channel;
+use proto::marker::v1 as pb;
+use proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient;
+use proto::raft::v1 as raft;
+use proto::raft::v1::raft_admin_client::RaftAdminClient;
+use serde::Serialize;
+
+/// How long one replica may take to answer before it counts as unreachable.
+const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Serialize)]
+pub struct ReplicaStatus {
+    pub address: String,
+    pub reachable: bool,
+    pub node_id: Option<u64>,
+    /// `leader`, `follower`, `candidate`, `learner` or `unknown`.
+    pub state: String,
+    pub applied_seq: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Projection {
+    pub applied_seq: u64,
+    /// Events the shard's leader has that the projection has not applied.
+    pub lag_events: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupStatus {
+    /// `topology`, `storage` or `coordinator`.
+    pub kind: &'static str,
+    pub group_id: u32,
+    pub leader_node_id: Option<u64>,
+    pub term: Option<u64>,
+    /// The leader's applied seq (the highest any replica reports when there is no leader).
+    pub applied_seq: u64,
+    pub replicas: Vec<ReplicaStatus>,
+    /// Coordinator shards: transactions begun and not yet done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
+    /// Storage shards: how far the read side has projected the shard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projection: Option<Projection>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlatformStatus {
+    pub groups: Vec<GroupStatus>,
+}
+
+fn state_name(state: i32) -> &'static str {
+    match raft::ServerState::try_from(state) {
+        Ok(raft::ServerState::Leader) => "leader",
+        Ok(raft::ServerState::Follower) => "follower",
+        Ok(raft::ServerState::Candidate) => "candidate",
+        Ok(raft::ServerState::Learner) => "learner",
+        _ => "unknown",
+    }
+}
+
+async fn replica_status(address: &str) -> (ReplicaStatus, Option<raft::StatusResponse>) {
+    let answer = match channel(address) {
+        Ok(channel) => tokio::time::timeout(
+            REPLICA_TIMEOUT,
+            RaftAdminClient::new(channel).status(raft::StatusRequest {}),
+        )
+        .await
+        .ok()
+        .and_then(std::result::Result::ok)
+        .map(tonic::Response::into_inner),
+        Err(_) => None,
+    };
+    let status = ReplicaStatus {
+        address: address.to_string(),
+        reachable: answer.is_some(),
+        node_id: answer.as_ref().map(|s| s.node_id),
+        state: answer
+            .as_ref()
+            .map_or("unknown", |s| state_name(s.state))
+            .to_string(),
+        applied_seq: answer.as_ref().map(|s| s.applied_seq),
+    };
+    (status, answer)
+}
+
+async fn group_status(kind: &'static str, group_id: u32, addresses: &[String]) -> GroupStatus {
+    let mut replicas = Vec::new();
+    let mut answers = Vec::new();
+    for address in addresses {
+        let (status, answer) = replica_status(address).await;
+        replicas.push(status);
+        answers.extend(answer);
+    }
+    let leader = answers
+        .iter()
+        .find(|s| s.state == raft::ServerState::Leader as i32);
+    GroupStatus {
+        kind,
+        group_id,
+        leader_node_id: leader.map(|s| s.node_id),
+        term: answers.iter().map(|s| s.term).max(),
+        applied_seq: leader.map_or_else(
+            || answers.iter().map(|s| s.applied_seq).max().unwrap_or(0),
+            |s| s.applied_seq,
+        ),
+        replicas,
+        in_flight: None,
+        projection: None,
+    }
+}
+
+/// Transactions in flight on a coordinator shard, the most any replica reports.
+pub async fn in_flight(addresses: &[String]) -> Option<u64> {
+    let mut most = None;
+    for address in addresses {
+        let Ok(channel) = channel(address) else {
+            continue;
+        };
+        let status = tokio::time::timeout(
+            REPLICA_TIMEOUT,
+            CoordinatorAdminClient::new(channel).status(pb::CoordinatorStatusRequest {}),
+        )
+        .await;
+        if let Ok(Ok(status)) = status {
+            most = Some(most.unwrap_or(0).max(status.into_inner().in_flight));
+        }
+    }
+    most
+}
+
+/// The status of the platform behind `topology_replicas`; `projected` is the read side's applied
+/// seq of each storage shard, when known.
+pub async fn status(
+    topology_replicas: &[String],
+    projected: Option<&BTreeMap<u32, u64>>,
+) -> Result<PlatformStatus, String> {
+    let topology = crate::topology::TopologyClient::new(topology_replicas.to_vec())
+        .get()
+        .await
+        .map_err(|error| format!("reading the topology: {error}"))?;
+    let mut groups = vec![group_status("topology", 0, topology_replicas).await];
+    for (shard_id, replicas) in &topology.storage_shards {
+        let mut group = group_status("storage", *shard_id, replicas).await;
+        group.projection = projected.map(|seqs| {
+            let applied_seq = seqs.get(shard_id).copied().unwrap_or(0);
+            Projection {
+                applied_seq,
+                lag_events: group.applied_seq.saturating_sub(applied_seq),
+            }
+        });
+        groups.push(group);
+    }
+    let serving = topology
+        .coordinators
+        .iter()
+        .filter(|(_, entry)| entry.state != crate::topology::CoordinatorState::Removed);
+    for (coordinator_id, entry) in serving {
+        let mut group = group_status("coordinator", *coordinator_id, &entry.replicas).await;
+        group.in_flight = in_flight(&entry.replicas).await;
+        groups.push(group);
+    }
+    Ok(PlatformStatus { groups })
+}
