@@ -167,7 +167,7 @@ function nodeControls(node, nodes) {
 }
 
 function renderNode(node, byId, nodes) {
-  const item = element("li", { role: "treeitem", "aria-expanded": "true", "data-node": node.name },
+  const item = element("li", { class: "node", "data-node": node.name },
     element("span", { class: "node-name", text: node.name }),
     element("span", { class: "balance", "data-balance-of": node.name, text: balancesText(node) }),
     element("span", { class: "seq", text: `consistent with ${node.consistent_with || "-"}` }));
@@ -190,7 +190,7 @@ function renderNode(node, byId, nodes) {
   if (isAdmin()) item.append(nodeControls(node, nodes));
   const children = node.child_node_ids.map((id) => byId.get(id)).filter(Boolean);
   if (children.length) {
-    const group = element("ul", { role: "group" });
+    const group = element("ul", { "aria-label": `Children of ${node.name}` });
     for (const child of children) group.append(renderNode(child, byId, nodes));
     item.append(group);
   }
