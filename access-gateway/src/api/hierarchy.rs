@@ -341,22 +341,7 @@ pub async fn attach(
     Path(node_id): Path<String>,
     Body(request): Body<Attach>,
 ) -> Result<Response, ApiError> {
-    let account_id = super::wallets::account_of(&caller, &request.wallet_id)?;
-    let call = pb::AttachAccountRequest {
-        tenant_id: caller.tenant_id.clone(),
-        node_id: node_id.clone(),
-        account_id: account_id.to_string(),
-    };
-    let body = (&node_id, &request);
-    edit(
-        state,
-        caller,
-        key,
-        "attach-wallet",
-        &body,
-        |mut c| async move { c.attach_account(call).await },
-    )
-    .await
+    membership(state, caller, key, node_id, request, true).await
 }
 
 /// Detach a wallet from a node.
@@ -372,21 +357,44 @@ pub async fn detach(
     Path(node_id): Path<String>,
     Body(request): Body<Attach>,
 ) -> Result<Response, ApiError> {
-    let account_id = super::wallets::account_of(&caller, &request.wallet_id)?;
-    let call = pb::DetachAccountRequest {
-        tenant_id: caller.tenant_id.clone(),
-        node_id: node_id.clone(),
-        account_id: account_id.to_string(),
-    };
+    membership(state, caller, key, node_id, request, false).await
+}
+
+/// Attaches a wallet to a node, or detaches it.
+async fn membership(
+    state: Arc<AppState>,
+    caller: Caller,
+    key: IdempotencyKey,
+    node_id: String,
+    request: Attach,
+    attach: bool,
+) -> Result<Response, ApiError> {
+    let account_id = super::wallets::account_of(&caller, &request.wallet_id)?.to_string();
+    let tenant_id = caller.tenant_id.clone();
     let body = (&node_id, &request);
-    edit(
-        state,
-        caller,
-        key,
-        "detach-wallet",
-        &body,
-        |mut c| async move { c.detach_account(call).await },
-    )
+    let name = if attach {
+        "attach-wallet"
+    } else {
+        "detach-wallet"
+    };
+    let target = node_id.clone();
+    edit(state, caller, key, name, &body, |mut c| async move {
+        if attach {
+            let request = pb::AttachAccountRequest {
+                tenant_id,
+                node_id: target,
+                account_id,
+            };
+            c.attach_account(request).await
+        } else {
+            let request = pb::DetachAccountRequest {
+                tenant_id,
+                node_id: target,
+                account_id,
+            };
+            c.detach_account(request).await
+        }
+    })
     .await
 }
 
