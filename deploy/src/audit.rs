@@ -6,6 +6,8 @@
 //!   no account has anything pending but its open authorization holds.
 //! - Projections versus shards: every account of the read side's `accounts` table equals the
 //!   shard's account as of the seq the projection says it applied, and no account is missing.
+//! - Replicas: replicas of a shard at the same applied index have equal state digests.
+//! - One outcome per transaction: no transaction is posted on one shard and voided on another.
 //!
 //! Shard state is rebuilt from each shard's event log (every event carries the accounts it
 //! touched, after the command), so the audit needs no access to the shards' disks.
@@ -15,6 +17,8 @@ use std::collections::BTreeMap;
 use auticuro::client::channel;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
+use proto::raft::v1 as raft;
+use proto::raft::v1::raft_admin_client::RaftAdminClient;
 use sqlx::Row;
 
 use crate::{Error, Result};
@@ -41,6 +45,8 @@ struct ShardState {
     open_holds: BTreeMap<String, (String, i128)>,
     /// Reservations that draw from a hold: transaction id → hold id.
     capturing: BTreeMap<String, String>,
+    /// Transactions posted (`true`) or voided (`false`) here.
+    settled: BTreeMap<String, bool>,
 }
 
 impl ShardState {
@@ -69,9 +75,11 @@ impl ShardState {
                 if let Some(hold_id) = self.capturing.remove(&post.txn_id) {
                     self.open_holds.remove(&hold_id);
                 }
+                self.settled.insert(post.txn_id.clone(), true);
             }
             Kind::Void(void) => {
                 self.capturing.remove(&void.txn_id);
+                self.settled.insert(void.txn_id.clone(), false);
             }
             _ => {}
         }
@@ -220,9 +228,16 @@ pub async fn audit(topology: &[String], database_url: &str) -> Result<Vec<Check>
             .ok_or_else(|| Error::Setup("no coordinator replica answered".into()))?;
     }
 
+    // Per transaction, the shards that posted it and the shards that voided it.
+    let mut outcomes: BTreeMap<String, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
     for (shard_id, replicas) in &topology.storage_shards {
+        checks.push(replica_digests(*shard_id, replicas).await);
         let projected_seq = offsets.get(shard_id).copied().unwrap_or(0);
         let state = shard_state(replicas, projected_seq).await?;
+        for (txn_id, posted) in &state.settled {
+            let (posts, voids) = outcomes.entry(txn_id.clone()).or_default();
+            if *posted { posts } else { voids }.push(*shard_id);
+        }
 
         let mut sums: BTreeMap<&str, i128> = BTreeMap::new();
         for account in state.last.values() {
@@ -306,5 +321,154 @@ pub async fn audit(topology: &[String], database_url: &str) -> Result<Vec<Check>
             },
         });
     }
+    let split = split_outcomes(&outcomes);
+    checks.push(Check {
+        name: "transactions: one outcome on every shard".into(),
+        ok: split.is_empty(),
+        detail: if split.is_empty() {
+            format!("{} transactions settled", outcomes.len())
+        } else {
+            split.join("; ")
+        },
+    });
     Ok(checks)
+}
+
+/// Transactions posted on some shard and voided on another, described.
+fn split_outcomes(outcomes: &BTreeMap<String, (Vec<u32>, Vec<u32>)>) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter(|(_, (posts, voids))| !posts.is_empty() && !voids.is_empty())
+        .map(|(txn_id, (posts, voids))| {
+            format!("{txn_id} posted on shards {posts:?}, voided on {voids:?}")
+        })
+        .collect()
+}
+
+/// Asks every replica of a shard for its state digest (a few times, while they catch up with
+/// one another) and compares those at the same applied index.
+async fn replica_digests(shard_id: u32, replicas: &[String]) -> Check {
+    let name = format!("shard {shard_id}: replicas agree");
+    for _ in 0..20 {
+        let mut by_index: BTreeMap<u64, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+        for address in replicas {
+            let Ok(channel) = channel(address) else {
+                continue;
+            };
+            let digest = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                RaftAdminClient::new(channel).digest(raft::DigestRequest {}),
+            )
+            .await;
+            if let Ok(Ok(digest)) = digest {
+                let digest = digest.into_inner();
+                by_index
+                    .entry(digest.applied_index)
+                    .or_default()
+                    .push((address.clone(), digest.digest));
+            }
+        }
+        let compared: Vec<&Vec<(String, Vec<u8>)>> =
+            by_index.values().filter(|same| same.len() > 1).collect();
+        if let Some(differ) = compared
+            .iter()
+            .find(|same| same.iter().any(|(_, digest)| *digest != same[0].1))
+        {
+            let addresses: Vec<&str> = differ.iter().map(|(a, _)| a.as_str()).collect();
+            return Check {
+                name,
+                ok: false,
+                detail: format!(
+                    "different digests at one applied index: {}",
+                    addresses.join(", ")
+                ),
+            };
+        }
+        let agreeing: usize = compared.iter().map(|same| same.len()).sum();
+        if agreeing == replicas.len() {
+            return Check {
+                name,
+                ok: true,
+                detail: format!("{agreeing} replicas, equal digests"),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Check {
+        name,
+        ok: false,
+        detail: "the replicas never reached one applied index to compare".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::command::Kind;
+
+    fn event(kind: Kind) -> pb::Event {
+        pb::Event {
+            command: Some(pb::Command {
+                request_id: "r".into(),
+                kind: Some(kind),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn amount(minor_units: &str) -> Option<proto::common::v1::Amount> {
+        Some(proto::common::v1::Amount {
+            minor_units: minor_units.into(),
+        })
+    }
+
+    #[test]
+    fn holds_stay_open_until_voided_or_captured_by_a_posted_reservation() {
+        let mut state = ShardState::default();
+        for hold_id in ["h1", "h2", "h3"] {
+            state.track_holds(&event(Kind::PlaceHold(pb::PlaceHold {
+                hold_id: hold_id.into(),
+                account_id: "t/a".into(),
+                amount: amount("10"),
+                ..Default::default()
+            })));
+        }
+        state.track_holds(&event(Kind::VoidHold(pb::VoidHold {
+            hold_id: "h1".into(),
+        })));
+        // h2: a reservation draws from it and is voided (it stays open); h3: one is posted.
+        for (txn_id, hold_id) in [("t2", "h2"), ("t3", "h3")] {
+            state.track_holds(&event(Kind::Reserve(pb::Reserve {
+                txn_id: txn_id.into(),
+                hold_id: hold_id.into(),
+                ..Default::default()
+            })));
+        }
+        state.track_holds(&event(Kind::Void(pb::Void {
+            txn_id: "t2".into(),
+            owner: None,
+        })));
+        state.track_holds(&event(Kind::Post(pb::Post {
+            txn_id: "t3".into(),
+            owner: None,
+        })));
+        assert_eq!(state.held(), BTreeMap::from([("t/a", 10)]));
+        assert_eq!(
+            state.settled,
+            BTreeMap::from([("t2".to_string(), false), ("t3".to_string(), true)])
+        );
+    }
+
+    #[test]
+    fn a_transaction_posted_on_one_shard_and_voided_on_another_is_reported() {
+        let outcomes = BTreeMap::from([
+            ("t:ok".to_string(), (vec![1, 2], vec![])),
+            ("t:aborted".to_string(), (vec![], vec![1, 2])),
+            ("t:split".to_string(), (vec![1], vec![2])),
+        ]);
+        assert_eq!(
+            split_outcomes(&outcomes),
+            ["t:split posted on shards [1], voided on [2]"]
+        );
+    }
 }
