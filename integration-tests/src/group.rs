@@ -21,7 +21,12 @@ pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Replica {
     pub node_id: u64,
+    /// The address everyone uses: the process's own, or its proxy's.
     pub address: String,
+    /// Where the process listens (its address on every restart).
+    listen: String,
+    /// The proxy in front of it, in groups started behind proxies.
+    pub proxy: Option<crate::proxy::FaultProxy>,
     pub data_dir: PathBuf,
     pub process: Option<ServiceProcess>,
     _dir: tempfile::TempDir,
@@ -35,6 +40,8 @@ pub struct Group {
     group_args: Vec<String>,
     /// Storage shards only: the ledger client.
     client: Option<ShardClient>,
+    /// Whether each replica is reached through a `FaultProxy`.
+    proxied: bool,
 }
 
 fn setup_error(what: &str) -> impl FnOnce(tonic::Status) -> HarnessError + '_ {
@@ -68,6 +75,13 @@ impl Group {
         Group::start("auticuro", shard_id, size, group_args).await
     }
 
+    /// A storage shard whose replicas are reached (by peers and clients) through proxies the
+    /// test controls.
+    pub async fn storage_behind_proxies(shard_id: u32, size: u64) -> Result<Group> {
+        let group_args = vec!["--shard-id".to_string(), shard_id.to_string()];
+        Group::start_with("auticuro", shard_id, size, group_args, true).await
+    }
+
     /// A coordinator shard of `size` `marker` replicas over the given storage shards.
     pub async fn coordinator(
         coordinator_shard_id: u32,
@@ -75,6 +89,25 @@ impl Group {
         storage: &[&Group],
         extra_args: &[&str],
     ) -> Result<Group> {
+        let group_args = Group::coordinator_args(coordinator_shard_id, storage, extra_args);
+        Group::start("marker", coordinator_shard_id, size, group_args).await
+    }
+
+    /// A coordinator shard reached (by peers and clients) through proxies the test controls.
+    pub async fn coordinator_behind_proxies(
+        coordinator_shard_id: u32,
+        size: u64,
+        storage: &[&Group],
+    ) -> Result<Group> {
+        let group_args = Group::coordinator_args(coordinator_shard_id, storage, &[]);
+        Group::start_with("marker", coordinator_shard_id, size, group_args, true).await
+    }
+
+    fn coordinator_args(
+        coordinator_shard_id: u32,
+        storage: &[&Group],
+        extra_args: &[&str],
+    ) -> Vec<String> {
         let mut group_args = vec![
             "--coordinator-shard-id".to_string(),
             coordinator_shard_id.to_string(),
@@ -89,7 +122,7 @@ impl Group {
             group_args.push(format!("{}={}", shard.shard_id, addresses.join(",")));
         }
         group_args.extend(extra_args.iter().map(|arg| arg.to_string()));
-        Group::start("marker", coordinator_shard_id, size, group_args).await
+        group_args
     }
 
     /// A coordinator shard that takes the storage shards (and its own state) from the topology.
@@ -129,12 +162,23 @@ impl Group {
         size: u64,
         group_args: Vec<String>,
     ) -> Result<Group> {
+        Group::start_with(binary, shard_id, size, group_args, false).await
+    }
+
+    async fn start_with(
+        binary: &'static str,
+        shard_id: u32,
+        size: u64,
+        group_args: Vec<String>,
+        proxied: bool,
+    ) -> Result<Group> {
         let mut shard = Group {
             shard_id,
             replicas: Vec::new(),
             binary,
             group_args,
             client: None,
+            proxied,
         };
         for node_id in 1..=size {
             shard.add_process(node_id).await?;
@@ -156,10 +200,19 @@ impl Group {
             &data_dir,
         )
         .await?;
-        let address = process.address().to_string();
+        let listen = process.address().to_string();
+        let proxy = match self.proxied {
+            true => Some(crate::proxy::FaultProxy::start(listen.clone()).await?),
+            false => None,
+        };
+        let address = proxy
+            .as_ref()
+            .map_or_else(|| listen.clone(), |proxy| proxy.address.clone());
         self.replicas.push(Replica {
             node_id,
             address,
+            listen,
+            proxy,
             data_dir,
             process: Some(process),
             _dir: dir,
@@ -192,7 +245,7 @@ impl Group {
             binary,
             &group_args,
             node_id,
-            &replica.address,
+            &replica.listen,
             &replica.data_dir,
         )
         .await?;

@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod platform;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -67,6 +67,25 @@ pub fn minor(value: &Option<Amount>) -> i128 {
 }
 
 impl Platform {
+    /// Two storage shards and a coordinator shard of three replicas each, every replica reached
+    /// through a `FaultProxy` (for partitions and delays).
+    pub async fn start_behind_proxies() -> Platform {
+        let (first, second) = tokio::join!(
+            Group::storage_behind_proxies(1, 3),
+            Group::storage_behind_proxies(2, 3)
+        );
+        let storage = vec![first.unwrap(), second.unwrap()];
+        let coordinator = Group::coordinator_behind_proxies(1, 3, &[&storage[0], &storage[1]])
+            .await
+            .unwrap();
+        Platform {
+            storage,
+            coordinator,
+            more_coordinators: Vec::new(),
+            topology: None,
+        }
+    }
+
     pub async fn start(extra_coordinator_args: &[&str]) -> Platform {
         let (first, second) = tokio::join!(Group::storage(1, 3, &[]), Group::storage(2, 3, &[]));
         let storage = vec![first.unwrap(), second.unwrap()];

@@ -1,5 +1,6 @@
 //! The platform's integration tests: one binary, one module per area.
 
+mod chaos;
 mod connector;
 mod console;
 mod coordinator;
