@@ -217,6 +217,36 @@ async fn payments_survive_kills_pauses_partitions_and_delays() {
         assert_eq!(balances[account], expected[account], "{account}");
     }
     platform.check_invariants(&decided).await;
+    // No command was applied twice: every request id appears once in each shard's event log.
+    for shard in &platform.storage {
+        let leader = shard.leader().await.unwrap();
+        let mut client = shard.ledger(leader).await.unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut from = 1;
+        loop {
+            let page = client
+                .read_events(ledger::ReadEventsRequest {
+                    from_seq: from,
+                    to_seq: 0,
+                    limit: 1_000,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for event in &page.events {
+                assert!(
+                    seen.insert(event.request_id.clone()),
+                    "shard {}: {} applied twice",
+                    shard.shard_id,
+                    event.request_id
+                );
+                from = event.seq + 1;
+            }
+            if page.events.is_empty() || from > page.applied_seq {
+                break;
+            }
+        }
+    }
     // Replicas of every group agree once they have applied the same entries.
     for shard in &platform.storage {
         let seq = shard
