@@ -309,6 +309,12 @@ pub async fn write_batch(pool: &PgPool, events: &[pb::Event]) -> Result<(), Stor
     }
     let shard_ids: Vec<i32> = firsts.keys().map(|id| *id as i32).collect();
     let mut tx = pool.begin().await?;
+    // The projection is derived data: a commit lost in a Postgres crash takes its offsets with
+    // it (the transaction stays atomic), and the events are projected again from there. So the
+    // projector does not wait for the flush to disk.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "INSERT INTO projection_offsets (shard_id, applied_seq)
          SELECT unnest($1::int[]), 0 ON CONFLICT DO NOTHING",
