@@ -410,6 +410,15 @@ impl Group {
             .await
             .map_err(|unknown| HarnessError::Setup(unknown.to_string()))
     }
+
+    /// Executes a command that must be accepted; panics with the result otherwise.
+    pub async fn execute_ok(&self, request_id: impl Into<String>, kind: pb::command::Kind) {
+        let result = self
+            .execute(crate::commands::command(request_id, kind))
+            .await
+            .unwrap();
+        assert!(crate::commands::ok(&result), "{result:?}");
+    }
 }
 
 /// An account id starting with `prefix` that the slot table over `shard_ids` places on `shard_id`.

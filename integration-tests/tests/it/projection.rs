@@ -228,14 +228,7 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
             no_lower_limit: unbounded,
             ..Default::default()
         });
-        let created = shard
-            .execute(integration_tests::commands::command(
-                format!("c-{id}"),
-                create,
-            ))
-            .await
-            .unwrap();
-        assert!(integration_tests::commands::ok(&created), "{created:?}");
+        shard.execute_ok(format!("c-{id}"), create).await;
     }
     let two_currencies = ledger::command::Kind::Batch(ledger::Batch {
         legs: vec![
@@ -1145,23 +1138,12 @@ async fn holds_are_projected_as_authorized_then_captured_or_voided_and_a_rebuild
                 (FROM_KEY.to_string(), alice.clone()),
             ]),
         });
-        let placed = shard
-            .execute(integration_tests::commands::command(
-                format!("place-{hold_id}"),
-                place,
-            ))
-            .await
-            .unwrap();
-        assert!(integration_tests::commands::ok(&placed), "{placed:?}");
+        shard.execute_ok(format!("place-{hold_id}"), place).await;
     }
     let void = ledger::command::Kind::VoidHold(ledger::VoidHold {
         hold_id: "h:voided".into(),
     });
-    let voided = shard
-        .execute(integration_tests::commands::command("void-hold", void))
-        .await
-        .unwrap();
-    assert!(integration_tests::commands::ok(&voided), "{voided:?}");
+    shard.execute_ok("void-hold", void).await;
     // Capture 450 of the 600 across shards: the coordinator's reservation draws from the hold.
     let mut capture = submit_request("capture", vec![leg(&alice, -450), leg(&bob, 450)]);
     capture.hold_id = "h:captured".into();
