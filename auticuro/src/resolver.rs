@@ -12,7 +12,7 @@ use proto::marker::v1 as pb;
 use proto::marker::v1::coordinator_client::CoordinatorClient;
 
 use crate::client::channel;
-use crate::ledger::{Command, CommandKind, Owner, RequestId, TxnId};
+use crate::ledger::{Command, Owner, TxnId};
 use crate::machine::LedgerMachine;
 
 /// How long one Resolve attempt may take.
@@ -54,27 +54,13 @@ impl Resolver {
 
     async fn resolve(&self, txn_id: &TxnId, owner: Owner) -> Result<(), String> {
         let status = self.ask(txn_id, owner.coordinator_shard_id).await?;
-        let (step, kind) = match status {
-            pb::TransactionStatus::Committed => (
-                "post",
-                CommandKind::Post {
-                    txn_id: txn_id.clone(),
-                    owner,
-                },
-            ),
-            pb::TransactionStatus::Aborted => (
-                "void",
-                CommandKind::Void {
-                    txn_id: txn_id.clone(),
-                    owner,
-                },
-            ),
+        let commit = match status {
+            pb::TransactionStatus::Committed => true,
+            pb::TransactionStatus::Aborted => false,
             _ => return Ok(()),
         };
-        let request_id = RequestId::parse(&format!("{txn_id}/{step}/{}", self.shard_id))
-            .map_err(|error| error.to_string())?;
         self.proposer
-            .propose(Command { request_id, kind })
+            .propose(Command::settle(txn_id, owner, self.shard_id, commit))
             .await
             .map_err(|error| error.to_string())?;
         Ok(())

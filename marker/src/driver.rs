@@ -1,26 +1,23 @@
-//! Carries transactions to their outcome on the storage shards. Runs on the coordinator leader
-//! only; every step is idempotent (deterministic request ids), so a new leader simply re-drives
-//! everything in flight from the log, and a resend after a timeout is always safe.
-//!
-//! Single shard: one atomic batch, request id = txn id. Several shards: reserve on every shard
-//! (debit shards first) until all are held or one definitely fails or the deadline passes; the
-//! decision goes into the log once; then post everywhere (retried until it succeeds) or void
-//! everywhere (even shards never reached, which leaves tombstones); then `Done`.
+//! Carries transactions to their outcome on the storage shards: runs `protocol::Drive` against
+//! the real shards and the Raft log. Runs on the coordinator leader only; every step is
+//! idempotent (deterministic request ids), so a new leader simply re-drives everything in
+//! flight from the log, and a resend after a timeout is always safe.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use auticuro::client::{StorageShards, Unknown};
-use auticuro::convert::{pb_amount, pb_owner};
-use auticuro::ledger::{Leg, Outcome, Owner, TxnId};
+use auticuro::convert::pb_command;
+use auticuro::ledger::{Outcome, Owner, TxnId};
 use consensus::{ProposeError, Proposer, Raft, StateMachineStore, now_ms};
 use prometheus_client::metrics::counter::Counter;
 use proto::auticuro::v1 as pb;
 
 use crate::crash;
 use crate::machine::CoordinatorMachine;
-use crate::saga::{AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, Transaction};
+use crate::protocol::{Answer, Drive, Step};
+use crate::saga::{CoordinatorCommand, Transaction};
 use crate::topology::Placement;
 
 /// How long one round of a must-succeed step (post, void) retries before starting over.
@@ -54,16 +51,12 @@ impl From<ProposeError> for Stop {
     }
 }
 
-fn leg_message(leg: &Leg) -> pb::Leg {
-    pb::Leg {
-        account_id: leg.account_id.to_string(),
-        amount: Some(pb_amount(leg.amount)),
-        currency: leg.currency.to_string(),
+fn answer_of(result: &pb::CommandResult) -> Answer {
+    Answer {
+        outcome: Outcome::from_number(result.outcome).unwrap_or(Outcome::InvalidRequestId),
+        seq: result.seq,
+        detail_account_id: auticuro::ledger::AccountId::parse(&result.detail_account_id).ok(),
     }
-}
-
-fn outcome_of(result: &pb::CommandResult) -> Outcome {
-    Outcome::from_number(result.outcome).unwrap_or(Outcome::InvalidRequestId)
 }
 
 impl Driver {
@@ -160,205 +153,73 @@ impl Driver {
             .read(|machine| machine.coordinator().transaction(txn_id).cloned())
     }
 
-    async fn propose(&self, command: CoordinatorCommand) -> Result<Option<Transaction>, Stop> {
-        match self.proposer.propose(command).await? {
-            CoordinatorResponse::Transaction(transaction) => Ok(Some(*transaction)),
-            _ => Ok(None),
-        }
-    }
-
     async fn drive(&self, txn_id: &TxnId) -> Result<(), Stop> {
+        let mut drive = Drive::default();
         loop {
             let Some(transaction) = self.transaction(txn_id) else {
                 return Ok(());
             };
-            if transaction.done {
-                return Ok(());
-            }
-            match &transaction.decision {
-                None if transaction.is_single_shard() => self.run_batch(&transaction).await?,
-                None => {
-                    let decision = self.reserve_all(&transaction).await;
-                    self.propose(CoordinatorCommand::Decide {
-                        txn_id: txn_id.clone(),
-                        decision,
-                    })
-                    .await?;
-                    crash::point("after-decide");
-                }
-                Some(decision) => {
-                    let shard_seqs = self.settle(&transaction, decision).await;
-                    crash::point("before-done");
-                    self.propose(CoordinatorCommand::Done {
-                        txn_id: txn_id.clone(),
-                        shard_seqs,
-                    })
-                    .await?;
-                }
-            }
-        }
-    }
-
-    /// The single-shard fast path: one atomic batch whose request id is the transaction id, so a
-    /// resend returns the stored outcome. Retried until the outcome is known.
-    async fn run_batch(&self, transaction: &Transaction) -> Result<(), Stop> {
-        let group = &transaction.plan[0];
-        let result = self
-            .until_known(group.shard_id, self.batch_command(transaction))
-            .await;
-        let outcome = outcome_of(&result);
-        let decision = if outcome.is_ok() {
-            Decision::Commit
-        } else {
-            let detail_account_id =
-                auticuro::ledger::AccountId::parse(&result.detail_account_id).ok();
-            Decision::Abort {
-                reason: AbortReason::Rejected,
-                outcome,
-                detail_account_id,
-            }
-        };
-        let txn_id = transaction.txn_id.clone();
-        self.propose(CoordinatorCommand::Decide {
-            txn_id: txn_id.clone(),
-            decision,
-        })
-        .await?;
-        let shard_seqs = if result.seq > 0 {
-            BTreeMap::from([(group.shard_id, result.seq)])
-        } else {
-            BTreeMap::new()
-        };
-        self.propose(CoordinatorCommand::Done { txn_id, shard_seqs })
-            .await?;
-        Ok(())
-    }
-
-    /// The fast path's one atomic batch: its request id is the transaction id.
-    fn batch_command(&self, transaction: &Transaction) -> pb::Command {
-        pb::Command {
-            request_id: transaction.txn_id.to_string(),
-            kind: Some(pb::command::Kind::Batch(pb::Batch {
-                legs: transaction.plan[0].legs.iter().map(leg_message).collect(),
-                txn_id: transaction.txn_id.to_string(),
-                metadata: auticuro::convert::pb_metadata(&transaction.metadata),
-                hold_id: auticuro::convert::pb_optional_id(&transaction.hold_id),
-            })),
-        }
-    }
-
-    /// Reserves on every shard in plan order; returns the decision this warrants.
-    async fn reserve_all(&self, transaction: &Transaction) -> Decision {
-        for (position, group) in transaction.plan.iter().enumerate() {
-            // A captured hold is drawn from by the debit, on the debit's shard.
-            let hold_id = match &transaction.hold_id {
-                Some(hold_id) if group.legs.iter().any(|leg| leg.amount.0 < 0) => {
-                    hold_id.to_string()
-                }
-                _ => String::new(),
-            };
-            let command = pb::Command {
-                request_id: format!("{}/reserve/{}", transaction.txn_id, group.shard_id),
-                kind: Some(pb::command::Kind::Reserve(pb::Reserve {
-                    txn_id: transaction.txn_id.to_string(),
-                    owner: Some(pb_owner(&self.owner())),
-                    legs: group.legs.iter().map(leg_message).collect(),
-                    // What the transaction means travels with each shard's part of it (the
-                    // read side builds activity feeds from it).
-                    metadata: auticuro::convert::pb_metadata(&transaction.metadata),
-                    hold_id,
-                })),
-            };
-            let remaining_ms = transaction.decide_by_ms.saturating_sub(now_ms()).max(0) as u64;
-            let deadline = Instant::now() + Duration::from_millis(remaining_ms);
-            match self.execute(group.shard_id, command, deadline).await {
-                Ok(result) if outcome_of(&result).is_ok() => {
-                    crash::point(&format!("after-reserve-{}", position + 1));
-                    continue;
-                }
-                Ok(result) => {
-                    let detail_account_id =
-                        auticuro::ledger::AccountId::parse(&result.detail_account_id).ok();
-                    return Decision::Abort {
-                        reason: AbortReason::Rejected,
-                        outcome: outcome_of(&result),
-                        detail_account_id,
+            let cross_shard = !transaction.is_single_shard();
+            match drive.next(&transaction, self.owner()) {
+                Step::Finished => return Ok(()),
+                Step::Execute {
+                    shard_id,
+                    command,
+                    deadline_ms,
+                } => {
+                    let command = pb_command(&command);
+                    let answer = match deadline_ms {
+                        None => Some(self.until_known(shard_id, command).await),
+                        Some(deadline_ms) => {
+                            let remaining_ms = deadline_ms.saturating_sub(now_ms()).max(0) as u64;
+                            let deadline = Instant::now() + Duration::from_millis(remaining_ms);
+                            self.execute(shard_id, command, deadline).await.ok()
+                        }
                     };
+                    match answer.as_ref().map(answer_of) {
+                        Some(answer) => {
+                            drive.answered(&transaction, shard_id, &answer);
+                            if cross_shard && answer.outcome.is_ok() {
+                                crash::point(&format!("after-reserve-{}", drive.reserved()));
+                            }
+                        }
+                        None => drive.expired(),
+                    }
                 }
-                // Unknown until the deadline: the reserve may or may not hold; the void that
-                // follows the abort releases it either way (or tombstones a late one).
-                Err(_) => {
-                    return Decision::Abort {
-                        reason: AbortReason::Deadline,
-                        outcome: Outcome::Ok,
-                        detail_account_id: None,
-                    };
+                Step::Settle(commands) => {
+                    let settling = commands.into_iter().map(|(shard_id, command)| async move {
+                        let request_id = command.request_id.to_string();
+                        let result = self.until_known(shard_id, pb_command(&command)).await;
+                        (shard_id, request_id, answer_of(&result))
+                    });
+                    let mut settled = settling.collect::<futures::stream::FuturesUnordered<_>>();
+                    while let Some((shard_id, request_id, answer)) =
+                        futures::StreamExt::next(&mut settled).await
+                    {
+                        if cross_shard {
+                            // One shard settled, the others possibly not yet.
+                            crash::point("between-posts");
+                            if !answer.outcome.is_ok() {
+                                // Posting or voiding our own reservation cannot be refused:
+                                // a protocol bug.
+                                tracing::error!(%request_id, shard = shard_id, outcome = ?answer.outcome, "settling was refused");
+                            }
+                        }
+                        drive.settled(shard_id, &answer);
+                    }
+                }
+                Step::Propose(command) => {
+                    let decides = matches!(command, CoordinatorCommand::Decide { .. });
+                    if cross_shard && !decides {
+                        crash::point("before-done");
+                    }
+                    self.proposer.propose(command).await?;
+                    if cross_shard && decides {
+                        crash::point("after-decide");
+                    }
                 }
             }
         }
-        Decision::Commit
-    }
-
-    /// Posts (commit) or voids (abort) on every shard of the plan, all shards at once, each
-    /// retried until it succeeds; returns the seq each shard gave it. A single-shard transaction
-    /// has no reservation: its batch is sent again, and the shard returns the stored outcome and
-    /// seq of the first one.
-    async fn settle(&self, transaction: &Transaction, decision: &Decision) -> BTreeMap<u32, u64> {
-        if transaction.is_single_shard() {
-            let group = &transaction.plan[0];
-            let result = self
-                .until_known(group.shard_id, self.batch_command(transaction))
-                .await;
-            return if result.seq > 0 {
-                BTreeMap::from([(group.shard_id, result.seq)])
-            } else {
-                BTreeMap::new()
-            };
-        }
-        let owner = Some(pb_owner(&self.owner()));
-        let txn_id = transaction.txn_id.to_string();
-        let (step, kind) = match decision {
-            Decision::Commit => (
-                "post",
-                pb::command::Kind::Post(pb::Post {
-                    txn_id: txn_id.clone(),
-                    owner,
-                }),
-            ),
-            Decision::Abort { .. } => (
-                "void",
-                pb::command::Kind::Void(pb::Void {
-                    txn_id: txn_id.clone(),
-                    owner,
-                }),
-            ),
-        };
-        let settling = transaction.plan.iter().map(|group| {
-            let command = pb::Command {
-                request_id: format!("{txn_id}/{step}/{}", group.shard_id),
-                kind: Some(kind.clone()),
-            };
-            async move {
-                (
-                    group.shard_id,
-                    self.until_known(group.shard_id, command).await,
-                )
-            }
-        });
-        let mut shard_seqs = BTreeMap::new();
-        let mut settled = settling.collect::<futures::stream::FuturesUnordered<_>>();
-        while let Some((shard_id, result)) = futures::StreamExt::next(&mut settled).await {
-            // One shard settled, the others possibly not yet.
-            crash::point("between-posts");
-            if !outcome_of(&result).is_ok() {
-                // A post or void of our own reservation cannot fail; this is a protocol bug.
-                tracing::error!(%txn_id, shard = shard_id, outcome = result.outcome, "{step} was rejected");
-            }
-            if result.seq > 0 {
-                shard_seqs.insert(shard_id, result.seq);
-            }
-        }
-        shard_seqs
     }
 
     async fn execute(

@@ -261,7 +261,18 @@ impl Coordinator {
         let Some(existing) = self.transactions.get(txn_id) else {
             return (CoordinatorResponse::NotFound, None);
         };
-        if existing.decision.is_some() {
+        // A single-shard transaction is its one batch, and only the batch's answer decides it:
+        // an abort from outside (an operator, a stale-hold question) cannot stop a batch that
+        // may already be applied.
+        let from_batch = matches!(
+            decision,
+            Decision::Commit
+                | Decision::Abort {
+                    reason: AbortReason::Rejected,
+                    ..
+                }
+        );
+        if existing.decision.is_some() || (existing.is_single_shard() && !from_batch) {
             return (
                 CoordinatorResponse::Transaction(Box::new(existing.clone())),
                 None,
@@ -465,6 +476,38 @@ mod tests {
         };
         assert_eq!(transaction.decision, Some(Decision::Commit));
         assert_eq!(transaction.decided_at_ms, Some(150));
+    }
+
+    /// Found by the simulator (seed 1): a force-abort written while a single-shard batch was
+    /// on its way let the batch move money under an abort decision.
+    #[test]
+    fn only_its_batch_decides_a_single_shard_transaction() {
+        let mut coordinator = Coordinator::default();
+        let new = new_transaction("single", vec![leg("alice", -5), leg("anna", 5)]);
+        assert_eq!(new.plan.len(), 1);
+        begin(&mut coordinator, &new, 100);
+        let decide = |reason| CoordinatorCommand::Decide {
+            txn_id: new.txn_id.clone(),
+            decision: Decision::Abort {
+                reason,
+                outcome: Outcome::InsufficientFunds,
+                detail_account_id: None,
+            },
+        };
+        for reason in [
+            AbortReason::Forced,
+            AbortReason::ResolvedStale,
+            AbortReason::Deadline,
+        ] {
+            let (response, event) = coordinator.apply(&decide(reason), 150);
+            assert!(event.is_none(), "{reason:?}");
+            let CoordinatorResponse::Transaction(transaction) = response else {
+                panic!()
+            };
+            assert_eq!(transaction.decision, None, "{reason:?}");
+        }
+        let (_, event) = coordinator.apply(&decide(AbortReason::Rejected), 160);
+        assert_eq!(event.unwrap().kind, LifecycleKind::Decided);
     }
 
     #[test]

@@ -591,6 +591,8 @@ impl CoordinatorAdmin for CoordinatorService {
                         reason: AbortReason::Forced,
                         ..
                     }) => Reply::Transaction(self.message(&transaction)),
+                    // Only its batch's answer decides a single-shard transaction.
+                    None => Reply::SingleShard(true),
                     // Decided before the operator asked: a decision never changes.
                     _ => Reply::AlreadyDecided(self.message(&transaction).status),
                 }

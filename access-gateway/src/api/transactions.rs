@@ -475,6 +475,10 @@ async fn intervene(
                 "already-decided",
                 "The transaction is decided already; a decision never changes",
             )),
+            Answer::SingleShard(_) => Err(ApiError::Conflict(
+                "not-abortable",
+                "A single-shard transaction is one atomic batch: it ends as soon as its storage shard answers",
+            )),
             Answer::NotFound(_) => Err(ApiError::NotFound("transaction")),
             Answer::Redirect(_) => Err(ApiError::Unavailable("redirected".into())),
         }
@@ -497,7 +501,8 @@ pub async fn retry(
 }
 
 /// Abort one of the caller's transactions that is not decided yet (admin); a decided one is
-/// refused with `already-decided`.
+/// refused with `already-decided`, a single-shard one (one atomic batch, nothing reserved) with
+/// `not-abortable`.
 #[utoipa::path(post, path = "/v1/admin/transactions/{transaction_id}/abort", tag = "transactions",
     params(("transaction_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses((status = 200, body = Transaction), (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),

@@ -118,6 +118,22 @@ pub struct Command {
     pub kind: CommandKind,
 }
 
+impl Command {
+    /// Posts (on a commit) or voids (on an abort) a coordinator transaction's legs on one shard,
+    /// with the request id every sender of that step uses.
+    pub fn settle(txn_id: &TxnId, owner: Owner, shard_id: u32, commit: bool) -> Command {
+        let step = if commit { "post" } else { "void" };
+        let request_id = RequestId::for_step(txn_id, step, shard_id);
+        let txn_id = txn_id.clone();
+        let kind = if commit {
+            CommandKind::Post { txn_id, owner }
+        } else {
+            CommandKind::Void { txn_id, owner }
+        };
+        Command { request_id, kind }
+    }
+}
+
 impl CommandKind {
     /// The coordinator transaction (or the hold) a command belongs to, when it belongs to one.
     pub fn txn_id(&self) -> Option<&TxnId> {

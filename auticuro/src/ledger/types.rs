@@ -93,6 +93,23 @@ string_id!(
     RequestId, REQUEST_ID_LENGTH_MAX, ParseError::RequestId
 );
 
+impl RequestId {
+    /// The request id of one step (`reserve`, `post`, `void`) of a coordinator transaction on
+    /// one shard. Whoever sends the step (the coordinator, a new coordinator leader, the shard's
+    /// stale-hold resolver) uses this id, so the step applies at most once.
+    pub fn for_step(txn_id: &TxnId, step: &str, shard_id: u32) -> RequestId {
+        // A transaction id (at most 64 id characters), a step name and a number stay within
+        // the request id alphabet and length.
+        RequestId(format!("{txn_id}/{step}/{shard_id}"))
+    }
+
+    /// The request id of a single-shard transaction's one batch: the transaction id itself.
+    pub fn for_transaction(txn_id: &TxnId) -> RequestId {
+        // Transaction ids use the request id alphabet and are shorter.
+        RequestId(txn_id.0.clone())
+    }
+}
+
 /// The prefix of the per-shard clearing accounts, where in-flight money of two-phase
 /// transactions sits. Clients can neither create nor move money on these accounts.
 pub const CLEARING_PREFIX: &str = "sys:clearing:";

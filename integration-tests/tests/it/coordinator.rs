@@ -322,6 +322,7 @@ async fn an_operator_force_aborts_a_payment_stuck_on_an_unavailable_shard() {
     let mut platform = Platform::start(&["--reserve-timeout-ms", "60000"]).await;
     let alice = platform.open(1, "alice", 1_000).await;
     let bob = platform.open(2, "bob", 0).await;
+    let dave = platform.open(2, "dave", 500).await;
     let done_before = platform
         .pay("before", vec![leg(&alice, -1), leg(&bob, 1)])
         .await;
@@ -377,6 +378,24 @@ async fn an_operator_force_aborts_a_payment_stuck_on_an_unavailable_shard() {
             pb::AbortReason::Forced as i32
         )
     );
+    // A single-shard payment is one batch that may already be applied when the operator
+    // asks: it cannot be aborted from outside, and commits once its shard is back.
+    let single = submit_request_without_wait("single", vec![leg(&dave, -50), leg(&bob, 50)]);
+    let Some(pb::submit_response::Reply::Transaction(single)) =
+        client.submit(single).await.unwrap().into_inner().reply
+    else {
+        panic!()
+    };
+    let reply = admin
+        .force_abort(pb::ForceAbortRequest {
+            txn_id: single.txn_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    assert_eq!(reply, pb::admin_response::Reply::SingleShard(true));
     // A decision never changes: forcing the abort of a committed payment is refused.
     let reply = admin
         .force_abort(pb::ForceAbortRequest {
@@ -393,9 +412,17 @@ async fn an_operator_force_aborts_a_payment_stuck_on_an_unavailable_shard() {
     );
 
     restart_shard(&mut platform, 2).await;
-    platform
-        .check_invariants(&[done_before, aborted.clone()])
+    let single = platform
+        .submit(submit_request_without_wait(
+            "single",
+            vec![leg(&dave, -50), leg(&bob, 50)],
+        ))
         .await;
+    assert_eq!(single.status, pb::TransactionStatus::Committed as i32);
+    platform
+        .check_invariants(&[done_before, aborted.clone(), single])
+        .await;
+    assert_eq!(minor(&platform.balances().await[&dave].balance), 450);
     // The void reached shard 2 either before the retried reserve (a tombstone) or after it.
     let legs = platform
         .shard(2)
