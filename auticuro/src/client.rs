@@ -130,6 +130,41 @@ impl ShardClient {
             .await
     }
 
+    /// A coordinator transaction's legs here and their state (`LEG_STATE_UNSPECIFIED` when the
+    /// shard has never seen it), read on the leader.
+    pub async fn transaction_legs(
+        &self,
+        txn_id: &str,
+        deadline: Instant,
+    ) -> Result<pb::TransactionLegs, Unknown> {
+        self.group
+            .on_leader(deadline, |channel, timeout| {
+                let mut client = LedgerClient::new(channel);
+                let mut request = tonic::Request::new(pb::GetTransactionLegsRequest {
+                    txn_id: txn_id.to_string(),
+                });
+                request.set_timeout(timeout);
+                async move {
+                    use pb::get_transaction_legs_response::Reply;
+                    Ok(
+                        match client
+                            .get_transaction_legs(request)
+                            .await?
+                            .into_inner()
+                            .reply
+                        {
+                            Some(Reply::Legs(legs)) => Answer::Done(legs),
+                            Some(Reply::Redirect(redirect)) => {
+                                Answer::Redirect(redirect.leader_address)
+                            }
+                            None => Answer::Empty,
+                        },
+                    )
+                }
+            })
+            .await
+    }
+
     /// How many transactions of a coordinator still hold legs on this shard (asked of the
     /// leader, following redirects, until `deadline`).
     pub async fn count_holds(

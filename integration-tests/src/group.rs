@@ -466,24 +466,9 @@ impl Group {
     /// The two-phase state of a transaction on this storage shard (linearizable, on the leader;
     /// asked again when leadership moved between finding the leader and asking it).
     pub async fn transaction_legs(&self, txn_id: &str) -> Result<pb::TransactionLegs> {
-        let mut last = None;
-        for _ in 0..50 {
-            let leader = self.leader().await?;
-            let request = pb::GetTransactionLegsRequest {
-                txn_id: txn_id.to_string(),
-            };
-            let reply = self
-                .ledger(leader)
-                .await?
-                .get_transaction_legs(request)
-                .await
-                .map_err(setup_error("legs"))?;
-            match reply.into_inner().reply {
-                Some(pb::get_transaction_legs_response::Reply::Legs(legs)) => return Ok(legs),
-                other => last = other,
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        Err(HarnessError::Setup(format!("unexpected {last:?}")))
+        self.client()
+            .transaction_legs(txn_id, Instant::now() + CLUSTER_TIMEOUT)
+            .await
+            .map_err(|unknown| HarnessError::Setup(format!("legs: {unknown}")))
     }
 }

@@ -100,8 +100,10 @@ enum Command {
     /// Rebuild the running cluster's projections from the shards' event logs, in place (the
     /// hierarchy stays); returns once they have caught up.
     Rebuild,
-    /// Check a running cluster: conservation per currency on every shard, holds versus
-    /// in-flight transactions, projections versus shard state. Exits 1 on any mismatch.
+    /// Check a running cluster: conservation per currency on every shard and overall,
+    /// balances versus deposits minus withdrawals, holds and reservations versus in-flight
+    /// transactions, one outcome per transaction, replica digests, projections versus shard
+    /// state. Exits 1 on any mismatch.
     Audit {
         /// Print the checks as JSON.
         #[arg(long)]
@@ -348,9 +350,14 @@ async fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
+                let width = checks
+                    .iter()
+                    .map(|check| check.name.len())
+                    .max()
+                    .unwrap_or(0);
                 for check in &checks {
                     let verdict = if check.ok { "ok  " } else { "FAIL" };
-                    println!("{verdict} {:<36} {}", check.name, check.detail);
+                    println!("{verdict} {:<width$}  {}", check.name, check.detail);
                 }
             }
             if checks.iter().any(|check| !check.ok) {

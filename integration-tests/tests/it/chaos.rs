@@ -4,8 +4,9 @@
 //! SIGCONT), partitions (the proxy cuts and refuses connections) and delays. One fault at a
 //! time, so a majority of each group stays up. After healing, every payment whose outcome was
 //! unknown is asked again with its key until decided; then no acknowledged payment may be
-//! missing or applied twice, every shard must sum to zero with nothing pending, every
-//! transaction must have one outcome on every shard, and replicas must agree.
+//! missing or applied twice, every shard must sum to zero with nothing pending, and the auditor
+//! (`deploy::audit`) must pass: conservation, deposits minus withdrawals, every reservation live,
+//! one outcome per transaction on every shard, no request applied twice, replicas equal.
 //!
 //! Runs for `CHAOS_SECONDS` (default 30, the short mode CI runs); set it higher for a soak.
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::platform::{Platform, leg, minor, submit_request};
 use integration_tests::proxy::Fault;
+use marker::topology::{CoordinatorEntry, CoordinatorState, Topology};
 use proto::auticuro::v1 as ledger;
 use proto::marker::v1 as pb;
 use proto::marker::v1::coordinator_client::CoordinatorClient;
@@ -217,58 +219,32 @@ async fn payments_survive_kills_pauses_partitions_and_delays() {
         assert_eq!(balances[account], expected[account], "{account}");
     }
     platform.check_invariants(&decided).await;
-    // No command was applied twice: every request id appears once in each shard's event log.
-    for shard in &platform.storage {
-        let leader = shard.leader().await.unwrap();
-        let mut client = shard.ledger(leader).await.unwrap();
-        let mut seen = std::collections::BTreeSet::new();
-        let mut from = 1;
-        loop {
-            let page = client
-                .read_events(ledger::ReadEventsRequest {
-                    from_seq: from,
-                    to_seq: 0,
-                    limit: 1_000,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            for event in &page.events {
-                assert!(
-                    seen.insert(event.request_id.clone()),
-                    "shard {}: {} applied twice",
+    // The auditor, over the healed cluster: conservation, deposits minus withdrawals, every
+    // reservation live, one outcome per transaction, no request applied twice, equal replicas.
+    let topology = Topology {
+        version: 0,
+        storage_shards: platform
+            .storage
+            .iter()
+            .map(|shard| {
+                (
                     shard.shard_id,
-                    event.request_id
-                );
-                from = event.seq + 1;
-            }
-            if page.events.is_empty() || from > page.applied_seq {
-                break;
-            }
-        }
-    }
-    // Replicas of every group agree once they have applied the same entries.
-    for shard in &platform.storage {
-        let seq = shard
-            .digests_at(0)
-            .await
-            .unwrap()
-            .iter()
-            .map(|d| d.applied_seq)
-            .max()
-            .unwrap();
-        let digests = shard.digests_at(seq).await.unwrap();
-        let at_seq: Vec<&Vec<u8>> = digests
-            .iter()
-            .filter(|d| d.applied_seq == seq)
-            .map(|d| &d.digest)
-            .collect();
-        assert!(
-            at_seq.windows(2).all(|pair| pair[0] == pair[1]),
-            "shard {} replicas differ",
-            shard.shard_id
-        );
-    }
+                    shard.replicas.iter().map(|r| r.address.clone()).collect(),
+                )
+            })
+            .collect(),
+        coordinators: BTreeMap::from([(
+            platform.coordinator.shard_id,
+            CoordinatorEntry {
+                state: CoordinatorState::Active,
+                epoch: 1,
+                replicas: addresses.clone(),
+            },
+        )]),
+    };
+    let checks = deploy::audit::audit_groups(&topology, None).await.unwrap();
+    let failed: Vec<_> = checks.iter().filter(|check| !check.ok).collect();
+    assert!(failed.is_empty(), "the audit failed: {failed:?}");
     println!(
         "chaos: {seconds} s, {attempted} payments attempted, {acknowledged} acknowledged under faults, \
          {} resolved after healing in {} ms, {committed} committed; faults injected: {faults:?}",

@@ -214,8 +214,8 @@ async fn walletctl_up_runs_a_cluster_that_serves_payments_and_resumes_it() {
     );
     assert_eq!(
         report.matches("ok  ").count(),
-        9,
-        "4 checks × 2 shards and one over all transactions: {report}"
+        16,
+        "6 checks × 2 shards, 2 over all shards, reservations, transactions: {report}"
     );
     let database_url = cluster["database_url"].as_str().unwrap();
     let pool = query::store::connect(database_url).await.unwrap();
