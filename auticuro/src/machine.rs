@@ -31,9 +31,20 @@ pub struct CommandResult {
 /// Everything a snapshot carries: the ledger state and the whole event log, so a replica that
 /// catches up through a snapshot can serve `Subscribe` and `ReadEvents` from seq 1.
 #[derive(Serialize, Deserialize)]
-struct LedgerSnapshot {
-    state: LedgerState,
-    events: Vec<Event>,
+pub struct LedgerSnapshot {
+    pub state: LedgerState,
+    pub events: Vec<Event>,
+}
+
+impl LedgerSnapshot {
+    /// Reads a snapshot sent by the leader (bytes from the network).
+    pub fn decode(bytes: &[u8]) -> Result<LedgerSnapshot, Error> {
+        decode("ledger snapshot", bytes)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
 }
 
 pub struct LedgerMachine {
@@ -189,14 +200,15 @@ impl App for LedgerMachine {
 
     fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error> {
         let events = read_events(store, 1, u64::MAX, usize::MAX)?;
-        Ok(encode(&LedgerSnapshot {
+        Ok(LedgerSnapshot {
             state: self.ledger.export(),
             events,
-        }))
+        }
+        .encode())
     }
 
     fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
-        let snapshot: LedgerSnapshot = decode("ledger snapshot", snapshot)?;
+        let snapshot = LedgerSnapshot::decode(snapshot)?;
         Self::write_state(&snapshot.state, writes);
         for event in &snapshot.events {
             event_log::append(writes, event.seq, event);

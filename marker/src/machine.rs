@@ -13,9 +13,20 @@ use crate::saga::{
 const TRANSACTIONS: &str = "coordinator_transactions";
 
 #[derive(Serialize, Deserialize)]
-struct CoordinatorSnapshot {
-    state: CoordinatorState,
-    events: Vec<LifecycleEvent>,
+pub struct CoordinatorSnapshot {
+    pub state: CoordinatorState,
+    pub events: Vec<LifecycleEvent>,
+}
+
+impl CoordinatorSnapshot {
+    /// Reads a snapshot sent by the leader (bytes from the network).
+    pub fn decode(bytes: &[u8]) -> Result<CoordinatorSnapshot, Error> {
+        decode("coordinator snapshot", bytes)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
 }
 
 pub struct CoordinatorMachine {
@@ -89,14 +100,15 @@ impl App for CoordinatorMachine {
             .into_iter()
             .map(|(_, event)| event)
             .collect();
-        Ok(encode(&CoordinatorSnapshot {
+        Ok(CoordinatorSnapshot {
             state: self.coordinator.export(),
             events,
-        }))
+        }
+        .encode())
     }
 
     fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
-        let snapshot: CoordinatorSnapshot = decode("coordinator snapshot", snapshot)?;
+        let snapshot = CoordinatorSnapshot::decode(snapshot)?;
         for transaction in &snapshot.state.transactions {
             Self::write_transaction(transaction, writes);
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use clap::Parser;
-use simulation::{Config, run};
+use reliability::simulation::{Config, Report, run};
 
 #[derive(Parser)]
 #[command(about = "Deterministic simulation of the storage and coordinator protocols")]
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         Some(seed) => seed..seed + 1,
         None => args.first_seed..args.first_seed + args.seeds,
     };
-    let mut totals = simulation::Report::default();
+    let mut totals = Report::default();
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut runs = 0u64;
     for seed in seeds {

@@ -1,7 +1,7 @@
 //! A batch of simulation seeds: `SIM_SEEDS` (default 300) seeds from `SIM_FIRST_SEED`
 //! (default 1). A failure names its seed and the command that replays it.
 
-use simulation::{Config, run};
+use reliability::simulation::{Config, run};
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)

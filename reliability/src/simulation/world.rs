@@ -14,7 +14,7 @@ use marker::saga::{
     Transaction,
 };
 
-use crate::rng::Rng;
+use super::rng::Rng;
 
 /// How long the coordinator waits for a shard's answer before resending.
 const RPC_TIMEOUT_MS: i64 = 40;
@@ -103,7 +103,7 @@ impl fmt::Display for Failure {
         }
         write!(
             f,
-            "reproduce: cargo run -p simulation -- --seed {} --trace",
+            "reproduce: cargo run -p reliability --bin simulate -- --seed {} --trace",
             self.seed
         )
     }

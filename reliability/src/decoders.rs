@@ -1,0 +1,241 @@
+//! Every decoder of bytes the platform did not make, with what must hold after it. None of these
+//! may panic, whatever the bytes. The cargo-fuzz targets in `fuzz/` call them under libFuzzer;
+//! the tests below call them over random bytes and corrupted valid encodings on every run.
+
+use auticuro::ledger::{
+    AccountId, Amount, Command, CommandKind, Currency, Event, Ledger, Limits, Metadata, RequestId,
+};
+use auticuro::machine::{LedgerMachine, LedgerSnapshot};
+use consensus::TypeConfig;
+use marker::machine::CoordinatorSnapshot;
+use marker::saga::Coordinator;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use prost::Message;
+use proto::auticuro::v1 as pb;
+
+/// A ledger with two funded accounts and a funding account, for commands to act on.
+pub fn sample_ledger() -> Ledger {
+    let mut ledger = Ledger::new();
+    let usd = Currency::parse("USD").expect("a currency");
+    let id = |text: &str| AccountId::parse(text).expect("an account id");
+    let mut run = |request_id: &str, kind: CommandKind| {
+        let command = Command {
+            request_id: RequestId::parse(request_id).expect("a request id"),
+            kind,
+        };
+        assert!(ledger.apply(&command, 1).outcome.is_ok());
+    };
+    for (account, limits) in [
+        ("funding", Limits::UNBOUNDED),
+        ("a", Limits::NO_OVERDRAFT),
+        ("b", Limits::NO_OVERDRAFT),
+    ] {
+        run(
+            &format!("create-{account}"),
+            CommandKind::CreateAccount {
+                account_id: id(account),
+                currency: usd.clone(),
+                scale: 2,
+                limits,
+                metadata: Metadata::default(),
+            },
+        );
+    }
+    run(
+        "fund",
+        CommandKind::Transfer {
+            from: id("funding"),
+            to: id("a"),
+            amount: Amount(1_000),
+            currency: usd,
+            metadata: Metadata::default(),
+        },
+    );
+    ledger
+}
+
+/// A client's gRPC `Command` into a core command, applied: a rejection leaves every account
+/// as it was and emits no event; an accepted command keeps every currency summing to zero.
+pub fn command(bytes: &[u8]) {
+    let Ok(message) = pb::Command::decode(bytes) else {
+        return;
+    };
+    let Ok(command) = auticuro::convert::command(Some(&message)) else {
+        return;
+    };
+    let mut ledger = sample_ledger();
+    let before: Vec<_> = ledger.accounts().cloned().collect();
+    let applied = ledger.apply(&command, 2);
+    if applied.outcome.is_ok() {
+        assert!(applied.event.is_some() || applied.duplicate);
+        assert!(ledger.balance_sums().values().all(|sum| *sum == 0));
+    } else {
+        assert!(applied.event.is_none());
+        assert_eq!(ledger.accounts().cloned().collect::<Vec<_>>(), before);
+    }
+}
+
+/// A storage snapshot sent by a leader: decoded and loaded, the state exports to a snapshot
+/// that loads to the same digest.
+pub fn ledger_snapshot(bytes: &[u8]) {
+    let Ok(snapshot) = LedgerSnapshot::decode(bytes) else {
+        return;
+    };
+    let ledger = Ledger::import(snapshot.state);
+    let again = LedgerSnapshot {
+        state: ledger.export(),
+        events: snapshot.events,
+    };
+    let reloaded = LedgerSnapshot::decode(&again.encode()).expect("an exported snapshot decodes");
+    assert_eq!(Ledger::import(reloaded.state).digest(), ledger.digest());
+}
+
+/// A coordinator snapshot sent by a leader, the same way.
+pub fn coordinator_snapshot(bytes: &[u8]) {
+    let Ok(snapshot) = CoordinatorSnapshot::decode(bytes) else {
+        return;
+    };
+    let coordinator = Coordinator::import(snapshot.state);
+    let again = CoordinatorSnapshot {
+        state: coordinator.export(),
+        events: snapshot.events,
+    };
+    let reloaded =
+        CoordinatorSnapshot::decode(&again.encode()).expect("an exported snapshot decodes");
+    assert_eq!(
+        Coordinator::import(reloaded.state).digest(),
+        coordinator.digest()
+    );
+}
+
+/// Events: a stored event (from a snapshot or the event log) as `Subscribe` serves it, and a
+/// protobuf event as the read side takes it from Kafka; what the shard serves decodes back to
+/// the same message.
+pub fn event(bytes: &[u8]) {
+    if let Ok(event) = consensus::decode::<Event>("event", bytes) {
+        let served = auticuro::convert::event(1, &event);
+        let decoded =
+            pb::Event::decode(served.encode_to_vec().as_slice()).expect("a served event decodes");
+        assert_eq!(decoded, served);
+    }
+    if let Ok(event) = pb::Event::decode(bytes) {
+        assert_eq!(
+            pb::Event::decode(event.encode_to_vec().as_slice()),
+            Ok(event)
+        );
+    }
+}
+
+/// A Raft peer's requests to a storage replica: append entries (log entries of ledger
+/// commands), votes and snapshot chunks.
+pub fn raft_message(bytes: &[u8]) {
+    type Ledgers = TypeConfig<LedgerMachine>;
+    let _ = consensus::decode::<AppendEntriesRequest<Ledgers>>("raft request", bytes);
+    let _ = consensus::decode::<VoteRequest<u64>>("raft request", bytes);
+    let _ = consensus::decode::<InstallSnapshotRequest<Ledgers>>("raft request", bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Valid encodings of each input, for the corruptions to start from.
+    fn valid_command() -> Vec<u8> {
+        pb::Command {
+            request_id: "pay-1".into(),
+            kind: Some(pb::command::Kind::Batch(pb::Batch {
+                legs: vec![
+                    auticuro::convert::pb_leg(&leg("a", -10)),
+                    auticuro::convert::pb_leg(&leg("b", 10)),
+                ],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    fn leg(account: &str, amount: i128) -> auticuro::ledger::Leg {
+        auticuro::ledger::Leg {
+            account_id: AccountId::parse(account).unwrap(),
+            amount: Amount(amount),
+            currency: Currency::parse("USD").unwrap(),
+        }
+    }
+
+    fn valid_ledger_snapshot() -> Vec<u8> {
+        let ledger = sample_ledger();
+        LedgerSnapshot {
+            state: ledger.export(),
+            events: Vec::new(),
+        }
+        .encode()
+    }
+
+    fn valid_event() -> Vec<u8> {
+        let mut ledger = sample_ledger();
+        let command = Command {
+            request_id: RequestId::parse("pay").unwrap(),
+            kind: CommandKind::Batch {
+                legs: vec![leg("a", -5), leg("b", 5)],
+                txn_id: None,
+                hold_id: None,
+                metadata: Metadata::default(),
+            },
+        };
+        consensus::encode(&ledger.apply(&command, 3).event.unwrap())
+    }
+
+    /// Flips, drops or inserts bytes of a valid encoding.
+    fn corrupt(mut bytes: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
+        for (position, value, how) in edits {
+            if bytes.is_empty() {
+                break;
+            }
+            let position = position % bytes.len();
+            match how % 3 {
+                0 => bytes[position] ^= value | 1,
+                1 => {
+                    bytes.remove(position);
+                }
+                _ => bytes.insert(position, *value),
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn the_valid_inputs_get_past_the_decoders() {
+        // Otherwise the corruptions below would test nothing but the first decoding step.
+        let message = pb::Command::decode(valid_command().as_slice()).unwrap();
+        assert!(auticuro::convert::command(Some(&message)).is_ok());
+        assert!(LedgerSnapshot::decode(&valid_ledger_snapshot()).is_ok());
+        assert!(consensus::decode::<Event>("event", &valid_event()).is_ok());
+        command(&valid_command());
+        ledger_snapshot(&valid_ledger_snapshot());
+        event(&valid_event());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            command(&bytes);
+            ledger_snapshot(&bytes);
+            coordinator_snapshot(&bytes);
+            event(&bytes);
+            raft_message(&bytes);
+        }
+
+        #[test]
+        fn corrupted_valid_encodings_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..6)
+        ) {
+            command(&corrupt(valid_command(), &edits));
+            ledger_snapshot(&corrupt(valid_ledger_snapshot(), &edits));
+            event(&corrupt(valid_event(), &edits));
+        }
+    }
+}
