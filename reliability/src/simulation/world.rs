@@ -1112,6 +1112,12 @@ impl World {
             if voided && committed {
                 return Err(format!("{txn_id}: voided after a commit decision"));
             }
+            let held = states.iter().any(|(_, state)| *state == LegState::Held);
+            if held && transaction.is_some_and(|t| t.done) {
+                return Err(format!(
+                    "{txn_id}: held on a shard after it was done: {states:?}"
+                ));
+            }
             // A single-shard transaction moves money in one batch, request id = txn id.
             let batch = self.shards.iter().find_map(|shard| {
                 shard
