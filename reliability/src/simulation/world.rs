@@ -162,12 +162,32 @@ enum Message {
 }
 
 #[derive(Debug)]
+enum Timer {
+    /// Take the transaction's next step.
+    Continue,
+    /// Resend what it waits for, or give up a reservation past its deadline.
+    Resend,
+}
+
+#[derive(Debug)]
 enum Event {
-    Deliver { to: Node, message: Message },
-    ClientTick { client: usize, generation: u64 },
-    Continue { incarnation: u64, txn_id: TxnId },
-    Resend { incarnation: u64, txn_id: TxnId },
-    ResolverTick { shard: usize },
+    Deliver {
+        to: Node,
+        message: Message,
+    },
+    ClientTick {
+        client: usize,
+        generation: u64,
+    },
+    /// A coordinator timer, ignored once the coordinator has crashed since it was set.
+    Timer {
+        incarnation: u64,
+        txn_id: TxnId,
+        timer: Timer,
+    },
+    ResolverTick {
+        shard: usize,
+    },
     Fault,
     Restart(Node),
     Heal(Node, Node),
@@ -534,20 +554,16 @@ impl World {
                 }
             }
             Event::ClientTick { client, generation } => self.client_tick(client, generation),
-            Event::Continue {
+            Event::Timer {
                 incarnation,
                 txn_id,
+                timer,
             } => {
                 if self.coordinator.up && incarnation == self.coordinator.incarnation {
-                    self.advance(&txn_id);
-                }
-            }
-            Event::Resend {
-                incarnation,
-                txn_id,
-            } => {
-                if self.coordinator.up && incarnation == self.coordinator.incarnation {
-                    self.resend(&txn_id);
+                    match timer {
+                        Timer::Continue => self.advance(&txn_id),
+                        Timer::Resend => self.resend(&txn_id),
+                    }
                 }
             }
             Event::ResolverTick { shard } => {
@@ -645,13 +661,7 @@ impl World {
                 self.coordinator.up = true;
                 // A new leader, with its own clock.
                 self.coordinator.skew = self.rng.between(-SKEW_MAX_MS, SKEW_MAX_MS);
-                let in_flight: Vec<TxnId> = self
-                    .coordinator
-                    .saga
-                    .in_flight()
-                    .map(|transaction| transaction.txn_id.clone())
-                    .collect();
-                for txn_id in in_flight {
+                for txn_id in self.in_flight() {
                     self.ensure_driving(&txn_id);
                 }
             }
@@ -661,6 +671,15 @@ impl World {
     }
 
     // The coordinator.
+
+    /// Transactions begun and not done, from the coordinator's log.
+    fn in_flight(&self) -> Vec<TxnId> {
+        self.coordinator
+            .saga
+            .in_flight()
+            .map(|transaction| transaction.txn_id.clone())
+            .collect()
+    }
 
     fn ensure_driving(&mut self, txn_id: &TxnId) {
         let done = self
@@ -674,12 +693,17 @@ impl World {
         self.coordinator
             .driving
             .insert(txn_id.clone(), Driving::default());
+        self.set_timer(self.now + 1, txn_id, Timer::Continue);
+    }
+
+    fn set_timer(&mut self, at: i64, txn_id: &TxnId, timer: Timer) {
         let incarnation = self.coordinator.incarnation;
         self.schedule(
-            self.now + 1,
-            Event::Continue {
+            at,
+            Event::Timer {
                 incarnation,
                 txn_id: txn_id.clone(),
+                timer,
             },
         );
     }
@@ -731,15 +755,8 @@ impl World {
             }
             Step::Propose(command) => {
                 self.propose(&command);
-                let incarnation = self.coordinator.incarnation;
                 let at = self.now + self.rng.between(1, 5);
-                self.schedule(
-                    at,
-                    Event::Continue {
-                        incarnation,
-                        txn_id: txn_id.clone(),
-                    },
-                );
+                self.set_timer(at, txn_id, Timer::Continue);
                 return;
             }
             Step::Execute {
@@ -782,14 +799,7 @@ impl World {
             let to = Node::Shard(shard_id as usize - 1);
             self.send(Node::Coordinator, to, Message::Execute { command });
         }
-        let incarnation = self.coordinator.incarnation;
-        self.schedule(
-            self.now + RPC_TIMEOUT_MS,
-            Event::Resend {
-                incarnation,
-                txn_id: txn_id.clone(),
-            },
-        );
+        self.set_timer(self.now + RPC_TIMEOUT_MS, txn_id, Timer::Resend);
     }
 
     fn resend(&mut self, txn_id: &TxnId) {
@@ -869,12 +879,7 @@ impl World {
         if !self.coordinator.up {
             return;
         }
-        let in_flight: Vec<TxnId> = self
-            .coordinator
-            .saga
-            .in_flight()
-            .map(|transaction| transaction.txn_id.clone())
-            .collect();
+        let in_flight = self.in_flight();
         if in_flight.is_empty() {
             return;
         }
