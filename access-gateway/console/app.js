@@ -62,6 +62,7 @@ async function attempt(action) {
 }
 
 const isAdmin = () => me && me.scopes.includes("admin");
+const isOperator = () => me && me.scopes.includes("operator");
 
 // ---- Sign-in ----
 
@@ -75,7 +76,7 @@ async function signIn(key) {
   }
   $("who").textContent = `${me.tenant_id} · ${isAdmin() ? "admin" : "read-only"}`;
   // The platform's status is for admins.
-  $("cluster-link").hidden = !isAdmin();
+  $("cluster-link").hidden = !isOperator();
   $("nav").hidden = false;
   if (!location.hash || location.hash === "#/") location.hash = "#/hierarchy";
   await route();

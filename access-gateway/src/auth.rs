@@ -19,8 +19,11 @@ use crate::problem::ApiError;
 pub enum Scope {
     Read,
     Write,
-    /// Everything `read` and `write` allow.
+    /// Everything `read` and `write` allow, within the key's tenant.
     Admin,
+    /// The platform's own status (`/v1/admin/cluster`), which is no tenant's data: for the
+    /// platform's operators only, never implied by `admin`.
+    Operator,
 }
 
 impl Scope {
@@ -29,10 +32,11 @@ impl Scope {
             Scope::Read => "read",
             Scope::Write => "write",
             Scope::Admin => "admin",
+            Scope::Operator => "operator",
         }
     }
 
-    /// Scope names (`read`, `write`, `admin`), each known.
+    /// Scope names (`read`, `write`, `admin`, `operator`), each known.
     pub fn parse_all(names: &[String]) -> anyhow::Result<Vec<Scope>> {
         names
             .iter()
@@ -45,6 +49,7 @@ impl Scope {
             "read" => Some(Scope::Read),
             "write" => Some(Scope::Write),
             "admin" => Some(Scope::Admin),
+            "operator" => Some(Scope::Operator),
             _ => None,
         }
     }
@@ -60,7 +65,8 @@ pub struct Caller {
 
 impl Caller {
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin) {
+        let implied = scope != Scope::Operator && self.scopes.contains(&Scope::Admin);
+        if self.scopes.contains(&scope) || implied {
             Ok(())
         } else {
             Err(ApiError::Forbidden(scope.name()))
@@ -138,5 +144,37 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .and_then(|value| value.strip_prefix("Bearer "))
             .ok_or(ApiError::Unauthorized)?;
         state.authenticator.caller(&state.pool, token.trim()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(scopes: &[Scope]) -> Caller {
+        Caller {
+            tenant_id: "acme".into(),
+            key_id: "k".into(),
+            scopes: scopes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn admin_implies_read_and_write_but_never_operator() {
+        let admin = caller(&[Scope::Admin]);
+        assert!(admin.require(Scope::Read).is_ok() && admin.require(Scope::Write).is_ok());
+        assert!(admin.require(Scope::Operator).is_err());
+        let operator = caller(&[Scope::Operator]);
+        assert!(operator.require(Scope::Operator).is_ok());
+        assert!(operator.require(Scope::Write).is_err());
+        assert!(caller(&[Scope::Read]).require(Scope::Write).is_err());
+        let names: Vec<String> = ["read", "write", "admin", "operator"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            Scope::parse_all(&names).unwrap(),
+            [Scope::Read, Scope::Write, Scope::Admin, Scope::Operator]
+        );
+        assert!(Scope::parse_all(&["root".to_string()]).is_err());
     }
 }

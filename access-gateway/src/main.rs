@@ -43,7 +43,8 @@ enum Command {
     CreateKey {
         #[arg(long)]
         tenant: String,
-        /// Comma-separated: read, write, admin.
+        /// Comma-separated: read, write, admin (the tenant's admin), operator (the platform's
+        /// status; not implied by admin).
         #[arg(long, value_delimiter = ',', default_value = "read,write")]
         scopes: Vec<String>,
     },

@@ -12,7 +12,7 @@ use crate::AppState;
 use crate::auth::{Caller, Scope};
 use crate::problem::{ApiError, Problem};
 
-/// Every Raft group of the platform (admin).
+/// Every Raft group of the platform (`operator` scope: the platform's operators, not tenants).
 #[utoipa::path(get, path = "/v1/admin/cluster", tag = "operations",
     responses((status = 200, description = "`groups`: kind (`topology`, `storage`, `coordinator`), group_id, leader_node_id, term, applied_seq, replicas (address, reachable, node_id, state, applied_seq), in_flight (coordinators), projection (storage: applied_seq, lag_events)", content_type = "application/json"),
         (status = "4XX", body = Problem, content_type = "application/problem+json"), (status = "5XX", body = Problem, content_type = "application/problem+json")),
@@ -21,7 +21,7 @@ pub async fn status(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<axum::Json<marker::status::PlatformStatus>, ApiError> {
-    caller.require(Scope::Admin)?;
+    caller.require(Scope::Operator)?;
     // The projection's progress is optional: without the query service the rest still shows.
     let projected = match super::query_channel(&state) {
         Ok(channel) => AccountQueryClient::new(channel)

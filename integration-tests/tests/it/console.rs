@@ -15,7 +15,8 @@ async fn the_console_edits_hierarchies_in_a_real_browser() {
     let mut platform =
         Platform::start_with_topology_and(1, &["--reserve-timeout-ms", "60000"]).await;
     let gateway = Gateway::start(&platform).await.unwrap();
-    let admin = gateway.create_key("acme", "admin").await.unwrap();
+    // The console's operator: the tenant's admin and the platform's operator (cluster page).
+    let admin = gateway.create_key("acme", "admin,operator").await.unwrap();
     let reader = gateway.create_key("acme", "read").await.unwrap();
     let writer = gateway.create_key("acme", "read,write").await.unwrap();
     // Alice's wallet on storage shard 1, bob's on shard 2.
@@ -86,6 +87,11 @@ async fn the_console_edits_hierarchies_in_a_real_browser() {
         .unwrap()
         .to_string();
     let stranger = gateway.create_key("globex", "admin").await.unwrap();
+    // A tenant's admin is no operator of the platform: its status is not theirs to see.
+    let cluster = gateway.get("/v1/admin/cluster", &stranger).await;
+    assert_eq!(cluster.status, StatusCode::FORBIDDEN, "{cluster:?}");
+    let cluster = gateway.get("/v1/admin/cluster", &admin).await;
+    assert_eq!(cluster.status, StatusCode::OK, "{cluster:?}");
     let theirs = gateway.get("/v1/hierarchy", &stranger).await;
     assert_eq!(theirs.body["nodes"], json!([]), "{theirs:?}");
     let rename = gateway
