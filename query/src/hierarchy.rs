@@ -2,7 +2,10 @@
 //! accounts. Edits of one tenant's tree are serialized (a transaction-scoped advisory lock), so
 //! the cycle and emptiness checks hold against concurrent edits. A node's balance is the sum of
 //! its subtree's accounts per currency, read in one snapshot together with the applied seqs it
-//! is consistent with. Another tenant's nodes read as not found.
+//! is consistent with (the whole tree's balances too, in one query). Another tenant's nodes read
+//! as not found.
+
+use std::collections::BTreeMap;
 
 use proto::common::v1::{Amount, ShardSeq};
 use proto::query::v1 as pb;
@@ -32,6 +35,16 @@ impl HierarchyService {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('hierarchy:' || $1))")
             .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        Ok(tx)
+    }
+
+    /// A read-only transaction that sees one snapshot.
+    async fn snapshot(&self) -> Result<Transaction<'static, Postgres>, Status> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
@@ -319,6 +332,7 @@ impl Hierarchy for HierarchyService {
         request: Request<pb::GetTreeRequest>,
     ) -> Result<Response<pb::GetTreeResponse>, Status> {
         let request = request.into_inner();
+        let mut tx = self.snapshot().await?;
         let rows = sqlx::query(
             "SELECT node_id, name, coalesce(parent_id, ''),
                     ARRAY(SELECT node_id FROM hierarchy_nodes c WHERE c.parent_id = n.node_id
@@ -328,7 +342,7 @@ impl Hierarchy for HierarchyService {
              FROM hierarchy_nodes n WHERE tenant_id = $1 ORDER BY node_id",
         )
         .bind(&request.tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
         let nodes = rows
@@ -342,7 +356,18 @@ impl Hierarchy for HierarchyService {
                 account_ids: row.get(4),
             })
             .collect();
-        Ok(Response::new(pb::GetTreeResponse { nodes }))
+        let balances = subtree_sums(&mut tx, &request.tenant_id, None)
+            .await?
+            .into_iter()
+            .map(|(node_id, balances)| pb::NodeBalances { node_id, balances })
+            .collect();
+        let as_of = applied_seqs(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Response::new(pb::GetTreeResponse {
+            nodes,
+            balances,
+            as_of,
+        }))
     }
 
     async fn get_node_balance(
@@ -350,12 +375,7 @@ impl Hierarchy for HierarchyService {
         request: Request<pb::GetNodeBalanceRequest>,
     ) -> Result<Response<pb::GetNodeBalanceResponse>, Status> {
         let request = request.into_inner();
-        // One snapshot for the sums and the applied seqs they are consistent with.
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.snapshot().await?;
         if load_node(&mut tx, &request.tenant_id, &request.node_id)
             .await?
             .is_none()
@@ -365,45 +385,69 @@ impl Hierarchy for HierarchyService {
                 ..Default::default()
             }));
         }
-        let sums = sqlx::query(
-            "WITH RECURSIVE below(node_id) AS (
-                 SELECT $1::text
-                 UNION SELECT n.node_id FROM hierarchy_nodes n JOIN below b ON n.parent_id = b.node_id
-             )
-             SELECT a.currency, sum(a.balance)::text, sum(a.available)::text
-             FROM below b
-             JOIN hierarchy_accounts h ON h.node_id = b.node_id
-             JOIN accounts a ON a.account_id = h.account_id
-             GROUP BY a.currency ORDER BY a.currency",
-        )
-        .bind(&request.node_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let as_of =
-            sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets ORDER BY shard_id")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+        let mut sums = subtree_sums(&mut tx, &request.tenant_id, Some(&request.node_id)).await?;
+        let as_of = applied_seqs(&mut tx).await?;
         tx.commit().await.map_err(unavailable)?;
-        let amount = |text: String| Some(Amount { minor_units: text });
         Ok(Response::new(pb::GetNodeBalanceResponse {
             outcome: Outcome::Ok as i32,
-            balances: sums
-                .into_iter()
-                .map(|row| pb::CurrencyBalance {
-                    currency: row.get(0),
-                    balance: amount(row.get(1)),
-                    available: amount(row.get(2)),
-                })
-                .collect(),
-            as_of: as_of
-                .iter()
-                .map(|row| ShardSeq {
-                    shard_id: row.get::<i32, _>(0) as u32,
-                    seq: row.get::<i64, _>(1) as u64,
-                })
-                .collect(),
+            balances: sums.remove(&request.node_id).unwrap_or_default(),
+            as_of,
         }))
     }
+}
+
+/// Per node of the tenant (or only `node_id`), the balances of the accounts in its subtree,
+/// summed per currency; nodes with no account below are left out.
+async fn subtree_sums(
+    tx: &mut Transaction<'static, Postgres>,
+    tenant_id: &str,
+    node_id: Option<&str>,
+) -> Result<BTreeMap<String, Vec<pb::CurrencyBalance>>, Status> {
+    // Each node paired with every node below it (the tree has no cycles: moves refuse them).
+    let rows = sqlx::query(
+        "WITH RECURSIVE below(top, node_id) AS (
+             SELECT node_id, node_id FROM hierarchy_nodes
+             WHERE tenant_id = $1 AND ($2::text IS NULL OR node_id = $2)
+             UNION ALL
+             SELECT b.top, n.node_id FROM hierarchy_nodes n JOIN below b ON n.parent_id = b.node_id
+         )
+         SELECT b.top, a.currency, sum(a.balance)::text, sum(a.available)::text
+         FROM below b
+         JOIN hierarchy_accounts h ON h.node_id = b.node_id
+         JOIN accounts a ON a.account_id = h.account_id
+         GROUP BY b.top, a.currency ORDER BY b.top, a.currency",
+    )
+    .bind(tenant_id)
+    .bind(node_id)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let amount = |text: String| Some(Amount { minor_units: text });
+    let mut sums: BTreeMap<String, Vec<pb::CurrencyBalance>> = BTreeMap::new();
+    for row in rows {
+        sums.entry(row.get(0))
+            .or_default()
+            .push(pb::CurrencyBalance {
+                currency: row.get(1),
+                balance: amount(row.get(2)),
+                available: amount(row.get(3)),
+            });
+    }
+    Ok(sums)
+}
+
+/// The per-shard seqs the projection has applied, as seen by `tx`.
+async fn applied_seqs(tx: &mut Transaction<'static, Postgres>) -> Result<Vec<ShardSeq>, Status> {
+    let rows =
+        sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets ORDER BY shard_id")
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+    Ok(rows
+        .iter()
+        .map(|row| ShardSeq {
+            shard_id: row.get::<i32, _>(0) as u32,
+            seq: row.get::<i64, _>(1) as u64,
+        })
+        .collect())
 }

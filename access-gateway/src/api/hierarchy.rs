@@ -3,6 +3,7 @@
 //! hierarchy service of the query side owns the tree; reading needs the read scope, editing the
 //! admin scope.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -173,29 +174,27 @@ pub async fn tree(
     caller: Caller,
 ) -> Result<axum::Json<Tree>, ApiError> {
     caller.require(Scope::Read)?;
-    let mut hierarchy = client(&state)?;
     let tenant_id = caller.tenant_id.clone();
-    let nodes = hierarchy
+    let tree = client(&state)?
         .get_tree(pb::GetTreeRequest {
             tenant_id: tenant_id.clone(),
         })
         .await
         .map_err(unavailable)?
-        .into_inner()
-        .nodes;
-    let mut views = Vec::with_capacity(nodes.len());
-    for node in nodes {
-        let sums = hierarchy
-            .get_node_balance(pb::GetNodeBalanceRequest {
-                tenant_id: tenant_id.clone(),
-                node_id: node.node_id.clone(),
-            })
-            .await
-            .map_err(unavailable)?
-            .into_inner();
+        .into_inner();
+    let consistent_with = consistency_token::encode(&proto::common::v1::ConsistencyToken {
+        shard_seqs: tree.as_of,
+    });
+    let mut balances: BTreeMap<String, Vec<pb::CurrencyBalance>> = tree
+        .balances
+        .into_iter()
+        .map(|node| (node.node_id, node.balances))
+        .collect();
+    let mut views = Vec::with_capacity(tree.nodes.len());
+    for node in tree.nodes {
+        let lines = balances.remove(&node.node_id).unwrap_or_default();
         let mut view = node_view(&tenant_id, node);
-        view.balances = sums
-            .balances
+        view.balances = lines
             .into_iter()
             .map(|line| {
                 let scale = Currency::parse(&line.currency).map_or(0, |c| c.scale);
@@ -209,11 +208,7 @@ pub async fn tree(
                 }
             })
             .collect();
-        view.consistent_with = Some(consistency_token::encode(
-            &proto::common::v1::ConsistencyToken {
-                shard_seqs: sums.as_of,
-            },
-        ));
+        view.consistent_with = Some(consistent_with.clone());
         views.push(view);
     }
     Ok(axum::Json(Tree { nodes: views }))

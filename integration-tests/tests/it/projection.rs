@@ -995,6 +995,31 @@ async fn a_hierarchy_node_sums_its_subtree_and_invalid_edits_are_refused() {
         as_of, heads,
         "sums consistent with the applied seqs they name"
     );
+    // The whole tree with every node's roll-up, in one snapshot, agrees node by node.
+    let whole = tree
+        .clone()
+        .get_tree(pb::GetTreeRequest {
+            tenant_id: tenant.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let whole_as_of: BTreeMap<u32, u64> = whole.as_of.iter().map(|s| (s.shard_id, s.seq)).collect();
+    assert_eq!(whole_as_of, heads);
+    assert_eq!(whole.balances.len(), 4, "every node has accounts below it");
+    for node in &whole.balances {
+        let usd = node
+            .balances
+            .iter()
+            .find(|b| b.currency == "USD")
+            .map(|b| minor(&b.balance));
+        assert_eq!(
+            usd,
+            balance_of(node.node_id.clone()).await.0,
+            "{}",
+            node.node_id
+        );
+    }
     assert_eq!(total, Some(leaves(&[0, 1, 2, 3])));
     assert!(total.unwrap() < 40_000, "the fees left the tree");
     assert_eq!(balance_of(eu.clone()).await.0, Some(leaves(&[0, 1, 2])));
