@@ -19,20 +19,25 @@ fn every_seed_keeps_the_invariants_and_reaches_every_outcome() {
     let first = env_number("SIM_FIRST_SEED", 1);
     let count = env_number("SIM_SEEDS", 300);
     let config = Config::default();
-    let (mut committed, mut aborted, mut faults) = (0, 0, 0);
+    let (mut committed, mut aborted, mut captured, mut faults) = (0, 0, 0, 0);
     for seed in first..first + count {
         match run(seed, &config) {
             Ok(report) => {
                 committed += report.committed;
                 aborted += report.aborted;
+                captured += report.captured;
                 faults += report.faults.values().sum::<u64>();
             }
             Err(failure) => panic!("{failure}"),
         }
     }
-    println!("{count} seeds: {committed} committed, {aborted} aborted, {faults} faults injected");
-    // The workload must exercise both outcomes and the faults, or the seeds prove little.
-    assert!(committed > 0 && aborted > 0 && faults > 0);
+    println!(
+        "{count} seeds: {committed} committed, {aborted} aborted, {captured} holds captured, \
+         {faults} faults injected"
+    );
+    // The workload must exercise both outcomes, captures and the faults, or the seeds prove
+    // little.
+    assert!(committed > 0 && aborted > 0 && captured > 0 && faults > 0);
 }
 
 #[test]

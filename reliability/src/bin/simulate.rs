@@ -47,6 +47,8 @@ fn main() -> ExitCode {
                 totals.payments += report.payments;
                 totals.committed += report.committed;
                 totals.aborted += report.aborted;
+                totals.holds += report.holds;
+                totals.captured += report.captured;
                 totals.messages += report.messages;
                 totals.lost += report.lost;
                 totals.duplicated += report.duplicated;
@@ -66,6 +68,10 @@ fn main() -> ExitCode {
     println!(
         "payments            {} ({} committed, {} aborted)",
         totals.payments, totals.committed, totals.aborted
+    );
+    println!(
+        "holds               {} ({} captured)",
+        totals.holds, totals.captured
     );
     println!(
         "messages            {} ({} lost, {} duplicated)",

@@ -1,8 +1,9 @@
 //! A deterministic simulation of the platform's money protocols: storage shards running the
 //! real ledger core (`auticuro::ledger`), a coordinator running the real saga core and the real
 //! per-transaction protocol (`marker::saga`, `marker::protocol`), the stale-hold resolution
-//! between them, clients that retry with their idempotency keys, and an operator who force-aborts
-//! — all on a simulated network and clock driven by one seeded generator.
+//! between them, clients that retry with their idempotency keys (payments, some with fees, and
+//! authorization holds captured in full, in part or beyond, then voided), and an operator who
+//! force-aborts — all on a simulated network and clock driven by one seeded generator.
 //!
 //! Each Raft group is one durable, linearizable state machine here (replication is covered by
 //! the real-process tests); what is simulated is everything between the groups. Per seed, the

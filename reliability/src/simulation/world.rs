@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt;
 
 use auticuro::ledger::{
-    AccountId, Amount, Command, CommandKind, Currency, Ledger, Leg, LegState, Limits, Metadata,
-    Owner, RequestId, TxnId,
+    AccountId, Amount, Command, CommandKind, Currency, HoldState, Ledger, Leg, LegState, Limits,
+    Metadata, Owner, RequestId, TxnId,
 };
 use marker::protocol::{Answer, Drive, Step};
 use marker::saga::{
@@ -70,6 +70,9 @@ pub struct Report {
     pub payments: usize,
     pub committed: usize,
     pub aborted: usize,
+    /// Authorization holds placed, and how many of them a transaction captured.
+    pub holds: usize,
+    pub captured: usize,
     pub faults: BTreeMap<&'static str, u64>,
     pub messages: u64,
     pub lost: u64,
@@ -142,7 +145,9 @@ enum Message {
         txn_id: TxnId,
         status: Status,
     },
+    /// A command for a storage shard, answered to `from`.
     Execute {
+        from: Node,
         command: Command,
     },
     Executed {
@@ -229,9 +234,19 @@ struct CoordinatorNode {
     waiting_clients: BTreeMap<TxnId, BTreeSet<usize>>,
 }
 
+/// One request a client makes and repeats until it has a final answer.
+#[derive(Clone, Debug)]
+enum Request {
+    /// A transaction through the coordinator, with its idempotency key.
+    Submit(NewTransaction),
+    /// A command straight to a storage shard (authorizing or voiding a hold), with its
+    /// request id.
+    Direct { shard: usize, command: Command },
+}
+
 struct Client {
-    payments: VecDeque<NewTransaction>,
-    current: Option<NewTransaction>,
+    requests: VecDeque<Request>,
+    current: Option<Request>,
     generation: u64,
 }
 
@@ -254,6 +269,8 @@ struct World {
     duplication: f64,
     /// Every transaction a client submitted, with its legs.
     submitted: BTreeMap<TxnId, Vec<Leg>>,
+    /// Every authorization hold: its shard (index) and the transaction that captures it.
+    holds: BTreeMap<TxnId, (usize, TxnId)>,
     /// The first decision seen for each transaction.
     decisions: BTreeMap<TxnId, Decision>,
     /// What clients were told.
@@ -378,6 +395,7 @@ impl World {
             loss,
             duplication,
             submitted: BTreeMap::new(),
+            holds: BTreeMap::new(),
             decisions: BTreeMap::new(),
             acknowledged: BTreeMap::new(),
             report: Report {
@@ -388,11 +406,12 @@ impl World {
             config,
         };
         for client in 0..world.config.clients {
-            let payments = (0..world.config.payments_per_client)
-                .map(|number| world.payment(client, number))
-                .collect();
+            let mut requests = VecDeque::new();
+            for number in 0..world.config.payments_per_client {
+                requests.extend(world.payment(client, number));
+            }
             world.clients.push(Client {
-                payments,
+                requests,
                 current: None,
                 generation: 0,
             });
@@ -416,7 +435,9 @@ impl World {
     }
 
     /// A random payment between two customers, sometimes with a fee to a third; some overdraw.
-    fn payment(&mut self, client: usize, number: usize) -> NewTransaction {
+    /// One in four is authorized first: a hold on the payer, a capture of all of it or a part
+    /// (now and then more than it, which is refused), then a void of whatever is left open.
+    fn payment(&mut self, client: usize, number: usize) -> Vec<Request> {
         let count = self.customers.len() as u64;
         let payer = self.customers[self.rng.below(count) as usize].clone();
         let mut payee = payer.clone();
@@ -425,7 +446,29 @@ impl World {
         }
         let amount = self.rng.between(1, 600) as i128;
         let mut legs = vec![leg(&payer, -amount), leg(&payee, amount)];
-        if self.rng.chance(0.3) {
+        let idempotency_key = format!("client-{client}-payment-{number}");
+        let mut requests = Vec::new();
+        let mut hold_id = None;
+        if self.rng.chance(0.25) {
+            let id = TxnId::parse(&format!("h:{client}-{number}")).expect("a hold id");
+            let held = (amount + self.rng.between(-30, 200) as i128).max(1);
+            let shard = self.shard_of[&payer] as usize - 1;
+            let place = CommandKind::PlaceHold {
+                hold_id: id.clone(),
+                account_id: payer.clone(),
+                amount: Amount(held),
+                currency: usd(),
+                metadata: Metadata::default(),
+            };
+            requests.push(Request::Direct {
+                shard,
+                command: Command {
+                    request_id: request_id(&format!("hold-{idempotency_key}")),
+                    kind: place,
+                },
+            });
+            hold_id = Some(id);
+        } else if self.rng.chance(0.3) {
             let collector = self.customers[self.rng.below(count) as usize].clone();
             if collector != payer && collector != payee {
                 let fee = self.rng.between(1, 20) as i128;
@@ -433,20 +476,33 @@ impl World {
                 legs.push(leg(&collector, fee));
             }
         }
-        let idempotency_key = format!("client-{client}-payment-{number}");
         let txn_id = saga::txn_id_for("sim", &idempotency_key);
+        if let Some(hold_id) = &hold_id {
+            let shard = self.shard_of[&payer] as usize - 1;
+            self.holds.insert(hold_id.clone(), (shard, txn_id.clone()));
+        }
         let plan = saga::plan(&legs, |account| self.shard_of[account]);
         self.submitted.insert(txn_id.clone(), legs.clone());
-        NewTransaction {
+        requests.push(Request::Submit(NewTransaction {
             txn_id,
             tenant_id: "sim".into(),
-            idempotency_key,
+            idempotency_key: idempotency_key.clone(),
             legs,
             metadata: Metadata::default(),
-            hold_id: None,
+            hold_id: hold_id.clone(),
             plan,
             reserve_timeout_ms: RESERVE_TIMEOUT_MS,
+        }));
+        if let Some(hold_id) = hold_id {
+            requests.push(Request::Direct {
+                shard: self.shard_of[&payer] as usize - 1,
+                command: Command {
+                    request_id: request_id(&format!("void-hold-{idempotency_key}")),
+                    kind: CommandKind::VoidHold { hold_id },
+                },
+            });
         }
+        requests
     }
 
     fn schedule(&mut self, at: i64, event: Event) {
@@ -797,7 +853,8 @@ impl World {
         };
         for (shard_id, command) in sends {
             let to = Node::Shard(shard_id as usize - 1);
-            self.send(Node::Coordinator, to, Message::Execute { command });
+            let from = Node::Coordinator;
+            self.send(from, to, Message::Execute { from, command });
         }
         self.set_timer(self.now + RPC_TIMEOUT_MS, txn_id, Timer::Resend);
     }
@@ -954,7 +1011,7 @@ impl World {
                 let status = self.abort_from_outside(&txn_id, AbortReason::ResolvedStale);
                 self.send(to, Node::Shard(shard), Message::Resolved { txn_id, status });
             }
-            (Node::Shard(index), Message::Execute { command }) => {
+            (Node::Shard(index), Message::Execute { from, command }) => {
                 let timestamp = self.clock(to);
                 let shard = &mut self.shards[index];
                 let applied = shard.ledger.apply(&command, timestamp);
@@ -964,7 +1021,7 @@ impl World {
                 };
                 self.send(
                     to,
-                    Node::Coordinator,
+                    from,
                     Message::Executed {
                         shard_id,
                         txn_id,
@@ -992,18 +1049,24 @@ impl World {
                 shard.ledger.apply(&command, timestamp);
             }
             (Node::Client(client), Message::Outcome { txn_id, status }) => {
-                let current = &mut self.clients[client];
-                let is_current = current
-                    .current
-                    .as_ref()
-                    .is_some_and(|new| new.txn_id == txn_id);
+                let is_current = matches!(
+                    &self.clients[client].current,
+                    Some(Request::Submit(new)) if new.txn_id == txn_id
+                );
                 if is_current && status != Status::Pending {
                     self.acknowledged.insert(txn_id, status);
-                    current.current = None;
-                    current.generation += 1;
-                    let generation = current.generation;
-                    let at = self.now + self.rng.between(0, 20);
-                    self.schedule(at, Event::ClientTick { client, generation });
+                    self.next_request(client);
+                }
+            }
+            (Node::Client(client), Message::Executed { request_id, .. }) => {
+                // A hold's authorization or void: any definite answer is final (a refused
+                // authorization leaves a capture that the shard refuses in turn).
+                let is_current = matches!(
+                    &self.clients[client].current,
+                    Some(Request::Direct { command, .. }) if command.request_id == request_id
+                );
+                if is_current {
+                    self.next_request(client);
                 }
             }
             (to, message) => panic!("{to:?} does not take {message:?}"),
@@ -1012,26 +1075,41 @@ impl World {
 
     // Clients.
 
+    /// The current request has its final answer: on to the next one shortly.
+    fn next_request(&mut self, client: usize) {
+        let state = &mut self.clients[client];
+        state.current = None;
+        state.generation += 1;
+        let generation = state.generation;
+        let at = self.now + self.rng.between(0, 20);
+        self.schedule(at, Event::ClientTick { client, generation });
+    }
+
     fn client_tick(&mut self, client: usize, generation: u64) {
         let state = &mut self.clients[client];
         if state.generation != generation {
             return;
         }
         if state.current.is_none() {
-            state.current = state.payments.pop_front();
+            state.current = state.requests.pop_front();
         }
-        let Some(new) = state.current.clone() else {
-            return;
-        };
-        // The first send or a retry with the same idempotency key after a timeout.
-        self.send(
-            Node::Client(client),
-            Node::Coordinator,
-            Message::Submit {
-                client,
-                new: Box::new(new),
-            },
-        );
+        // The first send, or a retry with the same idempotency key or request id after a
+        // timeout.
+        let from = Node::Client(client);
+        match state.current.clone() {
+            None => return,
+            Some(Request::Submit(new)) => self.send(
+                from,
+                Node::Coordinator,
+                Message::Submit {
+                    client,
+                    new: Box::new(new),
+                },
+            ),
+            Some(Request::Direct { shard, command }) => {
+                self.send(from, Node::Shard(shard), Message::Execute { from, command })
+            }
+        }
         self.schedule(
             self.now + CLIENT_TIMEOUT_MS,
             Event::ClientTick { client, generation },
@@ -1152,6 +1230,31 @@ impl World {
                 self.decisions.insert(txn_id.clone(), decision);
             }
         }
+        for (hold_id, (shard, txn_id)) in &self.holds {
+            let Some(hold) = self.shards[*shard].ledger.hold(hold_id) else {
+                continue;
+            };
+            let transaction = self.coordinator.saga.transaction(txn_id);
+            let decision = transaction.and_then(|t| t.decision.as_ref());
+            match &hold.state {
+                HoldState::Captured { txn_id: by, amount } => {
+                    let debit = self.submitted[txn_id][0].amount.0;
+                    // A single-shard capture is its batch, which comes before the decision.
+                    let single = transaction.is_some_and(|t| t.is_single_shard());
+                    let decided =
+                        decision == Some(&Decision::Commit) || (single && decision.is_none());
+                    if by != txn_id || !decided || amount.0 != -debit {
+                        return Err(format!(
+                            "{hold_id}: captured {amount} by {by}, decision {decision:?}, debit {debit}"
+                        ));
+                    }
+                }
+                HoldState::Capturing(by) if transaction.is_some_and(|t| t.done) => {
+                    return Err(format!("{hold_id}: still capturing after {by} was done"));
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 
@@ -1159,7 +1262,7 @@ impl World {
     fn quiet(&self) -> bool {
         self.clients
             .iter()
-            .all(|client| client.current.is_none() && client.payments.is_empty())
+            .all(|client| client.current.is_none() && client.requests.is_empty())
             && self.coordinator.saga.in_flight_count() == 0
             && self.shards.iter().all(|shard| {
                 shard
@@ -1173,7 +1276,7 @@ impl World {
         let waiting_clients = self
             .clients
             .iter()
-            .filter(|client| client.current.is_some() || !client.payments.is_empty())
+            .filter(|client| client.current.is_some() || !client.requests.is_empty())
             .count();
         let in_flight: Vec<String> = self
             .coordinator
@@ -1213,6 +1316,18 @@ impl World {
                 }
             }
         }
+        for (hold_id, (shard, _)) in &self.holds {
+            match self.shards[*shard]
+                .ledger
+                .hold(hold_id)
+                .map(|hold| &hold.state)
+            {
+                Some(HoldState::Captured { .. }) => self.report.captured += 1,
+                Some(HoldState::Voided) | None => {}
+                Some(state) => return Err(format!("{hold_id} left {state:?}")),
+            }
+        }
+        self.report.holds = self.holds.len();
         for shard in &self.shards {
             for account in shard.ledger.accounts() {
                 if let Some(want) = expected.get(&account.id)
