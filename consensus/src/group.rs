@@ -8,7 +8,6 @@ use prometheus_client::registry::Registry;
 use proto::raft::v1::raft_admin_server::RaftAdminServer;
 use proto::raft::v1::raft_transport_server::RaftTransportServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 
 use crate::{
@@ -122,6 +121,13 @@ pub fn init_logging() {
         .init();
 }
 
+/// Connections accepted on `listener`, with Nagle's algorithm off. The server builder's
+/// `tcp_nodelay` does not reach a listener of our own, and without it small gRPC responses wait
+/// for the peer's delayed ACK (tens of milliseconds per hop).
+pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Binds `listen` and returns the replica serving `routes` (gRPC, and HTTP/1.1 for `/metrics`)
 /// until Ctrl-C, after which Raft shuts down.
 pub async fn serve<A: App>(
@@ -132,15 +138,15 @@ pub async fn serve<A: App>(
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
     let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .accept_http1(true)
         .add_routes(routes);
+    let incoming = incoming(listener);
     let serving = async move {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
         router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         raft.shutdown()
             .await
