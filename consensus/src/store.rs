@@ -68,7 +68,7 @@ pub fn open_storage<A: App>(
     let families = [LOG, RAFT_META, SM_META]
         .iter()
         .chain(A::COLUMN_FAMILIES)
-        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        .map(|name| ColumnFamilyDescriptor::new(*name, family_options()));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
     let log = LogStore {
         db: db.clone(),
@@ -76,6 +76,15 @@ pub fn open_storage<A: App>(
     };
     let machine = StateMachineStore::load(db, metrics.apply_seconds.clone())?;
     Ok((log, machine))
+}
+
+/// Small memtables: every command inserts a few random keys (request ids, transaction ids), and
+/// a skiplist that stays within the CPU caches makes each insert several times cheaper than one
+/// grown to RocksDB's default 64 MiB.
+fn family_options() -> Options {
+    let mut options = Options::default();
+    options.set_write_buffer_size(4 << 20);
+    options
 }
 
 fn get<T: serde::de::DeserializeOwned>(

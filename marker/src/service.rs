@@ -146,14 +146,18 @@ impl CoordinatorService {
             .driver
             .machine
             .read(|machine| machine.subscribe_applied_seq());
-        let reached = |service: &Self| {
-            service
-                .read(txn_id)
-                .filter(|t| t.decision.is_some() && (t.done || !until_done))
+        // Checked on every applied entry by every waiter: look without copying the transaction.
+        let reached = || {
+            self.driver.machine.read(|machine| {
+                machine
+                    .coordinator()
+                    .transaction(txn_id)
+                    .is_some_and(|t| t.decision.is_some() && (t.done || !until_done))
+            })
         };
         let _ = tokio::time::timeout(wait, async {
             loop {
-                if reached(self).is_some() || applied.changed().await.is_err() {
+                if reached() || applied.changed().await.is_err() {
                     return;
                 }
             }
