@@ -78,9 +78,9 @@ pub fn open_storage<A: App>(
     Ok((log, machine))
 }
 
-/// Small memtables: every command inserts a few random keys (request ids, transaction ids), and
-/// a skiplist that stays within the CPU caches makes each insert several times cheaper than one
-/// grown to RocksDB's default 64 MiB.
+/// Small memtables: every command inserts a few random keys (request ids, transaction ids) into
+/// a skiplist, and one that stays small and in the CPU caches costs less per insert than one grown
+/// to RocksDB's default 64 MiB (in bench-coordinator the inserts fell from 14% to 8% of all CPU).
 fn family_options() -> Options {
     let mut options = Options::default();
     options.set_write_buffer_size(4 << 20);
