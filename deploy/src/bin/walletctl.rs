@@ -196,7 +196,10 @@ enum ApikeyCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // Absolute from here on: processes started in other directories (Postgres runs in its data
+    // directory) are given paths inside it.
+    args.data_dir = std::path::absolute(&args.data_dir)?;
     match args.command {
         Command::Up {
             storage_shards,

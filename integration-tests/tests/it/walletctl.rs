@@ -35,12 +35,19 @@ async fn balance(client: &Client, url: &str, key: &str, wallet: &str, token: &st
     balance.body["balance"].clone()
 }
 
-/// Starts `walletctl up` on `data_dir` with fixed ports from `base_port`.
+/// Starts `walletctl up` on `data_dir` with fixed ports from `base_port`. The directory is
+/// given relative to the current one, as `scripts/run.sh` gives `.wallet`.
 async fn up(data_dir: &std::path::Path, base_port: u16) -> ServiceProcess {
+    let current = std::env::current_dir().unwrap();
+    let mut relative = std::path::PathBuf::new();
+    for _ in current.components().skip(1) {
+        relative.push("..");
+    }
+    relative.push(data_dir.strip_prefix("/").unwrap());
     let args = [
         "up",
         "--data-dir",
-        &data_dir.display().to_string(),
+        &relative.display().to_string(),
         "--base-port",
         &base_port.to_string(),
         "--gateway-addr",
