@@ -5,6 +5,7 @@
 
 pub mod activity;
 pub mod connector;
+pub mod copy;
 pub mod cursor;
 pub mod hierarchy;
 pub mod metrics;

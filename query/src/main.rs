@@ -249,6 +249,8 @@ async fn rebuild(
         .context("connecting to the projection database")?;
     let mut start: BTreeMap<u32, u64> = query::store::applied_seqs(&pool).await?;
     anyhow::ensure!(start.is_empty(), "rebuild needs an empty database");
+    // Loaded without the append-only tables' indexes, which are built once at the end.
+    let deferred = query::store::defer_indexes(&pool).await?;
     if let Some(live) = from_snapshot {
         let live = query::store::connect(live)
             .await
@@ -286,9 +288,14 @@ async fn rebuild(
             }
         }
     });
-    query::projector::project(&pool, &source, &metrics, Some(&heads)).await?;
+    let replayed = query::projector::project(&pool, &source, &metrics, Some(&heads)).await;
     progress.abort();
-    query::progress::draw("replaying", total, total);
+    if replayed.is_ok() {
+        query::progress::draw("replaying", total, total);
+    }
+    eprintln!("building the indexes…");
+    deferred.restore(&pool).await?;
+    replayed?;
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
         "replayed {total} events in {seconds:.1} s ({:.0} events/s)",

@@ -12,6 +12,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use auticuro::convert::state_name;
 
 use crate::activity::{self, Activity, ActivityKind, KIND_KEY};
+use crate::copy::{self, CopyRows};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -77,6 +78,77 @@ pub async fn accounts_with(
     .await?)
 }
 
+/// The tables the projector only appends to and never reads back while projecting.
+const APPEND_ONLY: [&str; 3] = ["ledger_events", "account_versions", "activities"];
+
+/// The indexes (primary keys included) of the append-only tables, dropped for a bulk load:
+/// building an index once from all its rows is several times cheaper than updating it row by
+/// row. [`DeferredIndexes::restore`] builds them again.
+#[must_use = "the dropped indexes must be restored"]
+pub struct DeferredIndexes {
+    /// The statements that build them again, primary keys first.
+    restore: Vec<String>,
+}
+
+/// Drops the indexes of the append-only tables (see [`DeferredIndexes`]).
+pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError> {
+    let tables: Vec<&str> = APPEND_ONLY.to_vec();
+    let constraints: Vec<(String, String)> = sqlx::query_as(
+        "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
+                format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname,
+                       pg_get_constraintdef(c.oid))
+         FROM pg_constraint c
+         JOIN pg_class t ON t.oid = c.conrelid
+         JOIN pg_namespace n ON n.oid = t.relnamespace
+         WHERE n.nspname = $1 AND t.relname = ANY($2) AND c.contype IN ('p', 'u')",
+    )
+    .bind(SCHEMA)
+    .bind(&tables)
+    .fetch_all(pool)
+    .await?;
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT format('DROP INDEX %I.%I', i.schemaname, i.indexname), i.indexdef
+         FROM pg_indexes i
+         WHERE i.schemaname = $1 AND i.tablename = ANY($2)
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                           WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)",
+    )
+    .bind(SCHEMA)
+    .bind(&tables)
+    .fetch_all(pool)
+    .await?;
+    let mut tx = pool.begin().await?;
+    for (drop, _) in indexes.iter().chain(&constraints) {
+        sqlx::query(sqlx::AssertSqlSafe(drop.as_str()))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(DeferredIndexes {
+        restore: constraints
+            .into_iter()
+            .chain(indexes)
+            .map(|(_, restore)| restore)
+            .collect(),
+    })
+}
+
+impl DeferredIndexes {
+    pub async fn restore(self, pool: &PgPool) -> Result<(), StoreError> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+            .execute(&mut *tx)
+            .await?;
+        for statement in self.restore {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// The last applied seq of every shard projected so far.
 pub async fn applied_seqs(pool: &PgPool) -> Result<BTreeMap<u32, u64>, StoreError> {
     let rows = sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets")
@@ -93,10 +165,8 @@ pub fn tenant_of(account_id: &str) -> &str {
     account_id.split_once('/').map_or("", |(tenant, _)| tenant)
 }
 
-fn minor(amount: &Option<Amount>) -> String {
-    amount
-        .as_ref()
-        .map_or_else(|| "0".to_string(), |a| a.minor_units.clone())
+fn minor(amount: &Option<Amount>) -> &str {
+    amount.as_ref().map_or("0", |a| a.minor_units.as_str())
 }
 
 fn minor_value(amount: &Option<Amount>) -> i128 {
@@ -148,39 +218,21 @@ type Movement = (String, i128, String);
 /// Rows of one batch, gathered per table and written with one statement per table.
 #[derive(Default)]
 struct Rows {
-    events: EventRows,
-    versions: VersionRows,
+    /// `ledger_events`, in the order of [`EVENT_COLUMNS`].
+    events: CopyRows,
+    /// `account_versions`, in the order of [`VERSION_COLUMNS`].
+    versions: CopyRows,
     /// The last state of each account in the batch, by (account id, shard id).
     accounts: BTreeMap<(String, u32), AccountRow>,
     activities: ActivityRows,
 }
 
-#[derive(Default)]
-struct EventRows {
-    shard_id: Vec<i32>,
-    seq: Vec<i64>,
-    time_ms: Vec<i64>,
-    request_id: Vec<String>,
-    txn_id: Vec<Option<String>>,
-    kind: Vec<&'static str>,
-    account_ids: Vec<String>,
-    payload: Vec<Vec<u8>>,
-}
-
-#[derive(Default)]
-struct VersionRows {
-    account_id: Vec<String>,
-    version: Vec<i64>,
-    shard_id: Vec<i32>,
-    seq: Vec<i64>,
-    time_ms: Vec<i64>,
-    request_id: Vec<String>,
-    txn_id: Vec<Option<String>>,
-    state: Vec<&'static str>,
-    balance: Vec<String>,
-    pending_out: Vec<String>,
-    pending_in: Vec<String>,
-}
+const EVENT_COLUMNS: &str =
+    "ledger_events (shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload)";
+const VERSION_COLUMNS: &str = "account_versions (account_id, version, shard_id, seq, event_time, \
+     request_id, txn_id, state, balance, pending_out, pending_in)";
+const ACTIVITY_COLUMNS: &str = "activities (activity_id, account_id, tenant_id, kind, amount, \
+     currency, txn_id, counterparty_account_id, occurred_at, metadata)";
 
 struct AccountRow {
     shard_id: u32,
@@ -193,16 +245,8 @@ struct AccountRow {
 
 #[derive(Default)]
 struct ActivityRows {
-    activity_id: Vec<i64>,
-    account_id: Vec<String>,
-    tenant_id: Vec<String>,
-    kind: Vec<&'static str>,
-    amount: Vec<String>,
-    currency: Vec<String>,
-    txn_id: Vec<Option<String>>,
-    counterparty: Vec<Option<String>>,
-    time_ms: Vec<i64>,
-    metadata: Vec<String>,
+    /// In the order of [`ACTIVITY_COLUMNS`].
+    rows: CopyRows,
     /// The event of the last activity and its position in it.
     last: Option<(u32, u64, usize)>,
 }
@@ -210,7 +254,13 @@ struct ActivityRows {
 impl ActivityRows {
     /// The activities of money that moved in `event`, one currency at a time (a batch may
     /// move several), numbered in order within the event.
-    fn add(&mut self, event: &pb::Event, metadata: &BTreeMap<String, String>, legs: &[Movement]) {
+    fn add(
+        &mut self,
+        event: &pb::Event,
+        time: &str,
+        metadata: &BTreeMap<String, String>,
+        legs: &[Movement],
+    ) {
         let mut currencies: Vec<&str> = Vec::new();
         for (_, _, currency) in legs {
             if !currencies.contains(&currency.as_str()) {
@@ -230,7 +280,7 @@ impl ActivityRows {
                     .map(move |found| (found, currency.to_string()))
             })
             .collect();
-        self.push(event, metadata, found);
+        self.push(event, time, metadata, found);
     }
 
     /// Activities of a hold (placed or released): each leg of the hold as `kind`, its amount
@@ -238,6 +288,7 @@ impl ActivityRows {
     fn add_hold(
         &mut self,
         event: &pb::Event,
+        time: &str,
         metadata: &BTreeMap<String, String>,
         legs: &[Movement],
         kind: ActivityKind,
@@ -255,12 +306,13 @@ impl ActivityRows {
                 (activity, currency.clone())
             })
             .collect();
-        self.push(event, metadata, found);
+        self.push(event, time, metadata, found);
     }
 
     fn push(
         &mut self,
         event: &pb::Event,
+        time: &str,
         metadata: &BTreeMap<String, String>,
         found: Vec<(Activity, String)>,
     ) {
@@ -278,19 +330,18 @@ impl ActivityRows {
                     0
                 }
             };
-            self.activity_id
-                .push(activity_id(event.shard_id, event.seq, position));
-            self.tenant_id
-                .push(tenant_of(&found.account_id).to_string());
-            self.account_id.push(found.account_id);
-            self.kind.push(found.kind.name());
-            self.amount.push(found.amount.to_string());
-            self.currency.push(currency);
-            self.txn_id
-                .push(Some(event.txn_id.clone()).filter(|t| !t.is_empty()));
-            self.counterparty.push(found.counterparty);
-            self.time_ms.push(event.timestamp_ms);
-            self.metadata.push(metadata_json(&visible));
+            self.rows
+                .int(activity_id(event.shard_id, event.seq, position))
+                .text(&found.account_id)
+                .text(tenant_of(&found.account_id))
+                .text(found.kind.name())
+                .text(&found.amount.to_string())
+                .text(&currency)
+                .optional(Some(event.txn_id.as_str()).filter(|t| !t.is_empty()))
+                .optional(found.counterparty.as_deref())
+                .text(time)
+                .text(&metadata_json(&visible))
+                .end_row();
         }
     }
 }
@@ -378,39 +429,33 @@ async fn project_event(
         reason,
     };
     let command = event.command.as_ref().ok_or(malformed("no command"))?;
+    let time = copy::timestamp(event.timestamp_ms).ok_or(malformed("timestamp out of range"))?;
     let txn_id = Some(event.txn_id.clone()).filter(|t| !t.is_empty());
-    let e = &mut rows.events;
-    e.shard_id.push(event.shard_id as i32);
-    e.seq.push(event.seq as i64);
-    e.time_ms.push(event.timestamp_ms);
-    e.request_id.push(event.request_id.clone());
-    e.txn_id.push(txn_id.clone());
-    e.kind.push(command_name(&command.kind));
-    e.account_ids.push(
-        serde_json::to_string(
-            &event
-                .accounts
-                .iter()
-                .map(|a| a.account_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .expect("strings serialize"),
-    );
-    e.payload.push(event.encode_to_vec());
+    rows.events
+        .int(event.shard_id.into())
+        .int(event.seq as i64)
+        .text(&time)
+        .text(&event.request_id)
+        .optional(txn_id.as_deref())
+        .text(command_name(&command.kind))
+        .text_array(event.accounts.iter().map(|a| a.account_id.as_str()))
+        .bytes(&event.encode_to_vec())
+        .end_row();
 
     for account in &event.accounts {
-        let v = &mut rows.versions;
-        v.account_id.push(account.account_id.clone());
-        v.version.push(account.version as i64);
-        v.shard_id.push(event.shard_id as i32);
-        v.seq.push(event.seq as i64);
-        v.time_ms.push(event.timestamp_ms);
-        v.request_id.push(event.request_id.clone());
-        v.txn_id.push(txn_id.clone());
-        v.state.push(state_name(account.state));
-        v.balance.push(minor(&account.balance));
-        v.pending_out.push(minor(&account.pending_out));
-        v.pending_in.push(minor(&account.pending_in));
+        rows.versions
+            .text(&account.account_id)
+            .int(account.version as i64)
+            .int(event.shard_id.into())
+            .int(event.seq as i64)
+            .text(&time)
+            .text(&event.request_id)
+            .optional(txn_id.as_deref())
+            .text(state_name(account.state))
+            .text(minor(&account.balance))
+            .text(minor(&account.pending_out))
+            .text(minor(&account.pending_in))
+            .end_row();
         let key = (account.account_id.clone(), event.shard_id);
         let created_ms = rows
             .accounts
@@ -444,7 +489,7 @@ async fn project_event(
                     transfer.currency.clone(),
                 ),
             ];
-            rows.activities.add(event, &transfer.metadata, &legs);
+            rows.activities.add(event, &time, &transfer.metadata, &legs);
         }
         Some(Kind::Batch(batch)) => {
             let legs = leg_values(&batch.legs);
@@ -452,7 +497,7 @@ async fn project_event(
                 insert_transaction(tx, event, &batch.txn_id, &batch.metadata, "committed").await?;
                 insert_legs(tx, event, &batch.txn_id, &batch.legs, "posted").await?;
             }
-            rows.activities.add(event, &batch.metadata, &legs);
+            rows.activities.add(event, &time, &batch.metadata, &legs);
             capture_hold(tx, event, &batch.metadata).await?;
         }
         Some(Kind::Reserve(reserve)) => {
@@ -462,7 +507,7 @@ async fn project_event(
         Some(Kind::Post(post)) => {
             let (metadata, legs) =
                 finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
-            rows.activities.add(event, &metadata, &legs);
+            rows.activities.add(event, &time, &metadata, &legs);
             capture_hold(tx, event, &metadata).await?;
         }
         Some(Kind::Void(void)) => {
@@ -480,13 +525,13 @@ async fn project_event(
             insert_legs(tx, event, &hold.hold_id, std::slice::from_ref(&leg), "held").await?;
             let legs = leg_values(&[leg]);
             rows.activities
-                .add_hold(event, &hold.metadata, &legs, ActivityKind::Hold, -1);
+                .add_hold(event, &time, &hold.metadata, &legs, ActivityKind::Hold, -1);
         }
         Some(Kind::VoidHold(void)) => {
             let (metadata, legs) =
                 finish_legs(tx, event, &void.hold_id, "voided", "voided").await?;
             rows.activities
-                .add_hold(event, &metadata, &legs, ActivityKind::Void, 1);
+                .add_hold(event, &time, &metadata, &legs, ActivityKind::Void, 1);
         }
         _ => {}
     }
@@ -570,7 +615,7 @@ async fn insert_legs(
     state: &str,
 ) -> Result<(), StoreError> {
     let accounts: Vec<String> = legs.iter().map(|l| l.account_id.clone()).collect();
-    let amounts: Vec<String> = legs.iter().map(|l| minor(&l.amount)).collect();
+    let amounts: Vec<&str> = legs.iter().map(|l| minor(&l.amount)).collect();
     let currencies: Vec<String> = legs.iter().map(|l| l.currency.clone()).collect();
     sqlx::query(
         "INSERT INTO transaction_legs (txn_id, shard_id, account_id, amount, currency, state)
@@ -640,51 +685,8 @@ async fn insert_rows(
     tx: &mut Transaction<'static, Postgres>,
     rows: Rows,
 ) -> Result<(), StoreError> {
-    let e = rows.events;
-    sqlx::query(
-        "INSERT INTO ledger_events
-             (shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload)
-         SELECT shard_id, seq, timestamptz 'epoch' + ms * interval '1 millisecond', request_id,
-                txn_id, kind, ARRAY(SELECT jsonb_array_elements_text(accounts::jsonb)), payload
-         FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::bytea[])
-              AS e(shard_id, seq, ms, request_id, txn_id, kind, accounts, payload)",
-    )
-    .bind(&e.shard_id)
-    .bind(&e.seq)
-    .bind(&e.time_ms)
-    .bind(&e.request_id)
-    .bind(&e.txn_id)
-    .bind(&e.kind)
-    .bind(&e.account_ids)
-    .bind(&e.payload)
-    .execute(&mut **tx)
-    .await?;
-
-    let v = rows.versions;
-    sqlx::query(
-        "INSERT INTO account_versions (account_id, version, shard_id, seq, event_time, request_id,
-                                       txn_id, state, balance, pending_out, pending_in)
-         SELECT account_id, version, shard_id, seq, timestamptz 'epoch' + ms * interval '1 millisecond',
-                request_id, txn_id, state, balance::numeric, pending_out::numeric, pending_in::numeric
-         FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bigint[], $5::bigint[], $6::text[],
-                     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
-              AS v(account_id, version, shard_id, seq, ms, request_id, txn_id, state, balance,
-                   pending_out, pending_in)",
-    )
-    .bind(&v.account_id)
-    .bind(&v.version)
-    .bind(&v.shard_id)
-    .bind(&v.seq)
-    .bind(&v.time_ms)
-    .bind(&v.request_id)
-    .bind(&v.txn_id)
-    .bind(&v.state)
-    .bind(&v.balance)
-    .bind(&v.pending_out)
-    .bind(&v.pending_in)
-    .execute(&mut **tx)
-    .await?;
+    rows.events.write(tx, EVENT_COLUMNS).await?;
+    rows.versions.write(tx, VERSION_COLUMNS).await?;
 
     let mut columns: [Vec<String>; 9] = Default::default();
     let (mut shard_id, mut scale, mut version, mut seq, mut time_ms, mut created_ms) =
@@ -698,9 +700,9 @@ async fn insert_rows(
             tenant_of(&account_id).to_string(),
             account.currency.clone(),
             state_name(account.state).to_string(),
-            minor(&account.balance),
-            minor(&account.pending_out),
-            minor(&account.pending_in),
+            minor(&account.balance).to_string(),
+            minor(&account.pending_out).to_string(),
+            minor(&account.pending_in).to_string(),
             available.to_string(),
             metadata_json(&account.metadata),
             account_id,
@@ -773,29 +775,7 @@ async fn insert_rows(
     .execute(&mut **tx)
     .await?;
 
-    let a = rows.activities;
-    sqlx::query(
-        "INSERT INTO activities (activity_id, account_id, tenant_id, kind, amount, currency,
-                                 txn_id, counterparty_account_id, occurred_at, metadata)
-         SELECT activity_id, account_id, tenant_id, kind, amount::numeric, currency, txn_id,
-                counterparty, timestamptz 'epoch' + ms * interval '1 millisecond', metadata::jsonb
-         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::bigint[], $10::text[])
-              AS a(activity_id, account_id, tenant_id, kind, amount, currency, txn_id,
-                   counterparty, ms, metadata)",
-    )
-    .bind(&a.activity_id)
-    .bind(&a.account_id)
-    .bind(&a.tenant_id)
-    .bind(&a.kind)
-    .bind(&a.amount)
-    .bind(&a.currency)
-    .bind(&a.txn_id)
-    .bind(&a.counterparty)
-    .bind(&a.time_ms)
-    .bind(&a.metadata)
-    .execute(&mut **tx)
-    .await?;
+    rows.activities.rows.write(tx, ACTIVITY_COLUMNS).await?;
     Ok(())
 }
 

@@ -100,6 +100,19 @@ async fn main() -> anyhow::Result<()> {
         replicas: shard.replicas.iter().map(|r| r.address.clone()).collect(),
     })
     .await;
+    // The lag is measured at a steady rate: the projection first catches up with the set-up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while query::store::applied_seqs(&pool)
+        .await?
+        .get(&1)
+        .is_none_or(|applied| *applied < setup_head)
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the projection did not catch up with the set-up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     eprintln!("offering {} events/s for {} s…", args.rate, args.seconds);
     let timeline = Arc::new(Mutex::new(Timeline::default()));

@@ -10,6 +10,7 @@ use integration_tests::kafka::KafkaBroker;
 use integration_tests::platform::{Platform, leg, minor, submit_request};
 use integration_tests::postgres::fresh_database;
 use integration_tests::process::{ServiceProcess, spawn};
+use prost::Message as _;
 use proto::auticuro::v1 as ledger;
 use proto::common::v1::{ConsistencyToken, ShardSeq};
 use proto::query::v1 as pb;
@@ -127,8 +128,20 @@ async fn table_digests(pool: &PgPool) -> BTreeMap<&'static str, (i64, String)> {
         .unwrap();
         digests.insert(table, (row.get::<i64, _>(0), row.get::<String, _>(1)));
     }
+    // A rebuild loads without some indexes and builds them at the end: all must be back.
+    let row = sqlx::query(
+        "SELECT count(*), md5(string_agg(indexdef, '|' ORDER BY indexdef))
+         FROM pg_indexes WHERE schemaname = 'query'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    digests.insert("indexes", (row.get::<i64, _>(0), row.get::<String, _>(1)));
     digests
 }
+
+/// A metadata value with every character the projector's COPY text format must escape.
+const AWKWARD: &str = "tab\there, \"quoted\", back\\slash,\nnew line\r, {braces}";
 
 fn payment_request(
     key: &str,
@@ -146,6 +159,7 @@ fn payment_request(
         (FROM_KEY.to_string(), from.to_string()),
         (TO_KEY.to_string(), to.to_string()),
         ("order".to_string(), key.to_string()),
+        ("note".to_string(), AWKWARD.to_string()),
     ]);
     if let Some((collector, fee)) = fee {
         legs.push(leg(collector, fee));
@@ -476,6 +490,26 @@ async fn payments_show_up_in_every_table_and_reads_see_their_writes() {
         Some("p-across"),
         "the caller's metadata, without the gateway's own keys"
     );
+    let stored: (String, Vec<u8>, Vec<String>) = sqlx::query_as(
+        "SELECT a.metadata ->> 'note', e.payload, e.account_ids
+         FROM activities a JOIN ledger_events e ON e.txn_id = a.txn_id AND e.kind = 'post'
+         WHERE a.txn_id = $1 LIMIT 1",
+    )
+    .bind(&across.txn_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.0, AWKWARD, "text survives the projector's COPY");
+    let event = ledger::Event::decode(stored.1.as_slice()).unwrap();
+    assert_eq!(
+        stored.2,
+        event
+            .accounts
+            .iter()
+            .map(|a| a.account_id.clone())
+            .collect::<Vec<_>>(),
+        "the raw event and its account ids"
+    );
     assert!(
         feed.iter()
             .all(|a| a.metadata.keys().all(|k| !k.starts_with("wallet:")))
@@ -565,7 +599,6 @@ async fn events_of(group: &Group) -> Vec<ledger::Event> {
 }
 
 async fn produce(broker: &KafkaBroker, topic: &str, events: &[&ledger::Event]) {
-    use prost::Message as _;
     let producer: FutureProducer = broker.client_config().create().unwrap();
     for event in events {
         let payload = event.encode_to_vec();
