@@ -868,7 +868,7 @@ pub async fn versions(
          WHERE account_id = $1 AND version < $2 AND seq <= $3
            AND ($4::bigint IS NULL
                 OR event_time <= timestamptz 'epoch' + $4::bigint * interval '1 millisecond')
-         ORDER BY version DESC LIMIT $5",
+         ORDER BY version DESC, shard_id DESC LIMIT $5",
     )
     .bind(account_id)
     .bind(before)
