@@ -120,10 +120,7 @@ pub async fn project(
     };
     drop(sender);
     let mut seen: BTreeMap<i32, i64> = BTreeMap::new();
-    loop {
-        let Some(first) = receiver.recv().await else {
-            return Err(ProjectorError::SourceEnded);
-        };
+    let mut gather = |first: Option<Incoming>, receiver: &mut mpsc::Receiver<Incoming>| {
         let mut batch: Vec<pb::Event> = Vec::new();
         let mut offer = |incoming: Incoming, batch: &mut Vec<pb::Event>| {
             if let Some((partition, offset)) = incoming.position {
@@ -142,12 +139,21 @@ pub async fn project(
                 }
             }
         };
-        offer(first, &mut batch);
+        let mut received = first.is_some();
+        if let Some(first) = first {
+            offer(first, &mut batch);
+        }
         while batch.len() < BATCH_EVENTS_MAX {
             match receiver.try_recv() {
-                Ok(incoming) => offer(incoming, &mut batch),
+                Ok(incoming) => {
+                    received = true;
+                    offer(incoming, &mut batch);
+                }
                 Err(_) => break,
             }
+        }
+        if !received {
+            return Ok(None);
         }
         let mut any_gap = false;
         for (shard_id, cursor) in &cursors {
@@ -155,27 +161,62 @@ pub async fn project(
             any_gap |= gap.is_some();
             metrics.set_gap(*shard_id, gap, cursor.applied());
         }
-        if !batch.is_empty() {
-            store::write_batch(pool, &batch).await?;
-            metrics.applied(&batch);
-        }
+        Ok::<_, StoreError>(Some(Gathered {
+            prepared: store::prepare(batch)?,
+            // Offsets are committed once the batch is, and never past an event held back by a gap.
+            offsets: (!any_gap).then(|| seen.clone()),
+            last: reached(&cursors),
+        }))
+    };
+    let mut upcoming: Option<Gathered> = None;
+    loop {
+        let gathered = match upcoming.take() {
+            Some(gathered) => gathered,
+            None => {
+                let Some(first) = receiver.recv().await else {
+                    return Err(ProjectorError::SourceEnded);
+                };
+                gather(Some(first), &mut receiver)?.expect("an event was received")
+            }
+        };
+        let writing = tokio::spawn({
+            let pool = pool.clone();
+            async move { store::write(&pool, gathered.prepared).await }
+        });
+        // The events already waiting are prepared while the batch is written.
+        let next = if gathered.last {
+            Ok(None)
+        } else {
+            gather(None, &mut receiver)
+        };
+        let events = writing.await.expect("the batch writer never panics")?;
+        upcoming = next?;
+        metrics.applied(&events);
         if let Some(consumer) = &consumer
-            && !any_gap
-            && !seen.is_empty()
+            && let Some(offsets) = gathered.offsets.filter(|seen| !seen.is_empty())
         {
-            let mut offsets = TopicPartitionList::new();
             let Source::Kafka { topic, .. } = source else {
                 unreachable!("a consumer exists only for a Kafka source")
             };
-            for (partition, offset) in &seen {
-                offsets.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+            let mut list = TopicPartitionList::new();
+            for (partition, offset) in &offsets {
+                list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
             }
-            consumer.commit(&offsets, CommitMode::Async)?;
+            consumer.commit(&list, CommitMode::Async)?;
         }
-        if reached(&cursors) {
+        if gathered.last {
             return Ok(());
         }
     }
+}
+
+/// A batch read from the source and prepared for writing.
+struct Gathered {
+    prepared: store::Prepared,
+    /// The Kafka offsets to commit once it is written.
+    offsets: Option<BTreeMap<i32, i64>>,
+    /// Whether it reaches every shard's `until`.
+    last: bool,
 }
 
 /// Follows one shard's event stream from `from`, across replicas, for as long as the receiver

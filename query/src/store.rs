@@ -346,11 +346,33 @@ impl ActivityRows {
     }
 }
 
-/// Writes `events` (per shard contiguous, in seq order, each shard's first event right after
-/// its applied seq) and the new applied seqs, all in one SQL transaction.
-pub async fn write_batch(pool: &PgPool, events: &[pb::Event]) -> Result<(), StoreError> {
+/// A batch of events with every row that follows from the events alone, ready for [`write`].
+pub struct Prepared {
+    events: Vec<pb::Event>,
+    rows: Rows,
+}
+
+/// Builds the rows of `events` that need nothing from the database: CPU only, so the projector
+/// prepares the next batch while the previous one is written.
+pub fn prepare(events: Vec<pb::Event>) -> Result<Prepared, StoreError> {
+    let mut rows = Rows::default();
+    for event in &events {
+        event_rows(&mut rows, event)?;
+    }
+    Ok(Prepared { events, rows })
+}
+
+/// Writes a prepared batch (per shard contiguous, in seq order, each shard's first event right
+/// after its applied seq) and the new applied seqs, all in one SQL transaction. A transaction's
+/// row does not depend on the order in which its shards' events are projected, so a rebuild
+/// gives the same row. Returns the batch's events.
+pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, StoreError> {
+    let Prepared { events, mut rows } = prepared;
+    if events.is_empty() {
+        return Ok(events);
+    }
     let mut firsts: BTreeMap<u32, (u64, u64, i64)> = BTreeMap::new();
-    for event in events {
+    for event in &events {
         let entry =
             firsts
                 .entry(event.shard_id)
@@ -392,9 +414,8 @@ pub async fn write_batch(pool: &PgPool, events: &[pb::Event]) -> Result<(), Stor
         }
     }
 
-    let mut rows = Rows::default();
-    for event in events {
-        project_event(&mut tx, &mut rows, event).await?;
+    for event in &events {
+        transaction_rows(&mut tx, &mut rows.activities, event).await?;
     }
     insert_rows(&mut tx, rows).await?;
 
@@ -412,17 +433,11 @@ pub async fn write_batch(pool: &PgPool, events: &[pb::Event]) -> Result<(), Stor
         .await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok(events)
 }
 
-/// Gathers the rows of one event, and writes its transaction rows right away (a later event of
-/// the same batch may read them). A transaction's row does not depend on the order in which
-/// its shards' events are projected, so a rebuild gives the same row.
-async fn project_event(
-    tx: &mut Transaction<'static, Postgres>,
-    rows: &mut Rows,
-    event: &pb::Event,
-) -> Result<(), StoreError> {
+/// Gathers the rows that follow from one event alone.
+fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
     let malformed = |reason| StoreError::Malformed {
         shard_id: event.shard_id,
         seq: event.seq,
@@ -492,46 +507,79 @@ async fn project_event(
             rows.activities.add(event, &time, &transfer.metadata, &legs);
         }
         Some(Kind::Batch(batch)) => {
-            let legs = leg_values(&batch.legs);
+            rows.activities
+                .add(event, &time, &batch.metadata, &leg_values(&batch.legs));
+        }
+        Some(Kind::PlaceHold(hold)) => {
+            let legs = leg_values(std::slice::from_ref(&hold_leg(hold)));
+            rows.activities
+                .add_hold(event, &time, &hold.metadata, &legs, ActivityKind::Hold, -1);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The hold's one leg: the authorized amount out of the wallet.
+fn hold_leg(hold: &pb::PlaceHold) -> pb::Leg {
+    pb::Leg {
+        account_id: hold.account_id.clone(),
+        amount: Some(Amount {
+            minor_units: format!("-{}", minor(&hold.amount)),
+        }),
+        currency: hold.currency.clone(),
+    }
+}
+
+/// Writes the transaction and leg rows of one event, in the batch's SQL transaction (a later
+/// event may read them back), and gathers the activities that come from legs read back: those
+/// of posts and of released holds. (No event has activities from both this and
+/// [`event_rows`], so their positions within the event cannot collide.)
+async fn transaction_rows(
+    tx: &mut Transaction<'static, Postgres>,
+    activities: &mut ActivityRows,
+    event: &pb::Event,
+) -> Result<(), StoreError> {
+    let Some(kind) = event.command.as_ref().and_then(|c| c.kind.as_ref()) else {
+        return Ok(());
+    };
+    let time = || {
+        copy::timestamp(event.timestamp_ms).ok_or(StoreError::Malformed {
+            shard_id: event.shard_id,
+            seq: event.seq,
+            reason: "timestamp out of range",
+        })
+    };
+    match kind {
+        Kind::Batch(batch) => {
             if !batch.txn_id.is_empty() {
                 insert_transaction(tx, event, &batch.txn_id, &batch.metadata, "committed").await?;
                 insert_legs(tx, event, &batch.txn_id, &batch.legs, "posted").await?;
             }
-            rows.activities.add(event, &time, &batch.metadata, &legs);
             capture_hold(tx, event, &batch.metadata).await?;
         }
-        Some(Kind::Reserve(reserve)) => {
+        Kind::Reserve(reserve) => {
             insert_transaction(tx, event, &reserve.txn_id, &reserve.metadata, "pending").await?;
             insert_legs(tx, event, &reserve.txn_id, &reserve.legs, "held").await?;
         }
-        Some(Kind::Post(post)) => {
+        Kind::Post(post) => {
             let (metadata, legs) =
                 finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
-            rows.activities.add(event, &time, &metadata, &legs);
+            activities.add(event, &time()?, &metadata, &legs);
             capture_hold(tx, event, &metadata).await?;
         }
-        Some(Kind::Void(void)) => {
+        Kind::Void(void) => {
             finish_legs(tx, event, &void.txn_id, "voided", "aborted").await?;
         }
-        Some(Kind::PlaceHold(hold)) => {
-            let leg = pb::Leg {
-                account_id: hold.account_id.clone(),
-                amount: Some(Amount {
-                    minor_units: format!("-{}", minor(&hold.amount)),
-                }),
-                currency: hold.currency.clone(),
-            };
+        Kind::PlaceHold(hold) => {
             insert_transaction(tx, event, &hold.hold_id, &hold.metadata, "authorized").await?;
+            let leg = hold_leg(hold);
             insert_legs(tx, event, &hold.hold_id, std::slice::from_ref(&leg), "held").await?;
-            let legs = leg_values(&[leg]);
-            rows.activities
-                .add_hold(event, &time, &hold.metadata, &legs, ActivityKind::Hold, -1);
         }
-        Some(Kind::VoidHold(void)) => {
+        Kind::VoidHold(void) => {
             let (metadata, legs) =
                 finish_legs(tx, event, &void.hold_id, "voided", "voided").await?;
-            rows.activities
-                .add_hold(event, &time, &metadata, &legs, ActivityKind::Void, 1);
+            activities.add_hold(event, &time()?, &metadata, &legs, ActivityKind::Void, 1);
         }
         _ => {}
     }
