@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use crate::connector::{ShardSource, subscribe};
 use crate::cursor::{Cursor, Offer};
 use crate::metrics::ProjectionMetrics;
-use crate::store::{self, StoreError};
+use crate::store::{self, Prepared, StoreError};
 
 /// Events written in one SQL transaction at most.
 pub const BATCH_EVENTS_MAX: usize = 2_000;
@@ -73,18 +73,14 @@ pub async fn project(
     until: Option<&BTreeMap<u32, u64>>,
 ) -> Result<(), ProjectorError> {
     let applied = store::applied_seqs(pool).await?;
-    let reached = |cursors: &BTreeMap<u32, Cursor<Incoming>>| {
-        until.is_some_and(|until| {
-            until.iter().all(|(shard, seq)| {
-                let done = cursors
-                    .get(shard)
-                    .map_or(applied.get(shard).copied().unwrap_or(0), Cursor::applied);
-                done >= *seq
-            })
-        })
+    let mut intake = Intake {
+        until,
+        applied: &applied,
+        cursors: BTreeMap::new(),
+        seen: BTreeMap::new(),
+        metrics,
     };
-    let mut cursors: BTreeMap<u32, Cursor<Incoming>> = BTreeMap::new();
-    if reached(&cursors) {
+    if intake.reached() {
         return Ok(());
     }
     let (sender, mut receiver) = mpsc::channel::<Incoming>(BATCH_EVENTS_MAX * 2);
@@ -119,55 +115,6 @@ pub async fn project(
         }
     };
     drop(sender);
-    let mut seen: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut gather = |first: Option<Incoming>, receiver: &mut mpsc::Receiver<Incoming>| {
-        let mut batch: Vec<pb::Event> = Vec::new();
-        let mut offer = |incoming: Incoming, batch: &mut Vec<pb::Event>| {
-            if let Some((partition, offset)) = incoming.position {
-                seen.insert(partition, offset);
-            }
-            let shard_id = incoming.event.shard_id;
-            let seq = incoming.event.seq;
-            let cursor = cursors
-                .entry(shard_id)
-                .or_insert_with(|| Cursor::new(applied.get(&shard_id).copied().unwrap_or(0)));
-            match cursor.offer(seq, incoming) {
-                Offer::Ready(ready) => batch.extend(ready.into_iter().map(|(_, i)| i.event)),
-                Offer::Held | Offer::Replay => {}
-                Offer::Dropped => {
-                    metrics.dropped.inc();
-                }
-            }
-        };
-        let mut received = first.is_some();
-        if let Some(first) = first {
-            offer(first, &mut batch);
-        }
-        while batch.len() < BATCH_EVENTS_MAX {
-            match receiver.try_recv() {
-                Ok(incoming) => {
-                    received = true;
-                    offer(incoming, &mut batch);
-                }
-                Err(_) => break,
-            }
-        }
-        if !received {
-            return Ok(None);
-        }
-        let mut any_gap = false;
-        for (shard_id, cursor) in &cursors {
-            let gap = cursor.gap();
-            any_gap |= gap.is_some();
-            metrics.set_gap(*shard_id, gap, cursor.applied());
-        }
-        Ok::<_, StoreError>(Some(Gathered {
-            prepared: store::prepare(batch)?,
-            // Offsets are committed once the batch is, and never past an event held back by a gap.
-            offsets: (!any_gap).then(|| seen.clone()),
-            last: reached(&cursors),
-        }))
-    };
     let mut upcoming: Option<Gathered> = None;
     loop {
         let gathered = match upcoming.take() {
@@ -176,21 +123,49 @@ pub async fn project(
                 let Some(first) = receiver.recv().await else {
                     return Err(ProjectorError::SourceEnded);
                 };
-                gather(Some(first), &mut receiver)?.expect("an event was received")
+                let mut batch = Prepared::default();
+                intake.offer(first, &mut batch)?;
+                while batch.len() < BATCH_EVENTS_MAX {
+                    let Ok(incoming) = receiver.try_recv() else {
+                        break;
+                    };
+                    intake.offer(incoming, &mut batch)?;
+                }
+                intake.close(batch)
             }
         };
-        let writing = tokio::spawn({
+        let mut writing = tokio::spawn({
             let pool = pool.clone();
             async move { store::write(&pool, gathered.prepared).await }
         });
-        // The events already waiting are prepared while the batch is written.
-        let next = if gathered.last {
-            Ok(None)
-        } else {
-            gather(None, &mut receiver)
+        // The next batch takes the events that arrive while this one is written, and is
+        // prepared meanwhile.
+        let mut next = Prepared::default();
+        let mut received = false;
+        let mut open = true;
+        let mut failed = None;
+        let written = loop {
+            tokio::select! {
+                biased;
+                written = &mut writing => break written,
+                incoming = receiver.recv(),
+                    if open && failed.is_none() && !gathered.last
+                        && next.len() < BATCH_EVENTS_MAX =>
+                {
+                    match incoming {
+                        Some(incoming) => {
+                            received = true;
+                            failed = intake.offer(incoming, &mut next).err();
+                        }
+                        None => open = false,
+                    }
+                }
+            }
         };
-        let events = writing.await.expect("the batch writer never panics")?;
-        upcoming = next?;
+        let events = written.expect("the batch writer never panics")?;
+        if let Some(error) = failed {
+            return Err(error.into());
+        }
         metrics.applied(&events);
         if let Some(consumer) = &consumer
             && let Some(offsets) = gathered.offsets.filter(|seen| !seen.is_empty())
@@ -206,6 +181,75 @@ pub async fn project(
         }
         if gathered.last {
             return Ok(());
+        }
+        upcoming = received.then(|| intake.close(next));
+    }
+}
+
+/// What the projector has taken in: a cursor per shard (only the next seq passes) and the Kafka
+/// offsets read.
+struct Intake<'a> {
+    until: Option<&'a BTreeMap<u32, u64>>,
+    /// The applied seqs in Postgres when projecting started.
+    applied: &'a BTreeMap<u32, u64>,
+    cursors: BTreeMap<u32, Cursor<Incoming>>,
+    seen: BTreeMap<i32, i64>,
+    metrics: &'a ProjectionMetrics,
+}
+
+impl Intake<'_> {
+    /// Whether every shard in `until` has been taken in up to its seq.
+    fn reached(&self) -> bool {
+        self.until.is_some_and(|until| {
+            until.iter().all(|(shard, seq)| {
+                let done = self.cursors.get(shard).map_or(
+                    self.applied.get(shard).copied().unwrap_or(0),
+                    Cursor::applied,
+                );
+                done >= *seq
+            })
+        })
+    }
+
+    /// Passes `incoming` through its shard's cursor; whatever is next in seq order joins `batch`.
+    fn offer(&mut self, incoming: Incoming, batch: &mut Prepared) -> Result<(), StoreError> {
+        if let Some((partition, offset)) = incoming.position {
+            self.seen.insert(partition, offset);
+        }
+        let shard_id = incoming.event.shard_id;
+        let seq = incoming.event.seq;
+        let applied = self.applied.get(&shard_id).copied().unwrap_or(0);
+        let cursor = self
+            .cursors
+            .entry(shard_id)
+            .or_insert_with(|| Cursor::new(applied));
+        match cursor.offer(seq, incoming) {
+            Offer::Ready(ready) => {
+                for (_, incoming) in ready {
+                    batch.push(incoming.event)?;
+                }
+            }
+            Offer::Held | Offer::Replay => {}
+            Offer::Dropped => {
+                self.metrics.dropped.inc();
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a batch: reports the gaps, and notes the offsets to commit once it is written (never
+    /// past an event held back by a gap).
+    fn close(&mut self, batch: Prepared) -> Gathered {
+        let mut any_gap = false;
+        for (shard_id, cursor) in &self.cursors {
+            let gap = cursor.gap();
+            any_gap |= gap.is_some();
+            self.metrics.set_gap(*shard_id, gap, cursor.applied());
+        }
+        Gathered {
+            prepared: batch,
+            offsets: (!any_gap).then(|| self.seen.clone()),
+            last: self.reached(),
         }
     }
 }

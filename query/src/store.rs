@@ -347,19 +347,28 @@ impl ActivityRows {
 }
 
 /// A batch of events with every row that follows from the events alone, ready for [`write`].
+/// Rows are built as events are pushed (CPU only), so the projector prepares the next batch
+/// while the previous one is written.
+#[derive(Default)]
 pub struct Prepared {
     events: Vec<pb::Event>,
     rows: Rows,
 }
 
-/// Builds the rows of `events` that need nothing from the database: CPU only, so the projector
-/// prepares the next batch while the previous one is written.
-pub fn prepare(events: Vec<pb::Event>) -> Result<Prepared, StoreError> {
-    let mut rows = Rows::default();
-    for event in &events {
-        event_rows(&mut rows, event)?;
+impl Prepared {
+    pub fn push(&mut self, event: pb::Event) -> Result<(), StoreError> {
+        event_rows(&mut self.rows, &event)?;
+        self.events.push(event);
+        Ok(())
     }
-    Ok(Prepared { events, rows })
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
 }
 
 /// Writes a prepared batch (per shard contiguous, in seq order, each shard's first event right
