@@ -1,6 +1,7 @@
 //! The projector: reads events (from Kafka with a consumer group, or straight from the storage
 //! shards in the embedded default), checks each shard's continuity, and writes Postgres in
-//! batches, each one SQL transaction that also records the applied seq per shard. Kafka offsets
+//! batches, each one SQL transaction that also records the applied seq per shard. While a batch
+//! is written, the next one takes the events that arrive and builds their rows. Kafka offsets
 //! are committed only after the batch is, and never past an event held back by a gap.
 
 use std::collections::BTreeMap;
@@ -166,7 +167,9 @@ pub async fn project(
         if let Some(error) = failed {
             return Err(error.into());
         }
-        metrics.applied(&events);
+        if !events.is_empty() {
+            metrics.applied(&events);
+        }
         if let Some(consumer) = &consumer
             && let Some(offsets) = gathered.offsets.filter(|seen| !seen.is_empty())
         {
