@@ -8,10 +8,7 @@ use std::time::Duration;
 use access_gateway::auth::Scope;
 use clap::{Parser, Subcommand};
 
-/// Many short-lived allocations per request (commands, messages, log entries) on few cores:
-/// mimalloc spends far less time in them than the system allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+consensus::service_allocator!();
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The wallet platform's REST API gateway")]

@@ -10,10 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-/// Many short-lived allocations per request (commands, messages, log entries) on few cores:
-/// mimalloc spends far less time in them than the system allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+consensus::service_allocator!();
 
 #[derive(Parser, Debug, Default, Deserialize)]
 #[command(version, about = "One replica of a wallet storage shard")]

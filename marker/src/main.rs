@@ -6,10 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// Many short-lived allocations per request (commands, messages, log entries) on few cores:
-/// mimalloc spends far less time in them than the system allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+consensus::service_allocator!();
 
 #[derive(Parser, Debug)]
 #[command(version, about = "One replica of a wallet coordinator shard")]

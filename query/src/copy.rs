@@ -2,6 +2,8 @@
 //! tables this way: per row the server does a fraction of the work of `INSERT … SELECT FROM
 //! unnest(…)`, which materializes every array before inserting.
 
+use std::io::Write as _;
+
 use sqlx::PgConnection;
 
 /// The rows of one table, field by field: `text` and friends add a field to the current row,
@@ -45,7 +47,7 @@ impl CopyRows {
 
     pub fn int(&mut self, value: i64) -> &mut Self {
         self.separate();
-        self.data.extend_from_slice(value.to_string().as_bytes());
+        write!(self.data, "{value}").expect("writing to a Vec never fails");
         self
     }
 

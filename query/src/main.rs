@@ -23,10 +23,7 @@ use query::connector::ShardSource;
 use query::metrics::ProjectionMetrics;
 use query::projector::Source;
 
-/// Many short-lived allocations per request (commands, messages, log entries) on few cores:
-/// mimalloc spends far less time in them than the system allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+consensus::service_allocator!();
 
 #[derive(Parser)]
 #[command(version, about = "The wallet platform's read side")]

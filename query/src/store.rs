@@ -92,7 +92,6 @@ pub struct DeferredIndexes {
 
 /// Drops the indexes of the append-only tables (see [`DeferredIndexes`]).
 pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError> {
-    let tables: Vec<&str> = APPEND_ONLY.to_vec();
     let constraints: Vec<(String, String)> = sqlx::query_as(
         "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
                 format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname,
@@ -103,7 +102,7 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
          WHERE n.nspname = $1 AND t.relname = ANY($2) AND c.contype IN ('p', 'u')",
     )
     .bind(SCHEMA)
-    .bind(&tables)
+    .bind(&APPEND_ONLY[..])
     .fetch_all(pool)
     .await?;
     let indexes: Vec<(String, String)> = sqlx::query_as(
@@ -114,7 +113,7 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
                            WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)",
     )
     .bind(SCHEMA)
-    .bind(&tables)
+    .bind(&APPEND_ONLY[..])
     .fetch_all(pool)
     .await?;
     let mut tx = pool.begin().await?;
@@ -445,15 +444,26 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
     Ok(events)
 }
 
-/// Gathers the rows that follow from one event alone.
-fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
-    let malformed = |reason| StoreError::Malformed {
+fn malformed(event: &pb::Event, reason: &'static str) -> StoreError {
+    StoreError::Malformed {
         shard_id: event.shard_id,
         seq: event.seq,
         reason,
-    };
-    let command = event.command.as_ref().ok_or(malformed("no command"))?;
-    let time = copy::timestamp(event.timestamp_ms).ok_or(malformed("timestamp out of range"))?;
+    }
+}
+
+/// The event's leader time as a timestamp field.
+fn event_time(event: &pb::Event) -> Result<String, StoreError> {
+    copy::timestamp(event.timestamp_ms).ok_or(malformed(event, "timestamp out of range"))
+}
+
+/// Gathers the rows that follow from one event alone.
+fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
+    let command = event
+        .command
+        .as_ref()
+        .ok_or(malformed(event, "no command"))?;
+    let time = event_time(event)?;
     let txn_id = Some(event.txn_id.clone()).filter(|t| !t.is_empty());
     rows.events
         .int(event.shard_id.into())
@@ -552,13 +562,6 @@ async fn transaction_rows(
     let Some(kind) = event.command.as_ref().and_then(|c| c.kind.as_ref()) else {
         return Ok(());
     };
-    let time = || {
-        copy::timestamp(event.timestamp_ms).ok_or(StoreError::Malformed {
-            shard_id: event.shard_id,
-            seq: event.seq,
-            reason: "timestamp out of range",
-        })
-    };
     match kind {
         Kind::Batch(batch) => {
             if !batch.txn_id.is_empty() {
@@ -574,7 +577,7 @@ async fn transaction_rows(
         Kind::Post(post) => {
             let (metadata, legs) =
                 finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
-            activities.add(event, &time()?, &metadata, &legs);
+            activities.add(event, &event_time(event)?, &metadata, &legs);
             capture_hold(tx, event, &metadata).await?;
         }
         Kind::Void(void) => {
@@ -588,7 +591,14 @@ async fn transaction_rows(
         Kind::VoidHold(void) => {
             let (metadata, legs) =
                 finish_legs(tx, event, &void.hold_id, "voided", "voided").await?;
-            activities.add_hold(event, &time()?, &metadata, &legs, ActivityKind::Void, 1);
+            activities.add_hold(
+                event,
+                &event_time(event)?,
+                &metadata,
+                &legs,
+                ActivityKind::Void,
+                1,
+            );
         }
         _ => {}
     }
