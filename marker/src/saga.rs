@@ -4,8 +4,9 @@
 //! No I/O, no clock, no randomness. The decision is written once and never changes: a second
 //! `Decide` returns the first.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
+use auticuro::ledger::map::PartitionedMap;
 use auticuro::ledger::{AccountId, Leg, Metadata, Outcome, TxnId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -162,7 +163,7 @@ pub fn plan(legs: &[Leg], shard_of: impl Fn(&AccountId) -> u32) -> Vec<ShardLegs
 
 #[derive(Debug, Default)]
 pub struct Coordinator {
-    transactions: HashMap<TxnId, Transaction>,
+    transactions: PartitionedMap<TxnId, Transaction>,
     /// Not done yet, by begin time: what a new leader re-drives.
     in_flight: BTreeSet<(i64, TxnId)>,
     last_seq: u64,

@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod command;
+pub mod map;
 pub mod outcome;
 pub mod state;
 pub mod types;

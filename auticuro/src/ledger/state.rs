@@ -3,13 +3,14 @@
 //! Pure and deterministic: no I/O, no clock, no randomness, and no iteration over hash maps
 //! whose order could leak into an outcome, an event or a digest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::account::{Account, AccountState, within_limits};
 use super::command::{Command, CommandKind, Leg, Limits};
+use super::map::PartitionedMap;
 use super::outcome::{Outcome, Rejection};
 use super::types::{AccountId, Amount, Currency, Metadata, Owner, RequestId, SCALE_MAX, TxnId};
 
@@ -148,10 +149,10 @@ pub struct LedgerState {
 
 #[derive(Debug, Default)]
 pub struct Ledger {
-    accounts: HashMap<AccountId, Account>,
-    transactions: HashMap<TxnId, TxnRecord>,
-    holds: HashMap<TxnId, HoldRecord>,
-    dedup: HashMap<RequestId, DedupRecord>,
+    accounts: PartitionedMap<AccountId, Account>,
+    transactions: PartitionedMap<TxnId, TxnRecord>,
+    holds: PartitionedMap<TxnId, HoldRecord>,
+    dedup: PartitionedMap<RequestId, DedupRecord>,
     /// Scale of every currency seen on this shard; fixed by its first account.
     scales: BTreeMap<Currency, u8>,
     /// Per coordinator shard, the lowest epoch still allowed to send two-phase messages.
