@@ -39,6 +39,9 @@ struct Report {
     benchmark: &'static str,
     offered_events_per_second: u64,
     lag: PhaseReport,
+    /// The worst lag of the events committed in each second of the run, in milliseconds: shows
+    /// whether a high p99 is steady or comes from a few stalls.
+    lag_max_ms_per_second: Vec<f64>,
     rebuild_events: u64,
     rebuild_seconds: f64,
     rebuild_events_per_second: f64,
@@ -191,16 +194,19 @@ async fn main() -> anyhow::Result<()> {
     }
     observer.abort();
     let mut histogram = bench::histogram();
+    let mut lag_max_ms_per_second = vec![0.0f64; args.seconds as usize + 1];
     let mut missing = 0;
     {
         let timeline = timeline.lock().unwrap();
         for (seq, committed) in &timeline.committed {
             match timeline.visible.get(seq) {
-                Some(visible) => bench::record(
-                    &mut histogram,
-                    visible.saturating_duration_since(*committed),
-                    1,
-                ),
+                Some(visible) => {
+                    let lag = visible.saturating_duration_since(*committed);
+                    bench::record(&mut histogram, lag, 1);
+                    let second = committed.saturating_duration_since(started).as_secs() as usize;
+                    let worst = &mut lag_max_ms_per_second[second.min(args.seconds as usize)];
+                    *worst = worst.max(lag.as_secs_f64() * 1_000.0);
+                }
                 None => missing += 1,
             }
         }
@@ -231,6 +237,14 @@ async fn main() -> anyhow::Result<()> {
 
     bench::print_table("events", std::slice::from_ref(&lag));
     println!(
+        "worst lag per second (ms): {}",
+        lag_max_ms_per_second
+            .iter()
+            .map(|ms| format!("{ms:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
         "rebuild: {rebuild_events} events in {rebuild_seconds:.2} s ({:.0} events/s, including process start)",
         rebuild_events as f64 / rebuild_seconds
     );
@@ -238,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
         benchmark: "query",
         offered_events_per_second: args.rate,
         lag,
+        lag_max_ms_per_second,
         rebuild_events,
         rebuild_seconds,
         rebuild_events_per_second: rebuild_events as f64 / rebuild_seconds,
