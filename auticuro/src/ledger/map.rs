@@ -19,7 +19,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hash};
 use std::ops::Index;
 use std::sync::LazyLock;
 
-pub const PARTITIONS: usize = 64;
+const PARTITIONS: usize = 64;
 
 /// The top [`ROUTE_BITS`] of a key's hash pick its partition through [`ROUTES`].
 const ROUTE_BITS: u32 = 10;
@@ -43,7 +43,6 @@ pub struct PartitionedMap<K, V> {
     /// they all share a partition, which is one ordinary `HashMap`.
     router: BuildHasherDefault<DefaultHasher>,
     partitions: Vec<HashMap<K, V>>,
-    len: usize,
 }
 
 impl<K: Hash + Eq, V> PartitionedMap<K, V> {
@@ -51,7 +50,6 @@ impl<K: Hash + Eq, V> PartitionedMap<K, V> {
         PartitionedMap {
             router: BuildHasherDefault::new(),
             partitions: (0..PARTITIONS).map(|_| HashMap::new()).collect(),
-            len: 0,
         }
     }
 
@@ -79,11 +77,7 @@ impl<K: Hash + Eq, V> PartitionedMap<K, V> {
     /// Inserts or replaces; returns the value replaced.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         let index = self.partition(&key);
-        let replaced = self.partitions[index].insert(key, value);
-        if replaced.is_none() {
-            self.len += 1;
-        }
-        replaced
+        self.partitions[index].insert(key, value)
     }
 
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
@@ -92,19 +86,15 @@ impl<K: Hash + Eq, V> PartitionedMap<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         let index = self.partition(key);
-        let removed = self.partitions[index].remove(key);
-        if removed.is_some() {
-            self.len -= 1;
-        }
-        removed
+        self.partitions[index].remove(key)
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.partitions.iter().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.partitions.iter().all(HashMap::is_empty)
     }
 
     /// Every entry, in no particular order.
