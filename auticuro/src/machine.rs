@@ -1,7 +1,7 @@
 //! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
 //! each command changed in RocksDB, keeps the event log, and wakes event subscribers.
 
-use consensus::{App, AppStore, Error, Writes, decode, encode, event_log};
+use consensus::{App, AppView, Error, Writes, decode, encode, event_log};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -53,7 +53,7 @@ pub struct LedgerMachine {
 }
 
 fn read_all<T: serde::de::DeserializeOwned>(
-    store: &AppStore,
+    store: &AppView<'_>,
     family: &str,
     what: &'static str,
 ) -> Result<Vec<T>, Error> {
@@ -93,7 +93,7 @@ impl LedgerMachine {
 
 /// Events `from..=to` (at most `limit`) from the event log.
 pub fn read_events(
-    store: &AppStore,
+    store: &AppView<'_>,
     from: u64,
     to: u64,
     limit: usize,
@@ -117,39 +117,11 @@ impl App for LedgerMachine {
         LEDGER_META,
     ];
 
-    fn load(store: &AppStore) -> Result<Self, Error> {
-        let last_seq = event_log::last_seq(store)?;
-        let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
-        let transactions: Vec<(TxnId, TxnRecord)> = store
-            .scan_from(TRANSACTIONS, &[], usize::MAX)?
-            .iter()
-            .map(|(key, value)| Ok((txn_key(key)?, decode("transaction", value)?)))
-            .collect::<Result<_, Error>>()?;
-        let holds: Vec<(TxnId, HoldRecord)> = store
-            .scan_from(HOLDS, &[], usize::MAX)?
-            .iter()
-            .map(|(key, value)| Ok((txn_key(key)?, decode("hold", value)?)))
-            .collect::<Result<_, Error>>()?;
-        let dedup: Vec<(RequestId, DedupRecord)> = store
-            .scan_from(DEDUP, &[], usize::MAX)?
-            .iter()
-            .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
-            .collect::<Result<_, Error>>()?;
-        let fences = match store.get(LEDGER_META, FENCES)? {
-            Some(bytes) => decode("fences", &bytes)?,
-            None => Vec::new(),
-        };
-        let ledger = Ledger::import(LedgerState {
-            last_seq,
-            accounts,
-            transactions,
-            holds,
-            dedup,
-            fences,
-        });
-        let (applied_seq, _) = watch::channel(last_seq);
+    fn load(store: &AppView<'_>) -> Result<Self, Error> {
+        let state = read_state(store)?;
+        let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(LedgerMachine {
-            ledger,
+            ledger: Ledger::import(state),
             applied_seq,
         })
     }
@@ -198,11 +170,10 @@ impl App for LedgerMachine {
         self.applied_seq.send_replace(self.ledger.last_seq());
     }
 
-    fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error> {
-        let events = read_events(store, 1, u64::MAX, usize::MAX)?;
+    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
         Ok(LedgerSnapshot {
-            state: self.ledger.export(),
-            events,
+            state: read_state(view)?,
+            events: read_events(view, 1, u64::MAX, usize::MAX)?,
         }
         .encode())
     }
@@ -224,6 +195,39 @@ impl App for LedgerMachine {
     fn applied_seq(&self) -> u64 {
         self.ledger.last_seq()
     }
+}
+
+/// The ledger state persisted in the column families.
+fn read_state(store: &AppView<'_>) -> Result<LedgerState, Error> {
+    let last_seq = event_log::last_seq(store)?;
+    let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
+    let transactions: Vec<(TxnId, TxnRecord)> = store
+        .scan_from(TRANSACTIONS, &[], usize::MAX)?
+        .iter()
+        .map(|(key, value)| Ok((txn_key(key)?, decode("transaction", value)?)))
+        .collect::<Result<_, Error>>()?;
+    let holds: Vec<(TxnId, HoldRecord)> = store
+        .scan_from(HOLDS, &[], usize::MAX)?
+        .iter()
+        .map(|(key, value)| Ok((txn_key(key)?, decode("hold", value)?)))
+        .collect::<Result<_, Error>>()?;
+    let dedup: Vec<(RequestId, DedupRecord)> = store
+        .scan_from(DEDUP, &[], usize::MAX)?
+        .iter()
+        .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
+        .collect::<Result<_, Error>>()?;
+    let fences = match store.get(LEDGER_META, FENCES)? {
+        Some(bytes) => decode("fences", &bytes)?,
+        None => Vec::new(),
+    };
+    Ok(LedgerState {
+        last_seq,
+        accounts,
+        transactions,
+        holds,
+        dedup,
+        fences,
+    })
 }
 
 fn key_text(key: &[u8]) -> Result<&str, Error> {

@@ -343,7 +343,7 @@ impl LedgerRpc for LedgerService {
         };
         let applied_seq = self.machine.read(|machine| machine.ledger().last_seq());
         let events = read_events(
-            &self.machine.store(),
+            &self.machine.store().view(),
             request.from_seq.max(1),
             to.min(applied_seq),
             limit as usize,

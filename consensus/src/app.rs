@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use rocksdb::{DB, WriteBatch};
+use rocksdb::{DB, ReadOptions, WriteBatch};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -44,28 +44,57 @@ impl Writes<'_> {
 /// One key/value pair of a column family.
 pub type Row = (Vec<u8>, Vec<u8>);
 
-/// Read access to the application's column families, for loading state and serving reads.
+/// The application's column families, for serving reads and streams.
 #[derive(Clone)]
 pub struct AppStore {
     pub(crate) db: std::sync::Arc<DB>,
 }
 
 impl AppStore {
-    pub fn get(&self, column_family: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        let cf = self
-            .db
+    /// The column families as they are now.
+    pub fn view(&self) -> AppView<'_> {
+        AppView {
+            db: &self.db,
+            snapshot: None,
+        }
+    }
+}
+
+/// Read access to the application's column families: as they are now, or as they were at one
+/// moment (a RocksDB snapshot), which is how snapshots are built while entries go on being
+/// applied.
+pub struct AppView<'a> {
+    pub(crate) db: &'a DB,
+    pub(crate) snapshot: Option<&'a rocksdb::Snapshot<'a>>,
+}
+
+impl AppView<'_> {
+    fn options(&self) -> ReadOptions {
+        let mut options = ReadOptions::default();
+        if let Some(snapshot) = self.snapshot {
+            options.set_snapshot(snapshot);
+        }
+        options
+    }
+
+    fn family(&self, column_family: &str) -> &rocksdb::ColumnFamily {
+        self.db
             .cf_handle(column_family)
-            .expect("application column families are opened");
-        Ok(self.db.get_cf(&cf, key)?)
+            .expect("application column families are opened")
+    }
+
+    pub fn get(&self, column_family: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let cf = self.family(column_family);
+        Ok(self.db.get_cf_opt(cf, key, &self.options())?)
     }
 
     /// The greatest key of a column family, if it has any.
     pub fn last_key(&self, column_family: &str) -> Result<Option<Vec<u8>>, Error> {
-        let cf = self
+        let cf = self.family(column_family);
+        let mut keys = self
             .db
-            .cf_handle(column_family)
-            .expect("application column families are opened");
-        match self.db.iterator_cf(&cf, rocksdb::IteratorMode::End).next() {
+            .iterator_cf_opt(cf, self.options(), rocksdb::IteratorMode::End);
+        match keys.next() {
             Some(item) => Ok(Some(item?.0.to_vec())),
             None => Ok(None),
         }
@@ -78,13 +107,10 @@ impl AppStore {
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<Row>, Error> {
-        let cf = self
-            .db
-            .cf_handle(column_family)
-            .expect("application column families are opened");
+        let cf = self.family(column_family);
         let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
         let mut rows = Vec::new();
-        for item in self.db.iterator_cf(&cf, mode).take(limit) {
+        for item in self.db.iterator_cf_opt(cf, self.options(), mode).take(limit) {
             let (key, value) = item?;
             rows.push((key.to_vec(), value.to_vec()));
         }
@@ -104,7 +130,7 @@ pub trait App: Sized + Send + Sync + 'static {
     const COLUMN_FAMILIES: &'static [&'static str];
 
     /// Loads the application state persisted in its column families (empty on a new replica).
-    fn load(store: &AppStore) -> Result<Self, Error>;
+    fn load(store: &AppView<'_>) -> Result<Self, Error>;
 
     /// Applies one request and records its persistent changes into `writes`.
     fn apply(
@@ -118,8 +144,9 @@ pub trait App: Sized + Send + Sync + 'static {
     /// readers and subscribers of the new state.
     fn persisted(&mut self) {}
 
-    /// The complete state as snapshot bytes.
-    fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error>;
+    /// The complete state as snapshot bytes, read from the column families alone (`view` is the
+    /// moment the snapshot stands for; entries applied since are not in it).
+    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error>;
 
     /// Replaces the state with a snapshot: records every row into `writes` (the application
     /// column families are emptied first) and returns the new in-memory state.

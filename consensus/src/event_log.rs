@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
-use crate::{AppStore, Error, Writes, decode, encode};
+use crate::{AppStore, AppView, Error, Writes, decode, encode};
 
 /// The column family of the event log; applications list it in their `COLUMN_FAMILIES`.
 pub const EVENTS: &str = "events";
@@ -19,7 +19,7 @@ fn key(seq: u64) -> [u8; 8] {
 
 /// The seq of the last event in the log (0 when empty): the log is the record of it, so no
 /// separate counter is stored.
-pub fn last_seq(store: &AppStore) -> Result<u64, Error> {
+pub fn last_seq(store: &AppView<'_>) -> Result<u64, Error> {
     match store.last_key(EVENTS)? {
         Some(key) => Ok(u64::from_be_bytes(
             key.as_slice()
@@ -36,7 +36,7 @@ pub fn append<E: Serialize>(writes: &mut Writes<'_>, seq: u64, event: &E) {
 
 /// Events with seqs `from..=to`, at most `limit`, in order.
 pub fn read<E: DeserializeOwned>(
-    store: &AppStore,
+    store: &AppView<'_>,
     from: u64,
     to: u64,
     limit: usize,
@@ -76,7 +76,7 @@ where
             if applied.wait_for(|seq| *seq >= next).await.is_err() {
                 return;
             }
-            let events = match read::<E>(&store, next, u64::MAX, STREAM_CHUNK) {
+            let events = match read::<E>(&store.view(), next, u64::MAX, STREAM_CHUNK) {
                 Ok(events) => events,
                 Err(error) => {
                     let _ = sender

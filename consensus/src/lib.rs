@@ -16,7 +16,7 @@ mod proposer;
 mod store;
 
 pub use admin::{RaftAdminService, leader_redirect, redirect};
-pub use app::{App, AppStore, Proposal, Writes};
+pub use app::{App, AppStore, AppView, Proposal, Writes};
 pub use group::{Group, GroupOptions, Replica, init_logging, serve};
 pub use metrics::RaftMetrics;
 pub use network::{MESSAGE_SIZE_MAX, Network, RaftTransportService};

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::RaftMetrics;
-use crate::app::{App, AppStore, Writes};
+use crate::app::{App, AppStore, AppView, Writes};
 use crate::{Error, NodeId, TypeConfig, decode, encode};
 
 const LOG: &str = "raft_log";
@@ -252,6 +252,9 @@ pub struct Applied<A> {
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, openraft::BasicNode>,
     last_timestamp_ms: i64,
+    /// Snapshots installed since the replica started: a snapshot built from the state before an
+    /// install must not replace the installed one.
+    installs: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -278,12 +281,16 @@ impl<A> Clone for StateMachineStore<A> {
 
 impl<A: App> StateMachineStore<A> {
     fn load(db: Arc<DB>, apply_seconds: Histogram) -> Result<StateMachineStore<A>, Error> {
-        let app = A::load(&AppStore { db: db.clone() })?;
+        let app = A::load(&AppView {
+            db: &db,
+            snapshot: None,
+        })?;
         let state = Applied {
             app,
             last_applied: get(&db, SM_META, APPLIED)?.flatten(),
             membership: get(&db, SM_META, MEMBERSHIP)?.unwrap_or_default(),
             last_timestamp_ms: get(&db, SM_META, LAST_TIMESTAMP)?.unwrap_or(0),
+            installs: 0,
         };
         Ok(StateMachineStore {
             db,
@@ -327,27 +334,62 @@ impl<A: App> StateMachineStore<A> {
     }
 }
 
-impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<C<A>>> {
-        let stored = {
+impl<A: App> StateMachineStore<A> {
+    /// Builds and stores a snapshot of the applied state. Only the moment it stands for is taken
+    /// under the lock; the state is then read from a RocksDB snapshot of that moment while
+    /// entries go on being applied (encoding a large state takes long enough to stall a replica,
+    /// and a stalled leader loses its followers).
+    fn build_stored(&self) -> StorageResult<StoredSnapshot> {
+        let started = std::time::Instant::now();
+        let (moment, meta, installs) = {
             let state = self.state.read().expect("no poisoned lock");
             // Applied state is written without fsync (the log replays it); once this snapshot
             // lets the log be purged, everything it covers must be durable. Under the read lock
-            // nothing is being applied, so the sync covers exactly `last_applied`.
+            // nothing is being applied, so the sync and the RocksDB snapshot cover exactly
+            // `last_applied`.
             self.db.flush_wal(true).map_err(write_error)?;
-            let data = state.app.snapshot(&self.store()).map_err(read_error)?;
             let index = state.last_applied.map(|id| id.index).unwrap_or(0);
             let meta = SnapshotMeta {
                 last_log_id: state.last_applied,
                 last_membership: state.membership.clone(),
                 snapshot_id: format!("{index}-{}", state.app.applied_seq()),
             };
-            StoredSnapshot { meta, data }
+            (self.db.snapshot(), meta, state.installs)
         };
+        let data = A::snapshot(&AppView {
+            db: &self.db,
+            snapshot: Some(&moment),
+        })
+        .map_err(read_error)?;
+        let stored = StoredSnapshot { meta, data };
+        let state = self.state.read().expect("no poisoned lock");
+        if state.installs != installs {
+            // A snapshot from the leader was installed meanwhile; it stays the current one.
+            drop(state);
+            return get(&self.db, SM_META, SNAPSHOT)
+                .map_err(read_error)?
+                .ok_or_else(|| read_error(Error::Corrupt("the installed snapshot is gone".into())));
+        }
         let cf = self.db.cf_handle(SM_META).expect("opened");
         self.db
             .put_cf_opt(&cf, SNAPSHOT, encode(&stored), &synced())
             .map_err(write_error)?;
+        tracing::info!(
+            snapshot = %stored.meta.snapshot_id,
+            bytes = stored.data.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "built a snapshot"
+        );
+        Ok(stored)
+    }
+}
+
+impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<C<A>>> {
+        let machine = self.clone();
+        let stored = tokio::task::spawn_blocking(move || machine.build_stored())
+            .await
+            .map_err(|error| write_error(std::io::Error::other(error.to_string())))??;
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -433,6 +475,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
         state.app.install(&data, &mut writes).map_err(write_error)?;
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
+        state.installs += 1;
         self.put_meta(&mut batch, &state);
         let cf = self.db.cf_handle(SM_META).expect("opened");
         batch.put_cf(
@@ -455,5 +498,140 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::mpsc::{Receiver, Sender, channel};
+    use std::time::Duration;
+
+    use openraft::CommittedLeaderId;
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::Proposal;
+
+    const SUM: &str = "sum";
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// When set, the test application's snapshot says it has begun reading and waits for a go.
+    static PAUSE_SNAPSHOT: Mutex<Option<(Sender<()>, Receiver<()>)>> = Mutex::new(None);
+
+    /// The sum of the numbers applied, kept in its column family.
+    struct Sum(u64);
+
+    fn read_sum(view: &AppView<'_>) -> Result<u64, Error> {
+        match view.get(SUM, SUM.as_bytes())? {
+            Some(bytes) => decode("sum", &bytes),
+            None => Ok(0),
+        }
+    }
+
+    impl App for Sum {
+        type Request = u64;
+        type Response = u64;
+
+        const COLUMN_FAMILIES: &'static [&'static str] = &[SUM];
+
+        fn load(store: &AppView<'_>) -> Result<Self, Error> {
+            Ok(Sum(read_sum(store)?))
+        }
+
+        fn apply(&mut self, request: &u64, _timestamp_ms: i64, writes: &mut Writes<'_>) -> u64 {
+            self.0 += request;
+            writes.put(SUM, SUM.as_bytes(), &encode(&self.0));
+            self.0
+        }
+
+        fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
+            if let Some((begun, go)) = PAUSE_SNAPSHOT.lock().unwrap().take() {
+                begun.send(()).unwrap();
+                go.recv_timeout(WAIT * 2).unwrap();
+            }
+            Ok(encode(&read_sum(view)?))
+        }
+
+        fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
+            self.0 = decode("sum snapshot", snapshot)?;
+            writes.put(SUM, SUM.as_bytes(), snapshot);
+            Ok(())
+        }
+
+        fn digest(&self) -> [u8; 32] {
+            let mut digest = [0; 32];
+            digest[..8].copy_from_slice(&self.0.to_be_bytes());
+            digest
+        }
+
+        fn applied_seq(&self) -> u64 {
+            self.0
+        }
+    }
+
+    fn entry(index: u64, number: u64) -> Entry<C<Sum>> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                timestamp_ms: 0,
+                requests: vec![number],
+            }),
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> StateMachineStore<Sum> {
+        let metrics = RaftMetrics::register(&mut Registry::default());
+        open_storage::<Sum>(dir.path(), &metrics).unwrap().1
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_are_applied_while_a_snapshot_is_built_and_it_stands_for_its_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(&dir);
+        machine.apply([entry(1, 5)]).await.unwrap();
+
+        let (begun_sender, begun) = channel();
+        let (go, go_receiver) = channel();
+        *PAUSE_SNAPSHOT.lock().unwrap() = Some((begun_sender, go_receiver));
+        let mut builder = machine.get_snapshot_builder().await;
+        let building = tokio::spawn(async move { builder.build_snapshot().await });
+        tokio::task::spawn_blocking(move || begun.recv_timeout(WAIT))
+            .await
+            .unwrap()
+            .expect("the snapshot began");
+
+        // The snapshot is being read; an entry applied now must not wait for it (on its own
+        // thread, so that a wait shows as a timeout rather than a hang).
+        let (applied_sender, applied) = channel();
+        let mut applier = machine.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let result = runtime.block_on(applier.apply([entry(2, 7)]));
+            applied_sender.send(result.map(|_| ())).unwrap();
+        });
+        let applied = applied.recv_timeout(WAIT);
+        go.send(()).unwrap();
+        applied
+            .expect("the entry was applied while the snapshot was being built")
+            .unwrap();
+        assert_eq!(machine.read(|sum| sum.0), 12);
+
+        let snapshot = building.await.unwrap().unwrap();
+        assert_eq!(snapshot.meta.last_log_id, Some(entry(1, 0).log_id));
+        assert_eq!(decode::<u64>("sum", snapshot.snapshot.get_ref()).unwrap(), 5);
+
+        // A replica that installs it has the state of that moment.
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = open(&other_dir);
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.read(|sum| sum.0), 5);
+        let current = other.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, Some(entry(1, 0).log_id));
     }
 }

@@ -1,7 +1,7 @@
 //! The coordinator as a Raft application: applies `Begin`, `Decide` and `Done` through
 //! `saga::Coordinator`, persists each changed transaction and its lifecycle event.
 
-use consensus::{App, AppStore, Error, Writes, decode, encode, event_log};
+use consensus::{App, AppView, Error, Writes, decode, encode, event_log};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -59,20 +59,11 @@ impl App for CoordinatorMachine {
 
     const COLUMN_FAMILIES: &'static [&'static str] = &[TRANSACTIONS, event_log::EVENTS];
 
-    fn load(store: &AppStore) -> Result<Self, Error> {
-        let last_seq = event_log::last_seq(store)?;
-        let transactions = store
-            .scan_from(TRANSACTIONS, &[], usize::MAX)?
-            .iter()
-            .map(|(_, value)| decode("transaction", value))
-            .collect::<Result<_, Error>>()?;
-        let coordinator = Coordinator::import(CoordinatorState {
-            last_seq,
-            transactions,
-        });
-        let (applied_seq, _) = watch::channel(last_seq);
+    fn load(store: &AppView<'_>) -> Result<Self, Error> {
+        let state = read_state(store)?;
+        let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(CoordinatorMachine {
-            coordinator,
+            coordinator: Coordinator::import(state),
             applied_seq,
         })
     }
@@ -95,13 +86,13 @@ impl App for CoordinatorMachine {
         self.applied_seq.send_replace(self.coordinator.last_seq());
     }
 
-    fn snapshot(&self, store: &AppStore) -> Result<Vec<u8>, Error> {
-        let events = event_log::read(store, 1, u64::MAX, usize::MAX)?
+    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
+        let events = event_log::read(view, 1, u64::MAX, usize::MAX)?
             .into_iter()
             .map(|(_, event)| event)
             .collect();
         Ok(CoordinatorSnapshot {
-            state: self.coordinator.export(),
+            state: read_state(view)?,
             events,
         }
         .encode())
@@ -126,4 +117,17 @@ impl App for CoordinatorMachine {
     fn applied_seq(&self) -> u64 {
         self.coordinator.last_seq()
     }
+}
+
+/// The coordinator state persisted in the column families.
+fn read_state(store: &AppView<'_>) -> Result<CoordinatorState, Error> {
+    let transactions = store
+        .scan_from(TRANSACTIONS, &[], usize::MAX)?
+        .iter()
+        .map(|(_, value)| decode("transaction", value))
+        .collect::<Result<_, Error>>()?;
+    Ok(CoordinatorState {
+        last_seq: event_log::last_seq(store)?,
+        transactions,
+    })
 }

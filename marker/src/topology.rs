@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
-use consensus::{App, AppStore, Error, ProposeError, Proposer, Writes, decode, encode};
+use consensus::{App, AppView, Error, ProposeError, Proposer, Writes, decode, encode};
 use futures::Stream;
 use proto::marker::v1 as pb;
 use proto::marker::v1::topology_service_client::TopologyServiceClient;
@@ -62,6 +62,13 @@ pub enum ReplaceResult {
     VersionConflict(u64),
 }
 
+fn read_topology(store: &AppView<'_>) -> Result<Topology, Error> {
+    match store.get(TOPOLOGY, CURRENT)? {
+        Some(bytes) => decode("topology", &bytes),
+        None => Ok(Topology::default()),
+    }
+}
+
 /// The topology as a Raft application: a compare-and-set register.
 pub struct TopologyMachine {
     current: watch::Sender<Topology>,
@@ -83,13 +90,9 @@ impl App for TopologyMachine {
 
     const COLUMN_FAMILIES: &'static [&'static str] = &[TOPOLOGY];
 
-    fn load(store: &AppStore) -> Result<Self, Error> {
-        let current = match store.get(TOPOLOGY, CURRENT)? {
-            Some(bytes) => decode("topology", &bytes)?,
-            None => Topology::default(),
-        };
+    fn load(store: &AppView<'_>) -> Result<Self, Error> {
         Ok(TopologyMachine {
-            current: watch::channel(current).0,
+            current: watch::channel(read_topology(store)?).0,
         })
     }
 
@@ -112,8 +115,8 @@ impl App for TopologyMachine {
         ReplaceResult::Replaced(topology)
     }
 
-    fn snapshot(&self, _store: &AppStore) -> Result<Vec<u8>, Error> {
-        Ok(encode(&self.current()))
+    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
+        Ok(encode(&read_topology(view)?))
     }
 
     fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
