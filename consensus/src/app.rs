@@ -110,7 +110,11 @@ impl AppView<'_> {
         let cf = self.family(column_family);
         let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
         let mut rows = Vec::new();
-        for item in self.db.iterator_cf_opt(cf, self.options(), mode).take(limit) {
+        for item in self
+            .db
+            .iterator_cf_opt(cf, self.options(), mode)
+            .take(limit)
+        {
             let (key, value) = item?;
             rows.push((key.to_vec(), value.to_vec()));
         }

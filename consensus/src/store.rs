@@ -339,7 +339,7 @@ impl<A: App> StateMachineStore<A> {
     /// under the lock; the state is then read from a RocksDB snapshot of that moment while
     /// entries go on being applied (encoding a large state takes long enough to stall a replica,
     /// and a stalled leader loses its followers).
-    fn build_stored(&self) -> StorageResult<StoredSnapshot> {
+    fn build_stored(&self) -> Result<StoredSnapshot, Error> {
         let started = std::time::Instant::now();
         let (moment, meta, installs) = {
             let state = self.state.read().expect("no poisoned lock");
@@ -347,7 +347,7 @@ impl<A: App> StateMachineStore<A> {
             // lets the log be purged, everything it covers must be durable. Under the read lock
             // nothing is being applied, so the sync and the RocksDB snapshot cover exactly
             // `last_applied`.
-            self.db.flush_wal(true).map_err(write_error)?;
+            self.db.flush_wal(true)?;
             let index = state.last_applied.map(|id| id.index).unwrap_or(0);
             let meta = SnapshotMeta {
                 last_log_id: state.last_applied,
@@ -359,21 +359,18 @@ impl<A: App> StateMachineStore<A> {
         let data = A::snapshot(&AppView {
             db: &self.db,
             snapshot: Some(&moment),
-        })
-        .map_err(read_error)?;
+        })?;
         let stored = StoredSnapshot { meta, data };
         let state = self.state.read().expect("no poisoned lock");
         if state.installs != installs {
             // A snapshot from the leader was installed meanwhile; it stays the current one.
             drop(state);
-            return get(&self.db, SM_META, SNAPSHOT)
-                .map_err(read_error)?
-                .ok_or_else(|| read_error(Error::Corrupt("the installed snapshot is gone".into())));
+            return get(&self.db, SM_META, SNAPSHOT)?
+                .ok_or_else(|| Error::Corrupt("the installed snapshot is gone".into()));
         }
         let cf = self.db.cf_handle(SM_META).expect("opened");
         self.db
-            .put_cf_opt(&cf, SNAPSHOT, encode(&stored), &synced())
-            .map_err(write_error)?;
+            .put_cf_opt(&cf, SNAPSHOT, encode(&stored), &synced())?;
         tracing::info!(
             snapshot = %stored.meta.snapshot_id,
             bytes = stored.data.len(),
@@ -389,7 +386,8 @@ impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
         let machine = self.clone();
         let stored = tokio::task::spawn_blocking(move || machine.build_stored())
             .await
-            .map_err(|error| write_error(std::io::Error::other(error.to_string())))??;
+            .map_err(|error| write_error(std::io::Error::other(error.to_string())))?
+            .map_err(write_error)?;
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -621,7 +619,10 @@ mod tests {
 
         let snapshot = building.await.unwrap().unwrap();
         assert_eq!(snapshot.meta.last_log_id, Some(entry(1, 0).log_id));
-        assert_eq!(decode::<u64>("sum", snapshot.snapshot.get_ref()).unwrap(), 5);
+        assert_eq!(
+            decode::<u64>("sum", snapshot.snapshot.get_ref()).unwrap(),
+            5
+        );
 
         // A replica that installs it has the state of that moment.
         let other_dir = tempfile::tempdir().unwrap();

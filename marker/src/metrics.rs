@@ -88,7 +88,12 @@ impl CoordinatorMetrics {
         let mut ticks = tokio::time::interval(REFRESH);
         loop {
             ticks.tick().await;
-            match event_log::read::<LifecycleEvent>(&machine.store().view(), next_seq, u64::MAX, 10_000) {
+            match event_log::read::<LifecycleEvent>(
+                &machine.store().view(),
+                next_seq,
+                u64::MAX,
+                10_000,
+            ) {
                 Ok(events) => {
                     for (seq, event) in events {
                         self.count(&event);
