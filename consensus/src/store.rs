@@ -3,12 +3,13 @@
 //! - `raft_log`: entries by big-endian index; appended with one synced write per append, so
 //!   group commit turns many client commands into one fsync.
 //! - `raft_meta`: vote, committed log id, last purged log id.
-//! - `sm_meta`: applied log id, membership, last leader timestamp, current snapshot.
+//! - `sm_meta`: applied log id, membership, last leader timestamp.
 //! - the application's own column families, written in the same batch as the applied log id.
 
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -17,7 +18,7 @@ use openraft::{
     Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -35,7 +36,6 @@ const LAST_PURGED: &[u8] = b"last_purged";
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
 const LAST_TIMESTAMP: &[u8] = b"last_timestamp";
-const SNAPSHOT: &[u8] = b"snapshot";
 
 type C<A> = TypeConfig<A>;
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -252,20 +252,13 @@ pub struct Applied<A> {
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, openraft::BasicNode>,
     last_timestamp_ms: i64,
-    /// Snapshots installed since the replica started: a snapshot built from the state before an
-    /// install must not replace the installed one.
-    installs: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: Vec<u8>,
 }
 
 pub struct StateMachineStore<A> {
     db: Arc<DB>,
     state: Arc<RwLock<Applied<A>>>,
+    /// Whether this process has built or installed a snapshot (see `get_current_snapshot`).
+    snapshot_taken: Arc<AtomicBool>,
     apply_seconds: Histogram,
 }
 
@@ -274,6 +267,7 @@ impl<A> Clone for StateMachineStore<A> {
         StateMachineStore {
             db: self.db.clone(),
             state: self.state.clone(),
+            snapshot_taken: self.snapshot_taken.clone(),
             apply_seconds: self.apply_seconds.clone(),
         }
     }
@@ -290,11 +284,11 @@ impl<A: App> StateMachineStore<A> {
             last_applied: get(&db, SM_META, APPLIED)?.flatten(),
             membership: get(&db, SM_META, MEMBERSHIP)?.unwrap_or_default(),
             last_timestamp_ms: get(&db, SM_META, LAST_TIMESTAMP)?.unwrap_or(0),
-            installs: 0,
         };
         Ok(StateMachineStore {
             db,
             state: Arc::new(RwLock::new(state)),
+            snapshot_taken: Arc::default(),
             apply_seconds,
         })
     }
@@ -335,62 +329,82 @@ impl<A: App> StateMachineStore<A> {
 }
 
 impl<A: App> StateMachineStore<A> {
-    /// Builds and stores a snapshot of the applied state. Only the moment it stands for is taken
-    /// under the lock; the state is then read from a RocksDB snapshot of that moment while
-    /// entries go on being applied (encoding a large state takes long enough to stall a replica,
-    /// and a stalled leader loses its followers).
-    fn build_stored(&self) -> Result<StoredSnapshot, Error> {
+    /// The applied state as a snapshot, built now. Only the moment it stands for is taken under
+    /// the lock; the state is read from a RocksDB snapshot of that moment, on a thread of its own
+    /// at the lowest priority, while entries go on being applied: encoding a large state takes
+    /// seconds of CPU, which the replicas' commit path needs more.
+    async fn snapshot_now(&self) -> Result<Snapshot<C<A>>, Error> {
+        let machine = self.clone();
+        let (built, snapshot) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                lowest_priority();
+                let _ = built.send(machine.encode_now());
+            })
+            .map_err(|error| Error::Corrupt(format!("starting the snapshot thread: {error}")))?;
+        snapshot
+            .await
+            .map_err(|_| Error::Corrupt("the snapshot thread panicked".into()))?
+    }
+
+    fn encode_now(&self) -> Result<Snapshot<C<A>>, Error> {
         let started = std::time::Instant::now();
-        let (moment, meta, installs) = {
+        let (moment, meta) = {
             let state = self.state.read().expect("no poisoned lock");
-            // Applied state is written without fsync (the log replays it); once this snapshot
-            // lets the log be purged, everything it covers must be durable. Under the read lock
-            // nothing is being applied, so the sync and the RocksDB snapshot cover exactly
-            // `last_applied`.
-            self.db.flush_wal(true)?;
             let index = state.last_applied.map(|id| id.index).unwrap_or(0);
             let meta = SnapshotMeta {
                 last_log_id: state.last_applied,
                 last_membership: state.membership.clone(),
                 snapshot_id: format!("{index}-{}", state.app.applied_seq()),
             };
-            (self.db.snapshot(), meta, state.installs)
+            (self.db.snapshot(), meta)
         };
         let data = A::snapshot(&AppView {
             db: &self.db,
             snapshot: Some(&moment),
         })?;
-        let stored = StoredSnapshot { meta, data };
-        let state = self.state.read().expect("no poisoned lock");
-        if state.installs != installs {
-            // A snapshot from the leader was installed meanwhile; it stays the current one.
-            drop(state);
-            return get(&self.db, SM_META, SNAPSHOT)?
-                .ok_or_else(|| Error::Corrupt("the installed snapshot is gone".into()));
-        }
-        let cf = self.db.cf_handle(SM_META).expect("opened");
-        self.db
-            .put_cf_opt(&cf, SNAPSHOT, encode(&stored), &synced())?;
         tracing::info!(
-            snapshot = %stored.meta.snapshot_id,
-            bytes = stored.data.len(),
+            snapshot = %meta.snapshot_id,
+            bytes = data.len(),
             ms = started.elapsed().as_millis() as u64,
-            "built a snapshot"
+            "built a snapshot to send"
         );
-        Ok(stored)
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
+/// Gives the calling thread the lowest CPU priority (on Linux, where each thread has its own
+/// nice value); where that is refused, the thread keeps its priority.
+fn lowest_priority() {
+    // SAFETY: setpriority only reads its arguments; `0` names the calling thread.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+}
+
+/// Snapshots are lazy. The state machine is its own snapshot: every applied entry's writes are
+/// in the column families, so "building" one only makes them durable (after which openraft may
+/// purge the log behind it), and the bytes are encoded only when a replica needs them
+/// (`get_current_snapshot`), from the state as it is then. Nothing proportional to the state is
+/// done every few thousand entries.
 impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<C<A>>> {
-        let machine = self.clone();
-        let stored = tokio::task::spawn_blocking(move || machine.build_stored())
-            .await
-            .map_err(|error| write_error(std::io::Error::other(error.to_string())))?
-            .map_err(write_error)?;
+        let state = self.state.read().expect("no poisoned lock");
+        // Applied state is written without fsync (the log replays it); once this snapshot lets
+        // the log be purged, everything it covers must be durable. Under the read lock nothing
+        // is being applied, so the sync covers exactly `last_applied`.
+        self.db.flush_wal(true).map_err(write_error)?;
+        let index = state.last_applied.map(|id| id.index).unwrap_or(0);
+        self.snapshot_taken.store(true, Ordering::Release);
         Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: SnapshotMeta {
+                last_log_id: state.last_applied,
+                last_membership: state.membership.clone(),
+                snapshot_id: format!("{index}-{}", state.app.applied_seq()),
+            },
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -473,29 +487,20 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
         state.app.install(&data, &mut writes).map_err(write_error)?;
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
-        state.installs += 1;
         self.put_meta(&mut batch, &state);
-        let cf = self.db.cf_handle(SM_META).expect("opened");
-        batch.put_cf(
-            &cf,
-            SNAPSHOT,
-            encode(&StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            }),
-        );
         self.db.write_opt(batch, &synced()).map_err(write_error)?;
         state.app.persisted();
+        self.snapshot_taken.store(true, Ordering::Release);
         Ok(())
     }
 
+    /// None until a snapshot has been built or installed in this process (openraft builds one at
+    /// start when the log was purged); then the state as it is now.
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<C<A>>>> {
-        let stored: Option<StoredSnapshot> =
-            get(&self.db, SM_META, SNAPSHOT).map_err(read_error)?;
-        Ok(stored.map(|stored| Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
-        }))
+        if !self.snapshot_taken.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        self.snapshot_now().await.map(Some).map_err(read_error)
     }
 }
 
@@ -584,16 +589,27 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn entries_are_applied_while_a_snapshot_is_built_and_it_stands_for_its_moment() {
+    async fn snapshots_are_encoded_on_demand_while_entries_go_on_being_applied() {
         let dir = tempfile::tempdir().unwrap();
         let mut machine = open(&dir);
         machine.apply([entry(1, 5)]).await.unwrap();
+        assert!(machine.get_current_snapshot().await.unwrap().is_none());
+
+        // Building one only marks the moment (the state is already in the column families).
+        let built = machine
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(built.meta.last_log_id, Some(entry(1, 0).log_id));
+        assert!(built.snapshot.get_ref().is_empty());
 
         let (begun_sender, begun) = channel();
         let (go, go_receiver) = channel();
         *PAUSE_SNAPSHOT.lock().unwrap() = Some((begun_sender, go_receiver));
-        let mut builder = machine.get_snapshot_builder().await;
-        let building = tokio::spawn(async move { builder.build_snapshot().await });
+        let mut reader = machine.clone();
+        let encoding = tokio::spawn(async move { reader.get_current_snapshot().await });
         tokio::task::spawn_blocking(move || begun.recv_timeout(WAIT))
             .await
             .unwrap()
@@ -613,18 +629,19 @@ mod tests {
         let applied = applied.recv_timeout(WAIT);
         go.send(()).unwrap();
         applied
-            .expect("the entry was applied while the snapshot was being built")
+            .expect("the entry was applied while the snapshot was being encoded")
             .unwrap();
         assert_eq!(machine.read(|sum| sum.0), 12);
 
-        let snapshot = building.await.unwrap().unwrap();
+        // It stands for the moment it began, not for what was applied while it was read.
+        let snapshot = encoding.await.unwrap().unwrap().unwrap();
         assert_eq!(snapshot.meta.last_log_id, Some(entry(1, 0).log_id));
         assert_eq!(
             decode::<u64>("sum", snapshot.snapshot.get_ref()).unwrap(),
             5
         );
 
-        // A replica that installs it has the state of that moment.
+        // A replica that installs it has the state of that moment, and offers it on.
         let other_dir = tempfile::tempdir().unwrap();
         let mut other = open(&other_dir);
         other
@@ -634,5 +651,6 @@ mod tests {
         assert_eq!(other.read(|sum| sum.0), 5);
         let current = other.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id, Some(entry(1, 0).log_id));
+        assert_eq!(decode::<u64>("sum", current.snapshot.get_ref()).unwrap(), 5);
     }
 }
