@@ -333,7 +333,7 @@ impl<A: App> StateMachineStore<A> {
     /// the lock; the state is read from a RocksDB snapshot of that moment, on a thread of its own
     /// at the lowest priority, while entries go on being applied: encoding a large state takes
     /// seconds of CPU, which the replicas' commit path needs more.
-    async fn snapshot_now(&self) -> Result<Snapshot<C<A>>, Error> {
+    async fn snapshot_now(&self) -> StorageResult<Snapshot<C<A>>> {
         let machine = self.clone();
         let (built, snapshot) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -342,23 +342,18 @@ impl<A: App> StateMachineStore<A> {
                 lowest_priority();
                 let _ = built.send(machine.encode_now());
             })
-            .map_err(|error| Error::Corrupt(format!("starting the snapshot thread: {error}")))?;
+            .map_err(read_error)?;
         snapshot
             .await
-            .map_err(|_| Error::Corrupt("the snapshot thread panicked".into()))?
+            .map_err(|_| read_error(std::io::Error::other("the snapshot thread panicked")))?
+            .map_err(read_error)
     }
 
     fn encode_now(&self) -> Result<Snapshot<C<A>>, Error> {
         let started = std::time::Instant::now();
         let (moment, meta) = {
             let state = self.state.read().expect("no poisoned lock");
-            let index = state.last_applied.map(|id| id.index).unwrap_or(0);
-            let meta = SnapshotMeta {
-                last_log_id: state.last_applied,
-                last_membership: state.membership.clone(),
-                snapshot_id: format!("{index}-{}", state.app.applied_seq()),
-            };
-            (self.db.snapshot(), meta)
+            (self.db.snapshot(), snapshot_meta(&state))
         };
         let data = A::snapshot(&AppView {
             db: &self.db,
@@ -374,6 +369,16 @@ impl<A: App> StateMachineStore<A> {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+}
+
+/// What a snapshot of the applied state stands for.
+fn snapshot_meta<A: App>(state: &Applied<A>) -> SnapshotMeta<NodeId, openraft::BasicNode> {
+    let index = state.last_applied.map(|id| id.index).unwrap_or(0);
+    SnapshotMeta {
+        last_log_id: state.last_applied,
+        last_membership: state.membership.clone(),
+        snapshot_id: format!("{index}-{}", state.app.applied_seq()),
     }
 }
 
@@ -396,14 +401,9 @@ impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
         // the log be purged, everything it covers must be durable. Under the read lock nothing
         // is being applied, so the sync covers exactly `last_applied`.
         self.db.flush_wal(true).map_err(write_error)?;
-        let index = state.last_applied.map(|id| id.index).unwrap_or(0);
         self.snapshot_taken.store(true, Ordering::Release);
         Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: state.last_applied,
-                last_membership: state.membership.clone(),
-                snapshot_id: format!("{index}-{}", state.app.applied_seq()),
-            },
+            meta: snapshot_meta(&state),
             snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
@@ -500,7 +500,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
         if !self.snapshot_taken.load(Ordering::Acquire) {
             return Ok(None);
         }
-        self.snapshot_now().await.map(Some).map_err(read_error)
+        self.snapshot_now().await.map(Some)
     }
 }
 
