@@ -4,7 +4,11 @@
 
 use std::io::Write as _;
 
+use chrono::{Datelike as _, Timelike as _};
+
 use sqlx::PgConnection;
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 /// The rows of one table, field by field: `text` and friends add a field to the current row,
 /// `end_row` closes it.
@@ -55,7 +59,11 @@ impl CopyRows {
     pub fn bytes(&mut self, value: &[u8]) -> &mut Self {
         self.separate();
         self.data.extend_from_slice(b"\\\\x");
-        self.data.extend_from_slice(hex::encode(value).as_bytes());
+        self.data.reserve(value.len() * 2);
+        for byte in value {
+            self.data.push(HEX_DIGITS[usize::from(byte >> 4)]);
+            self.data.push(HEX_DIGITS[usize::from(byte & 0x0f)]);
+        }
         self
     }
 
@@ -114,7 +122,17 @@ pub fn timestamp(ms: i64) -> Option<String> {
         return None;
     }
     let time = chrono::DateTime::from_timestamp_millis(ms)?;
-    Some(time.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
+    // Written out field by field: a format string would be parsed again for every row.
+    Some(format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}+00",
+        time.year(),
+        time.month(),
+        time.day(),
+        time.hour(),
+        time.minute(),
+        time.second(),
+        ms % 1_000
+    ))
 }
 
 #[cfg(test)]
