@@ -23,6 +23,8 @@ use crate::store::{self, Prepared, StoreError};
 
 /// Events written in one SQL transaction at most.
 pub const BATCH_EVENTS_MAX: usize = 2_000;
+/// In a bulk load, batches whose append-only rows are being written at once, at most.
+const APPENDS_IN_FLIGHT: usize = 2;
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
@@ -67,6 +69,11 @@ pub async fn run(pool: PgPool, source: Source, metrics: ProjectionMetrics) {
 }
 
 /// Projects until every shard in `until` has reached its seq (forever with `None`).
+///
+/// With `until` (a rebuild into an empty database, which either finishes or is started over) it
+/// loads in bulk: a batch's SQL transaction holds only the rows later batches read back and the
+/// applied seqs; its append-only rows are written on other connections meanwhile (at most
+/// [`APPENDS_IN_FLIGHT`] batches at once), and the accounts' states once, at the end.
 pub async fn project(
     pool: &PgPool,
     source: &Source,
@@ -116,6 +123,9 @@ pub async fn project(
         }
     };
     drop(sender);
+    let bulk = until.is_some();
+    let mut appending: JoinSet<Result<(), StoreError>> = JoinSet::new();
+    let mut accounts = store::AccountStates::default();
     let mut upcoming: Option<Gathered> = None;
     loop {
         let gathered = match upcoming.take() {
@@ -137,7 +147,15 @@ pub async fn project(
         };
         let mut writing = tokio::spawn({
             let pool = pool.clone();
-            async move { store::write(&pool, gathered.prepared).await }
+            async move {
+                if bulk {
+                    let (events, append, states) =
+                        store::write_bulk(&pool, gathered.prepared).await?;
+                    Ok::<_, StoreError>((events, Some((append, states))))
+                } else {
+                    Ok((store::write(&pool, gathered.prepared).await?, None))
+                }
+            }
         });
         // The next batch takes the events that arrive while this one is written, and is
         // prepared meanwhile.
@@ -163,9 +181,17 @@ pub async fn project(
                 }
             }
         };
-        let events = written.expect("the batch writer never panics")?;
+        let (events, deferred) = written.expect("the batch writer never panics")?;
         if let Some(error) = failed {
             return Err(error.into());
+        }
+        if let Some((append, states)) = deferred {
+            accounts.merge(states);
+            if appending.len() >= APPENDS_IN_FLIGHT {
+                finish_append(&mut appending).await?;
+            }
+            let pool = pool.clone();
+            appending.spawn(async move { append.write(&pool).await });
         }
         if !events.is_empty() {
             metrics.applied(&events);
@@ -183,9 +209,21 @@ pub async fn project(
             consumer.commit(&list, CommitMode::Async)?;
         }
         if gathered.last {
+            while !appending.is_empty() {
+                finish_append(&mut appending).await?;
+            }
+            std::mem::take(&mut accounts).write(pool).await?;
             return Ok(());
         }
         upcoming = received.then(|| intake.close(next));
+    }
+}
+
+/// Waits for one batch's append-only rows to be written.
+async fn finish_append(appending: &mut JoinSet<Result<(), StoreError>>) -> Result<(), StoreError> {
+    match appending.join_next().await {
+        Some(written) => written.expect("the append writers never panic"),
+        None => Ok(()),
     }
 }
 

@@ -86,14 +86,15 @@ const APPEND_ONLY: [&str; 3] = ["ledger_events", "account_versions", "activities
 /// row. [`DeferredIndexes::restore`] builds them again.
 #[must_use = "the dropped indexes must be restored"]
 pub struct DeferredIndexes {
-    /// The statements that build them again, primary keys first.
-    restore: Vec<String>,
+    /// Per table, the statements that build them again, primary keys first.
+    restore: BTreeMap<String, Vec<String>>,
 }
 
 /// Drops the indexes of the append-only tables (see [`DeferredIndexes`]).
 pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError> {
-    let constraints: Vec<(String, String)> = sqlx::query_as(
-        "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
+    let constraints: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT t.relname::text,
+                format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
                 format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname,
                        pg_get_constraintdef(c.oid))
          FROM pg_constraint c
@@ -105,8 +106,9 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
     .bind(&APPEND_ONLY[..])
     .fetch_all(pool)
     .await?;
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT format('DROP INDEX %I.%I', i.schemaname, i.indexname), i.indexdef
+    let indexes: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT i.tablename::text, format('DROP INDEX %I.%I', i.schemaname, i.indexname),
+                i.indexdef
          FROM pg_indexes i
          WHERE i.schemaname = $1 AND i.tablename = ANY($2)
            AND NOT EXISTS (SELECT 1 FROM pg_constraint c
@@ -117,33 +119,36 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
     .fetch_all(pool)
     .await?;
     let mut tx = pool.begin().await?;
-    for (drop, _) in indexes.iter().chain(&constraints) {
+    for (_, drop, _) in indexes.iter().chain(&constraints) {
         sqlx::query(sqlx::AssertSqlSafe(drop.as_str()))
             .execute(&mut *tx)
             .await?;
     }
     tx.commit().await?;
-    Ok(DeferredIndexes {
-        restore: constraints
-            .into_iter()
-            .chain(indexes)
-            .map(|(_, restore)| restore)
-            .collect(),
-    })
+    let mut restore: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (table, _, statement) in constraints.into_iter().chain(indexes) {
+        restore.entry(table).or_default().push(statement);
+    }
+    Ok(DeferredIndexes { restore })
 }
 
 impl DeferredIndexes {
+    /// Builds the indexes again, the tables' at the same time (each on its own connection).
     pub async fn restore(self, pool: &PgPool) -> Result<(), StoreError> {
-        let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
-            .execute(&mut *tx)
-            .await?;
-        for statement in self.restore {
-            sqlx::query(sqlx::AssertSqlSafe(statement))
+        futures::future::try_join_all(self.restore.into_values().map(|statements| async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
+            for statement in statements {
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        }))
+        .await?;
         Ok(())
     }
 }
@@ -217,14 +222,24 @@ type Movement = (String, i128, String);
 /// Rows of one batch, gathered per table and written with one statement per table.
 #[derive(Default)]
 struct Rows {
+    append: AppendRows,
+    accounts: AccountStates,
+}
+
+/// A batch's rows of the tables the projector only appends to ([`APPEND_ONLY`]): no later
+/// batch depends on them, so a bulk load writes them apart from the batch's own transaction.
+#[derive(Default)]
+pub struct AppendRows {
     /// `ledger_events`, in the order of [`EVENT_COLUMNS`].
     events: CopyRows,
     /// `account_versions`, in the order of [`VERSION_COLUMNS`].
     versions: CopyRows,
-    /// The last state of each account in the batch, by (account id, shard id).
-    accounts: BTreeMap<(String, u32), AccountRow>,
     activities: ActivityRows,
 }
+
+/// The last state of each account in one or more batches, by (account id, shard id).
+#[derive(Default)]
+pub struct AccountStates(BTreeMap<(String, u32), AccountRow>);
 
 const EVENT_COLUMNS: &str =
     "ledger_events (shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload)";
@@ -375,10 +390,58 @@ impl Prepared {
 /// row does not depend on the order in which its shards' events are projected, so a rebuild
 /// gives the same row. Returns the batch's events.
 pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, StoreError> {
-    let Prepared { events, mut rows } = prepared;
-    if events.is_empty() {
-        return Ok(events);
+    if prepared.is_empty() {
+        return Ok(prepared.events);
     }
+    let mut tx = begin(pool).await?;
+    let (events, rows) = write_ordered(&mut tx, prepared).await?;
+    rows.append.copy(&mut tx).await?;
+    rows.accounts.upsert(&mut tx).await?;
+    tx.commit().await?;
+    Ok(events)
+}
+
+/// [`write`] for a bulk load into an empty database (a rebuild, which either finishes or is
+/// started over): commits only the rows later batches depend on (transactions and their legs)
+/// with the applied seqs, and returns the batch's events, its append-only rows and its
+/// accounts' states for the caller to write in their own time ([`AppendRows::write`],
+/// [`AccountStates::write`]).
+pub async fn write_bulk(
+    pool: &PgPool,
+    prepared: Prepared,
+) -> Result<(Vec<pb::Event>, AppendRows, AccountStates), StoreError> {
+    if prepared.is_empty() {
+        return Ok((
+            prepared.events,
+            AppendRows::default(),
+            AccountStates::default(),
+        ));
+    }
+    let mut tx = begin(pool).await?;
+    let (events, rows) = write_ordered(&mut tx, prepared).await?;
+    tx.commit().await?;
+    Ok((events, rows.append, rows.accounts))
+}
+
+/// A transaction for projection writes. The projection is derived data: a commit lost in a
+/// Postgres crash takes its offsets with it (the transaction stays atomic), and the events are
+/// projected again from there. So it does not wait for the flush to disk.
+async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Checks that every shard of the batch starts right after its applied seq, writes the rows
+/// that depend on earlier events (transactions and their legs) and moves the applied seqs;
+/// returns the events and the rest of their rows.
+async fn write_ordered(
+    tx: &mut Transaction<'static, Postgres>,
+    prepared: Prepared,
+) -> Result<(Vec<pb::Event>, Rows), StoreError> {
+    let Prepared { events, mut rows } = prepared;
     let mut firsts: BTreeMap<u32, (u64, u64, i64)> = BTreeMap::new();
     for event in &events {
         let entry =
@@ -389,25 +452,18 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
         entry.2 = event.timestamp_ms;
     }
     let shard_ids: Vec<i32> = firsts.keys().map(|id| *id as i32).collect();
-    let mut tx = pool.begin().await?;
-    // The projection is derived data: a commit lost in a Postgres crash takes its offsets with
-    // it (the transaction stays atomic), and the events are projected again from there. So the
-    // projector does not wait for the flush to disk.
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
     sqlx::query(
         "INSERT INTO projection_offsets (shard_id, applied_seq)
          SELECT unnest($1::int[]), 0 ON CONFLICT DO NOTHING",
     )
     .bind(&shard_ids)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     let applied = sqlx::query(
         "SELECT shard_id, applied_seq FROM projection_offsets WHERE shard_id = ANY($1) FOR UPDATE",
     )
     .bind(&shard_ids)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     for row in applied {
         let shard_id = row.get::<i32, _>(0) as u32;
@@ -423,9 +479,8 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
     }
 
     for event in &events {
-        transaction_rows(&mut tx, &mut rows.activities, event).await?;
+        transaction_rows(tx, &mut rows.append.activities, event).await?;
     }
-    insert_rows(&mut tx, rows).await?;
 
     for (shard_id, (_, last, time_ms)) in &firsts {
         sqlx::query(
@@ -437,11 +492,10 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
         .bind(*shard_id as i32)
         .bind(*last as i64)
         .bind(*time_ms)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
-    tx.commit().await?;
-    Ok(events)
+    Ok((events, rows))
 }
 
 fn malformed(event: &pb::Event, reason: &'static str) -> StoreError {
@@ -465,7 +519,8 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
         .ok_or(malformed(event, "no command"))?;
     let time = event_time(event)?;
     let txn_id = Some(event.txn_id.clone()).filter(|t| !t.is_empty());
-    rows.events
+    rows.append
+        .events
         .int(event.shard_id.into())
         .int(event.seq as i64)
         .text(&time)
@@ -477,7 +532,8 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
         .end_row();
 
     for account in &event.accounts {
-        rows.versions
+        rows.append
+            .versions
             .text(&account.account_id)
             .int(account.version as i64)
             .int(event.shard_id.into())
@@ -493,9 +549,10 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
         let key = (account.account_id.clone(), event.shard_id);
         let created_ms = rows
             .accounts
+            .0
             .get(&key)
             .map_or(event.timestamp_ms, |row| row.created_ms);
-        rows.accounts.insert(
+        rows.accounts.0.insert(
             key,
             AccountRow {
                 shard_id: event.shard_id,
@@ -523,16 +580,25 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
                     transfer.currency.clone(),
                 ),
             ];
-            rows.activities.add(event, &time, &transfer.metadata, &legs);
+            rows.append
+                .activities
+                .add(event, &time, &transfer.metadata, &legs);
         }
         Some(Kind::Batch(batch)) => {
-            rows.activities
+            rows.append
+                .activities
                 .add(event, &time, &batch.metadata, &leg_values(&batch.legs));
         }
         Some(Kind::PlaceHold(hold)) => {
             let legs = leg_values(std::slice::from_ref(&hold_leg(hold)));
-            rows.activities
-                .add_hold(event, &time, &hold.metadata, &legs, ActivityKind::Hold, -1);
+            rows.append.activities.add_hold(
+                event,
+                &time,
+                &hold.metadata,
+                &legs,
+                ActivityKind::Hold,
+                -1,
+            );
         }
         _ => {}
     }
@@ -748,19 +814,65 @@ async fn finish_legs(
     Ok((metadata, values))
 }
 
-async fn insert_rows(
-    tx: &mut Transaction<'static, Postgres>,
-    rows: Rows,
-) -> Result<(), StoreError> {
-    rows.events.write(tx, EVENT_COLUMNS).await?;
-    rows.versions.write(tx, VERSION_COLUMNS).await?;
+impl AppendRows {
+    async fn copy(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
+        self.events.write(tx, EVENT_COLUMNS).await?;
+        self.versions.write(tx, VERSION_COLUMNS).await?;
+        self.activities.rows.write(tx, ACTIVITY_COLUMNS).await?;
+        Ok(())
+    }
 
+    /// Writes the rows in a transaction of their own.
+    pub async fn write(self, pool: &PgPool) -> Result<(), StoreError> {
+        let mut tx = begin(pool).await?;
+        self.copy(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Accounts per statement at most.
+const ACCOUNTS_PER_STATEMENT: usize = 10_000;
+
+impl AccountStates {
+    /// Takes in the states of a later batch: the newest state of each account, created when it
+    /// first appeared.
+    pub fn merge(&mut self, later: AccountStates) {
+        for (key, mut row) in later.0 {
+            if let Some(earlier) = self.0.get(&key) {
+                row.created_ms = earlier.created_ms;
+            }
+            self.0.insert(key, row);
+        }
+    }
+
+    /// Writes the states in a transaction of their own.
+    pub async fn write(self, pool: &PgPool) -> Result<(), StoreError> {
+        let mut tx = begin(pool).await?;
+        self.upsert(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn upsert(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
+        let mut rows = self.0.into_iter().peekable();
+        while rows.peek().is_some() {
+            upsert_accounts(tx, rows.by_ref().take(ACCOUNTS_PER_STATEMENT)).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn upsert_accounts(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: impl Iterator<Item = ((String, u32), AccountRow)>,
+) -> Result<(), StoreError> {
     let mut columns: [Vec<String>; 9] = Default::default();
     let (mut shard_id, mut scale, mut version, mut seq, mut time_ms, mut created_ms) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut txn_id: Vec<Option<String>> = vec![];
     let (mut lower, mut upper): (Vec<Option<String>>, Vec<Option<String>>) = (vec![], vec![]);
-    for ((account_id, _), row) in rows.accounts {
+    for ((account_id, _), row) in rows {
         let account = &row.account;
         let available = minor_value(&account.balance) - minor_value(&account.pending_out);
         for (column, value) in columns.iter_mut().zip([
@@ -841,8 +953,6 @@ async fn insert_rows(
     .bind(&time_ms)
     .execute(&mut **tx)
     .await?;
-
-    rows.activities.rows.write(tx, ACTIVITY_COLUMNS).await?;
     Ok(())
 }
 
