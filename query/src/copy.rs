@@ -10,10 +10,18 @@ use sqlx::PgConnection;
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
+/// Rows are gathered in chunks of about this size, each sent as it is: the buffers stay small
+/// and are reused, where one large buffer would be copied each time it grows, touching fresh
+/// memory, and copied once more into the connection's buffer.
+const CHUNK_BYTES: usize = 64 * 1024;
+
 /// The rows of one table, field by field: `text` and friends add a field to the current row,
 /// `end_row` closes it.
 #[derive(Default)]
 pub struct CopyRows {
+    /// Full chunks, each of whole rows.
+    full: Vec<Vec<u8>>,
+    /// The chunk being filled.
     data: Vec<u8>,
     row_open: bool,
     rows: usize,
@@ -91,6 +99,10 @@ impl CopyRows {
         self.data.push(b'\n');
         self.row_open = false;
         self.rows += 1;
+        if self.data.len() >= CHUNK_BYTES {
+            let next = Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4);
+            self.full.push(std::mem::replace(&mut self.data, next));
+        }
     }
 
     fn separate(&mut self) {
@@ -109,7 +121,9 @@ impl CopyRows {
         let mut copy = conn
             .copy_in_raw(&format!("COPY {target} FROM STDIN"))
             .await?;
-        copy.send(self.data).await?;
+        for chunk in self.full.into_iter().chain([self.data]) {
+            copy.send(chunk).await?;
+        }
         copy.finish().await?;
         Ok(())
     }
@@ -154,6 +168,20 @@ mod tests {
             "a\\tb\\\\c\\nd\\re\t\\N\t-7\t\\\\x00ff\t{\"x\",\"y\\\\\"z\",\"w\\\\\\\\v\"}\nsecond\n"
         );
         assert_eq!(rows.rows, 2);
+    }
+
+    #[test]
+    fn many_rows_fill_chunks_of_whole_rows_in_order() {
+        let mut rows = CopyRows::default();
+        let mut expected = String::new();
+        for n in 0..50_000 {
+            rows.int(n).text("row").end_row();
+            expected.push_str(&format!("{n}\trow\n"));
+        }
+        assert!(rows.full.len() > 2, "{} full chunks", rows.full.len());
+        assert!(rows.full.iter().all(|chunk| chunk.ends_with(b"\n")));
+        let sent: Vec<u8> = rows.full.concat().into_iter().chain(rows.data).collect();
+        assert_eq!(String::from_utf8(sent).unwrap(), expected);
     }
 
     #[test]
