@@ -271,7 +271,7 @@ impl ActivityRows {
     fn add(
         &mut self,
         event: &pb::Event,
-        time: &str,
+        time_ms: i64,
         metadata: &BTreeMap<String, String>,
         legs: &[Movement],
     ) {
@@ -294,7 +294,7 @@ impl ActivityRows {
                     .map(move |found| (found, currency.to_string()))
             })
             .collect();
-        self.push(event, time, metadata, found);
+        self.push(event, time_ms, metadata, found);
     }
 
     /// Activities of a hold (placed or released): each leg of the hold as `kind`, its amount
@@ -302,7 +302,7 @@ impl ActivityRows {
     fn add_hold(
         &mut self,
         event: &pb::Event,
-        time: &str,
+        time_ms: i64,
         metadata: &BTreeMap<String, String>,
         legs: &[Movement],
         kind: ActivityKind,
@@ -320,13 +320,13 @@ impl ActivityRows {
                 (activity, currency.clone())
             })
             .collect();
-        self.push(event, time, metadata, found);
+        self.push(event, time_ms, metadata, found);
     }
 
     fn push(
         &mut self,
         event: &pb::Event,
-        time: &str,
+        time_ms: i64,
         metadata: &BTreeMap<String, String>,
         found: Vec<(Activity, String)>,
     ) {
@@ -345,16 +345,16 @@ impl ActivityRows {
                 }
             };
             self.rows
-                .int(activity_id(event.shard_id, event.seq, position))
+                .int8(activity_id(event.shard_id, event.seq, position))
                 .text(&found.account_id)
                 .text(tenant_of(&found.account_id))
                 .text(found.kind.name())
-                .text(&found.amount.to_string())
+                .numeric(found.amount)
                 .text(&currency)
                 .optional(Some(event.txn_id.as_str()).filter(|t| !t.is_empty()))
                 .optional(found.counterparty.as_deref())
-                .text(time)
-                .text(&metadata_json(&visible))
+                .timestamp(time_ms)
+                .jsonb(&metadata_json(&visible))
                 .end_row();
         }
     }
@@ -506,9 +506,18 @@ fn malformed(event: &pb::Event, reason: &'static str) -> StoreError {
     }
 }
 
-/// The event's leader time as a timestamp field.
-fn event_time(event: &pb::Event) -> Result<String, StoreError> {
-    copy::timestamp(event.timestamp_ms).ok_or(malformed(event, "timestamp out of range"))
+/// The event's leader time, in milliseconds after the Unix epoch.
+fn event_time(event: &pb::Event) -> Result<i64, StoreError> {
+    copy::timestamp_in_range(event.timestamp_ms)
+        .then_some(event.timestamp_ms)
+        .ok_or(malformed(event, "timestamp out of range"))
+}
+
+/// An amount of the event in minor units.
+fn units(event: &pb::Event, amount: &Option<Amount>) -> Result<i128, StoreError> {
+    minor(amount)
+        .parse()
+        .map_err(|_| malformed(event, "malformed amount"))
 }
 
 /// Gathers the rows that follow from one event alone.
@@ -521,9 +530,9 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
     let txn_id = Some(event.txn_id.clone()).filter(|t| !t.is_empty());
     rows.append
         .events
-        .int(event.shard_id.into())
-        .int(event.seq as i64)
-        .text(&time)
+        .int4(event.shard_id as i32)
+        .int8(event.seq as i64)
+        .timestamp(time)
         .text(&event.request_id)
         .optional(txn_id.as_deref())
         .text(command_name(&command.kind))
@@ -535,16 +544,16 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
         rows.append
             .versions
             .text(&account.account_id)
-            .int(account.version as i64)
-            .int(event.shard_id.into())
-            .int(event.seq as i64)
-            .text(&time)
+            .int8(account.version as i64)
+            .int4(event.shard_id as i32)
+            .int8(event.seq as i64)
+            .timestamp(time)
             .text(&event.request_id)
             .optional(txn_id.as_deref())
             .text(state_name(account.state))
-            .text(minor(&account.balance))
-            .text(minor(&account.pending_out))
-            .text(minor(&account.pending_in))
+            .numeric(units(event, &account.balance)?)
+            .numeric(units(event, &account.pending_out)?)
+            .numeric(units(event, &account.pending_in)?)
             .end_row();
         let key = (account.account_id.clone(), event.shard_id);
         let created_ms = rows
@@ -582,18 +591,18 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
             ];
             rows.append
                 .activities
-                .add(event, &time, &transfer.metadata, &legs);
+                .add(event, time, &transfer.metadata, &legs);
         }
         Some(Kind::Batch(batch)) => {
             rows.append
                 .activities
-                .add(event, &time, &batch.metadata, &leg_values(&batch.legs));
+                .add(event, time, &batch.metadata, &leg_values(&batch.legs));
         }
         Some(Kind::PlaceHold(hold)) => {
             let legs = leg_values(std::slice::from_ref(&hold_leg(hold)));
             rows.append.activities.add_hold(
                 event,
-                &time,
+                time,
                 &hold.metadata,
                 &legs,
                 ActivityKind::Hold,
@@ -643,7 +652,7 @@ async fn transaction_rows(
         Kind::Post(post) => {
             let (metadata, legs) =
                 finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
-            activities.add(event, &event_time(event)?, &metadata, &legs);
+            activities.add(event, event_time(event)?, &metadata, &legs);
             capture_hold(tx, event, &metadata).await?;
         }
         Kind::Void(void) => {
@@ -659,7 +668,7 @@ async fn transaction_rows(
                 finish_legs(tx, event, &void.hold_id, "voided", "voided").await?;
             activities.add_hold(
                 event,
-                &event_time(event)?,
+                event_time(event)?,
                 &metadata,
                 &legs,
                 ActivityKind::Void,
