@@ -23,6 +23,9 @@ use crate::store::{self, Prepared, StoreError};
 
 /// Events written in one SQL transaction at most.
 pub const BATCH_EVENTS_MAX: usize = 2_000;
+/// The same in a bulk load, where no reader waits for a batch: the server spends less per row
+/// in fewer, larger `COPY`s.
+const BULK_BATCH_EVENTS_MAX: usize = 10_000;
 /// In a bulk load, batches whose append-only rows are being written at once, at most.
 const APPENDS_IN_FLIGHT: usize = 2;
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -124,6 +127,11 @@ pub async fn project(
     };
     drop(sender);
     let bulk = until.is_some();
+    let batch_max = if bulk {
+        BULK_BATCH_EVENTS_MAX
+    } else {
+        BATCH_EVENTS_MAX
+    };
     let mut appending: JoinSet<Result<(), StoreError>> = JoinSet::new();
     let mut accounts = store::AccountStates::default();
     let mut upcoming: Option<Gathered> = None;
@@ -136,7 +144,7 @@ pub async fn project(
                 };
                 let mut batch = Prepared::default();
                 intake.offer(first, &mut batch)?;
-                while batch.len() < BATCH_EVENTS_MAX {
+                while batch.len() < batch_max {
                     let Ok(incoming) = receiver.try_recv() else {
                         break;
                     };
@@ -169,7 +177,7 @@ pub async fn project(
                 written = &mut writing => break written,
                 incoming = receiver.recv(),
                     if open && failed.is_none() && !gathered.last
-                        && next.len() < BATCH_EVENTS_MAX =>
+                        && next.len() < batch_max =>
                 {
                     match incoming {
                         Some(incoming) => {
