@@ -136,7 +136,7 @@ impl DeferredIndexes {
     /// Builds the indexes again, the tables' at the same time (each on its own connection).
     pub async fn restore(self, pool: &PgPool) -> Result<(), StoreError> {
         futures::future::try_join_all(self.restore.into_values().map(|statements| async move {
-            let mut tx = pool.begin().await?;
+            let mut tx = begin(pool).await?;
             sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
                 .execute(&mut *tx)
                 .await?;
