@@ -1,9 +1,8 @@
 //! The projections in Postgres: writing a batch of events in one SQL transaction together with
 //! the per-shard applied seq, and the reads the query service answers from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use prost::Message as _;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::command::Kind;
 use proto::common::v1::Amount;
@@ -223,7 +222,20 @@ type Movement = (String, i128, String);
 #[derive(Default)]
 struct Rows {
     append: AppendRows,
-    accounts: AccountStates,
+    accounts: BatchAccounts,
+}
+
+/// Where the newest state of each account of a batch is, by shard and account id: an account
+/// changes in many events of a batch, and only its last state is written.
+#[derive(Default)]
+struct BatchAccounts(BTreeMap<u32, HashMap<String, Newest>>);
+
+/// The newest state of an account in a batch: the event's place in the batch and the account's
+/// among the event's, and the time of the account's first event in the batch.
+struct Newest {
+    event: usize,
+    account: usize,
+    created_ms: i64,
 }
 
 /// A batch's rows of the tables the projector only appends to ([`APPEND_ONLY`]): no later
@@ -371,7 +383,7 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn push(&mut self, event: pb::Event) -> Result<(), StoreError> {
-        event_rows(&mut self.rows, &event)?;
+        event_rows(&mut self.rows, self.events.len(), &event)?;
         self.events.push(event);
         Ok(())
     }
@@ -396,7 +408,7 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
     let mut tx = begin(pool).await?;
     let (events, rows) = write_ordered(&mut tx, prepared).await?;
     rows.append.copy(&mut tx).await?;
-    rows.accounts.upsert(&mut tx).await?;
+    rows.accounts.states(&events).upsert(&mut tx).await?;
     tx.commit().await?;
     Ok(events)
 }
@@ -420,7 +432,8 @@ pub async fn write_bulk(
     let mut tx = begin(pool).await?;
     let (events, rows) = write_ordered(&mut tx, prepared).await?;
     tx.commit().await?;
-    Ok((events, rows.append, rows.accounts))
+    let states = rows.accounts.states(&events);
+    Ok((events, rows.append, states))
 }
 
 /// A transaction for projection writes. The projection is derived data: a commit lost in a
@@ -521,26 +534,28 @@ fn units(event: &pb::Event, amount: &Option<Amount>) -> Result<i128, StoreError>
 }
 
 /// Gathers the rows that follow from one event alone.
-fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
+/// (`index`: the event's place in the batch.)
+fn event_rows(rows: &mut Rows, index: usize, event: &pb::Event) -> Result<(), StoreError> {
     let command = event
         .command
         .as_ref()
         .ok_or(malformed(event, "no command"))?;
     let time = event_time(event)?;
-    let txn_id = Some(event.txn_id.clone()).filter(|t| !t.is_empty());
+    let txn_id = Some(event.txn_id.as_str()).filter(|t| !t.is_empty());
     rows.append
         .events
         .int4(event.shard_id as i32)
         .int8(event.seq as i64)
         .timestamp(time)
         .text(&event.request_id)
-        .optional(txn_id.as_deref())
+        .optional(txn_id)
         .text(command_name(&command.kind))
         .text_array(event.accounts.iter().map(|a| a.account_id.as_str()))
-        .bytes(&event.encode_to_vec())
+        .message(event)
         .end_row();
 
-    for account in &event.accounts {
+    let batch_accounts = rows.accounts.0.entry(event.shard_id).or_default();
+    for (position, account) in event.accounts.iter().enumerate() {
         rows.append
             .versions
             .text(&account.account_id)
@@ -549,29 +564,23 @@ fn event_rows(rows: &mut Rows, event: &pb::Event) -> Result<(), StoreError> {
             .int8(event.seq as i64)
             .timestamp(time)
             .text(&event.request_id)
-            .optional(txn_id.as_deref())
+            .optional(txn_id)
             .text(state_name(account.state))
             .numeric(units(event, &account.balance)?)
             .numeric(units(event, &account.pending_out)?)
             .numeric(units(event, &account.pending_in)?)
             .end_row();
-        let key = (account.account_id.clone(), event.shard_id);
-        let created_ms = rows
-            .accounts
-            .0
-            .get(&key)
-            .map_or(event.timestamp_ms, |row| row.created_ms);
-        rows.accounts.0.insert(
-            key,
-            AccountRow {
-                shard_id: event.shard_id,
-                seq: event.seq,
-                time_ms: event.timestamp_ms,
-                created_ms,
-                txn_id: txn_id.clone(),
-                account: account.clone(),
-            },
-        );
+        match batch_accounts.get_mut(&account.account_id) {
+            Some(newest) => (newest.event, newest.account) = (index, position),
+            None => {
+                let newest = Newest {
+                    event: index,
+                    account: position,
+                    created_ms: event.timestamp_ms,
+                };
+                batch_accounts.insert(account.account_id.clone(), newest);
+            }
+        }
     }
 
     match &command.kind {
@@ -842,6 +851,28 @@ impl AppendRows {
 
 /// Accounts per statement at most.
 const ACCOUNTS_PER_STATEMENT: usize = 10_000;
+
+impl BatchAccounts {
+    /// The newest states, read from the batch's `events`.
+    fn states(self, events: &[pb::Event]) -> AccountStates {
+        let mut states = BTreeMap::new();
+        for (shard_id, accounts) in self.0 {
+            for (account_id, newest) in accounts {
+                let event = &events[newest.event];
+                let row = AccountRow {
+                    shard_id,
+                    seq: event.seq,
+                    time_ms: event.timestamp_ms,
+                    created_ms: newest.created_ms,
+                    txn_id: Some(event.txn_id.clone()).filter(|t| !t.is_empty()),
+                    account: event.accounts[newest.account].clone(),
+                };
+                states.insert((account_id, shard_id), row);
+            }
+        }
+        AccountStates(states)
+    }
+}
 
 impl AccountStates {
     /// Takes in the states of a later batch: the newest state of each account, created when it
