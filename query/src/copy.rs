@@ -7,6 +7,8 @@
 //! `int8` for a `bigint` one, …): the server checks only the length.
 
 use sqlx::PgConnection;
+use sqlx::postgres::PgCopyIn;
+use tokio::sync::mpsc;
 
 /// Rows are gathered in chunks of about this size, each sent as it is: the buffers stay small
 /// and are reused, where one large buffer would be copied each time it grows, touching fresh
@@ -168,18 +170,49 @@ impl CopyRows {
         if self.is_empty() {
             return Ok(());
         }
+        let mut copy = start(conn, target).await?;
+        self.send(&mut copy).await?;
+        finish(copy).await
+    }
+
+    async fn send(self, copy: &mut PgCopyIn<&mut PgConnection>) -> Result<(), sqlx::Error> {
         debug_assert!(self.row.is_none(), "a row was left open");
-        let mut copy = conn
-            .copy_in_raw(&format!("COPY {target} FROM STDIN (FORMAT binary)"))
-            .await?;
-        copy.send(HEADER).await?;
         for chunk in self.full.into_iter().chain([self.data]) {
             copy.send(chunk).await?;
         }
-        copy.send(TRAILER).await?;
-        copy.finish().await?;
         Ok(())
     }
+}
+
+/// Copies every batch of rows that `batches` brings into `target`, in one `COPY` (a bulk load:
+/// the server's cost of starting and ending a `COPY` grows with the rows it buffers at once).
+pub async fn stream(
+    conn: &mut PgConnection,
+    target: &str,
+    mut batches: mpsc::Receiver<CopyRows>,
+) -> Result<(), sqlx::Error> {
+    let mut copy = start(conn, target).await?;
+    while let Some(rows) = batches.recv().await {
+        rows.send(&mut copy).await?;
+    }
+    finish(copy).await
+}
+
+async fn start<'c>(
+    conn: &'c mut PgConnection,
+    target: &str,
+) -> Result<PgCopyIn<&'c mut PgConnection>, sqlx::Error> {
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {target} FROM STDIN (FORMAT binary)"))
+        .await?;
+    copy.send(HEADER).await?;
+    Ok(copy)
+}
+
+async fn finish(mut copy: PgCopyIn<&mut PgConnection>) -> Result<(), sqlx::Error> {
+    copy.send(TRAILER).await?;
+    copy.finish().await?;
+    Ok(())
 }
 
 /// A field's length: fields are far smaller than the format's limit of 1 GB.

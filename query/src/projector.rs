@@ -26,8 +26,6 @@ pub const BATCH_EVENTS_MAX: usize = 2_000;
 /// The same in a bulk load, where no reader waits for a batch: the server spends less per row
 /// in fewer, larger `COPY`s.
 const BULK_BATCH_EVENTS_MAX: usize = 10_000;
-/// In a bulk load, batches whose append-only rows are being written at once, at most.
-const APPENDS_IN_FLIGHT: usize = 2;
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
@@ -75,8 +73,8 @@ pub async fn run(pool: PgPool, source: Source, metrics: ProjectionMetrics) {
 ///
 /// With `until` (a rebuild into an empty database, which either finishes or is started over) it
 /// loads in bulk: a batch's SQL transaction holds only the rows later batches read back and the
-/// applied seqs; its append-only rows are written on other connections meanwhile (at most
-/// [`APPENDS_IN_FLIGHT`] batches at once), and the accounts' states once, at the end.
+/// applied seqs; its append-only rows go to one `COPY` per table, each on its own connection,
+/// running for the whole load, and the accounts' states are written once, at the end.
 pub async fn project(
     pool: &PgPool,
     source: &Source,
@@ -132,7 +130,7 @@ pub async fn project(
     } else {
         BATCH_EVENTS_MAX
     };
-    let mut appending: JoinSet<Result<(), StoreError>> = JoinSet::new();
+    let mut appending = bulk.then(|| store::AppendStreams::open(pool));
     let mut accounts = store::AccountStates::default();
     let mut upcoming: Option<Gathered> = None;
     loop {
@@ -195,11 +193,11 @@ pub async fn project(
         }
         if let Some((append, states)) = deferred {
             accounts.merge(states);
-            if appending.len() >= APPENDS_IN_FLIGHT {
-                finish_append(&mut appending).await?;
-            }
-            let pool = pool.clone();
-            appending.spawn(async move { append.write(&pool).await });
+            appending
+                .as_mut()
+                .expect("a bulk load streams its append-only rows")
+                .send(append)
+                .await?;
         }
         if !events.is_empty() {
             metrics.applied(&events);
@@ -217,21 +215,13 @@ pub async fn project(
             consumer.commit(&list, CommitMode::Async)?;
         }
         if gathered.last {
-            while !appending.is_empty() {
-                finish_append(&mut appending).await?;
+            if let Some(appending) = appending {
+                appending.finish().await?;
             }
             std::mem::take(&mut accounts).write(pool).await?;
             return Ok(());
         }
         upcoming = received.then(|| intake.close(next));
-    }
-}
-
-/// Waits for one batch's append-only rows to be written.
-async fn finish_append(appending: &mut JoinSet<Result<(), StoreError>>) -> Result<(), StoreError> {
-    match appending.join_next().await {
-        Some(written) => written.expect("the append writers never panic"),
-        None => Ok(()),
     }
 }
 

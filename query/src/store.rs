@@ -7,6 +7,8 @@ use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::command::Kind;
 use proto::common::v1::Amount;
 use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use auticuro::convert::state_name;
 
@@ -239,7 +241,8 @@ struct Newest {
 }
 
 /// A batch's rows of the tables the projector only appends to ([`APPEND_ONLY`]): no later
-/// batch depends on them, so a bulk load writes them apart from the batch's own transaction.
+/// batch depends on them, so a bulk load writes them apart from the batch's own transaction
+/// ([`AppendStreams`]).
 #[derive(Default)]
 pub struct AppendRows {
     /// `ledger_events`, in the order of [`EVENT_COLUMNS`].
@@ -416,7 +419,7 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
 /// [`write`] for a bulk load into an empty database (a rebuild, which either finishes or is
 /// started over): commits only the rows later batches depend on (transactions and their legs)
 /// with the applied seqs, and returns the batch's events, its append-only rows and its
-/// accounts' states for the caller to write in their own time ([`AppendRows::write`],
+/// accounts' states for the caller to write in their own time ([`AppendStreams`],
 /// [`AccountStates::write`]).
 pub async fn write_bulk(
     pool: &PgPool,
@@ -839,12 +842,60 @@ impl AppendRows {
         self.activities.rows.write(tx, ACTIVITY_COLUMNS).await?;
         Ok(())
     }
+}
 
-    /// Writes the rows in a transaction of their own.
-    pub async fn write(self, pool: &PgPool) -> Result<(), StoreError> {
-        let mut tx = begin(pool).await?;
-        self.copy(&mut tx).await?;
-        tx.commit().await?;
+/// A bulk load's append-only tables, each written by one `COPY` on its own connection, in one
+/// transaction, fed batch by batch ([`AppendStreams::send`]) until [`AppendStreams::finish`].
+pub struct AppendStreams {
+    tables: Vec<(mpsc::Sender<CopyRows>, JoinHandle<Result<(), StoreError>>)>,
+}
+
+/// Batches waiting for each append-only table's `COPY`, at most.
+const BATCHES_QUEUED: usize = 2;
+
+impl AppendStreams {
+    pub fn open(pool: &PgPool) -> AppendStreams {
+        let tables = [EVENT_COLUMNS, VERSION_COLUMNS, ACTIVITY_COLUMNS]
+            .into_iter()
+            .map(|target| {
+                let (sender, batches) = mpsc::channel(BATCHES_QUEUED);
+                let pool = pool.clone();
+                let copying = tokio::spawn(async move {
+                    let mut tx = begin(&pool).await?;
+                    copy::stream(&mut tx, target, batches).await?;
+                    tx.commit().await?;
+                    Ok(())
+                });
+                (sender, copying)
+            })
+            .collect();
+        AppendStreams { tables }
+    }
+
+    /// Passes a batch's rows on (waits while earlier batches are queued).
+    pub async fn send(&mut self, rows: AppendRows) -> Result<(), StoreError> {
+        let AppendRows {
+            events,
+            versions,
+            activities,
+        } = rows;
+        for (rows, at) in [events, versions, activities.rows].into_iter().zip(0..) {
+            if self.tables[at].0.send(rows).await.is_err() {
+                // The COPY ended early: its error says why.
+                let (_, copying) = self.tables.swap_remove(at);
+                copying.await.expect("a COPY task never panics")?;
+                unreachable!("a COPY ends early only with an error");
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the `COPY`s and commits them.
+    pub async fn finish(self) -> Result<(), StoreError> {
+        for (sender, copying) in self.tables {
+            drop(sender);
+            copying.await.expect("a COPY task never panics")?;
+        }
         Ok(())
     }
 }
