@@ -1,5 +1,5 @@
-//! Prometheus metrics of the projection: applied seq and lag per shard, batch sizes, gaps and
-//! alarms.
+//! Prometheus metrics of the projection: applied seq and lag per shard, batch sizes and write
+//! times, gaps and alarms.
 
 use std::sync::Arc;
 
@@ -29,6 +29,7 @@ pub struct ProjectionMetrics {
     /// The first missing seq while a gap stops the shard's projection, 0 otherwise.
     gap: Family<ShardLabel, Gauge>,
     batch_events: Histogram,
+    batch_write_seconds: Histogram,
     /// Gaps opened and undecodable messages skipped.
     pub alarms: Counter,
     /// Events dropped because a gap held too many (read again after a restart).
@@ -45,6 +46,7 @@ impl Default for ProjectionMetrics {
             lag_events: Family::default(),
             gap: Family::default(),
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            batch_write_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             alarms: Counter::default(),
             dropped: Counter::default(),
         };
@@ -72,6 +74,11 @@ impl Default for ProjectionMetrics {
             "projection_batch_events",
             "Events per SQL transaction",
             metrics.batch_events.clone(),
+        );
+        registry.register(
+            "projection_batch_write_seconds",
+            "Time to write a batch (its SQL transaction)",
+            metrics.batch_write_seconds.clone(),
         );
         registry.register(
             "projection_alarms",
@@ -108,8 +115,10 @@ impl ProjectionMetrics {
         }
     }
 
-    pub fn applied(&self, batch: &[pb::Event]) {
+    /// Records a batch written in `took`.
+    pub fn applied(&self, batch: &[pb::Event], took: std::time::Duration) {
         self.batch_events.observe(batch.len() as f64);
+        self.batch_write_seconds.observe(took.as_secs_f64());
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);

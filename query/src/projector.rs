@@ -27,6 +27,8 @@ pub const BATCH_EVENTS_MAX: usize = 2_000;
 /// in fewer, larger `COPY`s.
 const BULK_BATCH_EVENTS_MAX: usize = 10_000;
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// A live batch that takes this long to write is logged.
+const SLOW_BATCH: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug)]
 pub enum Source {
@@ -151,6 +153,7 @@ pub async fn project(
                 intake.close(batch)
             }
         };
+        let writing_since = tokio::time::Instant::now();
         let mut writing = tokio::spawn({
             let pool = pool.clone();
             async move {
@@ -188,6 +191,7 @@ pub async fn project(
             }
         };
         let (events, deferred) = written.expect("the batch writer never panics")?;
+        let took = writing_since.elapsed();
         if let Some(error) = failed {
             return Err(error.into());
         }
@@ -200,7 +204,15 @@ pub async fn project(
                 .await?;
         }
         if !events.is_empty() {
-            metrics.applied(&events);
+            metrics.applied(&events, took);
+            if !bulk && took >= SLOW_BATCH {
+                // With the time, to set beside the logs of the shards and of Postgres.
+                tracing::warn!(
+                    events = events.len(),
+                    ms = took.as_millis() as u64,
+                    "a batch took long to write"
+                );
+            }
         }
         if let Some(consumer) = &consumer
             && let Some(offsets) = gathered.offsets.filter(|seen| !seen.is_empty())
