@@ -33,6 +33,36 @@ pub fn transfer(from: &str, to: &str, amount: i128) -> pb::command::Kind {
     })
 }
 
+/// The coordinator that two-phase commands sent straight to a shard name as their owner.
+const OWNER: pb::Owner = pb::Owner {
+    coordinator_shard_id: 1,
+    epoch: 1,
+};
+
+/// Phase one of a transaction moving `amount` from `from` to `to` on one shard.
+pub fn reserve(txn_id: &str, from: &str, to: &str, amount: i128) -> pb::command::Kind {
+    let leg = |account: &str, amount: i128| pb::Leg {
+        account_id: account.into(),
+        amount: Some(Amount {
+            minor_units: amount.to_string(),
+        }),
+        currency: "USD".into(),
+    };
+    pb::command::Kind::Reserve(pb::Reserve {
+        txn_id: txn_id.into(),
+        owner: Some(OWNER),
+        legs: vec![leg(from, -amount), leg(to, amount)],
+        ..Default::default()
+    })
+}
+
+pub fn post(txn_id: &str) -> pb::command::Kind {
+    pb::command::Kind::Post(pb::Post {
+        txn_id: txn_id.into(),
+        owner: Some(OWNER),
+    })
+}
+
 pub fn ok(result: &pb::CommandResult) -> bool {
     result.outcome == pb::Outcome::Ok as i32
 }

@@ -1,5 +1,6 @@
 //! bench-query: the read side's lag and rebuild speed. One storage shard of three local
-//! `auticuro` processes takes transfers at a steady rate (open loop, `ExecuteMany` calls every
+//! `auticuro` processes takes transfers (with `--two-phase`, Reserve and Post pairs, the events of
+//! coordinator transactions) at a steady rate (open loop, `ExecuteMany` calls every
 //! 10 ms) while `query serve` projects them into Postgres straight from the shard; the
 //! commit-to-visible lag of each event is the time from the write's acknowledgement to the
 //! moment `projection_offsets` shows it applied. Then `query rebuild` replays everything into a
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use integration_tests::bench::{self, PhaseReport, Rng};
-use integration_tests::commands::{command, create, transfer};
+use integration_tests::commands::{command, create, post, reserve, transfer};
 use integration_tests::group::Group;
 use proto::auticuro::v1 as pb;
 use serde::Serialize;
@@ -31,6 +32,10 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 1_000)]
     accounts: usize,
+    /// Each payment is a Reserve and a Post on the shard (the events a coordinator's
+    /// transaction leaves, each with transaction rows to project) instead of one transfer.
+    #[arg(long)]
+    two_phase: bool,
     /// Rebuilds to time, each into a fresh database (the report gives the median).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rebuilds: u32,
@@ -42,6 +47,7 @@ struct Args {
 struct Report {
     benchmark: &'static str,
     offered_events_per_second: u64,
+    two_phase: bool,
     lag: PhaseReport,
     /// The worst lag of the events committed in each second of the run, in milliseconds: shows
     /// whether a high p99 is steady or comes from a few stalls.
@@ -157,17 +163,20 @@ async fn main() -> anyhow::Result<()> {
     let mut sent = 0u64;
     while started.elapsed() < Duration::from_secs(args.seconds) {
         ticks.tick().await;
-        let commands: Vec<pb::Command> = (0..per_tick)
-            .map(|_| {
-                let from = rng.below(accounts.len());
-                let to = (from + 1 + rng.below(accounts.len() - 1)) % accounts.len();
-                sent += 1;
-                command(
-                    format!("t-{sent}"),
-                    transfer(&accounts[from], &accounts[to], 1),
-                )
-            })
-            .collect();
+        let mut commands: Vec<pb::Command> = Vec::with_capacity(per_tick);
+        while commands.len() < per_tick {
+            let from = rng.below(accounts.len());
+            let to = (from + 1 + rng.below(accounts.len() - 1)) % accounts.len();
+            let (from, to) = (&accounts[from], &accounts[to]);
+            sent += 1;
+            if args.two_phase {
+                let txn_id = format!("t:{sent}");
+                commands.push(command(format!("r-{sent}"), reserve(&txn_id, from, to, 1)));
+                commands.push(command(format!("p-{sent}"), post(&txn_id)));
+            } else {
+                commands.push(command(format!("t-{sent}"), transfer(from, to, 1)));
+            }
+        }
         let (mut client, timeline) = (client.clone(), timeline.clone());
         calls.spawn(async move {
             let reply = client
@@ -272,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
     let report = Report {
         benchmark: "query",
         offered_events_per_second: args.rate,
+        two_phase: args.two_phase,
         lag,
         lag_max_ms_per_second,
         rebuild_events,
