@@ -652,14 +652,23 @@ async fn transaction_rows(
     match kind {
         Kind::Batch(batch) => {
             if !batch.txn_id.is_empty() {
-                insert_transaction(tx, event, &batch.txn_id, &batch.metadata, "committed").await?;
-                insert_legs(tx, event, &batch.txn_id, &batch.legs, "posted").await?;
+                let legs = (&batch.legs[..], "posted");
+                insert_transaction(tx, event, &batch.txn_id, &batch.metadata, "committed", legs)
+                    .await?;
             }
             capture_hold(tx, event, &batch.metadata).await?;
         }
         Kind::Reserve(reserve) => {
-            insert_transaction(tx, event, &reserve.txn_id, &reserve.metadata, "pending").await?;
-            insert_legs(tx, event, &reserve.txn_id, &reserve.legs, "held").await?;
+            let legs = (&reserve.legs[..], "held");
+            insert_transaction(
+                tx,
+                event,
+                &reserve.txn_id,
+                &reserve.metadata,
+                "pending",
+                legs,
+            )
+            .await?;
         }
         Kind::Post(post) => {
             let (metadata, legs) =
@@ -671,9 +680,10 @@ async fn transaction_rows(
             finish_legs(tx, event, &void.txn_id, "voided", "aborted").await?;
         }
         Kind::PlaceHold(hold) => {
-            insert_transaction(tx, event, &hold.hold_id, &hold.metadata, "authorized").await?;
             let leg = hold_leg(hold);
-            insert_legs(tx, event, &hold.hold_id, std::slice::from_ref(&leg), "held").await?;
+            let legs = (std::slice::from_ref(&leg), "held");
+            insert_transaction(tx, event, &hold.hold_id, &hold.metadata, "authorized", legs)
+                .await?;
         }
         Kind::VoidHold(void) => {
             let (metadata, legs) =
@@ -722,12 +732,15 @@ fn leg_values(legs: &[pb::Leg]) -> Vec<Movement> {
         .collect()
 }
 
+/// Inserts (or merges into) the transaction's row and inserts its `legs` on the event's shard
+/// in the leg state given, in one statement.
 async fn insert_transaction(
     tx: &mut Transaction<'static, Postgres>,
     event: &pb::Event,
     txn_id: &str,
     metadata: &BTreeMap<String, String>,
     status: &str,
+    (legs, leg_state): (&[pb::Leg], &str),
 ) -> Result<(), StoreError> {
     let tenant = metadata
         .get(activity::FROM_KEY)
@@ -741,14 +754,23 @@ async fn insert_transaction(
                 .next()
         })
         .unwrap_or_default();
+    let accounts: Vec<&str> = legs.iter().map(|l| l.account_id.as_str()).collect();
+    let amounts: Vec<&str> = legs.iter().map(|l| minor(&l.amount)).collect();
+    let currencies: Vec<&str> = legs.iter().map(|l| l.currency.as_str()).collect();
     sqlx::query(
-        "INSERT INTO transactions (txn_id, tenant_id, kind, status, metadata, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5::jsonb, timestamptz 'epoch' + $6 * interval '1 millisecond',
-                 timestamptz 'epoch' + $6 * interval '1 millisecond')
-         ON CONFLICT (txn_id) DO UPDATE SET
-             tenant_id = least(transactions.tenant_id, excluded.tenant_id),
-             created_at = least(transactions.created_at, excluded.created_at),
-             updated_at = greatest(transactions.updated_at, excluded.updated_at)",
+        "WITH txn AS (
+             INSERT INTO transactions (txn_id, tenant_id, kind, status, metadata, created_at,
+                                       updated_at)
+             VALUES ($1, $2, $3, $4, $5::jsonb,
+                     timestamptz 'epoch' + $6 * interval '1 millisecond',
+                     timestamptz 'epoch' + $6 * interval '1 millisecond')
+             ON CONFLICT (txn_id) DO UPDATE SET
+                 tenant_id = least(transactions.tenant_id, excluded.tenant_id),
+                 created_at = least(transactions.created_at, excluded.created_at),
+                 updated_at = greatest(transactions.updated_at, excluded.updated_at))
+         INSERT INTO transaction_legs (txn_id, shard_id, account_id, amount, currency, state)
+         SELECT $1, $7, account, amount::numeric, currency, $11
+         FROM unnest($8::text[], $9::text[], $10::text[]) AS l(account, amount, currency)",
     )
     .bind(txn_id)
     .bind(tenant)
@@ -756,39 +778,18 @@ async fn insert_transaction(
     .bind(status)
     .bind(metadata_json(metadata))
     .bind(event.timestamp_ms)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-async fn insert_legs(
-    tx: &mut Transaction<'static, Postgres>,
-    event: &pb::Event,
-    txn_id: &str,
-    legs: &[pb::Leg],
-    state: &str,
-) -> Result<(), StoreError> {
-    let accounts: Vec<String> = legs.iter().map(|l| l.account_id.clone()).collect();
-    let amounts: Vec<&str> = legs.iter().map(|l| minor(&l.amount)).collect();
-    let currencies: Vec<String> = legs.iter().map(|l| l.currency.clone()).collect();
-    sqlx::query(
-        "INSERT INTO transaction_legs (txn_id, shard_id, account_id, amount, currency, state)
-         SELECT $1, $2, account, amount::numeric, currency, $6
-         FROM unnest($3::text[], $4::text[], $5::text[]) AS l(account, amount, currency)",
-    )
-    .bind(txn_id)
     .bind(event.shard_id as i32)
     .bind(&accounts)
     .bind(&amounts)
     .bind(&currencies)
-    .bind(state)
+    .bind(leg_state)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// Posts or voids the shard's held legs of a transaction; returns the transaction's metadata
-/// and the legs.
+/// Posts or voids the shard's held legs of a transaction and sets its status, in one
+/// statement; returns the transaction's metadata and the legs.
 async fn finish_legs(
     tx: &mut Transaction<'static, Postgres>,
     event: &pb::Event,
@@ -796,40 +797,42 @@ async fn finish_legs(
     leg_state: &str,
     status: &str,
 ) -> Result<(BTreeMap<String, String>, Vec<Movement>), StoreError> {
-    let legs = sqlx::query(
-        "UPDATE transaction_legs SET state = $3
-         WHERE txn_id = $1 AND shard_id = $2 AND state = 'held'
-         RETURNING account_id, amount::text, currency",
+    let row = sqlx::query(
+        "WITH legs AS (
+             UPDATE transaction_legs SET state = $3
+             WHERE txn_id = $1 AND shard_id = $2 AND state = 'held'
+             RETURNING account_id, amount::text AS amount, currency),
+         txn AS (
+             UPDATE transactions SET status = $4,
+                 updated_at = greatest(updated_at,
+                                       timestamptz 'epoch' + $5 * interval '1 millisecond')
+             WHERE txn_id = $1 RETURNING metadata::text AS metadata)
+         SELECT (SELECT metadata FROM txn), l.accounts, l.amounts, l.currencies
+         FROM (SELECT array_agg(account_id) AS accounts, array_agg(amount) AS amounts,
+                      array_agg(currency) AS currencies
+               FROM legs) l",
     )
     .bind(txn_id)
     .bind(event.shard_id as i32)
     .bind(leg_state)
-    .fetch_all(&mut **tx)
-    .await?;
-    let metadata = sqlx::query(
-        "UPDATE transactions SET status = $2,
-             updated_at = greatest(updated_at, timestamptz 'epoch' + $3 * interval '1 millisecond')
-         WHERE txn_id = $1 RETURNING metadata::text",
-    )
-    .bind(txn_id)
     .bind(status)
     .bind(event.timestamp_ms)
-    .fetch_optional(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
-    let metadata: BTreeMap<String, String> = metadata
-        .and_then(|row| serde_json::from_str(&row.get::<String, _>(0)).ok())
+    let metadata: BTreeMap<String, String> = row
+        .get::<Option<String>, _>(0)
+        .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
+    let accounts: Vec<String> = row.get::<Option<Vec<String>>, _>(1).unwrap_or_default();
+    let amounts: Vec<String> = row.get::<Option<Vec<String>>, _>(2).unwrap_or_default();
+    let currencies: Vec<String> = row.get::<Option<Vec<String>>, _>(3).unwrap_or_default();
     // In a fixed order (debits first, then by account), so a rebuild numbers the activities the
     // same way.
-    let mut values: Vec<Movement> = legs
-        .iter()
-        .map(|row| {
-            (
-                row.get::<String, _>(0),
-                row.get::<String, _>(1).parse().unwrap_or(0),
-                row.get::<String, _>(2),
-            )
-        })
+    let mut values: Vec<Movement> = accounts
+        .into_iter()
+        .zip(amounts)
+        .zip(currencies)
+        .map(|((account, amount), currency)| (account, amount.parse().unwrap_or(0), currency))
         .collect();
     values.sort_by_key(|(account, amount, _)| (*amount >= 0, account.clone()));
     Ok((metadata, values))
