@@ -12,8 +12,12 @@ use tokio::task::JoinHandle;
 
 use auticuro::convert::state_name;
 
-use crate::activity::{self, Activity, ActivityKind, KIND_KEY};
+use crate::activity::{self, Activity, ActivityKind};
 use crate::copy::{self, CopyRows};
+
+mod transactions;
+
+use transactions::Transactions;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -442,11 +446,17 @@ pub async fn write_bulk(
 /// A transaction for projection writes. The projection is derived data: a commit lost in a
 /// Postgres crash takes its offsets with it (the transaction stays atomic), and the events are
 /// projected again from there. So it does not wait for the flush to disk.
+///
+/// Its statements are planned for their parameters each time they run: the tables grow from
+/// empty, and a plan kept from when they were small (a sequential scan, matching each row
+/// against every id of a batch) would get slower with every row.
 async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::raw_sql(
+        "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan",
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(tx)
 }
 
@@ -494,9 +504,11 @@ async fn write_ordered(
         }
     }
 
+    let mut transactions = Transactions::load(tx, &events, &shard_ids).await?;
     for event in &events {
-        transaction_rows(tx, &mut rows.append.activities, event).await?;
+        transactions.apply(&mut rows.append.activities, event)?;
     }
+    transactions.write(tx).await?;
 
     for (shard_id, (_, last, time_ms)) in &firsts {
         sqlx::query(
@@ -637,89 +649,6 @@ fn hold_leg(hold: &pb::PlaceHold) -> pb::Leg {
     }
 }
 
-/// Writes the transaction and leg rows of one event, in the batch's SQL transaction (a later
-/// event may read them back), and gathers the activities that come from legs read back: those
-/// of posts and of released holds. (No event has activities from both this and
-/// [`event_rows`], so their positions within the event cannot collide.)
-async fn transaction_rows(
-    tx: &mut Transaction<'static, Postgres>,
-    activities: &mut ActivityRows,
-    event: &pb::Event,
-) -> Result<(), StoreError> {
-    let Some(kind) = event.command.as_ref().and_then(|c| c.kind.as_ref()) else {
-        return Ok(());
-    };
-    match kind {
-        Kind::Batch(batch) => {
-            if !batch.txn_id.is_empty() {
-                let legs = (&batch.legs[..], "posted");
-                insert_transaction(tx, event, &batch.txn_id, &batch.metadata, "committed", legs)
-                    .await?;
-            }
-            capture_hold(tx, event, &batch.metadata).await?;
-        }
-        Kind::Reserve(reserve) => {
-            let legs = (&reserve.legs[..], "held");
-            insert_transaction(
-                tx,
-                event,
-                &reserve.txn_id,
-                &reserve.metadata,
-                "pending",
-                legs,
-            )
-            .await?;
-        }
-        Kind::Post(post) => {
-            let (metadata, legs) =
-                finish_legs(tx, event, &post.txn_id, "posted", "committed").await?;
-            activities.add(event, event_time(event)?, &metadata, &legs);
-            capture_hold(tx, event, &metadata).await?;
-        }
-        Kind::Void(void) => {
-            finish_legs(tx, event, &void.txn_id, "voided", "aborted").await?;
-        }
-        Kind::PlaceHold(hold) => {
-            let leg = hold_leg(hold);
-            let legs = (std::slice::from_ref(&leg), "held");
-            insert_transaction(tx, event, &hold.hold_id, &hold.metadata, "authorized", legs)
-                .await?;
-        }
-        Kind::VoidHold(void) => {
-            let (metadata, legs) =
-                finish_legs(tx, event, &void.hold_id, "voided", "voided").await?;
-            activities.add_hold(
-                event,
-                event_time(event)?,
-                &metadata,
-                &legs,
-                ActivityKind::Void,
-                1,
-            );
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// The hold a capture (a posted transaction with the hold in its metadata) captured, when this
-/// event posted the capture on the hold's shard (the held wallet is the payer): the hold's leg
-/// becomes posted and the hold captured.
-async fn capture_hold(
-    tx: &mut Transaction<'static, Postgres>,
-    event: &pb::Event,
-    metadata: &BTreeMap<String, String>,
-) -> Result<(), StoreError> {
-    let Some(hold_id) = metadata.get(activity::HOLD_KEY) else {
-        return Ok(());
-    };
-    let payer = metadata.get(activity::FROM_KEY);
-    if event.accounts.iter().any(|a| Some(&a.account_id) == payer) {
-        finish_legs(tx, event, hold_id, "posted", "captured").await?;
-    }
-    Ok(())
-}
-
 fn leg_values(legs: &[pb::Leg]) -> Vec<Movement> {
     legs.iter()
         .map(|leg| {
@@ -730,112 +659,6 @@ fn leg_values(legs: &[pb::Leg]) -> Vec<Movement> {
             )
         })
         .collect()
-}
-
-/// Inserts (or merges into) the transaction's row and inserts its `legs` on the event's shard
-/// in the leg state given, in one statement.
-async fn insert_transaction(
-    tx: &mut Transaction<'static, Postgres>,
-    event: &pb::Event,
-    txn_id: &str,
-    metadata: &BTreeMap<String, String>,
-    status: &str,
-    (legs, leg_state): (&[pb::Leg], &str),
-) -> Result<(), StoreError> {
-    let tenant = metadata
-        .get(activity::FROM_KEY)
-        .or_else(|| metadata.get(activity::TO_KEY))
-        .map(|account| tenant_of(account).to_string())
-        .or_else(|| {
-            event
-                .accounts
-                .iter()
-                .map(|a| tenant_of(&a.account_id).to_string())
-                .next()
-        })
-        .unwrap_or_default();
-    let accounts: Vec<&str> = legs.iter().map(|l| l.account_id.as_str()).collect();
-    let amounts: Vec<&str> = legs.iter().map(|l| minor(&l.amount)).collect();
-    let currencies: Vec<&str> = legs.iter().map(|l| l.currency.as_str()).collect();
-    sqlx::query(
-        "WITH txn AS (
-             INSERT INTO transactions (txn_id, tenant_id, kind, status, metadata, created_at,
-                                       updated_at)
-             VALUES ($1, $2, $3, $4, $5::jsonb,
-                     timestamptz 'epoch' + $6 * interval '1 millisecond',
-                     timestamptz 'epoch' + $6 * interval '1 millisecond')
-             ON CONFLICT (txn_id) DO UPDATE SET
-                 tenant_id = least(transactions.tenant_id, excluded.tenant_id),
-                 created_at = least(transactions.created_at, excluded.created_at),
-                 updated_at = greatest(transactions.updated_at, excluded.updated_at))
-         INSERT INTO transaction_legs (txn_id, shard_id, account_id, amount, currency, state)
-         SELECT $1, $7, account, amount::numeric, currency, $11
-         FROM unnest($8::text[], $9::text[], $10::text[]) AS l(account, amount, currency)",
-    )
-    .bind(txn_id)
-    .bind(tenant)
-    .bind(metadata.get(KIND_KEY).map_or("", String::as_str))
-    .bind(status)
-    .bind(metadata_json(metadata))
-    .bind(event.timestamp_ms)
-    .bind(event.shard_id as i32)
-    .bind(&accounts)
-    .bind(&amounts)
-    .bind(&currencies)
-    .bind(leg_state)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Posts or voids the shard's held legs of a transaction and sets its status, in one
-/// statement; returns the transaction's metadata and the legs.
-async fn finish_legs(
-    tx: &mut Transaction<'static, Postgres>,
-    event: &pb::Event,
-    txn_id: &str,
-    leg_state: &str,
-    status: &str,
-) -> Result<(BTreeMap<String, String>, Vec<Movement>), StoreError> {
-    let row = sqlx::query(
-        "WITH legs AS (
-             UPDATE transaction_legs SET state = $3
-             WHERE txn_id = $1 AND shard_id = $2 AND state = 'held'
-             RETURNING account_id, amount::text AS amount, currency),
-         txn AS (
-             UPDATE transactions SET status = $4,
-                 updated_at = greatest(updated_at,
-                                       timestamptz 'epoch' + $5 * interval '1 millisecond')
-             WHERE txn_id = $1 RETURNING metadata::text AS metadata)
-         SELECT (SELECT metadata FROM txn), l.accounts, l.amounts, l.currencies
-         FROM (SELECT array_agg(account_id) AS accounts, array_agg(amount) AS amounts,
-                      array_agg(currency) AS currencies
-               FROM legs) l",
-    )
-    .bind(txn_id)
-    .bind(event.shard_id as i32)
-    .bind(leg_state)
-    .bind(status)
-    .bind(event.timestamp_ms)
-    .fetch_one(&mut **tx)
-    .await?;
-    let metadata: BTreeMap<String, String> = row
-        .get::<Option<String>, _>(0)
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    let accounts: Vec<String> = row.get::<Option<Vec<String>>, _>(1).unwrap_or_default();
-    let amounts: Vec<String> = row.get::<Option<Vec<String>>, _>(2).unwrap_or_default();
-    let currencies: Vec<String> = row.get::<Option<Vec<String>>, _>(3).unwrap_or_default();
-    // In a fixed order (debits first, then by account), so a rebuild numbers the activities the
-    // same way.
-    let mut values: Vec<Movement> = accounts
-        .into_iter()
-        .zip(amounts)
-        .zip(currencies)
-        .map(|((account, amount), currency)| (account, amount.parse().unwrap_or(0), currency))
-        .collect();
-    values.sort_by_key(|(account, amount, _)| (*amount >= 0, account.clone()));
-    Ok((metadata, values))
 }
 
 impl AppendRows {
