@@ -246,7 +246,7 @@ async fn rebuild(
         .context("connecting to the projection database")?;
     let mut start: BTreeMap<u32, u64> = query::store::applied_seqs(&pool).await?;
     anyhow::ensure!(start.is_empty(), "rebuild needs an empty database");
-    // Loaded without the append-only tables' indexes, which are built once at the end.
+    // Loaded without the indexes it does not read back, which are built once at the end.
     let deferred = query::store::defer_indexes(&pool).await?;
     if let Some(live) = from_snapshot {
         let live = query::store::connect(live)

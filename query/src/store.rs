@@ -86,16 +86,17 @@ pub async fn accounts_with(
 /// The tables the projector only appends to and never reads back while projecting.
 const APPEND_ONLY: [&str; 3] = ["ledger_events", "account_versions", "activities"];
 
-/// The indexes (primary keys included) of the append-only tables, dropped for a bulk load:
-/// building an index once from all its rows is several times cheaper than updating it row by
-/// row. [`DeferredIndexes::restore`] builds them again.
+/// The indexes (primary keys included) of the append-only tables, and the secondary ones of
+/// `transaction_legs` (its primary key finds the legs a later event reads back), dropped for a
+/// bulk load: building an index once from all its rows is several times cheaper than updating
+/// it row by row. [`DeferredIndexes::restore`] builds them again.
 #[must_use = "the dropped indexes must be restored"]
 pub struct DeferredIndexes {
     /// Per table, the statements that build them again, primary keys first.
     restore: BTreeMap<String, Vec<String>>,
 }
 
-/// Drops the indexes of the append-only tables (see [`DeferredIndexes`]).
+/// Drops the indexes a bulk load defers (see [`DeferredIndexes`]).
 pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError> {
     let constraints: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT t.relname::text,
@@ -120,7 +121,7 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
                            WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)",
     )
     .bind(SCHEMA)
-    .bind(&APPEND_ONLY[..])
+    .bind([&APPEND_ONLY[..], &["transaction_legs"]].concat())
     .fetch_all(pool)
     .await?;
     let mut tx = pool.begin().await?;
@@ -176,10 +177,6 @@ pub fn tenant_of(account_id: &str) -> &str {
 
 fn minor(amount: &Option<Amount>) -> &str {
     amount.as_ref().map_or("0", |a| a.minor_units.as_str())
-}
-
-fn minor_value(amount: &Option<Amount>) -> i128 {
-    minor(amount).parse().unwrap_or(0)
 }
 
 fn state_value(name: &str) -> i32 {
@@ -600,7 +597,7 @@ fn event_rows(rows: &mut Rows, index: usize, event: &pb::Event) -> Result<(), St
 
     match &command.kind {
         Some(Kind::Transfer(transfer)) => {
-            let amount = minor_value(&transfer.amount);
+            let amount = units(event, &transfer.amount)?;
             let legs = [
                 (
                     transfer.from_account_id.clone(),
@@ -618,12 +615,15 @@ fn event_rows(rows: &mut Rows, index: usize, event: &pb::Event) -> Result<(), St
                 .add(event, time, &transfer.metadata, &legs);
         }
         Some(Kind::Batch(batch)) => {
-            rows.append
-                .activities
-                .add(event, time, &batch.metadata, &leg_values(&batch.legs));
+            rows.append.activities.add(
+                event,
+                time,
+                &batch.metadata,
+                &leg_values(event, &batch.legs)?,
+            );
         }
         Some(Kind::PlaceHold(hold)) => {
-            let legs = leg_values(std::slice::from_ref(&hold_leg(hold)));
+            let legs = leg_values(event, std::slice::from_ref(&hold_leg(hold)))?;
             rows.append.activities.add_hold(
                 event,
                 time,
@@ -649,14 +649,11 @@ fn hold_leg(hold: &pb::PlaceHold) -> pb::Leg {
     }
 }
 
-fn leg_values(legs: &[pb::Leg]) -> Vec<Movement> {
+fn leg_values(event: &pb::Event, legs: &[pb::Leg]) -> Result<Vec<Movement>, StoreError> {
     legs.iter()
         .map(|leg| {
-            (
-                leg.account_id.clone(),
-                minor_value(&leg.amount),
-                leg.currency.clone(),
-            )
+            let amount = units(event, &leg.amount)?;
+            Ok((leg.account_id.clone(), amount, leg.currency.clone()))
         })
         .collect()
 }
@@ -673,7 +670,15 @@ impl AppendRows {
 /// A bulk load's append-only tables, each written by one `COPY` on its own connection, in one
 /// transaction, fed batch by batch ([`AppendStreams::send`]) until [`AppendStreams::finish`].
 pub struct AppendStreams {
-    tables: Vec<(mpsc::Sender<CopyRows>, JoinHandle<Result<(), StoreError>>)>,
+    events: CopyStream,
+    versions: CopyStream,
+    activities: CopyStream,
+}
+
+/// One table's `COPY`, fed by a channel until it closes.
+struct CopyStream {
+    batches: mpsc::Sender<CopyRows>,
+    copying: JoinHandle<Result<(), StoreError>>,
 }
 
 /// Batches waiting for each append-only table's `COPY`, at most.
@@ -681,48 +686,55 @@ const BATCHES_QUEUED: usize = 2;
 
 impl AppendStreams {
     pub fn open(pool: &PgPool) -> AppendStreams {
-        let tables = [EVENT_COLUMNS, VERSION_COLUMNS, ACTIVITY_COLUMNS]
-            .into_iter()
-            .map(|target| {
-                let (sender, batches) = mpsc::channel(BATCHES_QUEUED);
-                let pool = pool.clone();
-                let copying = tokio::spawn(async move {
-                    let mut tx = begin(&pool).await?;
-                    copy::stream(&mut tx, target, batches).await?;
-                    tx.commit().await?;
-                    Ok(())
-                });
-                (sender, copying)
-            })
-            .collect();
-        AppendStreams { tables }
+        AppendStreams {
+            events: CopyStream::open(pool, EVENT_COLUMNS),
+            versions: CopyStream::open(pool, VERSION_COLUMNS),
+            activities: CopyStream::open(pool, ACTIVITY_COLUMNS),
+        }
     }
 
     /// Passes a batch's rows on (waits while earlier batches are queued).
     pub async fn send(&mut self, rows: AppendRows) -> Result<(), StoreError> {
-        let AppendRows {
-            events,
-            versions,
-            activities,
-        } = rows;
-        for (rows, at) in [events, versions, activities.rows].into_iter().zip(0..) {
-            if self.tables[at].0.send(rows).await.is_err() {
-                // The COPY ended early: its error says why.
-                let (_, copying) = self.tables.swap_remove(at);
-                copying.await.expect("a COPY task never panics")?;
-                unreachable!("a COPY ends early only with an error");
-            }
-        }
-        Ok(())
+        self.events.send(rows.events).await?;
+        self.versions.send(rows.versions).await?;
+        self.activities.send(rows.activities.rows).await
     }
 
     /// Ends the `COPY`s and commits them.
     pub async fn finish(self) -> Result<(), StoreError> {
-        for (sender, copying) in self.tables {
-            drop(sender);
-            copying.await.expect("a COPY task never panics")?;
+        self.events.finish().await?;
+        self.versions.finish().await?;
+        self.activities.finish().await
+    }
+}
+
+impl CopyStream {
+    fn open(pool: &PgPool, target: &'static str) -> CopyStream {
+        let (batches, receiver) = mpsc::channel(BATCHES_QUEUED);
+        let pool = pool.clone();
+        let copying = tokio::spawn(async move {
+            let mut tx = begin(&pool).await?;
+            copy::stream(&mut tx, target, receiver).await?;
+            tx.commit().await?;
+            Ok(())
+        });
+        CopyStream { batches, copying }
+    }
+
+    async fn send(&mut self, rows: CopyRows) -> Result<(), StoreError> {
+        if self.batches.send(rows).await.is_ok() {
+            return Ok(());
         }
-        Ok(())
+        // The COPY ended early: its error says why.
+        (&mut self.copying)
+            .await
+            .expect("a COPY task never panics")?;
+        unreachable!("a COPY ends early only with an error")
+    }
+
+    async fn finish(self) -> Result<(), StoreError> {
+        drop(self.batches);
+        self.copying.await.expect("a COPY task never panics")
     }
 }
 
@@ -791,7 +803,9 @@ async fn upsert_accounts(
     let (mut lower, mut upper): (Vec<Option<String>>, Vec<Option<String>>) = (vec![], vec![]);
     for ((account_id, _), row) in rows {
         let account = &row.account;
-        let available = minor_value(&account.balance) - minor_value(&account.pending_out);
+        // The amounts parse: the event's version rows checked them ([`event_rows`]).
+        let parsed = |amount| minor(amount).parse::<i128>().unwrap_or_default();
+        let available = parsed(&account.balance) - parsed(&account.pending_out);
         for (column, value) in columns.iter_mut().zip([
             tenant_of(&account_id).to_string(),
             account.currency.clone(),

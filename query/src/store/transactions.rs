@@ -3,13 +3,13 @@
 //! two queries), applies its events to them in memory, in order, and writes what changed with
 //! one statement.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::command::Kind;
 use sqlx::{Postgres, Row, Transaction};
 
-use super::{event_time, metadata_json, tenant_of, units, ActivityRows, Movement, StoreError};
+use super::{ActivityRows, Movement, StoreError, event_time, metadata_json, tenant_of, units};
 use crate::activity::{self, ActivityKind, KIND_KEY};
 
 /// A transaction's row as the batch's events leave it.
@@ -110,34 +110,19 @@ const WRITE: &str = r#"
     SELECT 1"#;
 
 impl Transactions {
-    /// Loads the rows the batch's `events` reach: the transactions they name, and the holds
-    /// that captures among them name in their metadata. A post's metadata is its reserve's,
-    /// which is an event of the batch or a row the first query loads, so a second query (the
-    /// holds only loaded metadata names) finds the rest.
+    /// Loads the rows the batch's `events` need from Postgres: those of the transactions they
+    /// post or void (captures included) on a shard where the batch did not create them. A
+    /// transaction the batch creates is written by merging into a stored row, so it is not
+    /// loaded; its metadata is then the batch's, which is the stored one too, as a coordinator
+    /// gives every shard of a transaction the same metadata. A post's metadata may name a
+    /// hold it captures: a second query loads the holds named only by loaded metadata.
     pub(super) async fn load(
         tx: &mut Transaction<'static, Postgres>,
         events: &[pb::Event],
         shard_ids: &[i32],
     ) -> Result<Transactions, StoreError> {
         let mut batch = Transactions::default();
-        let mut ids = BTreeSet::new();
-        for event in events {
-            let Some(kind) = event.command.as_ref().and_then(|c| c.kind.as_ref()) else {
-                continue;
-            };
-            let (id, metadata) = match kind {
-                Kind::Batch(b) => (Some(&b.txn_id).filter(|id| !id.is_empty()), Some(&b.metadata)),
-                Kind::Reserve(r) => (Some(&r.txn_id), Some(&r.metadata)),
-                Kind::Post(p) => (Some(&p.txn_id), None),
-                Kind::Void(v) => (Some(&v.txn_id), None),
-                Kind::PlaceHold(h) => (Some(&h.hold_id), Some(&h.metadata)),
-                Kind::VoidHold(v) => (Some(&v.hold_id), None),
-                _ => (None, None),
-            };
-            ids.extend(id.cloned());
-            ids.extend(metadata.and_then(|m| m.get(activity::HOLD_KEY)).cloned());
-        }
-        batch.fetch(tx, ids, shard_ids).await?;
+        batch.fetch(tx, needed(events), shard_ids).await?;
         let holds = batch
             .txns
             .values()
@@ -189,15 +174,17 @@ impl Transactions {
                 .zip(amounts)
                 .zip(currencies)
                 .zip(states)
-                .map(|((((shard_id, account_id), amount), currency), state)| Leg {
-                    shard_id: shard_id as u32,
-                    account_id,
-                    amount: amount.parse().unwrap_or(0),
-                    currency,
-                    state,
-                    stored: true,
-                    changed: false,
-                })
+                .map(
+                    |((((shard_id, account_id), amount), currency), state)| Leg {
+                        shard_id: shard_id as u32,
+                        account_id,
+                        amount: amount.parse().unwrap_or(0),
+                        currency,
+                        state,
+                        stored: true,
+                        changed: false,
+                    },
+                )
                 .collect();
             self.legs.insert(txn_id.clone(), legs);
             self.txns.insert(txn_id, Some(txn));
@@ -294,7 +281,10 @@ impl Transactions {
                 changed: true,
             });
         }
-        self.legs.entry(txn_id.to_string()).or_default().extend(added);
+        self.legs
+            .entry(txn_id.to_string())
+            .or_default()
+            .extend(added);
         let time = event.timestamp_ms;
         match self.txns.get_mut(txn_id) {
             Some(Some(txn)) => {
@@ -412,6 +402,48 @@ impl Transactions {
     }
 }
 
+/// The transactions `events` post or void (captures included) on a shard where an earlier
+/// event of theirs did not create them: those [`Transactions::load`] reads first.
+fn needed(events: &[pb::Event]) -> BTreeSet<String> {
+    let mut created: HashSet<(&str, u32)> = HashSet::new();
+    let mut metadata_of: HashMap<&str, &BTreeMap<String, String>> = HashMap::new();
+    let mut needed = BTreeSet::new();
+    for event in events {
+        let Some(kind) = event.command.as_ref().and_then(|c| c.kind.as_ref()) else {
+            continue;
+        };
+        let (finished, hold) = match kind {
+            Kind::Batch(b) => (None, b.metadata.get(activity::HOLD_KEY)),
+            Kind::Post(p) => {
+                let metadata = metadata_of.get(p.txn_id.as_str());
+                (
+                    Some(&p.txn_id),
+                    metadata.and_then(|m| m.get(activity::HOLD_KEY)),
+                )
+            }
+            Kind::Void(v) => (Some(&v.txn_id), None),
+            Kind::VoidHold(v) => (Some(&v.hold_id), None),
+            _ => (None, None),
+        };
+        for id in finished.into_iter().chain(hold) {
+            if !created.contains(&(id.as_str(), event.shard_id)) {
+                needed.insert(id.clone());
+            }
+        }
+        let creates = match kind {
+            Kind::Batch(b) if !b.txn_id.is_empty() => Some((&b.txn_id, &b.metadata)),
+            Kind::Reserve(r) => Some((&r.txn_id, &r.metadata)),
+            Kind::PlaceHold(h) => Some((&h.hold_id, &h.metadata)),
+            _ => None,
+        };
+        if let Some((id, metadata)) = creates {
+            created.insert((id, event.shard_id));
+            metadata_of.entry(id).or_insert(metadata);
+        }
+    }
+    needed
+}
+
 #[derive(Default)]
 struct TxnColumns {
     ids: Vec<String>,
@@ -432,4 +464,294 @@ struct LegColumns {
     amounts: Vec<String>,
     currencies: Vec<String>,
     states: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::common::v1::Amount;
+
+    use super::*;
+
+    fn event(shard_id: u32, seq: u64, kind: Kind) -> pb::Event {
+        pb::Event {
+            shard_id,
+            seq,
+            timestamp_ms: 1_000 + seq as i64,
+            command: Some(pb::Command {
+                request_id: format!("r{seq}"),
+                kind: Some(kind),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn leg(account_id: &str, amount: i128) -> pb::Leg {
+        pb::Leg {
+            account_id: account_id.into(),
+            amount: Some(Amount {
+                minor_units: amount.to_string(),
+            }),
+            currency: "USD".into(),
+        }
+    }
+
+    fn metadata(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+        entries
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect()
+    }
+
+    fn reserve(txn_id: &str, legs: Vec<pb::Leg>, entries: &[(&str, &str)]) -> Kind {
+        Kind::Reserve(pb::Reserve {
+            txn_id: txn_id.into(),
+            legs,
+            metadata: metadata(entries),
+            ..Default::default()
+        })
+    }
+
+    fn post(txn_id: &str) -> Kind {
+        Kind::Post(pb::Post {
+            txn_id: txn_id.into(),
+            owner: None,
+        })
+    }
+
+    fn stored_leg(shard_id: u32, account_id: &str, amount: i128) -> Leg {
+        Leg {
+            shard_id,
+            account_id: account_id.into(),
+            amount,
+            currency: "USD".into(),
+            state: "held".into(),
+            stored: true,
+            changed: false,
+        }
+    }
+
+    /// A batch that knows `t` as stored: reserved on shards 1 and 2 by tenant `m`.
+    fn stored() -> Transactions {
+        let mut batch = Transactions::default();
+        let txn = Txn {
+            tenant: "m".into(),
+            kind: "payment".into(),
+            status: "pending".into(),
+            metadata: metadata(&[(KIND_KEY, "payment")]),
+            created_ms: 500,
+            updated_ms: 600,
+            finished: false,
+            changed: false,
+        };
+        batch.txns.insert("t".into(), Some(txn));
+        let legs = vec![
+            stored_leg(1, "m/a", 5),
+            stored_leg(1, "m/b", -5),
+            stored_leg(2, "m/c", 7),
+        ];
+        batch.legs.insert("t".into(), legs);
+        batch
+    }
+
+    fn txn<'a>(batch: &'a Transactions, txn_id: &str) -> &'a Txn {
+        batch.txns[txn_id].as_ref().expect("the row exists")
+    }
+
+    fn leg_states<'a>(
+        batch: &'a Transactions,
+        txn_id: &str,
+    ) -> Vec<(u32, &'a str, &'a str, bool, bool)> {
+        batch.legs[txn_id]
+            .iter()
+            .map(|leg| {
+                let (account, state) = (leg.account_id.as_str(), leg.state.as_str());
+                (leg.shard_id, account, state, leg.stored, leg.changed)
+            })
+            .collect()
+    }
+
+    fn hold(hold_id: &str) -> [(&'static str, &str); 1] {
+        [(activity::HOLD_KEY, hold_id)]
+    }
+
+    #[test]
+    fn only_what_the_batch_did_not_create_on_the_same_shard_is_loaded() {
+        let events = [
+            event(1, 1, reserve("t1", vec![leg("m/a", -1)], &[])),
+            event(1, 2, post("t1")),
+            event(1, 3, post("t2")),
+            event(1, 4, reserve("t3", vec![leg("m/a", -1)], &[])),
+            event(
+                2,
+                1,
+                Kind::Void(pb::Void {
+                    txn_id: "t3".into(),
+                    owner: None,
+                }),
+            ),
+            event(
+                1,
+                5,
+                Kind::VoidHold(pb::VoidHold {
+                    hold_id: "h1".into(),
+                }),
+            ),
+            event(
+                1,
+                6,
+                Kind::PlaceHold(pb::PlaceHold {
+                    hold_id: "h2".into(),
+                    ..Default::default()
+                }),
+            ),
+            event(
+                1,
+                7,
+                Kind::Batch(pb::Batch {
+                    txn_id: "c".into(),
+                    metadata: metadata(&hold("h2")),
+                    ..Default::default()
+                }),
+            ),
+            event(
+                1,
+                8,
+                Kind::Batch(pb::Batch {
+                    metadata: metadata(&hold("h3")),
+                    ..Default::default()
+                }),
+            ),
+            event(1, 9, reserve("t4", vec![leg("m/a", -1)], &hold("h4"))),
+            event(1, 10, post("t4")),
+        ];
+        let loaded: Vec<String> = needed(&events).into_iter().collect();
+        assert_eq!(loaded, ["h1", "h3", "h4", "t2", "t3"]);
+    }
+
+    #[test]
+    fn a_post_finishes_the_held_legs_of_its_shard_debits_first() {
+        let mut batch = stored();
+        let posted = event(1, 10, post("t"));
+        let (metadata, legs) = batch.finish(&posted, "t", "posted", "committed");
+        assert_eq!(metadata.get(KIND_KEY).map(String::as_str), Some("payment"));
+        let usd = |account: &str, amount| (account.to_string(), amount, "USD".to_string());
+        assert_eq!(legs, [usd("m/b", -5), usd("m/a", 5)]);
+        assert_eq!(
+            leg_states(&batch, "t"),
+            [
+                (1, "m/a", "posted", true, true),
+                (1, "m/b", "posted", true, true),
+                (2, "m/c", "held", true, false),
+            ]
+        );
+        let row = txn(&batch, "t");
+        assert_eq!((row.status.as_str(), row.finished), ("committed", true));
+        assert_eq!((row.created_ms, row.updated_ms), (500, 1_010));
+        // Finished legs are not finished again.
+        let again = batch.finish(&posted, "t", "voided", "aborted").1;
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn a_reserve_merges_into_a_stored_row_and_keeps_its_status() {
+        let mut batch = stored();
+        let from = [(activity::FROM_KEY, "a/x"), (KIND_KEY, "other")];
+        let reserved = event(3, 1, reserve("t", vec![leg("a/x", -7)], &from));
+        let mut activities = ActivityRows::default();
+        let mut early = reserved.clone();
+        early.timestamp_ms = 400;
+        batch.apply(&mut activities, &early).unwrap();
+        let row = txn(&batch, "t");
+        assert_eq!(row.tenant, "a");
+        assert_eq!((row.created_ms, row.updated_ms), (400, 600));
+        assert_eq!(
+            (row.status.as_str(), row.kind.as_str()),
+            ("pending", "payment")
+        );
+        assert!(row.changed && !row.finished);
+        assert_eq!(leg_states(&batch, "t")[3], (3, "a/x", "held", false, true));
+    }
+
+    #[test]
+    fn a_transaction_reserved_and_posted_in_one_batch_is_written_committed_and_posted() {
+        let mut batch = Transactions::default();
+        let mut activities = ActivityRows::default();
+        let legs = vec![leg("m/a", -3), leg("m/b", 3)];
+        for kind in [reserve("n", legs, &[(KIND_KEY, "payment")]), post("n")] {
+            batch.apply(&mut activities, &event(1, 1, kind)).unwrap();
+        }
+        let row = txn(&batch, "n");
+        assert_eq!(
+            (row.status.as_str(), row.tenant.as_str()),
+            ("committed", "")
+        );
+        assert!(row.finished && row.changed);
+        assert_eq!(
+            leg_states(&batch, "n"),
+            [
+                (1, "m/a", "posted", false, true),
+                (1, "m/b", "posted", false, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_capture_by_the_held_wallet_posts_the_hold() {
+        let mut batch = Transactions::default();
+        let mut activities = ActivityRows::default();
+        let placed = Kind::PlaceHold(pb::PlaceHold {
+            hold_id: "h".into(),
+            account_id: "m/alice".into(),
+            amount: Some(Amount {
+                minor_units: "9".into(),
+            }),
+            currency: "USD".into(),
+            metadata: metadata(&[(KIND_KEY, "hold")]),
+        });
+        batch.apply(&mut activities, &event(1, 1, placed)).unwrap();
+        let captures = metadata(&[(activity::HOLD_KEY, "h"), (activity::FROM_KEY, "m/alice")]);
+        let capture = |payer: &str| {
+            let mut captured = event(
+                1,
+                2,
+                Kind::Batch(pb::Batch {
+                    txn_id: "c".into(),
+                    legs: vec![leg("m/alice", -9), leg("m/shop", 9)],
+                    metadata: captures.clone(),
+                    ..Default::default()
+                }),
+            );
+            captured.accounts = vec![pb::Account {
+                account_id: payer.into(),
+                ..Default::default()
+            }];
+            captured
+        };
+        // On a shard the payer is not on, the hold stays open.
+        batch.apply(&mut activities, &capture("m/shop")).unwrap();
+        assert_eq!(txn(&batch, "h").status, "authorized");
+        batch.apply(&mut activities, &capture("m/alice")).unwrap();
+        assert_eq!(txn(&batch, "h").status, "captured");
+        assert_eq!(
+            leg_states(&batch, "h"),
+            [(1, "m/alice", "posted", false, true)]
+        );
+        assert_eq!(batch.legs["h"][0].amount, -9);
+    }
+
+    #[test]
+    fn finishing_an_unknown_transaction_changes_nothing() {
+        let mut batch = Transactions::default();
+        let voided = event(
+            1,
+            1,
+            Kind::Void(pb::Void {
+                txn_id: "x".into(),
+                owner: None,
+            }),
+        );
+        let (metadata, legs) = batch.finish(&voided, "x", "voided", "aborted");
+        assert!(metadata.is_empty() && legs.is_empty());
+        assert!(batch.txns.is_empty() && batch.legs.is_empty());
+    }
 }
