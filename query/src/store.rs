@@ -443,17 +443,11 @@ pub async fn write_bulk(
 /// A transaction for projection writes. The projection is derived data: a commit lost in a
 /// Postgres crash takes its offsets with it (the transaction stays atomic), and the events are
 /// projected again from there. So it does not wait for the flush to disk.
-///
-/// Its statements are planned for their parameters each time they run: the tables grow from
-/// empty, and a plan kept from when they were small (a sequential scan, matching each row
-/// against every id of a batch) would get slower with every row.
 async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::raw_sql(
-        "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan",
-    )
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     Ok(tx)
 }
 

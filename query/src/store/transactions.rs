@@ -11,6 +11,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{ActivityRows, Movement, StoreError, event_time, metadata_json, tenant_of, units};
 use crate::activity::{self, ActivityKind, KIND_KEY};
+use crate::copy::CopyRows;
 
 /// A transaction's row as the batch's events leave it.
 struct Txn {
@@ -68,6 +69,9 @@ const LOAD: &str = "
 /// keep a stored row's status; the others take the batch's. Both merge the rest: the least
 /// tenant (in byte order, as [`Transactions::insert`] compares) and creation time, the greatest
 /// update time.
+const LEG_COLUMNS: &str =
+    "transaction_legs (txn_id, shard_id, account_id, amount, currency, state)";
+
 const WRITE: &str = r#"
     WITH txns AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -96,15 +100,10 @@ const WRITE: &str = r#"
             status = excluded.status,
             created_at = least(transactions.created_at, excluded.created_at),
             updated_at = greatest(transactions.updated_at, excluded.updated_at)),
-    new_legs AS (
-        INSERT INTO transaction_legs (txn_id, shard_id, account_id, amount, currency, state)
-        SELECT txn_id, shard_id, account_id, amount::numeric, currency, state
-        FROM unnest($9::text[], $10::int4[], $11::text[], $12::text[], $13::text[], $14::text[])
-            AS l(txn_id, shard_id, account_id, amount, currency, state)),
     changed_legs AS (
         INSERT INTO transaction_legs (txn_id, shard_id, account_id, amount, currency, state)
         SELECT txn_id, shard_id, account_id, amount::numeric, currency, state
-        FROM unnest($15::text[], $16::int4[], $17::text[], $18::text[], $19::text[], $20::text[])
+        FROM unnest($9::text[], $10::int4[], $11::text[], $12::text[], $13::text[], $14::text[])
             AS l(txn_id, shard_id, account_id, amount, currency, state)
         ON CONFLICT (txn_id, account_id) DO UPDATE SET state = excluded.state)
     SELECT 1"#;
@@ -145,7 +144,11 @@ impl Transactions {
             return Ok(());
         }
         let ids: Vec<String> = ids.into_iter().collect();
+        // Not a prepared statement: planned for the ids each time. The tables grow from empty,
+        // and a plan kept from when they were small (a sequential scan, matching each row
+        // against every id) would get slower with every row.
         let rows = sqlx::query(LOAD)
+            .persistent(false)
             .bind(&ids)
             .bind(shard_ids)
             .fetch_all(&mut **tx)
@@ -341,7 +344,8 @@ impl Transactions {
         (txn.metadata.clone(), finished)
     }
 
-    /// Writes what the batch changed, in one statement (none when nothing changed).
+    /// Writes what the batch changed: one statement for the transactions and the stored legs
+    /// that changed, and a binary `COPY` of the new legs.
     pub(super) async fn write(
         self,
         tx: &mut Transaction<'static, Postgres>,
@@ -360,44 +364,48 @@ impl Transactions {
             txns.updated_ms.push(txn.updated_ms);
             txns.finished.push(txn.finished);
         }
-        let (mut added, mut changed) = (LegColumns::default(), LegColumns::default());
+        let (mut added, mut changed) = (CopyRows::default(), LegColumns::default());
         for (txn_id, legs) in self.legs {
             for leg in legs.into_iter().filter(|leg| leg.changed) {
-                let columns = if leg.stored { &mut changed } else { &mut added };
-                columns.txn_ids.push(txn_id.clone());
-                columns.shard_ids.push(leg.shard_id as i32);
-                columns.accounts.push(leg.account_id);
-                columns.amounts.push(leg.amount.to_string());
-                columns.currencies.push(leg.currency);
-                columns.states.push(leg.state);
+                if !leg.stored {
+                    added
+                        .text(&txn_id)
+                        .int4(leg.shard_id as i32)
+                        .text(&leg.account_id)
+                        .numeric(leg.amount)
+                        .text(&leg.currency)
+                        .text(&leg.state)
+                        .end_row();
+                    continue;
+                }
+                changed.txn_ids.push(txn_id.clone());
+                changed.shard_ids.push(leg.shard_id as i32);
+                changed.accounts.push(leg.account_id);
+                changed.amounts.push(leg.amount.to_string());
+                changed.currencies.push(leg.currency);
+                changed.states.push(leg.state);
             }
         }
-        if txns.ids.is_empty() && added.txn_ids.is_empty() && changed.txn_ids.is_empty() {
-            return Ok(());
+        if !txns.ids.is_empty() || !changed.txn_ids.is_empty() {
+            sqlx::query(WRITE)
+                .bind(txns.ids)
+                .bind(txns.tenants)
+                .bind(txns.kinds)
+                .bind(txns.statuses)
+                .bind(txns.metadata)
+                .bind(txns.created_ms)
+                .bind(txns.updated_ms)
+                .bind(txns.finished)
+                .bind(changed.txn_ids)
+                .bind(changed.shard_ids)
+                .bind(changed.accounts)
+                .bind(changed.amounts)
+                .bind(changed.currencies)
+                .bind(changed.states)
+                .execute(&mut **tx)
+                .await?;
         }
-        sqlx::query(WRITE)
-            .bind(txns.ids)
-            .bind(txns.tenants)
-            .bind(txns.kinds)
-            .bind(txns.statuses)
-            .bind(txns.metadata)
-            .bind(txns.created_ms)
-            .bind(txns.updated_ms)
-            .bind(txns.finished)
-            .bind(added.txn_ids)
-            .bind(added.shard_ids)
-            .bind(added.accounts)
-            .bind(added.amounts)
-            .bind(added.currencies)
-            .bind(added.states)
-            .bind(changed.txn_ids)
-            .bind(changed.shard_ids)
-            .bind(changed.accounts)
-            .bind(changed.amounts)
-            .bind(changed.currencies)
-            .bind(changed.states)
-            .execute(&mut **tx)
-            .await?;
+        added.write(tx, LEG_COLUMNS).await?;
         Ok(())
     }
 }
