@@ -2,24 +2,48 @@
 //! unknown outcomes with the same request id, see [`consensus::client`]) and the slot table
 //! that routes accounts to shards.
 
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use consensus::client::{Answer, LeaderClient};
 pub use consensus::client::{Unknown, channel};
+use prost::Message;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// How long a `min_seq` read waits for the replica to catch up before answering `NotCaughtUp`.
 pub const READ_WAIT_MS_MAX: u32 = 2_000;
 
+/// The most `ExecuteMany` calls one client has in flight to its shard; commands that arrive
+/// meanwhile queue and leave together in the next call.
+const CALLS_IN_FLIGHT_MAX: usize = 4;
+/// The most commands in one `ExecuteMany` call (the shard accepts up to
+/// `service::EXECUTE_MANY_COMMANDS_MAX`).
+const CALL_COMMANDS_MAX: usize = 256;
+/// The most encoded command bytes in one call, well under the 4 MiB message limit.
+const CALL_BYTES_MAX: usize = 1 << 20;
+/// The pause before resending commands whose call found no leader.
+const RESEND_PAUSE: Duration = Duration::from_millis(20);
+
+/// A command waiting for its `ExecuteMany` call.
+struct Queued {
+    command: pb::Command,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<pb::CommandResult, Unknown>>,
+}
+
 pub struct ShardClient {
-    group: LeaderClient,
+    group: Arc<LeaderClient>,
+    /// The queue of commands to execute, started by the first `execute`.
+    commands: OnceLock<mpsc::UnboundedSender<Queued>>,
 }
 
 impl ShardClient {
     pub fn new(shard_id: u32, replicas: Vec<String>) -> ShardClient {
         ShardClient {
-            group: LeaderClient::new(format!("shard {shard_id}"), replicas),
+            group: Arc::new(LeaderClient::new(format!("shard {shard_id}"), replicas)),
+            commands: OnceLock::new(),
         }
     }
 
@@ -38,29 +62,37 @@ impl ShardClient {
     }
 
     /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
+    /// Concurrent commands share calls: whatever queues while calls are in flight leaves in one
+    /// `ExecuteMany`, so a busy client pays one round trip for many commands.
     pub async fn execute(
         &self,
         command: pb::Command,
         deadline: Instant,
     ) -> Result<pb::CommandResult, Unknown> {
-        self.group
-            .on_leader(deadline, |channel, timeout| {
-                let mut client = LedgerClient::new(channel);
-                let mut request = tonic::Request::new(pb::ExecuteRequest {
-                    command: Some(command.clone()),
-                });
-                request.set_timeout(timeout);
-                async move {
-                    Ok(match client.execute(request).await?.into_inner().reply {
-                        Some(pb::execute_response::Reply::Result(result)) => Answer::Done(result),
-                        Some(pb::execute_response::Reply::Redirect(redirect)) => {
-                            Answer::Redirect(redirect.leader_address)
-                        }
-                        None => Answer::Empty,
-                    })
-                }
-            })
-            .await
+        let queue = self.commands.get_or_init(|| {
+            let (queue, commands) = mpsc::unbounded_channel();
+            tokio::spawn(send_calls(self.group.clone(), commands));
+            queue
+        });
+        let mut last_error = String::from("no attempt made");
+        while Instant::now() < deadline {
+            let (reply, answer) = oneshot::channel();
+            let queued = Queued {
+                command: command.clone(),
+                deadline,
+                reply,
+            };
+            if queue.send(queued).is_err() {
+                break;
+            }
+            match answer.await {
+                Ok(Ok(result)) => return Ok(result),
+                Ok(Err(unknown)) => last_error = unknown.last_error,
+                Err(_) => last_error = "the client was dropped".into(),
+            }
+            tokio::time::sleep(RESEND_PAUSE).await;
+        }
+        Err(Unknown { last_error })
     }
 
     /// Reads an account on the leader: linearizable when `min_seq` is `None`, else once the
@@ -192,6 +224,92 @@ impl ShardClient {
                 }
             })
             .await
+    }
+}
+
+/// Takes the queued commands in calls of up to `CALL_COMMANDS_MAX`, at most
+/// `CALLS_IN_FLIGHT_MAX` at once; ends when the client is dropped.
+async fn send_calls(group: Arc<LeaderClient>, mut commands: mpsc::UnboundedReceiver<Queued>) {
+    let in_flight = Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX));
+    while let Some(first) = commands.recv().await {
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let mut bytes = first.command.encoded_len();
+        let mut call = vec![first];
+        while call.len() < CALL_COMMANDS_MAX && bytes < CALL_BYTES_MAX {
+            match commands.try_recv() {
+                Ok(next) => {
+                    bytes += next.command.encoded_len();
+                    call.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let group = group.clone();
+        tokio::spawn(async move {
+            execute_many(&group, call).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One `ExecuteMany` call, following redirects until the soonest deadline among its commands;
+/// answers every command (an unknown outcome sends it back to its caller's retry loop).
+async fn execute_many(group: &LeaderClient, call: Vec<Queued>) {
+    let now = Instant::now();
+    let (call, expired): (Vec<Queued>, Vec<Queued>) =
+        call.into_iter().partition(|queued| queued.deadline > now);
+    answer_all(expired, "the deadline passed while queued");
+    let Some(deadline) = call.iter().map(|queued| queued.deadline).min() else {
+        return;
+    };
+    let request = pb::ExecuteManyRequest {
+        commands: call.iter().map(|queued| queued.command.clone()).collect(),
+    };
+    let results = group
+        .on_leader(deadline, |channel, timeout| {
+            let mut client = LedgerClient::new(channel);
+            let mut request = tonic::Request::new(request.clone());
+            request.set_timeout(timeout);
+            async move {
+                let mut results = Vec::new();
+                for response in client.execute_many(request).await?.into_inner().responses {
+                    match response.reply {
+                        Some(pb::execute_response::Reply::Result(result)) => results.push(result),
+                        // Not the leader (any more): the whole call goes again, which is safe
+                        // for the commands that were applied (same request ids).
+                        Some(pb::execute_response::Reply::Redirect(redirect)) => {
+                            return Ok(Answer::Redirect(redirect.leader_address));
+                        }
+                        None => return Ok(Answer::Empty),
+                    }
+                }
+                Ok(Answer::Done(results))
+            }
+        })
+        .await;
+    match results {
+        Ok(results) if results.len() == call.len() => {
+            for (queued, result) in call.into_iter().zip(results) {
+                let _ = queued.reply.send(Ok(result));
+            }
+        }
+        Ok(results) => {
+            let last_error = format!("{} results for {} commands", results.len(), call.len());
+            answer_all(call, &last_error)
+        }
+        Err(unknown) => answer_all(call, &unknown.last_error),
+    }
+}
+
+fn answer_all(call: Vec<Queued>, last_error: &str) {
+    for queued in call {
+        let _ = queued.reply.send(Err(Unknown {
+            last_error: last_error.to_string(),
+        }));
     }
 }
 

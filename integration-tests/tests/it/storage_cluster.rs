@@ -548,3 +548,50 @@ async fn execute_many_answers_each_command_in_order_and_each_stays_idempotent() 
         Some(pb::execute_response::Reply::Redirect(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commands_through_one_client_each_get_their_own_result() {
+    let shard = Group::storage(9, 3, &[]).await.unwrap();
+    let accounts = open_accounts(&shard, 2).await;
+    // The client sends whatever queues while its calls are in flight together in one
+    // `ExecuteMany`; every caller must still get the answer to its own command.
+    let sends = (1..=200).map(|index| {
+        let (from, to) = if index % 2 == 0 { (0, 1) } else { (1, 0) };
+        let request_id = format!("concurrent-{index}");
+        // Small amounts (at most 700 each way in all), so only the oversized ones are refused.
+        let amount = if index % 10 == 0 {
+            100_000
+        } else {
+            index % 7 + 1
+        };
+        let request = command(
+            &request_id,
+            transfer(&accounts[from], &accounts[to], amount),
+        );
+        let shard = &shard;
+        async move { (request_id, amount, shard.execute(request).await.unwrap()) }
+    });
+    let answers = futures::future::join_all(sends).await;
+    let leader = shard.leader().await.unwrap();
+    let events = read_all_events(&shard, leader).await;
+    for (request_id, amount, result) in &answers {
+        if *amount == 100_000 {
+            // More than either account holds: refused, no event.
+            assert_eq!(
+                result.outcome,
+                pb::Outcome::InsufficientFunds as i32,
+                "{request_id}"
+            );
+            assert_eq!(result.seq, 0, "{request_id}");
+            continue;
+        }
+        assert!(ok(result), "{request_id}: {result:?}");
+        let event = &events[usize::try_from(result.seq).unwrap() - 1];
+        assert_eq!(
+            &event.request_id, request_id,
+            "the seq answered is this command's event"
+        );
+    }
+    // 1 funding account + 2 × (create, fund) + 180 accepted transfers.
+    assert_eq!(events.len(), 1 + 2 * 2 + 180);
+}
