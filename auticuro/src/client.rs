@@ -85,10 +85,13 @@ impl ShardClient {
             if queue.send(queued).is_err() {
                 break;
             }
-            match answer.await {
-                Ok(Ok(result)) => return Ok(result),
-                Ok(Err(unknown)) => last_error = unknown.last_error,
-                Err(_) => last_error = "the client was dropped".into(),
+            // Answered by the deadline even when the calls ahead of this one take longer: the
+            // command may still be sent later, which its request id makes harmless.
+            match tokio::time::timeout_at(deadline.into(), answer).await {
+                Ok(Ok(Ok(result))) => return Ok(result),
+                Ok(Ok(Err(unknown))) => last_error = unknown.last_error,
+                Ok(Err(_)) => last_error = "the client was dropped".into(),
+                Err(_) => last_error = "no answer by the deadline".into(),
             }
             tokio::time::sleep(RESEND_PAUSE).await;
         }

@@ -14,6 +14,8 @@ use crate::saga::{AbortReason, Decision, LifecycleEvent, LifecycleKind};
 
 /// How often the counters catch up with the event log.
 const REFRESH: Duration = Duration::from_secs(1);
+/// Lifecycle events read at a time.
+const PAGE_EVENTS: usize = 10_000;
 
 #[derive(Clone, Default)]
 pub struct CoordinatorMetrics {
@@ -88,19 +90,30 @@ impl CoordinatorMetrics {
         let mut ticks = tokio::time::interval(REFRESH);
         loop {
             ticks.tick().await;
-            match event_log::read::<LifecycleEvent>(
-                &machine.store().view(),
-                next_seq,
-                u64::MAX,
-                10_000,
-            ) {
-                Ok(events) => {
-                    for (seq, event) in events {
-                        self.count(&event);
-                        next_seq = seq + 1;
+            // Pages until caught up, so the counts keep up however fast events come.
+            loop {
+                match event_log::read::<LifecycleEvent>(
+                    &machine.store().view(),
+                    next_seq,
+                    u64::MAX,
+                    PAGE_EVENTS,
+                ) {
+                    Ok(events) => {
+                        let full = events.len() == PAGE_EVENTS;
+                        for (seq, event) in events {
+                            self.count(&event);
+                            next_seq = seq + 1;
+                        }
+                        if !full {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "reading lifecycle events for metrics");
+                        break;
                     }
                 }
-                Err(error) => tracing::warn!(%error, "reading lifecycle events for metrics"),
             }
             let (in_flight, oldest) = machine.read(|machine| {
                 let coordinator = machine.coordinator();

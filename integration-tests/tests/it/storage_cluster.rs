@@ -247,10 +247,16 @@ async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
 
     let expected_seq = 1 + 4 * 2 + 100;
     let digests = shard.digests_at(expected_seq).await.unwrap();
-    assert!(
-        shard.status(4).await.unwrap().snapshot_index.is_some(),
-        "node 4 installed a snapshot"
-    );
+    // Raft's metrics report the installed snapshot a moment after the state is applied.
+    let mut installed = shard.status(4).await.unwrap().snapshot_index;
+    for _ in 0..100 {
+        if installed.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        installed = shard.status(4).await.unwrap().snapshot_index;
+    }
+    assert!(installed.is_some(), "node 4 installed a snapshot");
     assert!(
         digests
             .windows(2)
