@@ -17,7 +17,7 @@ pub const READ_WAIT_MS_MAX: u32 = 2_000;
 
 /// The most `ExecuteMany` calls one client has in flight to its shard; commands that arrive
 /// meanwhile queue and leave together in the next call.
-const CALLS_IN_FLIGHT_MAX: usize = 4;
+const CALLS_IN_FLIGHT_MAX: usize = 2;
 /// The most commands in one `ExecuteMany` call (the shard accepts up to
 /// `service::EXECUTE_MANY_COMMANDS_MAX`).
 const CALL_COMMANDS_MAX: usize = 256;
