@@ -148,7 +148,7 @@ impl Driver {
         }
     }
 
-    fn transaction(&self, txn_id: &TxnId) -> Option<Transaction> {
+    fn transaction(&self, txn_id: &TxnId) -> Option<Arc<Transaction>> {
         self.machine
             .read(|machine| machine.coordinator().transaction(txn_id).cloned())
     }

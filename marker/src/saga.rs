@@ -5,6 +5,7 @@
 //! `Decide` returns the first.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use auticuro::ledger::map::PartitionedMap;
 use auticuro::ledger::{AccountId, Leg, Metadata, Outcome, TxnId};
@@ -163,7 +164,9 @@ pub fn plan(legs: &[Leg], shard_of: impl Fn(&AccountId) -> u32) -> Vec<ShardLegs
 
 #[derive(Debug, Default)]
 pub struct Coordinator {
-    transactions: PartitionedMap<TxnId, Transaction>,
+    /// Shared, so readers (the driver at every step, the service) take a reference count,
+    /// not a copy.
+    transactions: PartitionedMap<TxnId, Arc<Transaction>>,
     /// Not done yet, by begin time: what a new leader re-drives.
     in_flight: BTreeSet<(i64, TxnId)>,
     last_seq: u64,
@@ -181,7 +184,7 @@ impl Coordinator {
         self.last_seq
     }
 
-    pub fn transaction(&self, txn_id: &TxnId) -> Option<&Transaction> {
+    pub fn transaction(&self, txn_id: &TxnId) -> Option<&Arc<Transaction>> {
         self.transactions.get(txn_id)
     }
 
@@ -189,7 +192,7 @@ impl Coordinator {
     pub fn in_flight(&self) -> impl Iterator<Item = &Transaction> {
         self.in_flight
             .iter()
-            .map(|(_, txn_id)| &self.transactions[txn_id])
+            .map(|(_, txn_id)| self.transactions[txn_id].as_ref())
     }
 
     pub fn in_flight_count(&self) -> usize {
@@ -228,7 +231,7 @@ impl Coordinator {
                 );
             }
             return (
-                CoordinatorResponse::Transaction(Box::new(existing.clone())),
+                CoordinatorResponse::Transaction(Box::new(Transaction::clone(existing))),
                 None,
             );
         }
@@ -275,11 +278,11 @@ impl Coordinator {
         );
         if existing.decision.is_some() || (existing.is_single_shard() && !from_batch) {
             return (
-                CoordinatorResponse::Transaction(Box::new(existing.clone())),
+                CoordinatorResponse::Transaction(Box::new(Transaction::clone(existing))),
                 None,
             );
         }
-        let mut transaction = existing.clone();
+        let mut transaction = Transaction::clone(existing);
         transaction.decision = Some(decision.clone());
         transaction.decided_at_ms = Some(timestamp_ms);
         self.record(transaction, LifecycleKind::Decided, timestamp_ms)
@@ -297,11 +300,11 @@ impl Coordinator {
         // Only a decided transaction can be done, and only once.
         if existing.decision.is_none() || existing.done {
             return (
-                CoordinatorResponse::Transaction(Box::new(existing.clone())),
+                CoordinatorResponse::Transaction(Box::new(Transaction::clone(existing))),
                 None,
             );
         }
-        let mut transaction = existing.clone();
+        let mut transaction = Transaction::clone(existing);
         transaction.done = true;
         transaction.shard_seqs = shard_seqs.clone();
         self.in_flight
@@ -317,7 +320,7 @@ impl Coordinator {
     ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         self.last_seq += 1;
         self.transactions
-            .insert(transaction.txn_id.clone(), transaction.clone());
+            .insert(transaction.txn_id.clone(), Arc::new(transaction.clone()));
         let event = LifecycleEvent {
             seq: self.last_seq,
             timestamp_ms,
@@ -331,7 +334,11 @@ impl Coordinator {
     }
 
     pub fn export(&self) -> CoordinatorState {
-        let mut transactions: Vec<Transaction> = self.transactions.values().cloned().collect();
+        let mut transactions: Vec<Transaction> = self
+            .transactions
+            .values()
+            .map(|transaction| Transaction::clone(transaction))
+            .collect();
         transactions.sort_by(|a, b| a.txn_id.cmp(&b.txn_id));
         CoordinatorState {
             last_seq: self.last_seq,
@@ -349,7 +356,7 @@ impl Coordinator {
         let transactions = state
             .transactions
             .into_iter()
-            .map(|t| (t.txn_id.clone(), t))
+            .map(|t| (t.txn_id.clone(), Arc::new(t)))
             .collect();
         Coordinator {
             transactions,

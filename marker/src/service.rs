@@ -124,7 +124,7 @@ impl CoordinatorService {
         consensus::leader_redirect(self.coordinator_shard_id, &self.driver.raft)
     }
 
-    fn read(&self, txn_id: &TxnId) -> Option<Transaction> {
+    fn read(&self, txn_id: &TxnId) -> Option<Arc<Transaction>> {
         self.driver
             .machine
             .read(|machine| machine.coordinator().transaction(txn_id).cloned())
@@ -141,7 +141,7 @@ impl CoordinatorService {
         txn_id: &TxnId,
         until_done: bool,
         wait: Duration,
-    ) -> Option<Transaction> {
+    ) -> Option<Arc<Transaction>> {
         let mut applied = self
             .driver
             .machine
@@ -332,7 +332,7 @@ impl CoordinatorRpc for CoordinatorService {
             .propose(CoordinatorCommand::Begin(Box::new(new)))
             .await
         {
-            Ok(CoordinatorResponse::Transaction(transaction)) => *transaction,
+            Ok(CoordinatorResponse::Transaction(transaction)) => Arc::new(*transaction),
             Ok(CoordinatorResponse::IdempotencyMismatch { txn_id }) => {
                 let reply = Reply::IdempotencyMismatch(pb::IdempotencyMismatch {
                     txn_id: txn_id.to_string(),
