@@ -21,6 +21,10 @@ struct Args {
     /// Concurrent clients, each waiting for its transfer's decision before the next.
     #[arg(long, default_value_t = 256)]
     clients: usize,
+    /// Each client waits until its transfer is done (posted on both shards), as the gateway's
+    /// payments do, instead of only for the decision.
+    #[arg(long)]
+    until_done: bool,
     /// Accounts per storage shard.
     #[arg(long, default_value_t = 100)]
     accounts: usize,
@@ -61,8 +65,13 @@ async fn main() -> anyhow::Result<()> {
     let channel = auticuro::client::channel(&address)?;
     eprintln!("{} clients for {} s…", args.clients, args.seconds);
     static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
+    let until_done = args.until_done;
     let phase = bench::closed_loop(
-        "cross-shard, max",
+        if until_done {
+            "cross-shard, until done"
+        } else {
+            "cross-shard, max"
+        },
         args.clients,
         args.seconds,
         move |_, mut rng| {
@@ -79,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
                     metadata: BTreeMap::new(),
                     wait: true,
                     wait_ms_max: 30_000,
-                    wait_until_done: false,
+                    wait_until_done: until_done,
                     hold_id: String::new(),
                 };
                 let reply = client.submit(request).await?.into_inner().reply;
