@@ -418,7 +418,7 @@ pub async fn audit_groups(
         &overall,
         &funded,
     ));
-    checks.push(live_reservations(&topology, &reserved).await?);
+    checks.push(live_reservations(topology, &reserved).await?);
     let split = split_outcomes(&outcomes);
     checks.push(Check {
         name: "transactions: one outcome on every shard".into(),

@@ -31,7 +31,6 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Turns an I/O error into an [`Error`] that says what was being done.
-
 pub fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }

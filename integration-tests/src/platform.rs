@@ -224,7 +224,7 @@ impl Platform {
         let leader = self.coordinator.leader().await.unwrap();
         CoordinatorClient::new(
             self.coordinator
-                .channel(&self.coordinator.address_of(leader))
+                .channel(self.coordinator.address_of(leader))
                 .await
                 .unwrap(),
         )

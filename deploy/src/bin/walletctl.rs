@@ -214,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
                 storage_shards >= 1 && coordinator_shards >= 1,
                 "at least one shard of each kind"
             );
-            anyhow::ensure!(replicas >= 1 && replicas <= 9, "1 to 9 replicas per group");
+            anyhow::ensure!((1..=9).contains(&replicas), "1 to 9 replicas per group");
             let cluster = deploy::cluster::up(deploy::cluster::Options {
                 data_dir: args.data_dir.clone(),
                 storage_shards,

@@ -141,7 +141,7 @@ async fn payments_survive_kills_pauses_partitions_and_delays() {
         };
         // Alternate between the leader and a follower.
         let leader = group.leader().await.unwrap();
-        let node_id = if round % 2 == 0 {
+        let node_id = if round.is_multiple_of(2) {
             leader
         } else {
             group.running_other_than(leader)

@@ -17,12 +17,12 @@ async fn open_accounts(shard: &Group, count: usize) -> Vec<String> {
     for index in 0..count {
         let account = format!("user-{index}");
         assert!(ok(&shard
-            .execute(command(&format!("create-{index}"), create(&account, false)))
+            .execute(command(format!("create-{index}"), create(&account, false)))
             .await
             .unwrap()));
         let fund = transfer("sys:funding:USD", &account, 1_000);
         assert!(ok(&shard
-            .execute(command(&format!("fund-{index}"), fund))
+            .execute(command(format!("fund-{index}"), fund))
             .await
             .unwrap()));
         accounts.push(account);
@@ -115,7 +115,7 @@ async fn transfers_survive_a_leader_kill_with_nothing_lost_or_applied_twice() {
         let to = accounts[(client + 1) % accounts.len()].clone();
         clients.push(tokio::spawn(async move {
             for step in 0..40 {
-                let request = command(&format!("pay-{client}-{step}"), transfer(&from, &to, 1));
+                let request = command(format!("pay-{client}-{step}"), transfer(&from, &to, 1));
                 let result = shard.read().await.execute(request).await.unwrap();
                 assert!(ok(&result), "{result:?}");
                 if acknowledged.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == 80 {
@@ -190,7 +190,7 @@ async fn a_wiped_replica_catches_up_through_a_snapshot_after_compaction() {
         let from = &accounts[step % 4];
         let to = &accounts[(step + 1) % 4];
         assert!(ok(&shard
-            .execute(command(&format!("t-{step}"), transfer(from, to, 3)))
+            .execute(command(format!("t-{step}"), transfer(from, to, 3)))
             .await
             .unwrap()));
     }
@@ -330,7 +330,7 @@ async fn bad_input_is_rejected_with_a_typed_outcome_and_no_event() {
     ];
     for (index, (kind, outcome)) in cases.into_iter().enumerate() {
         let result = shard
-            .execute(command(&format!("bad-{index}"), kind))
+            .execute(command(format!("bad-{index}"), kind))
             .await
             .unwrap();
         assert_eq!(result.outcome, outcome as i32, "case {index}");
