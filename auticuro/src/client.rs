@@ -26,11 +26,14 @@ const CALL_BYTES_MAX: usize = 1 << 20;
 /// The pause before resending commands whose call found no leader.
 const RESEND_PAUSE: Duration = Duration::from_millis(20);
 
+/// Where a queued command's caller waits for its result.
+type Reply = oneshot::Sender<Result<pb::CommandResult, Unknown>>;
+
 /// A command waiting for its `ExecuteMany` call.
 struct Queued {
     command: pb::Command,
     deadline: Instant,
-    reply: oneshot::Sender<Result<pb::CommandResult, Unknown>>,
+    reply: Reply,
 }
 
 pub struct ShardClient {
@@ -265,13 +268,16 @@ async fn execute_many(group: &LeaderClient, call: Vec<Queued>) {
     let now = Instant::now();
     let (call, expired): (Vec<Queued>, Vec<Queued>) =
         call.into_iter().partition(|queued| queued.deadline > now);
+    let expired = expired.into_iter().map(|queued| queued.reply).collect();
     answer_all(expired, "the deadline passed while queued");
     let Some(deadline) = call.iter().map(|queued| queued.deadline).min() else {
         return;
     };
-    let request = pb::ExecuteManyRequest {
-        commands: call.iter().map(|queued| queued.command.clone()).collect(),
-    };
+    let (commands, replies): (Vec<_>, Vec<_>) = call
+        .into_iter()
+        .map(|queued| (queued.command, queued.reply))
+        .unzip();
+    let request = pb::ExecuteManyRequest { commands };
     let results = group
         .on_leader(deadline, |channel, timeout| {
             let mut client = LedgerClient::new(channel);
@@ -295,22 +301,22 @@ async fn execute_many(group: &LeaderClient, call: Vec<Queued>) {
         })
         .await;
     match results {
-        Ok(results) if results.len() == call.len() => {
-            for (queued, result) in call.into_iter().zip(results) {
-                let _ = queued.reply.send(Ok(result));
+        Ok(results) if results.len() == replies.len() => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
             }
         }
         Ok(results) => {
-            let last_error = format!("{} results for {} commands", results.len(), call.len());
-            answer_all(call, &last_error)
+            let last_error = format!("{} results for {} commands", results.len(), replies.len());
+            answer_all(replies, &last_error)
         }
-        Err(unknown) => answer_all(call, &unknown.last_error),
+        Err(unknown) => answer_all(replies, &unknown.last_error),
     }
 }
 
-fn answer_all(call: Vec<Queued>, last_error: &str) {
-    for queued in call {
-        let _ = queued.reply.send(Err(Unknown {
+fn answer_all(replies: Vec<Reply>, last_error: &str) {
+    for reply in replies {
+        let _ = reply.send(Err(Unknown {
             last_error: last_error.to_string(),
         }));
     }
