@@ -33,6 +33,11 @@ pub use mimalloc;
 /// Services make many short-lived allocations per request (commands, messages, log entries) on
 /// few cores, and mimalloc spends far less time in them than the system allocator. It is not
 /// set by the libraries, so tests and tools keep the system allocator.
+///
+/// It is built without transparent huge pages (the `no_thp` feature): otherwise it asks the
+/// kernel for them on its arenas, and every first touch of a page it has fetched or purged
+/// zeroes 2 MiB. That zeroing took more than half of a rebuild's CPU in the query process, and
+/// the Raft replicas' latency spikes with it (see README.md, measurements of 2026-12-05).
 #[macro_export]
 macro_rules! service_allocator {
     () => {

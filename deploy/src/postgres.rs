@@ -87,6 +87,9 @@ impl ServerDir<'_> {
     }
 
     /// Creates the database cluster unless it exists (the server user owns the directory).
+    /// Its collation is `C` whatever the machine's locale: ids and keys compare byte by byte
+    /// (for UTF-8 that is code point order), the same on every machine, and indexes on text
+    /// are built and searched with `memcmp` rather than the C library's `strcoll`.
     pub fn init(&self) -> Result<()> {
         if self.pg_data().join("PG_VERSION").is_file() {
             return Ok(());
@@ -109,6 +112,7 @@ impl ServerDir<'_> {
                 "--username=postgres",
                 "--auth=trust",
                 "--encoding=UTF8",
+                "--locale=C",
                 "--no-sync",
             ]))
     }
