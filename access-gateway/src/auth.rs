@@ -87,9 +87,12 @@ pub fn valid_tenant_id(tenant_id: &str) -> bool {
 const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
 const KEY_CACHE_ENTRIES_MAX: usize = 10_000;
 
+/// By the SHA-256 of the token, so the cache holds no secrets: the caller it names (`None`: it
+/// names no live key) and when that was read.
+type KeyCache = HashMap<[u8; 32], (Option<Caller>, Instant)>;
+
 pub struct Authenticator {
-    /// By the SHA-256 of the token, so the cache holds no secrets.
-    cache: Mutex<HashMap<[u8; 32], (Option<Caller>, Instant)>>,
+    cache: Mutex<KeyCache>,
     limiter: DefaultKeyedRateLimiter<String>,
 }
 

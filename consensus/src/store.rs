@@ -127,11 +127,9 @@ impl<A: App> LogStore<A> {
         key: &[u8],
         value: &T,
         options: &WriteOptions,
-    ) -> StorageResult<()> {
+    ) -> Result<(), rocksdb::Error> {
         let cf = self.db.cf_handle(RAFT_META).expect("opened");
-        self.db
-            .put_cf_opt(&cf, key, encode(value), options)
-            .map_err(write_error)
+        self.db.put_cf_opt(&cf, key, encode(value), options)
     }
 }
 
@@ -190,7 +188,7 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
-        self.put_meta(VOTE, vote, &synced())
+        self.put_meta(VOTE, vote, &synced()).map_err(write_error)
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
@@ -199,6 +197,7 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
         self.put_meta(COMMITTED, &committed, &WriteOptions::default())
+            .map_err(write_error)
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
@@ -235,7 +234,8 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.put_meta(LAST_PURGED, &log_id, &synced())?;
+        self.put_meta(LAST_PURGED, &log_id, &synced())
+            .map_err(write_error)?;
         let cf = self.db.cf_handle(LOG).expect("opened");
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(&cf, index_key(0), index_key(log_id.index + 1));
