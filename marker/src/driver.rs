@@ -148,7 +148,8 @@ impl Driver {
         }
     }
 
-    fn transaction(&self, txn_id: &TxnId) -> Option<Arc<Transaction>> {
+    /// The transaction's current record, shared (no copy).
+    pub(crate) fn transaction(&self, txn_id: &TxnId) -> Option<Arc<Transaction>> {
         self.machine
             .read(|machine| machine.coordinator().transaction(txn_id).cloned())
     }

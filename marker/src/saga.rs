@@ -230,10 +230,7 @@ impl Coordinator {
                     None,
                 );
             }
-            return (
-                CoordinatorResponse::Transaction(Box::new(Transaction::clone(existing))),
-                None,
-            );
+            return unchanged(existing);
         }
         let transaction = Transaction {
             txn_id: new.txn_id.clone(),
@@ -277,10 +274,7 @@ impl Coordinator {
                 }
         );
         if existing.decision.is_some() || (existing.is_single_shard() && !from_batch) {
-            return (
-                CoordinatorResponse::Transaction(Box::new(Transaction::clone(existing))),
-                None,
-            );
+            return unchanged(existing);
         }
         let mut transaction = Transaction::clone(existing);
         transaction.decision = Some(decision.clone());
@@ -299,10 +293,7 @@ impl Coordinator {
         };
         // Only a decided transaction can be done, and only once.
         if existing.decision.is_none() || existing.done {
-            return (
-                CoordinatorResponse::Transaction(Box::new(Transaction::clone(existing))),
-                None,
-            );
+            return unchanged(existing);
         }
         let mut transaction = Transaction::clone(existing);
         transaction.done = true;
@@ -368,6 +359,14 @@ impl Coordinator {
     pub fn digest(&self) -> [u8; 32] {
         Sha256::digest(postcard::to_stdvec(&self.export()).expect("state always encodes")).into()
     }
+}
+
+/// The answer to a command that changes nothing: the transaction as it stands, and no event.
+fn unchanged(existing: &Transaction) -> (CoordinatorResponse, Option<LifecycleEvent>) {
+    (
+        CoordinatorResponse::Transaction(Box::new(existing.clone())),
+        None,
+    )
 }
 
 #[cfg(test)]

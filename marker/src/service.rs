@@ -124,12 +124,6 @@ impl CoordinatorService {
         consensus::leader_redirect(self.coordinator_shard_id, &self.driver.raft)
     }
 
-    fn read(&self, txn_id: &TxnId) -> Option<Arc<Transaction>> {
-        self.driver
-            .machine
-            .read(|machine| machine.coordinator().transaction(txn_id).cloned())
-    }
-
     fn message(&self, transaction: &Transaction) -> pb::Transaction {
         transaction_message(self.coordinator_shard_id, transaction)
     }
@@ -163,7 +157,7 @@ impl CoordinatorService {
             }
         })
         .await;
-        self.read(txn_id)
+        self.driver.transaction(txn_id)
     }
 
     /// Leadership confirmed with a quorum, or where to go instead.
@@ -301,7 +295,7 @@ impl CoordinatorRpc for CoordinatorService {
         if self.state() != CoordinatorState::Active {
             // Draining or removed: new work goes to an active shard. Transactions begun here
             // before still finish here; a retry of one is answered below from the log.
-            let begun = self.read(&saga::txn_id_for(
+            let begun = self.driver.transaction(&saga::txn_id_for(
                 &request.tenant_id,
                 &request.idempotency_key,
             ));
@@ -381,7 +375,7 @@ impl CoordinatorRpc for CoordinatorService {
                 reply: Some(Reply::Redirect(redirect)),
             }));
         }
-        let reply = match self.read(&txn_id) {
+        let reply = match self.driver.transaction(&txn_id) {
             Some(transaction) => Reply::Transaction(self.message(&transaction)),
             None => Reply::NotFound(true),
         };
@@ -572,7 +566,7 @@ impl CoordinatorAdmin for CoordinatorService {
                 reply: Some(Reply::Redirect(redirect)),
             }));
         }
-        let reply = match self.read(&txn_id) {
+        let reply = match self.driver.transaction(&txn_id) {
             Some(transaction) => {
                 self.driver.ensure_driving(&txn_id);
                 Reply::Transaction(self.message(&transaction))

@@ -74,3 +74,21 @@ async fn the_server_listens_only_on_loopback_with_a_throwaway_directory() {
         .unwrap();
     assert_eq!(listen, "127.0.0.1");
 }
+
+#[tokio::test]
+async fn text_compares_byte_by_byte_whatever_the_machine_locale() {
+    let database = fresh_database().await.unwrap();
+    let pool = database.pool().await.unwrap();
+    let collation: String =
+        sqlx::query_scalar("SELECT datcollate FROM pg_database WHERE datname = current_database()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(collation, "C");
+    // Byte order: upper case before lower case, and 'é' (0xC3 0xA9) after 'z'.
+    let byte_order: bool = sqlx::query_scalar("SELECT 'B' < 'a' AND 'z' < 'é'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(byte_order);
+}
