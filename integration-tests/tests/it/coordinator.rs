@@ -355,9 +355,17 @@ async fn an_operator_force_aborts_a_payment_stuck_on_an_unavailable_shard() {
         .transactions;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].transaction.as_ref().unwrap().txn_id, stuck.txn_id);
-    // The debit shard holds alice's 100 meanwhile.
-    let held = platform.shard(1).accounts().await.unwrap()[&alice].clone();
-    assert_eq!(minor(&held.pending_out), 100);
+    // The debit shard holds alice's 100 meanwhile (the submit answered before the driver
+    // reserved, so give the reserve time to land).
+    let mut held = 0;
+    for _ in 0..100 {
+        held = minor(&platform.shard(1).accounts().await.unwrap()[&alice].pending_out);
+        if held != 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(held, 100);
 
     let reply = admin
         .force_abort(pb::ForceAbortRequest {
