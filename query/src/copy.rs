@@ -67,6 +67,12 @@ impl CopyRows {
         self
     }
 
+    /// A `boolean` field.
+    pub fn boolean(&mut self, value: bool) -> &mut Self {
+        self.field(1).data.push(u8::from(value));
+        self
+    }
+
     /// A `bytea` field (or the bytes of a `text` one).
     pub fn bytes(&mut self, value: &[u8]) -> &mut Self {
         self.field(length(value.len()))

@@ -74,9 +74,7 @@ pub async fn run(pool: PgPool, source: Source, metrics: ProjectionMetrics) {
 /// Projects until every shard in `until` has reached its seq (forever with `None`).
 ///
 /// With `until` (a rebuild into an empty database, which either finishes or is started over) it
-/// loads in bulk: a batch's SQL transaction holds only the rows later batches read back and the
-/// applied seqs; its append-only rows go to one `COPY` per table, each on its own connection,
-/// running for the whole load, and the accounts' states are written once, at the end.
+/// loads in bulk ([`store::BulkLoad`]).
 pub async fn project(
     pool: &PgPool,
     source: &Source,
@@ -132,8 +130,10 @@ pub async fn project(
     } else {
         BATCH_EVENTS_MAX
     };
-    let mut appending = bulk.then(|| store::AppendStreams::open(pool));
-    let mut accounts = store::AccountStates::default();
+    let mut load = match bulk {
+        true => Some(store::BulkLoad::open(pool).await?),
+        false => None,
+    };
     let mut upcoming: Option<Gathered> = None;
     loop {
         let gathered = match upcoming.take() {
@@ -158,9 +158,8 @@ pub async fn project(
             let pool = pool.clone();
             async move {
                 if bulk {
-                    let (events, append, states) =
-                        store::write_bulk(&pool, gathered.prepared).await?;
-                    Ok::<_, StoreError>((events, Some((append, states))))
+                    let (events, rows) = store::write_bulk(&pool, gathered.prepared).await?;
+                    Ok::<_, StoreError>((events, Some(rows)))
                 } else {
                     Ok((store::write(&pool, gathered.prepared).await?, None))
                 }
@@ -195,12 +194,10 @@ pub async fn project(
         if let Some(error) = failed {
             return Err(error.into());
         }
-        if let Some((append, states)) = deferred {
-            accounts.merge(states);
-            appending
-                .as_mut()
-                .expect("a bulk load streams its append-only rows")
-                .send(append)
+        if let Some(rows) = deferred {
+            load.as_mut()
+                .expect("only a bulk load defers rows")
+                .add(&events, rows)
                 .await?;
         }
         if !events.is_empty() {
@@ -227,10 +224,9 @@ pub async fn project(
             consumer.commit(&list, CommitMode::Async)?;
         }
         if gathered.last {
-            if let Some(appending) = appending {
-                appending.finish().await?;
+            if let Some(load) = load {
+                load.finish(pool).await?;
             }
-            std::mem::take(&mut accounts).write(pool).await?;
             return Ok(());
         }
         upcoming = received.then(|| intake.close(next));

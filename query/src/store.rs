@@ -83,13 +83,17 @@ pub async fn accounts_with(
     .await?)
 }
 
-/// The tables the projector only appends to and never reads back while projecting.
-const APPEND_ONLY: [&str; 3] = ["ledger_events", "account_versions", "activities"];
+/// The tables a bulk load writes with one `COPY` each and never reads back ([`BulkLoad`]).
+const BULK_LOADED: [&str; 4] = [
+    "ledger_events",
+    "account_versions",
+    "activities",
+    "transaction_legs",
+];
 
-/// The indexes (primary keys included) of the append-only tables, and the secondary ones of
-/// `transaction_legs` (its primary key finds the legs a later event reads back), dropped for a
-/// bulk load: building an index once from all its rows is several times cheaper than updating
-/// it row by row. [`DeferredIndexes::restore`] builds them again.
+/// The indexes (primary keys included) of the tables a bulk load streams ([`BULK_LOADED`]),
+/// dropped for the load: building an index once from all its rows is several times cheaper
+/// than updating it row by row. [`DeferredIndexes::restore`] builds them again.
 #[must_use = "the dropped indexes must be restored"]
 pub struct DeferredIndexes {
     /// Per table, the statements that build them again, primary keys first.
@@ -109,7 +113,7 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
          WHERE n.nspname = $1 AND t.relname = ANY($2) AND c.contype IN ('p', 'u')",
     )
     .bind(SCHEMA)
-    .bind(&APPEND_ONLY[..])
+    .bind(&BULK_LOADED[..])
     .fetch_all(pool)
     .await?;
     let indexes: Vec<(String, String, String)> = sqlx::query_as(
@@ -121,7 +125,7 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
                            WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)",
     )
     .bind(SCHEMA)
-    .bind([&APPEND_ONLY[..], &["transaction_legs"]].concat())
+    .bind(&BULK_LOADED[..])
     .fetch_all(pool)
     .await?;
     let mut tx = pool.begin().await?;
@@ -241,11 +245,10 @@ struct Newest {
     created_ms: i64,
 }
 
-/// A batch's rows of the tables the projector only appends to ([`APPEND_ONLY`]): no later
-/// batch depends on them, so a bulk load writes them apart from the batch's own transaction
-/// ([`AppendStreams`]).
+/// A batch's rows of the tables the projector only appends to: no later batch depends on them,
+/// so a bulk load writes them apart from the batch's own transaction ([`BulkLoad`]).
 #[derive(Default)]
-pub struct AppendRows {
+struct AppendRows {
     /// `ledger_events`, in the order of [`EVENT_COLUMNS`].
     events: CopyRows,
     /// `account_versions`, in the order of [`VERSION_COLUMNS`].
@@ -255,7 +258,7 @@ pub struct AppendRows {
 
 /// The last state of each account in one or more batches, by (account id, shard id).
 #[derive(Default)]
-pub struct AccountStates(BTreeMap<(String, u32), AccountRow>);
+struct AccountStates(BTreeMap<(String, u32), AccountRow>);
 
 const EVENT_COLUMNS: &str =
     "ledger_events (shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload)";
@@ -409,8 +412,14 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
     if prepared.is_empty() {
         return Ok(prepared.events);
     }
+    let Prepared { events, mut rows } = prepared;
     let mut tx = begin(pool).await?;
-    let (events, rows) = write_ordered(&mut tx, prepared).await?;
+    let shard_ids = advance(&mut tx, &events).await?;
+    let mut transactions = Transactions::load(&mut tx, &events, &shard_ids).await?;
+    for event in &events {
+        transactions.apply(&mut rows.append.activities, event)?;
+    }
+    transactions.write(&mut tx).await?;
     rows.append.copy(&mut tx).await?;
     rows.accounts.states(&events).upsert(&mut tx).await?;
     tx.commit().await?;
@@ -418,27 +427,23 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
 }
 
 /// [`write`] for a bulk load into an empty database (a rebuild, which either finishes or is
-/// started over): commits only the rows later batches depend on (transactions and their legs)
-/// with the applied seqs, and returns the batch's events, its append-only rows and its
-/// accounts' states for the caller to write in their own time ([`AppendStreams`],
-/// [`AccountStates::write`]).
+/// started over): commits only the applied seqs, and returns the batch's events and its rows
+/// for [`BulkLoad::add`].
 pub async fn write_bulk(
     pool: &PgPool,
     prepared: Prepared,
-) -> Result<(Vec<pb::Event>, AppendRows, AccountStates), StoreError> {
-    if prepared.is_empty() {
-        return Ok((
-            prepared.events,
-            AppendRows::default(),
-            AccountStates::default(),
-        ));
+) -> Result<(Vec<pb::Event>, BatchRows), StoreError> {
+    let Prepared { events, rows } = prepared;
+    if !events.is_empty() {
+        let mut tx = begin(pool).await?;
+        advance(&mut tx, &events).await?;
+        tx.commit().await?;
     }
-    let mut tx = begin(pool).await?;
-    let (events, rows) = write_ordered(&mut tx, prepared).await?;
-    tx.commit().await?;
-    let states = rows.accounts.states(&events);
-    Ok((events, rows.append, states))
+    Ok((events, BatchRows(rows)))
 }
+
+/// The rows of a batch [`write_bulk`] wrote the applied seqs of.
+pub struct BatchRows(Rows);
 
 /// A transaction for projection writes. The projection is derived data: a commit lost in a
 /// Postgres crash takes its offsets with it (the transaction stays atomic), and the events are
@@ -451,16 +456,14 @@ async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreErr
     Ok(tx)
 }
 
-/// Checks that every shard of the batch starts right after its applied seq, writes the rows
-/// that depend on earlier events (transactions and their legs) and moves the applied seqs;
-/// returns the events and the rest of their rows.
-async fn write_ordered(
+/// Checks that every shard of the batch starts right after its applied seq and moves the
+/// applied seqs to the batch's last events; returns the batch's shard ids.
+async fn advance(
     tx: &mut Transaction<'static, Postgres>,
-    prepared: Prepared,
-) -> Result<(Vec<pb::Event>, Rows), StoreError> {
-    let Prepared { events, mut rows } = prepared;
+    events: &[pb::Event],
+) -> Result<Vec<i32>, StoreError> {
     let mut firsts: BTreeMap<u32, (u64, u64, i64)> = BTreeMap::new();
-    for event in &events {
+    for event in events {
         let entry =
             firsts
                 .entry(event.shard_id)
@@ -494,13 +497,6 @@ async fn write_ordered(
             });
         }
     }
-
-    let mut transactions = Transactions::load(tx, &events, &shard_ids).await?;
-    for event in &events {
-        transactions.apply(&mut rows.append.activities, event)?;
-    }
-    transactions.write(tx).await?;
-
     for (shard_id, (_, last, time_ms)) in &firsts {
         sqlx::query(
             "UPDATE projection_offsets SET applied_seq = $2,
@@ -514,7 +510,7 @@ async fn write_ordered(
         .execute(&mut **tx)
         .await?;
     }
-    Ok((events, rows))
+    Ok(shard_ids)
 }
 
 fn malformed(event: &pb::Event, reason: &'static str) -> StoreError {
@@ -661,13 +657,25 @@ impl AppendRows {
     }
 }
 
-/// A bulk load's append-only tables, each written by one `COPY` on its own connection, in one
-/// transaction, fed batch by batch ([`AppendStreams::send`]) until [`AppendStreams::finish`].
-pub struct AppendStreams {
+/// A bulk load into a fresh database (a rebuild, which either finishes or is started over). A
+/// batch's SQL transaction holds only the applied seqs ([`write_bulk`]); its rows go to one
+/// `COPY` per table, each on its own connection, in one transaction running for the whole load:
+/// the append-only tables, the transaction legs once final, and parts of the transaction rows,
+/// merged into `transactions` at the end. Nothing is read back: the transactions that hold legs
+/// stay in memory from batch to batch (`store::transactions`), and the accounts' newest
+/// states are written once, at the end.
+pub struct BulkLoad {
+    transactions: Transactions,
+    accounts: AccountStates,
     events: CopyStream,
     versions: CopyStream,
     activities: CopyStream,
+    legs: CopyStream,
+    parts: CopyStream,
 }
+
+/// Batches waiting for each table's `COPY`, at most.
+const BATCHES_QUEUED: usize = 2;
 
 /// One table's `COPY`, fed by a channel until it closes.
 struct CopyStream {
@@ -675,30 +683,78 @@ struct CopyStream {
     copying: JoinHandle<Result<(), StoreError>>,
 }
 
-/// Batches waiting for each append-only table's `COPY`, at most.
-const BATCHES_QUEUED: usize = 2;
-
-impl AppendStreams {
-    pub fn open(pool: &PgPool) -> AppendStreams {
-        AppendStreams {
+impl BulkLoad {
+    pub async fn open(pool: &PgPool) -> Result<BulkLoad, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {}",
+            transactions::PARTS_TABLE
+        )))
+        .execute(pool)
+        .await?;
+        sqlx::query(transactions::CREATE_PARTS)
+            .execute(pool)
+            .await?;
+        Ok(BulkLoad {
+            transactions: Transactions::kept(pool).await?,
+            accounts: AccountStates::default(),
             events: CopyStream::open(pool, EVENT_COLUMNS),
             versions: CopyStream::open(pool, VERSION_COLUMNS),
             activities: CopyStream::open(pool, ACTIVITY_COLUMNS),
-        }
+            legs: CopyStream::open(pool, transactions::LEG_COLUMNS),
+            parts: CopyStream::open(pool, transactions::PART_COLUMNS),
+        })
     }
 
-    /// Passes a batch's rows on (waits while earlier batches are queued).
-    pub async fn send(&mut self, rows: AppendRows) -> Result<(), StoreError> {
+    /// Takes in a batch [`write_bulk`] wrote (waits while earlier batches are queued).
+    pub async fn add(&mut self, events: &[pb::Event], rows: BatchRows) -> Result<(), StoreError> {
+        let BatchRows(mut rows) = rows;
+        for event in events {
+            self.transactions
+                .apply(&mut rows.append.activities, event)?;
+        }
+        self.accounts.merge(rows.accounts.states(events));
+        self.send(rows.append, false).await
+    }
+
+    /// Writes what is left, ends the `COPY`s and commits them, then merges the transaction
+    /// rows' parts and writes the accounts' states.
+    pub async fn finish(mut self, pool: &PgPool) -> Result<(), StoreError> {
+        self.send(AppendRows::default(), true).await?;
+        for stream in [
+            self.events,
+            self.versions,
+            self.activities,
+            self.legs,
+            self.parts,
+        ] {
+            stream.finish().await?;
+        }
+        let merging = async {
+            let mut tx = begin(pool).await?;
+            sqlx::query(transactions::MERGE_PARTS)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP TABLE {}",
+                transactions::PARTS_TABLE
+            )))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        };
+        tokio::try_join!(merging, self.accounts.write(pool))?;
+        Ok(())
+    }
+
+    async fn send(&mut self, rows: AppendRows, end: bool) -> Result<(), StoreError> {
+        let (mut legs, mut parts) = (CopyRows::default(), CopyRows::default());
+        self.transactions.drain(&mut legs, &mut parts, end);
         self.events.send(rows.events).await?;
         self.versions.send(rows.versions).await?;
-        self.activities.send(rows.activities.rows).await
-    }
-
-    /// Ends the `COPY`s and commits them.
-    pub async fn finish(self) -> Result<(), StoreError> {
-        self.events.finish().await?;
-        self.versions.finish().await?;
-        self.activities.finish().await
+        self.activities.send(rows.activities.rows).await?;
+        self.legs.send(legs).await?;
+        self.parts.send(parts).await
     }
 }
 
@@ -760,7 +816,7 @@ impl BatchAccounts {
 impl AccountStates {
     /// Takes in the states of a later batch: the newest state of each account, created when it
     /// first appeared.
-    pub fn merge(&mut self, later: AccountStates) {
+    fn merge(&mut self, later: AccountStates) {
         for (key, mut row) in later.0 {
             if let Some(earlier) = self.0.get(&key) {
                 row.created_ms = earlier.created_ms;
@@ -770,7 +826,7 @@ impl AccountStates {
     }
 
     /// Writes the states in a transaction of their own.
-    pub async fn write(self, pool: &PgPool) -> Result<(), StoreError> {
+    async fn write(self, pool: &PgPool) -> Result<(), StoreError> {
         let mut tx = begin(pool).await?;
         self.upsert(&mut tx).await?;
         tx.commit().await?;

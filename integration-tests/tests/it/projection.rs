@@ -172,6 +172,52 @@ fn payment_request(
     request
 }
 
+/// Places a hold of `amount` on `account` (on `shard`).
+async fn place_hold(shard: &Group, hold_id: &str, account: &str, amount: i128) {
+    let place = ledger::command::Kind::PlaceHold(ledger::PlaceHold {
+        hold_id: hold_id.into(),
+        account_id: account.to_string(),
+        amount: Some(proto::common::v1::Amount {
+            minor_units: amount.to_string(),
+        }),
+        currency: "USD".into(),
+        metadata: BTreeMap::from([
+            (KIND_KEY.to_string(), "hold".to_string()),
+            (FROM_KEY.to_string(), account.to_string()),
+        ]),
+    });
+    shard.execute_ok(format!("place-{hold_id}"), place).await;
+}
+
+async fn void_hold(shard: &Group, hold_id: &str) {
+    let void = ledger::command::Kind::VoidHold(ledger::VoidHold {
+        hold_id: hold_id.into(),
+    });
+    shard.execute_ok(format!("void-{hold_id}"), void).await;
+}
+
+/// Captures `amount` of the hold on `from` as a payment to `to`: the coordinator's reservation
+/// draws from the hold.
+async fn capture(platform: &Platform, hold_id: &str, from: &str, to: &str, amount: i128) {
+    let mut capture = submit_request(
+        &format!("capture-{hold_id}"),
+        vec![leg(from, -amount), leg(to, amount)],
+    );
+    capture.hold_id = hold_id.into();
+    capture.metadata = BTreeMap::from([
+        (KIND_KEY.to_string(), "capture".to_string()),
+        (FROM_KEY.to_string(), from.to_string()),
+        (TO_KEY.to_string(), to.to_string()),
+        (query::activity::HOLD_KEY.to_string(), hold_id.to_string()),
+    ]);
+    let captured = platform.submit(capture).await;
+    assert_eq!(
+        captured.status,
+        proto::marker::v1::TransactionStatus::Committed as i32,
+        "{captured:?}"
+    );
+}
+
 async fn activities_of(
     client: &mut AccountQueryClient<tonic::transport::Channel>,
     tenant: &str,
@@ -1125,6 +1171,11 @@ async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
             ))
             .await;
     }
+    // Holds placed before the snapshot: one voided after it, one captured after it, one open.
+    let shard = platform.shard(1);
+    for (hold_id, amount) in [("s:void", 20), ("s:capture", 30), ("s:open", 40)] {
+        place_hold(shard, hold_id, &alice, amount).await;
+    }
     platform.balances().await;
     wait_caught_up(&pool, &groups).await;
     let snapshot = tokio::process::Command::new(&binary)
@@ -1149,6 +1200,8 @@ async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
             ))
             .await;
     }
+    void_hold(shard, "s:void").await;
+    capture(&platform, "s:capture", &alice, &bob, 25).await;
     platform.balances().await;
     let heads = wait_caught_up(&pool, &groups).await;
 
@@ -1183,43 +1236,11 @@ async fn holds_are_projected_as_authorized_then_captured_or_voided_and_a_rebuild
     let alice = platform.open(1, "tenant-a/h-alice", 1_000).await;
     let bob = platform.open(2, "tenant-a/h-bob", 0).await;
     let shard = platform.shard(1);
-    for (hold_id, amount) in [("h:captured", 600), ("h:voided", 300)] {
-        let place = ledger::command::Kind::PlaceHold(ledger::PlaceHold {
-            hold_id: hold_id.into(),
-            account_id: alice.clone(),
-            amount: Some(proto::common::v1::Amount {
-                minor_units: amount.to_string(),
-            }),
-            currency: "USD".into(),
-            metadata: BTreeMap::from([
-                (KIND_KEY.to_string(), "hold".to_string()),
-                (FROM_KEY.to_string(), alice.clone()),
-            ]),
-        });
-        shard.execute_ok(format!("place-{hold_id}"), place).await;
-    }
-    let void = ledger::command::Kind::VoidHold(ledger::VoidHold {
-        hold_id: "h:voided".into(),
-    });
-    shard.execute_ok("void-hold", void).await;
-    // Capture 450 of the 600 across shards: the coordinator's reservation draws from the hold.
-    let mut capture = submit_request("capture", vec![leg(&alice, -450), leg(&bob, 450)]);
-    capture.hold_id = "h:captured".into();
-    capture.metadata = BTreeMap::from([
-        (KIND_KEY.to_string(), "capture".to_string()),
-        (FROM_KEY.to_string(), alice.clone()),
-        (TO_KEY.to_string(), bob.clone()),
-        (
-            query::activity::HOLD_KEY.to_string(),
-            "h:captured".to_string(),
-        ),
-    ]);
-    let captured = platform.submit(capture).await;
-    assert_eq!(
-        captured.status,
-        proto::marker::v1::TransactionStatus::Committed as i32,
-        "{captured:?}"
-    );
+    place_hold(shard, "h:captured", &alice, 600).await;
+    place_hold(shard, "h:voided", &alice, 300).await;
+    void_hold(shard, "h:voided").await;
+    // Capture 450 of the 600 across shards.
+    capture(&platform, "h:captured", &alice, &bob, 450).await;
     let balances = platform.balances().await;
     assert_eq!(minor(&balances[&alice].balance), 550);
     assert_eq!(minor(&balances[&alice].pending_out), 0);
@@ -1261,14 +1282,68 @@ async fn holds_are_projected_as_authorized_then_captured_or_voided_and_a_rebuild
         &feed[..4],
         expected.map(|(kind, amount)| (kind as i32, amount.to_string()))
     );
+    // A hold still open at the end, and a payment across the shards.
+    place_hold(shard, "h:open", &alice, 100).await;
+    platform
+        .submit(payment_request("h-pay", &bob, &alice, 50, None))
+        .await;
+    platform.balances().await;
+    wait_caught_up(&pool, &groups).await;
+    let live = table_digests(&pool).await;
+
     let rebuilt = fresh_database().await.unwrap();
     let output = rebuild(&rebuilt.url, &groups, None).await;
     assert!(output.status.success(), "{output:?}");
     let rebuilt_pool = query::store::connect(&rebuilt.url).await.unwrap();
-    assert_eq!(
-        table_digests(&pool).await,
-        table_digests(&rebuilt_pool).await
-    );
+    assert_eq!(live, table_digests(&rebuilt_pool).await);
+
+    // However the events fall into batches, and in whichever order the shards come, projecting
+    // batch by batch and loading in bulk give the same tables.
+    let (first, second) = (events_of(groups[0]).await, events_of(groups[1]).await);
+    for (size, bulk) in [(1, false), (4, false), (1, true), (3, true), (1_000, true)] {
+        for shard_two_first in [false, true] {
+            let mut order = [first.clone(), second.clone()];
+            if shard_two_first {
+                order.reverse();
+            }
+            let events: Vec<ledger::Event> = order.concat();
+            let database = fresh_database().await.unwrap();
+            let pool = query::store::connect(&database.url).await.unwrap();
+            project_in_batches(&pool, &events, size, bulk).await;
+            assert_eq!(
+                live,
+                table_digests(&pool).await,
+                "batches of {size}, bulk {bulk}, shard 2 first {shard_two_first}"
+            );
+        }
+    }
+}
+
+/// Projects `events` (each shard's in seq order) in batches of `size`: batch by batch as the
+/// projector does, or as a bulk load does.
+async fn project_in_batches(pool: &PgPool, events: &[ledger::Event], size: usize, bulk: bool) {
+    let mut load = match bulk {
+        true => Some(query::store::BulkLoad::open(pool).await.unwrap()),
+        false => None,
+    };
+    for batch in events.chunks(size) {
+        let mut prepared = query::store::Prepared::default();
+        for event in batch {
+            prepared.push(event.clone()).unwrap();
+        }
+        match &mut load {
+            Some(load) => {
+                let (events, rows) = query::store::write_bulk(pool, prepared).await.unwrap();
+                load.add(&events, rows).await.unwrap();
+            }
+            None => {
+                query::store::write(pool, prepared).await.unwrap();
+            }
+        }
+    }
+    if let Some(load) = load {
+        load.finish(pool).await.unwrap();
+    }
 }
 
 /// Every kind of field the projector copies in PostgreSQL's binary format reads back as written,
@@ -1279,7 +1354,8 @@ async fn binary_copy_fields_read_back_as_written() {
     let pool = database.pool().await.unwrap();
     sqlx::query(
         "CREATE TABLE copied (n integer, big bigint, label text, note text, raw bytea,
-                              at timestamptz, amount numeric, doc jsonb, ids text[])",
+                              at timestamptz, amount numeric, doc jsonb, ids text[],
+                              flag boolean)",
     )
     .execute(&pool)
     .await
@@ -1308,18 +1384,19 @@ async fn binary_copy_fields_read_back_as_written() {
             .numeric(*amount)
             .jsonb(&format!("{{\"n\": {n}, \"s\": \"a\\\"b\"}}"))
             .text_array(ids.iter().map(String::as_str))
+            .boolean(n % 3 == 0)
             .end_row();
     }
     let mut conn = pool.acquire().await.unwrap();
     rows.write(
         &mut conn,
-        "copied (n, big, label, note, raw, at, amount, doc, ids)",
+        "copied (n, big, label, note, raw, at, amount, doc, ids, flag)",
     )
     .await
     .unwrap();
     let read = sqlx::query(
         "SELECT n, big, label, note, raw, (extract(epoch FROM at) * 1000)::bigint,
-                amount::text, doc::text, ids FROM copied ORDER BY n DESC",
+                amount::text, doc::text, ids, flag FROM copied ORDER BY n DESC",
     )
     .fetch_all(&pool)
     .await
@@ -1342,5 +1419,6 @@ async fn binary_copy_fields_read_back_as_written() {
         );
         let ids: Vec<String> = (0..n).map(|i| format!("acct \"{i}\"\t,{{x}}")).collect();
         assert_eq!(row.get::<Vec<String>, _>(8), ids);
+        assert_eq!(row.get::<bool, _>(9), n % 3 == 0);
     }
 }

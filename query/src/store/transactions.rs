@@ -2,12 +2,18 @@
 //! post finds the legs its reserve held), so a batch loads the rows its events reach (one or
 //! two queries), applies its events to them in memory, in order, and writes what changed with
 //! one statement.
+//!
+//! A bulk load reads nothing back: it keeps in memory, across its batches, every transaction
+//! that still holds a leg ([`Transactions::kept`]), and after each batch writes the legs that
+//! became final and a part of each row the batch changed, to be merged at the end
+//! ([`Transactions::drain`], [`MERGE_PARTS`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::command::Kind;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{ActivityRows, Movement, StoreError, event_time, metadata_json, tenant_of, units};
 use crate::activity::{self, ActivityKind, KIND_KEY};
@@ -25,6 +31,10 @@ struct Txn {
     /// stored meanwhile (by the writer of another shard) keeps its own status.
     finished: bool,
     changed: bool,
+    /// Loaded, or created by an event here, so its tenant, kind, metadata and creation time are
+    /// known. Otherwise (only in a bulk load) an event posted or voided a transaction whose row
+    /// was written earlier, and only the status and update time are known.
+    whole: bool,
 }
 
 /// A leg of a transaction on one of the batch's shards.
@@ -48,6 +58,9 @@ struct Leg {
 pub(super) struct Transactions {
     txns: BTreeMap<String, Option<Txn>>,
     legs: BTreeMap<String, Vec<Leg>>,
+    /// Kept for a whole bulk load ([`Transactions::kept`]): the parts of rows written so far.
+    /// (A transaction missing here may then have a row written earlier.)
+    parts: Option<i64>,
 }
 
 const LOAD: &str = "
@@ -64,12 +77,71 @@ const LOAD: &str = "
         WHERE txn_id = t.txn_id AND shard_id = ANY($2)) l ON true
     WHERE t.txn_id = ANY($1)";
 
+/// A bulk load on top of a snapshot takes the held legs out of the table, with their
+/// transactions' rows (in the columns of [`LOAD`]).
+const TAKE_HELD: &str = "
+    WITH held AS (
+        DELETE FROM transaction_legs l USING transactions t
+        WHERE l.txn_id = t.txn_id AND l.state = 'held'
+        RETURNING l.*)
+    SELECT t.txn_id, t.tenant_id, t.kind, t.status, t.metadata::text,
+           round(extract(epoch FROM t.created_at) * 1000)::int8,
+           round(extract(epoch FROM t.updated_at) * 1000)::int8,
+           array_agg(h.shard_id), array_agg(h.account_id), array_agg(h.amount::text),
+           array_agg(h.currency), array_agg(h.state)
+    FROM held h JOIN transactions t ON t.txn_id = h.txn_id
+    GROUP BY t.txn_id";
+
+/// The parts of the transaction rows a bulk load wrote ([`Transactions::drain`]), in a table
+/// of its own until [`MERGE_PARTS`] merges them.
+pub(super) const PARTS_TABLE: &str = "transaction_parts";
+pub(super) const CREATE_PARTS: &str = "
+    CREATE UNLOGGED TABLE transaction_parts (
+        txn_id text NOT NULL, part bigint NOT NULL, whole boolean NOT NULL,
+        finished boolean NOT NULL, tenant_id text NOT NULL, kind text NOT NULL,
+        status text NOT NULL, metadata jsonb NOT NULL, created_ms bigint NOT NULL,
+        updated_ms bigint NOT NULL)";
+pub(super) const PART_COLUMNS: &str = "transaction_parts (txn_id, part, whole, finished, \
+     tenant_id, kind, status, metadata, created_ms, updated_ms)";
+
+/// Merges the parts of each transaction's row as [`WRITE`] merges a batch's into a stored row,
+/// part after part: the least tenant and creation time and the greatest update time; the status
+/// of the last part that posted or voided it, else of the first; the kind and metadata of the
+/// first. Only finishes of a row no part or stored row creates are dropped, as they are when
+/// projecting batch by batch.
+pub(super) const MERGE_PARTS: &str = r#"
+    MERGE INTO transactions t
+    USING (
+        SELECT txn_id,
+               min(tenant_id COLLATE "C") FILTER (WHERE whole) AS tenant_id,
+               (array_agg(kind ORDER BY part) FILTER (WHERE whole))[1] AS kind,
+               coalesce((array_agg(status ORDER BY part DESC) FILTER (WHERE finished))[1],
+                        (array_agg(status ORDER BY part) FILTER (WHERE whole))[1]) AS status,
+               bool_or(finished) AS finished,
+               (array_agg(metadata ORDER BY part) FILTER (WHERE whole))[1] AS metadata,
+               timestamptz 'epoch'
+                   + min(created_ms) FILTER (WHERE whole) * interval '1 millisecond'
+                   AS created_at,
+               timestamptz 'epoch' + max(updated_ms) * interval '1 millisecond' AS updated_at
+        FROM transaction_parts
+        GROUP BY txn_id) p
+    ON t.txn_id = p.txn_id
+    WHEN MATCHED THEN UPDATE SET
+        tenant_id = least(t.tenant_id COLLATE "C", p.tenant_id),
+        status = CASE WHEN p.finished THEN p.status ELSE t.status END,
+        created_at = least(t.created_at, p.created_at),
+        updated_at = greatest(t.updated_at, p.updated_at)
+    WHEN NOT MATCHED AND p.tenant_id IS NOT NULL THEN
+        INSERT (txn_id, tenant_id, kind, status, metadata, created_at, updated_at)
+        VALUES (p.txn_id, p.tenant_id, p.kind, p.status, p.metadata, p.created_at,
+                p.updated_at)"#;
+
 /// Stored legs that changed are written by their primary key (`ON CONFLICT`), so each is found
 /// through the index however many legs there are. Transactions the batch did not post or void
 /// keep a stored row's status; the others take the batch's. Both merge the rest: the least
 /// tenant (in byte order, as [`Transactions::insert`] compares) and creation time, the greatest
 /// update time.
-const LEG_COLUMNS: &str =
+pub(super) const LEG_COLUMNS: &str =
     "transaction_legs (txn_id, shard_id, account_id, amount, currency, state)";
 
 const WRITE: &str = r#"
@@ -154,6 +226,25 @@ impl Transactions {
             .fetch_all(&mut **tx)
             .await?;
         self.txns.extend(ids.into_iter().map(|id| (id, None)));
+        self.keep(rows, true);
+        Ok(())
+    }
+
+    /// The transactions of a bulk load, kept from batch to batch (see [`Transactions::drain`]),
+    /// starting with those that hold legs in the database (on top of a snapshot), whose held
+    /// legs are taken out of it to be written again.
+    pub(super) async fn kept(pool: &PgPool) -> Result<Transactions, StoreError> {
+        let rows = sqlx::query(TAKE_HELD).fetch_all(pool).await?;
+        let mut kept = Transactions {
+            parts: Some(0),
+            ..Transactions::default()
+        };
+        kept.keep(rows, false);
+        Ok(kept)
+    }
+
+    /// Keeps the rows of [`LOAD`] (or [`TAKE_HELD`]); their legs are `stored` or not.
+    fn keep(&mut self, rows: Vec<PgRow>, stored: bool) {
         for row in rows {
             let txn_id: String = row.get(0);
             let txn = Txn {
@@ -165,6 +256,7 @@ impl Transactions {
                 updated_ms: row.get(6),
                 finished: false,
                 changed: false,
+                whole: true,
             };
             let shard_ids: Vec<i32> = row.get::<Option<_>, _>(7).unwrap_or_default();
             let accounts: Vec<String> = row.get::<Option<_>, _>(8).unwrap_or_default();
@@ -184,7 +276,7 @@ impl Transactions {
                         amount: amount.parse().unwrap_or(0),
                         currency,
                         state,
-                        stored: true,
+                        stored,
                         changed: false,
                     },
                 )
@@ -192,7 +284,6 @@ impl Transactions {
             self.legs.insert(txn_id.clone(), legs);
             self.txns.insert(txn_id, Some(txn));
         }
-        Ok(())
     }
 
     /// Applies one event (of those [`Transactions::load`] was given) and gathers the activities
@@ -290,12 +381,22 @@ impl Transactions {
             .extend(added);
         let time = event.timestamp_ms;
         match self.txns.get_mut(txn_id) {
-            Some(Some(txn)) => {
+            Some(Some(txn)) if txn.whole => {
                 if tenant < txn.tenant.as_str() {
                     txn.tenant = tenant.to_string();
                 }
                 txn.created_ms = txn.created_ms.min(time);
                 txn.updated_ms = txn.updated_ms.max(time);
+                txn.changed = true;
+            }
+            Some(Some(txn)) => {
+                // Only a finish was known: the row is this event's, with the finish's status.
+                txn.tenant = tenant.to_string();
+                txn.kind = metadata.get(KIND_KEY).cloned().unwrap_or_default();
+                txn.metadata = metadata.clone();
+                txn.created_ms = time;
+                txn.updated_ms = txn.updated_ms.max(time);
+                txn.whole = true;
                 txn.changed = true;
             }
             _ => {
@@ -308,6 +409,7 @@ impl Transactions {
                     updated_ms: time,
                     finished: false,
                     changed: true,
+                    whole: true,
                 };
                 self.txns.insert(txn_id.to_string(), Some(txn));
             }
@@ -334,6 +436,21 @@ impl Transactions {
             }
         }
         finished.sort_by(|a, b| (a.1 >= 0, &a.0).cmp(&(b.1 >= 0, &b.0)));
+        if self.parts.is_some() && !self.txns.contains_key(txn_id) {
+            // A bulk load forgot it, or never saw it: a row written earlier may take the finish.
+            let txn = Txn {
+                tenant: String::new(),
+                kind: String::new(),
+                status: String::new(),
+                metadata: BTreeMap::new(),
+                created_ms: event.timestamp_ms,
+                updated_ms: event.timestamp_ms,
+                finished: false,
+                changed: false,
+                whole: false,
+            };
+            self.txns.insert(txn_id.to_string(), Some(txn));
+        }
         let Some(Some(txn)) = self.txns.get_mut(txn_id) else {
             return (BTreeMap::new(), finished);
         };
@@ -352,7 +469,7 @@ impl Transactions {
     ) -> Result<(), StoreError> {
         let mut txns = TxnColumns::default();
         for (txn_id, txn) in self.txns {
-            let Some(txn) = txn.filter(|txn| txn.changed) else {
+            let Some(txn) = txn.filter(|txn| txn.changed && txn.whole) else {
                 continue;
             };
             txns.ids.push(txn_id);
@@ -407,6 +524,54 @@ impl Transactions {
         }
         added.write(tx, LEG_COLUMNS).await?;
         Ok(())
+    }
+}
+
+impl Transactions {
+    /// In a bulk load, after each batch: adds the legs that are final (posted or voided; at the
+    /// `end`, every leg) to `legs` and a part of every row the batch changed to `parts`, and
+    /// forgets the transactions that hold no leg any longer (at the `end`, every one). An event
+    /// that reaches a forgotten transaction later starts it again, and [`MERGE_PARTS`] merges
+    /// its parts.
+    pub(super) fn drain(&mut self, legs: &mut CopyRows, parts: &mut CopyRows, end: bool) {
+        let written = self.parts.as_mut().expect("only a bulk load drains");
+        self.legs.retain(|txn_id, held| {
+            held.retain(|leg| {
+                if leg.state == "held" && !end {
+                    return true;
+                }
+                legs.text(txn_id)
+                    .int4(leg.shard_id as i32)
+                    .text(&leg.account_id)
+                    .numeric(leg.amount)
+                    .text(&leg.currency)
+                    .text(&leg.state)
+                    .end_row();
+                false
+            });
+            !held.is_empty()
+        });
+        let holding = &self.legs;
+        self.txns.retain(|txn_id, txn| {
+            if let Some(txn) = txn.as_mut().filter(|txn| txn.changed) {
+                *written += 1;
+                parts
+                    .text(txn_id)
+                    .int8(*written)
+                    .boolean(txn.whole)
+                    .boolean(txn.finished)
+                    .text(&txn.tenant)
+                    .text(&txn.kind)
+                    .text(&txn.status)
+                    .jsonb(&metadata_json(&txn.metadata))
+                    .int8(txn.created_ms)
+                    .int8(txn.updated_ms)
+                    .end_row();
+                txn.changed = false;
+                txn.finished = false;
+            }
+            holding.contains_key(txn_id)
+        });
     }
 }
 
@@ -550,6 +715,7 @@ mod tests {
             updated_ms: 600,
             finished: false,
             changed: false,
+            whole: true,
         };
         batch.txns.insert("t".into(), Some(txn));
         let legs = vec![
