@@ -84,10 +84,11 @@ pub async fn accounts_with(
 }
 
 /// The tables a bulk load writes with one `COPY` each and never reads back ([`BulkLoad`]).
-const BULK_LOADED: [&str; 4] = [
+const BULK_LOADED: [&str; 5] = [
     "ledger_events",
     "account_versions",
     "activities",
+    "transactions",
     "transaction_legs",
 ];
 
@@ -660,10 +661,9 @@ impl AppendRows {
 /// A bulk load into a fresh database (a rebuild, which either finishes or is started over). A
 /// batch's SQL transaction holds only the applied seqs ([`write_bulk`]); its rows go to one
 /// `COPY` per table, each on its own connection, in one transaction running for the whole load:
-/// the append-only tables, the transaction legs once final, and parts of the transaction rows,
-/// merged into `transactions` at the end. Nothing is read back: the transactions that hold legs
-/// stay in memory from batch to batch (`store::transactions`), and the accounts' newest
-/// states are written once, at the end.
+/// the append-only tables, and the transactions and their legs once final. Nothing is read
+/// back: the transactions that hold legs stay in memory from batch to batch
+/// (`store::transactions`), and the accounts' newest states are written once, at the end.
 pub struct BulkLoad {
     transactions: Transactions,
     accounts: AccountStates,
@@ -671,6 +671,7 @@ pub struct BulkLoad {
     versions: CopyStream,
     activities: CopyStream,
     legs: CopyStream,
+    txns: CopyStream,
     parts: CopyStream,
 }
 
@@ -701,6 +702,7 @@ impl BulkLoad {
             versions: CopyStream::open(pool, VERSION_COLUMNS),
             activities: CopyStream::open(pool, ACTIVITY_COLUMNS),
             legs: CopyStream::open(pool, transactions::LEG_COLUMNS),
+            txns: CopyStream::open(pool, transactions::TXN_COLUMNS),
             parts: CopyStream::open(pool, transactions::PART_COLUMNS),
         })
     }
@@ -716,8 +718,8 @@ impl BulkLoad {
         self.send(rows.append, false).await
     }
 
-    /// Writes what is left, ends the `COPY`s and commits them, then merges the transaction
-    /// rows' parts and writes the accounts' states.
+    /// Writes what is left, ends the `COPY`s and commits them, then merges the parts of
+    /// transaction rows and writes the accounts' states.
     pub async fn finish(mut self, pool: &PgPool) -> Result<(), StoreError> {
         self.send(AppendRows::default(), true).await?;
         for stream in [
@@ -725,6 +727,7 @@ impl BulkLoad {
             self.versions,
             self.activities,
             self.legs,
+            self.txns,
             self.parts,
         ] {
             stream.finish().await?;
@@ -748,13 +751,14 @@ impl BulkLoad {
     }
 
     async fn send(&mut self, rows: AppendRows, end: bool) -> Result<(), StoreError> {
-        let (mut legs, mut parts) = (CopyRows::default(), CopyRows::default());
-        self.transactions.drain(&mut legs, &mut parts, end);
+        let mut drained = transactions::Drained::default();
+        self.transactions.drain(&mut drained, end);
         self.events.send(rows.events).await?;
         self.versions.send(rows.versions).await?;
         self.activities.send(rows.activities.rows).await?;
-        self.legs.send(legs).await?;
-        self.parts.send(parts).await
+        self.legs.send(drained.legs).await?;
+        self.txns.send(drained.txns).await?;
+        self.parts.send(drained.parts).await
     }
 }
 

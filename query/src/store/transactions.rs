@@ -3,10 +3,9 @@
 //! two queries), applies its events to them in memory, in order, and writes what changed with
 //! one statement.
 //!
-//! A bulk load reads nothing back: it keeps in memory, across its batches, every transaction
-//! that still holds a leg ([`Transactions::kept`]), and after each batch writes the legs that
-//! became final and a part of each row the batch changed, to be merged at the end
-//! ([`Transactions::drain`], [`MERGE_PARTS`]).
+//! A bulk load reads nothing back: it keeps every transaction in memory for as long as it holds
+//! a leg ([`Transactions::kept`]), and after each batch writes the legs that became final and
+//! the rows of the transactions it forgets ([`Transactions::drain`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -58,9 +57,23 @@ struct Leg {
 pub(super) struct Transactions {
     txns: BTreeMap<String, Option<Txn>>,
     legs: BTreeMap<String, Vec<Leg>>,
-    /// Kept for a whole bulk load ([`Transactions::kept`]): the parts of rows written so far.
-    /// (A transaction missing here may then have a row written earlier.)
-    parts: Option<i64>,
+    /// Kept for a whole bulk load ([`Transactions::kept`]). (A transaction missing here may then
+    /// have a row written earlier.)
+    bulk: Option<Bulk>,
+}
+
+/// What a bulk load keeps besides the transactions in memory.
+#[derive(Default)]
+struct Bulk {
+    /// The load began with no transaction rows, so the row of a transaction forgotten for the
+    /// first time is written as it is ([`TXN_COLUMNS`]).
+    direct: bool,
+    /// Hashes of the ids of the transactions forgotten so far. An event that reaches one again
+    /// starts it again, and its next row is written as a part, to be merged with the first
+    /// ([`MERGE_PARTS`]); so is one whose hash collides.
+    forgotten: HashSet<u64>,
+    /// Parts written so far.
+    parts: i64,
 }
 
 const LOAD: &str = "
@@ -83,17 +96,24 @@ const TAKE_HELD: &str = "
     WITH held AS (
         DELETE FROM transaction_legs l USING transactions t
         WHERE l.txn_id = t.txn_id AND l.state = 'held'
-        RETURNING l.*)
+        RETURNING l.*),
+    legs AS (
+        SELECT txn_id, array_agg(shard_id) AS shard_ids, array_agg(account_id) AS accounts,
+               array_agg(amount::text) AS amounts, array_agg(currency) AS currencies,
+               array_agg(state) AS states
+        FROM held GROUP BY txn_id)
     SELECT t.txn_id, t.tenant_id, t.kind, t.status, t.metadata::text,
            round(extract(epoch FROM t.created_at) * 1000)::int8,
            round(extract(epoch FROM t.updated_at) * 1000)::int8,
-           array_agg(h.shard_id), array_agg(h.account_id), array_agg(h.amount::text),
-           array_agg(h.currency), array_agg(h.state)
-    FROM held h JOIN transactions t ON t.txn_id = h.txn_id
-    GROUP BY t.txn_id";
+           l.shard_ids, l.accounts, l.amounts, l.currencies, l.states
+    FROM legs l JOIN transactions t ON t.txn_id = l.txn_id";
 
-/// The parts of the transaction rows a bulk load wrote ([`Transactions::drain`]), in a table
-/// of its own until [`MERGE_PARTS`] merges them.
+pub(super) const TXN_COLUMNS: &str =
+    "transactions (txn_id, tenant_id, kind, status, metadata, created_at, updated_at)";
+
+/// The rows of transactions a bulk load wrote that may merge with a row written earlier (on top
+/// of a snapshot, or started again after it forgot them: [`Transactions::drain`]), in a table of
+/// their own until [`MERGE_PARTS`] merges them.
 pub(super) const PARTS_TABLE: &str = "transaction_parts";
 pub(super) const CREATE_PARTS: &str = "
     CREATE UNLOGGED TABLE transaction_parts (
@@ -104,11 +124,11 @@ pub(super) const CREATE_PARTS: &str = "
 pub(super) const PART_COLUMNS: &str = "transaction_parts (txn_id, part, whole, finished, \
      tenant_id, kind, status, metadata, created_ms, updated_ms)";
 
-/// Merges the parts of each transaction's row as [`WRITE`] merges a batch's into a stored row,
-/// part after part: the least tenant and creation time and the greatest update time; the status
-/// of the last part that posted or voided it, else of the first; the kind and metadata of the
-/// first. Only finishes of a row no part or stored row creates are dropped, as they are when
-/// projecting batch by batch.
+/// Merges the parts of each transaction's row, and then the stored row, as [`WRITE`] merges a
+/// batch's into a stored row, part after part: the least tenant and creation time and the
+/// greatest update time; the status of the last part that posted or voided it, else of the
+/// first; the kind and metadata of the first. Only finishes of a row no part or stored row
+/// creates are dropped, as they are when projecting batch by batch.
 pub(super) const MERGE_PARTS: &str = r#"
     MERGE INTO transactions t
     USING (
@@ -234,9 +254,15 @@ impl Transactions {
     /// starting with those that hold legs in the database (on top of a snapshot), whose held
     /// legs are taken out of it to be written again.
     pub(super) async fn kept(pool: &PgPool) -> Result<Transactions, StoreError> {
+        let direct: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT FROM transactions)")
+            .fetch_one(pool)
+            .await?;
         let rows = sqlx::query(TAKE_HELD).fetch_all(pool).await?;
         let mut kept = Transactions {
-            parts: Some(0),
+            bulk: Some(Bulk {
+                direct,
+                ..Bulk::default()
+            }),
             ..Transactions::default()
         };
         kept.keep(rows, false);
@@ -436,7 +462,7 @@ impl Transactions {
             }
         }
         finished.sort_by(|a, b| (a.1 >= 0, &a.0).cmp(&(b.1 >= 0, &b.0)));
-        if self.parts.is_some() && !self.txns.contains_key(txn_id) {
+        if self.bulk.is_some() && !self.txns.contains_key(txn_id) {
             // A bulk load forgot it, or never saw it: a row written earlier may take the finish.
             let txn = Txn {
                 tenant: String::new(),
@@ -525,22 +551,19 @@ impl Transactions {
         added.write(tx, LEG_COLUMNS).await?;
         Ok(())
     }
-}
 
-impl Transactions {
-    /// In a bulk load, after each batch: adds the legs that are final (posted or voided; at the
-    /// `end`, every leg) to `legs` and a part of every row the batch changed to `parts`, and
-    /// forgets the transactions that hold no leg any longer (at the `end`, every one). An event
-    /// that reaches a forgotten transaction later starts it again, and [`MERGE_PARTS`] merges
-    /// its parts.
-    pub(super) fn drain(&mut self, legs: &mut CopyRows, parts: &mut CopyRows, end: bool) {
-        let written = self.parts.as_mut().expect("only a bulk load drains");
+    /// In a bulk load, after each batch: writes the legs that are final (posted or voided; at the
+    /// `end`, every leg) and forgets the transactions that hold no leg any longer (at the `end`,
+    /// every one), writing the rows of those that changed.
+    pub(super) fn drain(&mut self, rows: &mut Drained, end: bool) {
+        let bulk = self.bulk.as_mut().expect("only a bulk load drains");
         self.legs.retain(|txn_id, held| {
             held.retain(|leg| {
                 if leg.state == "held" && !end {
                     return true;
                 }
-                legs.text(txn_id)
+                rows.legs
+                    .text(txn_id)
                     .int4(leg.shard_id as i32)
                     .text(&leg.account_id)
                     .numeric(leg.amount)
@@ -553,11 +576,28 @@ impl Transactions {
         });
         let holding = &self.legs;
         self.txns.retain(|txn_id, txn| {
-            if let Some(txn) = txn.as_mut().filter(|txn| txn.changed) {
-                *written += 1;
-                parts
+            if holding.contains_key(txn_id) {
+                return true;
+            }
+            let Some(txn) = txn.as_ref().filter(|txn| txn.changed) else {
+                return false;
+            };
+            let first = bulk.forgotten.insert(hash(txn_id));
+            if bulk.direct && first && txn.whole {
+                rows.txns
                     .text(txn_id)
-                    .int8(*written)
+                    .text(&txn.tenant)
+                    .text(&txn.kind)
+                    .text(&txn.status)
+                    .jsonb(&metadata_json(&txn.metadata))
+                    .timestamp(txn.created_ms)
+                    .timestamp(txn.updated_ms)
+                    .end_row();
+            } else {
+                bulk.parts += 1;
+                rows.parts
+                    .text(txn_id)
+                    .int8(bulk.parts)
                     .boolean(txn.whole)
                     .boolean(txn.finished)
                     .text(&txn.tenant)
@@ -567,12 +607,24 @@ impl Transactions {
                     .int8(txn.created_ms)
                     .int8(txn.updated_ms)
                     .end_row();
-                txn.changed = false;
-                txn.finished = false;
             }
-            holding.contains_key(txn_id)
+            false
         });
     }
+}
+
+/// What [`Transactions::drain`] writes: rows of `transaction_legs` ([`LEG_COLUMNS`]),
+/// `transactions` ([`TXN_COLUMNS`]) and parts ([`PART_COLUMNS`]).
+#[derive(Default)]
+pub(super) struct Drained {
+    pub(super) legs: CopyRows,
+    pub(super) txns: CopyRows,
+    pub(super) parts: CopyRows,
+}
+
+fn hash(txn_id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(txn_id)
 }
 
 /// The transactions `events` post or void (captures included) on a shard where an earlier
