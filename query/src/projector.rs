@@ -156,13 +156,13 @@ pub async fn project(
         let writing_since = tokio::time::Instant::now();
         let mut writing = tokio::spawn({
             let pool = pool.clone();
+            let mut load = load.take();
             async move {
-                if bulk {
-                    let (events, rows) = store::write_bulk(&pool, gathered.prepared).await?;
-                    Ok::<_, StoreError>((events, Some(rows)))
-                } else {
-                    Ok((store::write(&pool, gathered.prepared).await?, None))
-                }
+                let events = match &mut load {
+                    Some(load) => load.write(&pool, gathered.prepared).await?,
+                    None => store::write(&pool, gathered.prepared).await?,
+                };
+                Ok::<_, StoreError>((events, load))
             }
         });
         // The next batch takes the events that arrive while this one is written, and is
@@ -189,16 +189,11 @@ pub async fn project(
                 }
             }
         };
-        let (events, deferred) = written.expect("the batch writer never panics")?;
+        let (events, returned) = written.expect("the batch writer never panics")?;
+        load = returned;
         let took = writing_since.elapsed();
         if let Some(error) = failed {
             return Err(error.into());
-        }
-        if let Some(rows) = deferred {
-            load.as_mut()
-                .expect("only a bulk load defers rows")
-                .add(&events, rows)
-                .await?;
         }
         if !events.is_empty() {
             metrics.applied(&events, took);

@@ -427,25 +427,6 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
     Ok(events)
 }
 
-/// [`write`] for a bulk load into an empty database (a rebuild, which either finishes or is
-/// started over): commits only the applied seqs, and returns the batch's events and its rows
-/// for [`BulkLoad::add`].
-pub async fn write_bulk(
-    pool: &PgPool,
-    prepared: Prepared,
-) -> Result<(Vec<pb::Event>, BatchRows), StoreError> {
-    let Prepared { events, rows } = prepared;
-    if !events.is_empty() {
-        let mut tx = begin(pool).await?;
-        advance(&mut tx, &events).await?;
-        tx.commit().await?;
-    }
-    Ok((events, BatchRows(rows)))
-}
-
-/// The rows of a batch [`write_bulk`] wrote the applied seqs of.
-pub struct BatchRows(Rows);
-
 /// A transaction for projection writes. The projection is derived data: a commit lost in a
 /// Postgres crash takes its offsets with it (the transaction stays atomic), and the events are
 /// projected again from there. So it does not wait for the flush to disk.
@@ -659,7 +640,7 @@ impl AppendRows {
 }
 
 /// A bulk load into a fresh database (a rebuild, which either finishes or is started over). A
-/// batch's SQL transaction holds only the applied seqs ([`write_bulk`]); its rows go to one
+/// batch's SQL transaction holds only the applied seqs ([`BulkLoad::write`]); its rows go to one
 /// `COPY` per table, each on its own connection, in one transaction running for the whole load:
 /// the append-only tables, and the transactions and their legs once final. Nothing is read
 /// back: the transactions that hold legs stay in memory from batch to batch
@@ -707,15 +688,27 @@ impl BulkLoad {
         })
     }
 
-    /// Takes in a batch [`write_bulk`] wrote (waits while earlier batches are queued).
-    pub async fn add(&mut self, events: &[pb::Event], rows: BatchRows) -> Result<(), StoreError> {
-        let BatchRows(mut rows) = rows;
-        for event in events {
+    /// [`write`] for a bulk load: commits only the applied seqs, and passes the rows on
+    /// (waits while earlier batches are queued). Returns the batch's events.
+    pub async fn write(
+        &mut self,
+        pool: &PgPool,
+        prepared: Prepared,
+    ) -> Result<Vec<pb::Event>, StoreError> {
+        let Prepared { events, mut rows } = prepared;
+        if events.is_empty() {
+            return Ok(events);
+        }
+        let mut tx = begin(pool).await?;
+        advance(&mut tx, &events).await?;
+        tx.commit().await?;
+        for event in &events {
             self.transactions
                 .apply(&mut rows.append.activities, event)?;
         }
-        self.accounts.merge(rows.accounts.states(events));
-        self.send(rows.append, false).await
+        self.accounts.merge(rows.accounts.states(&events));
+        self.send(rows.append, false).await?;
+        Ok(events)
     }
 
     /// Writes what is left, ends the `COPY`s and commits them, then merges the parts of

@@ -1331,15 +1331,11 @@ async fn project_in_batches(pool: &PgPool, events: &[ledger::Event], size: usize
         for event in batch {
             prepared.push(event.clone()).unwrap();
         }
-        match &mut load {
-            Some(load) => {
-                let (events, rows) = query::store::write_bulk(pool, prepared).await.unwrap();
-                load.add(&events, rows).await.unwrap();
-            }
-            None => {
-                query::store::write(pool, prepared).await.unwrap();
-            }
-        }
+        let written = match &mut load {
+            Some(load) => load.write(pool, prepared).await.unwrap(),
+            None => query::store::write(pool, prepared).await.unwrap(),
+        };
+        assert_eq!(written.len(), batch.len());
     }
     if let Some(load) = load {
         load.finish(pool).await.unwrap();
