@@ -273,15 +273,19 @@ async fn rebuild(
     let source = Source::Shards(shards);
     let metrics = ProjectionMetrics::default();
     let progress = tokio::spawn({
-        let pool = pool.clone();
+        let (metrics, shard_ids) = (metrics.clone(), heads.keys().copied().collect::<Vec<_>>());
         async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let applied: u64 = query::store::applied_seqs(&pool)
-                    .await
-                    .map(|seqs| seqs.values().sum::<u64>().saturating_sub(done_at_start))
-                    .unwrap_or(0);
-                query::progress::draw("replaying", applied, total);
+                let applied: u64 = shard_ids
+                    .iter()
+                    .map(|id| {
+                        metrics
+                            .applied_seq_of(*id)
+                            .max(start.get(id).copied().unwrap_or(0))
+                    })
+                    .sum();
+                query::progress::draw("replaying", applied.saturating_sub(done_at_start), total);
             }
         }
     });

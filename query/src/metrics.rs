@@ -133,6 +133,12 @@ impl ProjectionMetrics {
         }
     }
 
+    /// The last seq of `shard` projected (0 before the first).
+    pub fn applied_seq_of(&self, shard: u32) -> u64 {
+        let seq = self.applied_seq.get_or_create(&ShardLabel { shard }).get();
+        u64::try_from(seq).unwrap_or(0)
+    }
+
     /// Records how far the projection of `shard` is behind the shard's last event.
     pub fn set_lag_events(&self, shard: u32, lag: u64) {
         self.lag_events

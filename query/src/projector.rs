@@ -159,7 +159,7 @@ pub async fn project(
             let mut load = load.take();
             async move {
                 let events = match &mut load {
-                    Some(load) => load.write(&pool, gathered.prepared).await?,
+                    Some(load) => load.write(gathered.prepared).await?,
                     None => store::write(&pool, gathered.prepared).await?,
                 };
                 Ok::<_, StoreError>((events, load))

@@ -414,8 +414,10 @@ pub async fn write(pool: &PgPool, prepared: Prepared) -> Result<Vec<pb::Event>, 
         return Ok(prepared.events);
     }
     let Prepared { events, mut rows } = prepared;
+    let mut offsets = Offsets::default();
+    offsets.add(&events);
     let mut tx = begin(pool).await?;
-    let shard_ids = advance(&mut tx, &events).await?;
+    let shard_ids = offsets.advance(&mut tx).await?;
     let mut transactions = Transactions::load(&mut tx, &events, &shard_ids).await?;
     for event in &events {
         transactions.apply(&mut rows.append.activities, event)?;
@@ -438,61 +440,70 @@ async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreErr
     Ok(tx)
 }
 
-/// Checks that every shard of the batch starts right after its applied seq and moves the
-/// applied seqs to the batch's last events; returns the batch's shard ids.
-async fn advance(
-    tx: &mut Transaction<'static, Postgres>,
-    events: &[pb::Event],
-) -> Result<Vec<i32>, StoreError> {
-    let mut firsts: BTreeMap<u32, (u64, u64, i64)> = BTreeMap::new();
-    for event in events {
-        let entry =
-            firsts
-                .entry(event.shard_id)
-                .or_insert((event.seq, event.seq, event.timestamp_ms));
-        entry.1 = event.seq;
-        entry.2 = event.timestamp_ms;
-    }
-    let shard_ids: Vec<i32> = firsts.keys().map(|id| *id as i32).collect();
-    sqlx::query(
-        "INSERT INTO projection_offsets (shard_id, applied_seq)
-         SELECT unnest($1::int[]), 0 ON CONFLICT DO NOTHING",
-    )
-    .bind(&shard_ids)
-    .execute(&mut **tx)
-    .await?;
-    let applied = sqlx::query(
-        "SELECT shard_id, applied_seq FROM projection_offsets WHERE shard_id = ANY($1) FOR UPDATE",
-    )
-    .bind(&shard_ids)
-    .fetch_all(&mut **tx)
-    .await?;
-    for row in applied {
-        let shard_id = row.get::<i32, _>(0) as u32;
-        let applied = row.get::<i64, _>(1) as u64;
-        let first = firsts[&shard_id].0;
-        if first != applied + 1 {
-            return Err(StoreError::Moved {
-                shard_id,
-                applied,
-                first,
-            });
+/// Per shard, the first and the last seq of a run of events, and the last one's time.
+#[derive(Default)]
+struct Offsets(BTreeMap<u32, (u64, u64, i64)>);
+
+impl Offsets {
+    /// Takes in the events that follow (each shard's in seq order).
+    fn add(&mut self, events: &[pb::Event]) {
+        for event in events {
+            let entry =
+                self.0
+                    .entry(event.shard_id)
+                    .or_insert((event.seq, event.seq, event.timestamp_ms));
+            entry.1 = event.seq;
+            entry.2 = event.timestamp_ms;
         }
     }
-    for (shard_id, (_, last, time_ms)) in &firsts {
+
+    /// Checks that every shard's run starts right after its applied seq and moves the applied
+    /// seqs to the runs' last events; returns the shard ids.
+    async fn advance(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<Vec<i32>, StoreError> {
+        let shard_ids: Vec<i32> = self.0.keys().map(|id| *id as i32).collect();
         sqlx::query(
-            "UPDATE projection_offsets SET applied_seq = $2,
-                 event_time = timestamptz 'epoch' + $3 * interval '1 millisecond',
-                 applied_at = now()
-             WHERE shard_id = $1",
+            "INSERT INTO projection_offsets (shard_id, applied_seq)
+             SELECT unnest($1::int[]), 0 ON CONFLICT DO NOTHING",
         )
-        .bind(*shard_id as i32)
-        .bind(*last as i64)
-        .bind(*time_ms)
+        .bind(&shard_ids)
         .execute(&mut **tx)
         .await?;
+        let applied = sqlx::query(
+            "SELECT shard_id, applied_seq FROM projection_offsets WHERE shard_id = ANY($1) FOR UPDATE",
+        )
+        .bind(&shard_ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in applied {
+            let shard_id = row.get::<i32, _>(0) as u32;
+            let applied = row.get::<i64, _>(1) as u64;
+            let first = self.0[&shard_id].0;
+            if first != applied + 1 {
+                return Err(StoreError::Moved {
+                    shard_id,
+                    applied,
+                    first,
+                });
+            }
+        }
+        for (shard_id, (_, last, time_ms)) in &self.0 {
+            sqlx::query(
+                "UPDATE projection_offsets SET applied_seq = $2,
+                     event_time = timestamptz 'epoch' + $3 * interval '1 millisecond',
+                     applied_at = now()
+                 WHERE shard_id = $1",
+            )
+            .bind(*shard_id as i32)
+            .bind(*last as i64)
+            .bind(*time_ms)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(shard_ids)
     }
-    Ok(shard_ids)
 }
 
 fn malformed(event: &pb::Event, reason: &'static str) -> StoreError {
@@ -639,13 +650,15 @@ impl AppendRows {
     }
 }
 
-/// A bulk load into a fresh database (a rebuild, which either finishes or is started over). A
-/// batch's SQL transaction holds only the applied seqs ([`BulkLoad::write`]); its rows go to one
+/// A bulk load into a fresh database (a rebuild, which either finishes or is started over). The
+/// batches have no SQL transactions of their own ([`BulkLoad::write`]): their rows go to one
 /// `COPY` per table, each on its own connection, in one transaction running for the whole load:
 /// the append-only tables, and the transactions and their legs once final. Nothing is read
 /// back: the transactions that hold legs stay in memory from batch to batch
-/// (`store::transactions`), and the accounts' newest states are written once, at the end.
+/// (`store::transactions`). The accounts' newest states and the applied seqs are written once,
+/// at the end.
 pub struct BulkLoad {
+    offsets: Offsets,
     transactions: Transactions,
     accounts: AccountStates,
     events: CopyStream,
@@ -677,6 +690,7 @@ impl BulkLoad {
             .execute(pool)
             .await?;
         Ok(BulkLoad {
+            offsets: Offsets::default(),
             transactions: Transactions::kept(pool).await?,
             accounts: AccountStates::default(),
             events: CopyStream::open(pool, EVENT_COLUMNS),
@@ -688,20 +702,11 @@ impl BulkLoad {
         })
     }
 
-    /// [`write`] for a bulk load: commits only the applied seqs, and passes the rows on
-    /// (waits while earlier batches are queued). Returns the batch's events.
-    pub async fn write(
-        &mut self,
-        pool: &PgPool,
-        prepared: Prepared,
-    ) -> Result<Vec<pb::Event>, StoreError> {
+    /// [`write`] for a bulk load: passes the rows on (waits while earlier batches are queued);
+    /// the applied seqs move at the end ([`BulkLoad::finish`]). Returns the batch's events.
+    pub async fn write(&mut self, prepared: Prepared) -> Result<Vec<pb::Event>, StoreError> {
         let Prepared { events, mut rows } = prepared;
-        if events.is_empty() {
-            return Ok(events);
-        }
-        let mut tx = begin(pool).await?;
-        advance(&mut tx, &events).await?;
-        tx.commit().await?;
+        self.offsets.add(&events);
         for event in &events {
             self.transactions
                 .apply(&mut rows.append.activities, event)?;
@@ -712,7 +717,7 @@ impl BulkLoad {
     }
 
     /// Writes what is left, ends the `COPY`s and commits them, then merges the parts of
-    /// transaction rows and writes the accounts' states.
+    /// transaction rows and moves the applied seqs, and writes the accounts' states.
     pub async fn finish(mut self, pool: &PgPool) -> Result<(), StoreError> {
         self.send(AppendRows::default(), true).await?;
         for stream in [
@@ -730,6 +735,7 @@ impl BulkLoad {
             sqlx::query(transactions::MERGE_PARTS)
                 .execute(&mut *tx)
                 .await?;
+            self.offsets.advance(&mut tx).await?;
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP TABLE {}",
                 transactions::PARTS_TABLE

@@ -1332,7 +1332,7 @@ async fn project_in_batches(pool: &PgPool, events: &[ledger::Event], size: usize
             prepared.push(event.clone()).unwrap();
         }
         let written = match &mut load {
-            Some(load) => load.write(pool, prepared).await.unwrap(),
+            Some(load) => load.write(prepared).await.unwrap(),
             None => query::store::write(pool, prepared).await.unwrap(),
         };
         assert_eq!(written.len(), batch.len());
