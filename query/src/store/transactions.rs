@@ -117,12 +117,13 @@ pub(super) const TXN_COLUMNS: &str =
 pub(super) const PARTS_TABLE: &str = "transaction_parts";
 pub(super) const CREATE_PARTS: &str = "
     CREATE UNLOGGED TABLE transaction_parts (
-        txn_id text NOT NULL, part bigint NOT NULL, whole boolean NOT NULL,
-        finished boolean NOT NULL, tenant_id text NOT NULL, kind text NOT NULL,
-        status text NOT NULL, metadata jsonb NOT NULL, created_ms bigint NOT NULL,
-        updated_ms bigint NOT NULL)";
-pub(super) const PART_COLUMNS: &str = "transaction_parts (txn_id, part, whole, finished, \
-     tenant_id, kind, status, metadata, created_ms, updated_ms)";
+        txn_id text NOT NULL, tenant_id text NOT NULL, kind text NOT NULL,
+        status text NOT NULL, metadata jsonb NOT NULL, created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL, part bigint NOT NULL, whole boolean NOT NULL,
+        finished boolean NOT NULL)";
+/// The columns of [`TXN_COLUMNS`], then the part's number and flags.
+pub(super) const PART_COLUMNS: &str = "transaction_parts (txn_id, tenant_id, kind, status, \
+     metadata, created_at, updated_at, part, whole, finished)";
 
 /// Merges the parts of each transaction's row, and then the stored row, as [`WRITE`] merges a
 /// batch's into a stored row, part after part: the least tenant and creation time and the
@@ -139,10 +140,8 @@ pub(super) const MERGE_PARTS: &str = r#"
                         (array_agg(status ORDER BY part) FILTER (WHERE whole))[1]) AS status,
                bool_or(finished) AS finished,
                (array_agg(metadata ORDER BY part) FILTER (WHERE whole))[1] AS metadata,
-               timestamptz 'epoch'
-                   + min(created_ms) FILTER (WHERE whole) * interval '1 millisecond'
-                   AS created_at,
-               timestamptz 'epoch' + max(updated_ms) * interval '1 millisecond' AS updated_at
+               min(created_at) FILTER (WHERE whole) AS created_at,
+               max(updated_at) AS updated_at
         FROM transaction_parts
         GROUP BY txn_id) p
     ON t.txn_id = p.txn_id
@@ -583,31 +582,26 @@ impl Transactions {
                 return false;
             };
             let first = bulk.forgotten.insert(hash(txn_id));
-            if bulk.direct && first && txn.whole {
-                rows.txns
-                    .text(txn_id)
-                    .text(&txn.tenant)
-                    .text(&txn.kind)
-                    .text(&txn.status)
-                    .jsonb(&metadata_json(&txn.metadata))
-                    .timestamp(txn.created_ms)
-                    .timestamp(txn.updated_ms)
-                    .end_row();
+            let direct = bulk.direct && first && txn.whole;
+            let row = if direct {
+                &mut rows.txns
             } else {
+                &mut rows.parts
+            };
+            row.text(txn_id)
+                .text(&txn.tenant)
+                .text(&txn.kind)
+                .text(&txn.status)
+                .jsonb(&metadata_json(&txn.metadata))
+                .timestamp(txn.created_ms)
+                .timestamp(txn.updated_ms);
+            if !direct {
                 bulk.parts += 1;
-                rows.parts
-                    .text(txn_id)
-                    .int8(bulk.parts)
+                row.int8(bulk.parts)
                     .boolean(txn.whole)
-                    .boolean(txn.finished)
-                    .text(&txn.tenant)
-                    .text(&txn.kind)
-                    .text(&txn.status)
-                    .jsonb(&metadata_json(&txn.metadata))
-                    .int8(txn.created_ms)
-                    .int8(txn.updated_ms)
-                    .end_row();
+                    .boolean(txn.finished);
             }
+            row.end_row();
             false
         });
     }
