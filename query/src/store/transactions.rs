@@ -49,6 +49,19 @@ struct Leg {
     changed: bool,
 }
 
+impl Leg {
+    /// Adds the leg of `txn_id` as a row of [`LEG_COLUMNS`].
+    fn copy(&self, rows: &mut CopyRows, txn_id: &str) {
+        rows.text(txn_id)
+            .int4(self.shard_id as i32)
+            .text(&self.account_id)
+            .numeric(self.amount)
+            .text(&self.currency)
+            .text(&self.state)
+            .end_row();
+    }
+}
+
 /// The transactions the events of a batch reach, by id (`None`: no row yet), and their legs on
 /// the batch's shards. A shard's legs change only with that shard's events, which one writer
 /// projects at a time; a transaction's row is shared by its shards' writers, so what the batch
@@ -510,14 +523,7 @@ impl Transactions {
         for (txn_id, legs) in self.legs {
             for leg in legs.into_iter().filter(|leg| leg.changed) {
                 if !leg.stored {
-                    added
-                        .text(&txn_id)
-                        .int4(leg.shard_id as i32)
-                        .text(&leg.account_id)
-                        .numeric(leg.amount)
-                        .text(&leg.currency)
-                        .text(&leg.state)
-                        .end_row();
+                    leg.copy(&mut added, &txn_id);
                     continue;
                 }
                 changed.txn_ids.push(txn_id.clone());
@@ -561,14 +567,7 @@ impl Transactions {
                 if leg.state == "held" && !end {
                     return true;
                 }
-                rows.legs
-                    .text(txn_id)
-                    .int4(leg.shard_id as i32)
-                    .text(&leg.account_id)
-                    .numeric(leg.amount)
-                    .text(&leg.currency)
-                    .text(&leg.state)
-                    .end_row();
+                leg.copy(&mut rows.legs, txn_id);
                 false
             });
             !held.is_empty()
