@@ -87,6 +87,8 @@ struct Bulk {
     forgotten: HashSet<u64>,
     /// Parts written so far.
     parts: i64,
+    /// The transactions events reached since the last [`Transactions::drain`].
+    reached: BTreeSet<String>,
 }
 
 const LOAD: &str = "
@@ -384,6 +386,13 @@ impl Transactions {
         }
     }
 
+    /// Notes, in a bulk load, that an event reached the transaction ([`Transactions::drain`]).
+    fn reach(&mut self, txn_id: &str) {
+        if let Some(bulk) = &mut self.bulk {
+            bulk.reached.insert(txn_id.to_string());
+        }
+    }
+
     /// Creates the transaction's row, or merges into it (the least tenant and creation time,
     /// the greatest update time; status and metadata stay), and adds its `legs` on the event's
     /// shard in the leg state given.
@@ -395,6 +404,7 @@ impl Transactions {
         status: &str,
         (legs, leg_state): (&[pb::Leg], &str),
     ) -> Result<(), StoreError> {
+        self.reach(txn_id);
         let tenant = metadata
             .get(activity::FROM_KEY)
             .or_else(|| metadata.get(activity::TO_KEY))
@@ -465,6 +475,7 @@ impl Transactions {
         leg_state: &str,
         status: &str,
     ) -> (BTreeMap<String, String>, Vec<Movement>) {
+        self.reach(txn_id);
         let mut finished: Vec<Movement> = Vec::new();
         for leg in self.legs.get_mut(txn_id).into_iter().flatten() {
             if leg.shard_id == event.shard_id && leg.state == "held" {
@@ -557,52 +568,63 @@ impl Transactions {
         Ok(())
     }
 
-    /// In a bulk load, after each batch: writes the legs that are final (posted or voided; at the
-    /// `end`, every leg) and forgets the transactions that hold no leg any longer (at the `end`,
-    /// every one), writing the rows of those that changed.
+    /// In a bulk load, after each batch: writes the legs of the transactions it reached that are
+    /// final (posted or voided), and forgets those transactions that hold no leg any longer,
+    /// writing the rows of those that changed. At the `end`, writes and forgets every one.
     pub(super) fn drain(&mut self, rows: &mut Drained, end: bool) {
         let bulk = self.bulk.as_mut().expect("only a bulk load drains");
-        self.legs.retain(|txn_id, held| {
-            held.retain(|leg| {
+        let reached = std::mem::take(&mut bulk.reached);
+        let ids: BTreeSet<String> = match end {
+            true => self.txns.keys().chain(self.legs.keys()).cloned().collect(),
+            false => reached,
+        };
+        for txn_id in ids {
+            self.drain_one(&txn_id, rows, end);
+        }
+    }
+
+    fn drain_one(&mut self, txn_id: &str, rows: &mut Drained, end: bool) {
+        if let Some(legs) = self.legs.get_mut(txn_id) {
+            legs.retain(|leg| {
                 if leg.state == "held" && !end {
                     return true;
                 }
                 leg.copy(&mut rows.legs, txn_id);
                 false
             });
-            !held.is_empty()
-        });
-        let holding = &self.legs;
-        self.txns.retain(|txn_id, txn| {
-            if holding.contains_key(txn_id) {
-                return true;
+            if !legs.is_empty() {
+                return;
             }
-            let Some(txn) = txn.as_ref().filter(|txn| txn.changed) else {
-                return false;
-            };
-            let first = bulk.forgotten.insert(hash(txn_id));
-            let direct = bulk.direct && first && txn.whole;
-            let row = if direct {
-                &mut rows.txns
-            } else {
-                &mut rows.parts
-            };
-            row.text(txn_id)
-                .text(&txn.tenant)
-                .text(&txn.kind)
-                .text(&txn.status)
-                .jsonb(&metadata_json(&txn.metadata))
-                .timestamp(txn.created_ms)
-                .timestamp(txn.updated_ms);
-            if !direct {
-                bulk.parts += 1;
-                row.int8(bulk.parts)
-                    .boolean(txn.whole)
-                    .boolean(txn.finished);
-            }
-            row.end_row();
-            false
-        });
+            self.legs.remove(txn_id);
+        }
+        let Some(Some(txn)) = self.txns.remove(txn_id) else {
+            return;
+        };
+        if !txn.changed {
+            return;
+        }
+        let bulk = self.bulk.as_mut().expect("only a bulk load drains");
+        let first = bulk.forgotten.insert(hash(txn_id));
+        let direct = bulk.direct && first && txn.whole;
+        let row = if direct {
+            &mut rows.txns
+        } else {
+            &mut rows.parts
+        };
+        row.text(txn_id)
+            .text(&txn.tenant)
+            .text(&txn.kind)
+            .text(&txn.status)
+            .jsonb(&metadata_json(&txn.metadata))
+            .timestamp(txn.created_ms)
+            .timestamp(txn.updated_ms);
+        if !direct {
+            bulk.parts += 1;
+            row.int8(bulk.parts)
+                .boolean(txn.whole)
+                .boolean(txn.finished);
+        }
+        row.end_row();
     }
 }
 
@@ -956,6 +978,58 @@ mod tests {
             [(1, "m/alice", "posted", false, true)]
         );
         assert_eq!(batch.legs["h"][0].amount, -9);
+    }
+
+    #[test]
+    fn a_bulk_load_forgets_what_holds_no_leg_and_merges_what_comes_back() {
+        let mut kept = Transactions {
+            bulk: Some(Bulk {
+                direct: true,
+                ..Bulk::default()
+            }),
+            ..Transactions::default()
+        };
+        let mut activities = ActivityRows::default();
+        let ids = |kept: &Transactions| kept.txns.keys().cloned().collect::<Vec<_>>();
+        let payment = [(KIND_KEY, "payment")];
+        let reserved = reserve("t", vec![leg("m/a", -4), leg("m/b", 4)], &payment);
+        let held = reserve("h", vec![leg("m/a", -1)], &[]);
+        for (seq, kind) in [(1, reserved), (2, held)] {
+            kept.apply(&mut activities, &event(1, seq, kind)).unwrap();
+        }
+        let mut rows = Drained::default();
+        kept.drain(&mut rows, false);
+        assert!(rows.legs.is_empty() && rows.txns.is_empty() && rows.parts.is_empty());
+        assert_eq!(ids(&kept), ["h", "t"]);
+
+        // Posted: its legs and its row are written, straight to the table, and it is forgotten.
+        kept.apply(&mut activities, &event(1, 3, post("t")))
+            .unwrap();
+        let mut rows = Drained::default();
+        kept.drain(&mut rows, false);
+        assert!(!rows.legs.is_empty() && !rows.txns.is_empty() && rows.parts.is_empty());
+        assert_eq!(ids(&kept), ["h"]);
+
+        // Reached again (reserved on another shard): kept while it holds a leg, then written as
+        // a part to merge with the first row, like a finish of a transaction it does not know.
+        let again = reserve("t", vec![leg("m/c", 2)], &payment);
+        kept.apply(&mut activities, &event(2, 1, again)).unwrap();
+        let voided = Kind::Void(pb::Void {
+            txn_id: "u".into(),
+            owner: None,
+        });
+        kept.apply(&mut activities, &event(2, 2, voided)).unwrap();
+        let mut rows = Drained::default();
+        kept.drain(&mut rows, false);
+        assert!(rows.legs.is_empty() && rows.txns.is_empty() && !rows.parts.is_empty());
+        assert_eq!(ids(&kept), ["h", "t"]);
+
+        // At the end everything is written, held legs as held, and nothing is kept.
+        let mut rows = Drained::default();
+        kept.drain(&mut rows, true);
+        assert!(!rows.legs.is_empty() && !rows.txns.is_empty() && !rows.parts.is_empty());
+        assert!(kept.txns.is_empty() && kept.legs.is_empty());
+        assert_eq!(kept.bulk.as_ref().map(|bulk| bulk.parts), Some(2));
     }
 
     #[test]
