@@ -241,7 +241,7 @@ async fn rebuild(
     database_url: &str,
     from_snapshot: Option<&str>,
 ) -> anyhow::Result<()> {
-    let pool = query::store::connect_for_rebuild(database_url)
+    let pool = query::store::connect(database_url)
         .await
         .context("connecting to the projection database")?;
     let mut start: BTreeMap<u32, u64> = query::store::applied_seqs(&pool).await?;

@@ -50,22 +50,11 @@ pub const SCHEMA: &str = "query";
 
 /// Connects (every connection with `search_path` = [`SCHEMA`]) and brings the tables up to date.
 pub async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
-    connect_with(database_url, &[("search_path", SCHEMA)]).await
-}
-
-/// [`connect`] for a rebuild into a fresh database, which either finishes or is started over:
-/// none of its commits waits for the flush to disk (the migrations' included).
-pub async fn connect_for_rebuild(database_url: &str) -> Result<PgPool, StoreError> {
-    let settings = [("search_path", SCHEMA), ("synchronous_commit", "off")];
-    connect_with(database_url, &settings).await
-}
-
-async fn connect_with(database_url: &str, settings: &[(&str, &str)]) -> Result<PgPool, StoreError> {
     let options: sqlx::postgres::PgConnectOptions = database_url.parse()?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect_with(options.options(settings.iter().copied()))
+        .connect_with(options.options([("search_path", SCHEMA)]))
         .await?;
     sqlx::query("CREATE SCHEMA IF NOT EXISTS query")
         .execute(&pool)
