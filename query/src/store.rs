@@ -247,7 +247,7 @@ struct Newest {
 }
 
 /// A batch's rows of the tables the projector only appends to: no later batch depends on them,
-/// so a bulk load writes them apart from the batch's own transaction ([`BulkLoad`]).
+/// so each is written with one `COPY` (a bulk load streams them: [`BulkLoad`]).
 #[derive(Default)]
 struct AppendRows {
     /// `ledger_events`, in the order of [`EVENT_COLUMNS`].
@@ -680,15 +680,6 @@ struct CopyStream {
 
 impl BulkLoad {
     pub async fn open(pool: &PgPool) -> Result<BulkLoad, StoreError> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP TABLE IF EXISTS {}",
-            transactions::PARTS_TABLE
-        )))
-        .execute(pool)
-        .await?;
-        sqlx::query(transactions::CREATE_PARTS)
-            .execute(pool)
-            .await?;
         Ok(BulkLoad {
             offsets: Offsets::default(),
             transactions: Transactions::kept(pool).await?,
@@ -732,16 +723,8 @@ impl BulkLoad {
         }
         let merging = async {
             let mut tx = begin(pool).await?;
-            sqlx::query(transactions::MERGE_PARTS)
-                .execute(&mut *tx)
-                .await?;
+            transactions::merge_parts(&mut tx).await?;
             self.offsets.advance(&mut tx).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP TABLE {}",
-                transactions::PARTS_TABLE
-            )))
-            .execute(&mut *tx)
-            .await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
         };

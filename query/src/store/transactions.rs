@@ -128,9 +128,9 @@ pub(super) const TXN_COLUMNS: &str =
 
 /// The rows of transactions a bulk load wrote that may merge with a row written earlier (on top
 /// of a snapshot, or started again after it forgot them: [`Transactions::drain`]), in a table of
-/// their own until [`MERGE_PARTS`] merges them.
-pub(super) const PARTS_TABLE: &str = "transaction_parts";
-pub(super) const CREATE_PARTS: &str = "
+/// their own until [`merge_parts`] merges them.
+const DROP_PARTS: &str = "DROP TABLE IF EXISTS transaction_parts";
+const CREATE_PARTS: &str = "
     CREATE UNLOGGED TABLE transaction_parts (
         txn_id text NOT NULL, tenant_id text NOT NULL, kind text NOT NULL,
         status text NOT NULL, metadata jsonb NOT NULL, created_at timestamptz NOT NULL,
@@ -145,7 +145,7 @@ pub(super) const PART_COLUMNS: &str = "transaction_parts (txn_id, tenant_id, kin
 /// greatest update time; the status of the last part that posted or voided it, else of the
 /// first; the kind and metadata of the first. Only finishes of a row no part or stored row
 /// creates are dropped, as they are when projecting batch by batch.
-pub(super) const MERGE_PARTS: &str = r#"
+const MERGE_PARTS: &str = r#"
     MERGE INTO transactions t
     USING (
         SELECT txn_id,
@@ -266,8 +266,10 @@ impl Transactions {
 
     /// The transactions of a bulk load, kept from batch to batch (see [`Transactions::drain`]),
     /// starting with those that hold legs in the database (on top of a snapshot), whose held
-    /// legs are taken out of it to be written again.
+    /// legs are taken out of it to be written again; creates the table of parts afresh.
     pub(super) async fn kept(pool: &PgPool) -> Result<Transactions, StoreError> {
+        sqlx::query(DROP_PARTS).execute(pool).await?;
+        sqlx::query(CREATE_PARTS).execute(pool).await?;
         let direct: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT FROM transactions)")
             .fetch_one(pool)
             .await?;
@@ -626,6 +628,14 @@ impl Transactions {
         }
         row.end_row();
     }
+}
+
+/// Merges the parts a bulk load wrote into `transactions` ([`MERGE_PARTS`]) and drops their
+/// table.
+pub(super) async fn merge_parts(tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
+    sqlx::query(MERGE_PARTS).execute(&mut **tx).await?;
+    sqlx::query(DROP_PARTS).execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// What [`Transactions::drain`] writes: rows of `transaction_legs` ([`LEG_COLUMNS`]),
