@@ -29,10 +29,11 @@ use std::marker::PhantomData;
 #[doc(hidden)]
 pub use mimalloc;
 
-/// Makes mimalloc the process's allocator; every service binary's `main.rs` invokes it once.
-/// Services make many short-lived allocations per request (commands, messages, log entries) on
-/// few cores, and mimalloc spends far less time in them than the system allocator. It is not
-/// set by the libraries, so tests and tools keep the system allocator.
+/// Makes mimalloc the process's allocator; every service binary's `main.rs` invokes it once, and
+/// so does every benchmark's load generator, which shares the cores with the services it
+/// measures. They make many short-lived allocations per request (commands, messages, log
+/// entries) on few cores, and mimalloc spends far less time in them than the system allocator.
+/// It is not set by the libraries, so tests and tools keep the system allocator.
 ///
 /// It is built without transparent huge pages (the `no_thp` feature): otherwise it asks the
 /// kernel for them on its arenas, and every first touch of a page it has fetched or purged

@@ -15,6 +15,8 @@ use integration_tests::platform::{Platform, leg};
 use proto::marker::v1 as pb;
 use serde::Serialize;
 
+consensus::service_allocator!();
+
 #[derive(Parser, Debug)]
 #[command(about = "Cross-shard transfer benchmark through one coordinator shard")]
 struct Args {

@@ -17,6 +17,8 @@ use integration_tests::platform::Platform;
 use serde::Serialize;
 use serde_json::json;
 
+consensus::service_allocator!();
+
 #[derive(Parser, Debug)]
 #[command(about = "REST payments through the gateway against a plain Postgres ledger")]
 struct Args {

@@ -20,6 +20,8 @@ use proto::auticuro::v1 as pb;
 use serde::Serialize;
 use sqlx::Connection as _;
 
+consensus::service_allocator!();
+
 #[derive(Parser, Debug)]
 #[command(
     about = "Commit-to-visible lag of the projection at a steady event rate, and rebuild speed"

@@ -18,6 +18,8 @@ use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
 use serde::Serialize;
 
+consensus::service_allocator!();
+
 #[derive(Parser, Debug)]
 #[command(about = "Single-shard transfer benchmark against a local 3-replica storage shard")]
 struct Args {
