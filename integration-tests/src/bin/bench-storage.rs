@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use auticuro::client::ShardClient;
 use clap::Parser;
 use futures::StreamExt;
 use integration_tests::bench::{self, PhaseReport, Rng};
@@ -40,6 +41,11 @@ struct Args {
     /// gRPC connections shared by the clients.
     #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// Send the transfers through one shared `auticuro::client::ShardClient`, the client that
+    /// coordinators and gateways use: it packs the commands that queue while its calls are in
+    /// flight into one `ExecuteMany`.
+    #[arg(long)]
+    shard_client: bool,
     /// Where to write the JSON report (it is printed as well).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -57,6 +63,8 @@ struct Report {
     benchmark: &'static str,
     replicas: u32,
     transfers_per_call: usize,
+    /// Whether the transfers went through one shared `ShardClient`.
+    shard_client: bool,
     accounts: usize,
     phases: Vec<PhaseReport>,
     failover_ms: f64,
@@ -103,11 +111,67 @@ async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long the shard client may retry one transfer whose outcome it has not learned.
+const SHARD_CLIENT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How a benchmark client reaches the shard.
+#[derive(Clone)]
+enum Client {
+    /// Its own calls on a shared connection.
+    Calls(LedgerClient<tonic::transport::Channel>),
+    /// The platform's shard client, shared by every benchmark client.
+    Shared(Arc<ShardClient>),
+}
+
+impl Client {
+    /// Sends the commands (with its own calls: one `Execute`, or one `ExecuteMany` for several)
+    /// and returns how many were not accepted.
+    async fn send(&mut self, mut commands: Vec<pb::Command>) -> anyhow::Result<u64> {
+        let accepted = |result: &pb::CommandResult| result.outcome == pb::Outcome::Ok as i32;
+        let replies = match self {
+            Client::Shared(shard) => {
+                let deadline = Instant::now() + SHARD_CLIENT_DEADLINE;
+                let results = futures::future::join_all(
+                    commands
+                        .into_iter()
+                        .map(|command| shard.execute(command, deadline)),
+                )
+                .await;
+                let mut refused = 0;
+                for result in results {
+                    refused += u64::from(!accepted(&result?));
+                }
+                return Ok(refused);
+            }
+            Client::Calls(client) if commands.len() == 1 => {
+                let command = commands.pop();
+                vec![
+                    client
+                        .execute(pb::ExecuteRequest { command })
+                        .await?
+                        .into_inner(),
+                ]
+            }
+            Client::Calls(client) => {
+                client
+                    .execute_many(pb::ExecuteManyRequest { commands })
+                    .await?
+                    .into_inner()
+                    .responses
+            }
+        };
+        let refused = replies.iter().filter(|reply| {
+            !matches!(&reply.reply, Some(pb::execute_response::Reply::Result(result)) if accepted(result))
+        });
+        Ok(refused.count() as u64)
+    }
+}
+
 /// Runs closed-loop clients (or, with `rate`, an open loop at that many transfers per second
 /// overall, latency measured from each transfer's scheduled start) for `args.seconds`.
 async fn run_phase(
     name: &str,
-    clients: Vec<LedgerClient<tonic::transport::Channel>>,
+    clients: Vec<Client>,
     args: &Args,
     traffic: Traffic,
     rate: Option<f64>,
@@ -127,7 +191,10 @@ async fn run_phase(
             let mut histogram = bench::histogram();
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1));
             // Open-loop clients start spread over one period, so the load is smooth, not bursts.
-            let mut scheduled = Instant::now() + period.map(|period| period.mul_f64(index as f64 / clients_total as f64)).unwrap_or_default();
+            let mut scheduled = Instant::now()
+                + period
+                    .map(|period| period.mul_f64(index as f64 / clients_total as f64))
+                    .unwrap_or_default();
             while Instant::now() < deadline {
                 let commands: Vec<pb::Command> = (0..batch)
                     .map(|_| {
@@ -136,7 +203,8 @@ async fn run_phase(
                         if to == from {
                             to = (from + 1) % accounts;
                         }
-                        let request_id = format!("b-{}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
+                        let request_id =
+                            format!("b-{}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed));
                         command(request_id, transfer(&account(from), &account(to), 1))
                     })
                     .collect();
@@ -144,16 +212,7 @@ async fn run_phase(
                     Some(_) => tokio::time::sleep_until(scheduled.into()).await,
                     None => scheduled = Instant::now(),
                 }
-                let replies = if batch == 1 {
-                    let command = commands.into_iter().next();
-                    vec![client.execute(pb::ExecuteRequest { command }).await?.into_inner()]
-                } else {
-                    client.execute_many(pb::ExecuteManyRequest { commands }).await?.into_inner().responses
-                };
-                let accepted = |reply: &pb::ExecuteResponse| {
-                    matches!(&reply.reply, Some(pb::execute_response::Reply::Result(result)) if result.outcome == pb::Outcome::Ok as i32)
-                };
-                let refused = replies.iter().filter(|reply| !accepted(reply)).count() as u64;
+                let refused = client.send(commands).await?;
                 rejected.fetch_add(refused, Ordering::Relaxed);
                 bench::record(&mut histogram, scheduled.elapsed(), batch as u64);
                 if let Some(period) = period {
@@ -207,9 +266,18 @@ async fn main() -> anyhow::Result<()> {
     let channels: Vec<_> = (0..args.connections)
         .map(|_| auticuro::client::channel(&leader_address))
         .collect::<Result<_, _>>()?;
+    let addresses = shard
+        .replicas
+        .iter()
+        .map(|replica| replica.address.clone())
+        .collect();
+    let shared = Arc::new(ShardClient::new(1, addresses));
     let clients = || {
         (0..args.clients)
-            .map(|i| LedgerClient::new(channels[i % channels.len()].clone()))
+            .map(|i| match args.shard_client {
+                true => Client::Shared(shared.clone()),
+                false => Client::Calls(LedgerClient::new(channels[i % channels.len()].clone())),
+            })
             .collect()
     };
 
@@ -242,6 +310,7 @@ async fn main() -> anyhow::Result<()> {
         benchmark: "storage-single-shard",
         replicas: 3,
         transfers_per_call: args.batch,
+        shard_client: args.shard_client,
         accounts: args.accounts,
         phases,
         failover_ms,
