@@ -23,6 +23,8 @@ const CALLS_IN_FLIGHT_MAX: usize = 2;
 const CALL_COMMANDS_MAX: usize = 256;
 /// The most encoded command bytes in one call, well under the 4 MiB message limit.
 const CALL_BYTES_MAX: usize = 1 << 20;
+/// How long a call waits for more commands when another call is in flight.
+const GATHER_WINDOW: Duration = Duration::from_micros(300);
 /// The pause before resending commands whose call found no leader.
 const RESEND_PAUSE: Duration = Duration::from_millis(20);
 
@@ -243,16 +245,26 @@ async fn send_calls(group: Arc<LeaderClient>, mut commands: mpsc::UnboundedRecei
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
+        // With the other call in flight, this permit was most likely freed by a call whose
+        // callers are sending their next commands right now: wait a moment for them rather
+        // than leave with the first few.
+        let busy = in_flight.available_permits() + 1 < CALLS_IN_FLIGHT_MAX;
+        let gathered_by = tokio::time::Instant::now() + GATHER_WINDOW;
         let mut bytes = first.command.encoded_len();
         let mut call = vec![first];
         while call.len() < CALL_COMMANDS_MAX && bytes < CALL_BYTES_MAX {
-            match commands.try_recv() {
-                Ok(next) => {
-                    bytes += next.command.encoded_len();
-                    call.push(next);
+            let next = match commands.try_recv() {
+                Ok(next) => next,
+                Err(mpsc::error::TryRecvError::Empty) if busy => {
+                    match tokio::time::timeout_at(gathered_by, commands.recv()).await {
+                        Ok(Some(next)) => next,
+                        Ok(None) | Err(_) => break,
+                    }
                 }
                 Err(_) => break,
-            }
+            };
+            bytes += next.command.encoded_len();
+            call.push(next);
         }
         let group = group.clone();
         tokio::spawn(async move {
