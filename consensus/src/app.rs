@@ -130,7 +130,9 @@ pub trait App: Sized + Send + Sync + 'static {
     type Request: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static;
     type Response: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
 
-    /// The column families the application keeps its state in.
+    /// The column families the application keeps its state in. Apart from the event log's
+    /// (`event_log::EVENTS`), they are meant to be read only by `load` and snapshots: their
+    /// memtables are vectors, cheap to insert into and slow to look up (`store`).
     const COLUMN_FAMILIES: &'static [&'static str];
 
     /// Loads the application state persisted in its column families (empty on a new replica).
