@@ -115,7 +115,6 @@ async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
 const SHARD_CLIENT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How a benchmark client reaches the shard.
-#[derive(Clone)]
 enum Client {
     /// Its own calls on a shared connection.
     Calls(LedgerClient<tonic::transport::Channel>),
@@ -123,12 +122,15 @@ enum Client {
     Shared(Arc<ShardClient>),
 }
 
+fn accepted(result: &pb::CommandResult) -> bool {
+    result.outcome == pb::Outcome::Ok as i32
+}
+
 impl Client {
-    /// Sends the commands (with its own calls: one `Execute`, or one `ExecuteMany` for several)
-    /// and returns how many were not accepted.
-    async fn send(&mut self, mut commands: Vec<pb::Command>) -> anyhow::Result<u64> {
-        let accepted = |result: &pb::CommandResult| result.outcome == pb::Outcome::Ok as i32;
-        let replies = match self {
+    /// Sends the commands and returns how many were not accepted.
+    async fn send(&mut self, commands: Vec<pb::Command>) -> anyhow::Result<u64> {
+        match self {
+            Client::Calls(client) => send_calls(client, commands).await,
             Client::Shared(shard) => {
                 let deadline = Instant::now() + SHARD_CLIENT_DEADLINE;
                 let results = futures::future::join_all(
@@ -141,30 +143,37 @@ impl Client {
                 for result in results {
                     refused += u64::from(!accepted(&result?));
                 }
-                return Ok(refused);
+                Ok(refused)
             }
-            Client::Calls(client) if commands.len() == 1 => {
-                let command = commands.pop();
-                vec![
-                    client
-                        .execute(pb::ExecuteRequest { command })
-                        .await?
-                        .into_inner(),
-                ]
-            }
-            Client::Calls(client) => {
-                client
-                    .execute_many(pb::ExecuteManyRequest { commands })
-                    .await?
-                    .into_inner()
-                    .responses
-            }
-        };
-        let refused = replies.iter().filter(|reply| {
-            !matches!(&reply.reply, Some(pb::execute_response::Reply::Result(result)) if accepted(result))
-        });
-        Ok(refused.count() as u64)
+        }
     }
+}
+
+/// Sends the commands in one call of the client's own (`Execute` for one, `ExecuteMany` for
+/// several) and returns how many were not accepted.
+async fn send_calls(
+    client: &mut LedgerClient<tonic::transport::Channel>,
+    mut commands: Vec<pb::Command>,
+) -> anyhow::Result<u64> {
+    let replies = if commands.len() == 1 {
+        let command = commands.pop();
+        vec![
+            client
+                .execute(pb::ExecuteRequest { command })
+                .await?
+                .into_inner(),
+        ]
+    } else {
+        client
+            .execute_many(pb::ExecuteManyRequest { commands })
+            .await?
+            .into_inner()
+            .responses
+    };
+    let refused = replies.iter().filter(|reply| {
+        !matches!(&reply.reply, Some(pb::execute_response::Reply::Result(result)) if accepted(result))
+    });
+    Ok(refused.count() as u64)
 }
 
 /// Runs closed-loop clients (or, with `rate`, an open loop at that many transfers per second
