@@ -17,7 +17,10 @@ use openraft::{
     Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
     Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use rocksdb::{ColumnFamilyDescriptor, DB, MemtableFactory, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, DBCompactionStyle, MemtableFactory, Options, WriteBatch,
+    WriteOptions,
+};
 use serde::Serialize;
 
 use prometheus_client::metrics::histogram::Histogram;
@@ -68,6 +71,10 @@ pub fn open_storage<A: App>(
     options.set_bytes_per_sync(1 << 20);
     // Vector memtables (below) take no concurrent inserts.
     options.set_allow_concurrent_memtable_write(false);
+    // A family written seldom (the fences, the holds) would otherwise keep every WAL file since
+    // its first unflushed write, up to four times all the memtables (over 1 GiB): beyond this,
+    // RocksDB flushes the families holding the oldest WAL file.
+    options.set_max_total_wal_size(256 << 20);
     let families = [LOG, RAFT_META, SM_META]
         .iter()
         .chain(A::COLUMN_FAMILIES)
@@ -81,17 +88,26 @@ pub fn open_storage<A: App>(
     Ok((log, machine))
 }
 
-/// Small memtables: every command inserts a few random keys (request ids, transaction ids) into
-/// a skiplist, and one that stays small and in the CPU caches costs less per insert than one grown
-/// to RocksDB's default 64 MiB (in bench-coordinator the inserts fell from 14% to 8% of all CPU).
-/// The application's state (every family but the event log) is read only when the replica
-/// loads it or builds a snapshot, so its memtables are vectors: an insert appends, and the
-/// memtable is sorted once, when it is flushed or read.
+/// The families read at run time (the log, the metadata, the event log) keep skiplist memtables,
+/// small ones: a skiplist that stays in the CPU caches costs less per insert than one grown to
+/// RocksDB's default 64 MiB (in bench-coordinator the inserts fell from 14% to 8% of all CPU).
+///
+/// The application's state (every other family) is read only when the replica loads it or builds
+/// a snapshot. Its memtables are vectors: an insert appends, and the memtable is sorted once, when
+/// it is flushed or read, so they can be large, and the rows a command overwrites (accounts,
+/// transaction records) mostly meet their newer versions before a flush. Its keys are random
+/// (request ids, transaction ids), so every flushed file overlaps all the data below it; leveled
+/// compaction would rewrite that ever-growing level on each flush (in bench-storage the
+/// idempotency records were written out again 3 to 11 times over). Universal compaction merges
+/// files of similar size instead, so each row is rewritten a few times in all.
 fn family_options(family: &str) -> Options {
     let mut options = Options::default();
-    options.set_write_buffer_size(4 << 20);
-    if ![LOG, RAFT_META, SM_META, event_log::EVENTS].contains(&family) {
+    if [LOG, RAFT_META, SM_META, event_log::EVENTS].contains(&family) {
+        options.set_write_buffer_size(4 << 20);
+    } else {
         options.set_memtable_factory(MemtableFactory::Vector);
+        options.set_write_buffer_size(32 << 20);
+        options.set_compaction_style(DBCompactionStyle::Universal);
     }
     options
 }
