@@ -124,7 +124,11 @@ pub fn raft_config(cluster_name: &str) -> openraft::Config {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 1_000,
         purge_batch_size: 1_000,
-        max_payload_entries: 256,
+        // openraft gives each AppendEntries one heartbeat interval to be answered. A follower
+        // that has fallen behind is sent this many entries at once (each up to
+        // `ProposerLimits::entry_requests_max` requests): too many, and on a loaded machine
+        // every attempt times out and is sent again whole, so it never catches up.
+        max_payload_entries: 32,
         ..Default::default()
     }
 }
