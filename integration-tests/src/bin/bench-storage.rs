@@ -275,17 +275,15 @@ async fn main() -> anyhow::Result<()> {
     let channels: Vec<_> = (0..args.connections)
         .map(|_| auticuro::client::channel(&leader_address))
         .collect::<Result<_, _>>()?;
-    let addresses = shard
-        .replicas
-        .iter()
-        .map(|replica| replica.address.clone())
-        .collect();
-    let shared = Arc::new(ShardClient::new(1, addresses));
+    let shared = args.shard_client.then(|| {
+        let addresses = shard.replicas.iter().map(|r| r.address.clone()).collect();
+        Arc::new(ShardClient::new(1, addresses))
+    });
     let clients = || {
         (0..args.clients)
-            .map(|i| match args.shard_client {
-                true => Client::Shared(shared.clone()),
-                false => Client::Calls(LedgerClient::new(channels[i % channels.len()].clone())),
+            .map(|i| match &shared {
+                Some(shared) => Client::Shared(shared.clone()),
+                None => Client::Calls(LedgerClient::new(channels[i % channels.len()].clone())),
             })
             .collect()
     };
