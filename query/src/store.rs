@@ -1,7 +1,8 @@
 //! The projections in Postgres: writing a batch of events in one SQL transaction together with
 //! the per-shard applied seq, and the reads the query service answers from.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
 
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::command::Kind;
@@ -144,20 +145,44 @@ pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError>
 }
 
 impl DeferredIndexes {
-    /// Builds the indexes again, the tables' at the same time (each on its own connection).
+    /// Builds the indexes again on as many connections as this machine has cores, each one
+    /// table's at a time without parallel workers; a connection that finishes takes the largest
+    /// table left. (Five tables at once, each with parallel workers, crowded two cores: the
+    /// largest index, finishing last, took 0.35 s instead of 0.23 s.)
     pub async fn restore(self, pool: &PgPool) -> Result<(), StoreError> {
-        futures::future::try_join_all(self.restore.into_values().map(|statements| async move {
-            let mut tx = begin(pool).await?;
-            sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+        let tables: Vec<&str> = self.restore.keys().map(String::as_str).collect();
+        let by_size: Vec<String> = sqlx::query_scalar(
+            "SELECT t FROM unnest($1::text[]) t
+             ORDER BY pg_relation_size(format('%I.%I', $2::text, t)::regclass) DESC, t",
+        )
+        .bind(&tables)
+        .bind(SCHEMA)
+        .fetch_all(pool)
+        .await?;
+        let mut restore = self.restore;
+        let queue: Mutex<VecDeque<Vec<String>>> =
+            Mutex::new(by_size.iter().filter_map(|t| restore.remove(t)).collect());
+        let builders = std::thread::available_parallelism().map_or(2, |cores| cores.get());
+        let queue = &queue;
+        futures::future::try_join_all((0..builders).map(|_| async move {
+            loop {
+                let Some(statements) = queue.lock().expect("never poisoned").pop_front() else {
+                    return Ok::<_, StoreError>(());
+                };
+                let mut tx = begin(pool).await?;
+                sqlx::raw_sql(
+                    "SET LOCAL maintenance_work_mem = '256MB';
+                     SET LOCAL max_parallel_maintenance_workers = 0",
+                )
                 .execute(&mut *tx)
                 .await?;
-            for statement in statements {
-                sqlx::query(sqlx::AssertSqlSafe(statement))
-                    .execute(&mut *tx)
-                    .await?;
+                for statement in statements {
+                    sqlx::query(sqlx::AssertSqlSafe(statement))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
             }
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
         }))
         .await?;
         Ok(())
