@@ -19,8 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={file}");
     }
     let descriptor = PathBuf::from(std::env::var("OUT_DIR")?).join("wallet_descriptor.bin");
-    // Maps are BTreeMaps: a message then always encodes to the same bytes (events re-encoded
-    // by a rebuild equal the ones published live).
+    // Maps are BTreeMaps: a message then always encodes to the same bytes (a shard sends an
+    // event in the same bytes to a rebuild as it did to the live projection).
     tonic_prost_build::configure()
         .btree_map(".")
         .file_descriptor_set_path(&descriptor)

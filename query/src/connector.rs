@@ -10,10 +10,10 @@ use std::time::Duration;
 use auticuro::client::channel;
 use futures::{Stream, StreamExt};
 use prost::Message as _;
+use prost::bytes::{Buf as _, Bytes};
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
 use proto::marker::v1 as marker;
-use proto::marker::v1::coordinator_client::CoordinatorClient;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -124,7 +124,7 @@ pub fn last_published_seq(
 }
 
 /// An event as the connector publishes it: its seq and its encoding.
-type Encoded = (u64, Vec<u8>);
+type Encoded = (u64, Bytes);
 
 /// A live subscription to the group's log from `from_seq`, from the first replica that accepts
 /// it (trying each in turn until one does).
@@ -139,18 +139,93 @@ async fn subscribe_encoded(
                 replicas: source.replicas.clone(),
             };
             let stream = subscribe(&shard, from_seq).await;
-            Box::pin(stream_items(stream).map(|event| (event.seq, event.encode_to_vec())))
+            Box::pin(stream_items(stream).map(|event| (event.message.seq, event.encoded)))
         }
         Log::Coordinator => {
-            let stream = from_any_replica(&source.replicas, |channel| async move {
-                CoordinatorClient::new(channel)
-                    .subscribe(marker::SubscribeRequest { from_seq })
-                    .await
+            let stream = from_any_replica(&source.replicas, |channel| {
+                let request = marker::SubscribeRequest { from_seq };
+                stream_received::<_, marker::CoordinatorEvent>(
+                    channel,
+                    COORDINATOR_SUBSCRIBE,
+                    request,
+                )
             })
-            .await
-            .into_inner();
-            Box::pin(stream_items(stream).map(|event| (event.seq, event.encode_to_vec())))
+            .await;
+            Box::pin(stream_items(stream).map(|event| (event.message.seq, event.encoded)))
         }
+    }
+}
+
+/// A message as it arrived, with the bytes it arrived in: published and stored as they are,
+/// not encoded again.
+pub struct Received<T> {
+    pub message: T,
+    pub encoded: Bytes,
+}
+
+// The methods' paths, as the generated clients spell them.
+const LEDGER_SUBSCRIBE: &str = "/wallet.auticuro.v1.Ledger/Subscribe";
+const COORDINATOR_SUBSCRIBE: &str = "/wallet.marker.v1.Coordinator/Subscribe";
+
+/// Calls the server-streaming method at `path`, keeping each answer's bytes ([`Received`]).
+async fn stream_received<Q, A>(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    request: Q,
+) -> Result<tonic::Streaming<Received<A>>, tonic::Status>
+where
+    Q: prost::Message + Send + Sync + 'static,
+    A: prost::Message + Default + Send + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let codec = KeepBytes::<Q, A>(std::marker::PhantomData);
+    Ok(grpc
+        .server_streaming(tonic::Request::new(request), path, codec)
+        .await?
+        .into_inner())
+}
+
+/// Encodes requests with prost; decodes answers into [`Received`].
+struct KeepBytes<Q, A>(std::marker::PhantomData<(Q, A)>);
+
+impl<Q, A> tonic::codec::Codec for KeepBytes<Q, A>
+where
+    Q: prost::Message + Send + 'static,
+    A: prost::Message + Default + Send + 'static,
+{
+    type Encode = Q;
+    type Decode = Received<A>;
+    type Encoder = tonic_prost::ProstEncoder<Q>;
+    type Decoder = KeepBytes<Q, A>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        KeepBytes(std::marker::PhantomData)
+    }
+}
+
+impl<Q, A> tonic::codec::Decoder for KeepBytes<Q, A>
+where
+    A: prost::Message + Default,
+{
+    type Item = Received<A>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Received<A>>, tonic::Status> {
+        let encoded = buf.copy_to_bytes(buf.remaining());
+        let message = A::decode(encoded.clone())
+            .map_err(|error| tonic::Status::internal(error.to_string()))?;
+        Ok(Some(Received { message, encoded }))
     }
 }
 
@@ -211,7 +286,7 @@ pub async fn run(source: LogSource, destination: Destination) -> Result<(), Conn
             let record = FutureRecord::to(&destination.topic)
                 .partition(destination.partition)
                 .key(&key)
-                .payload(&payload);
+                .payload(payload.as_ref());
             producer
                 .send(record, KAFKA_TIMEOUT)
                 .await
@@ -279,12 +354,13 @@ pub fn partition_count(brokers: &str, topic: &str) -> Result<usize, ConnectorErr
 
 /// A live subscription to the shard's events from `from_seq`, from the first replica that
 /// accepts it (trying each in turn until one does).
-pub async fn subscribe(source: &ShardSource, from_seq: u64) -> tonic::Streaming<pb::Event> {
-    from_any_replica(&source.replicas, |channel| async move {
-        LedgerClient::new(channel)
-            .subscribe(pb::SubscribeRequest { from_seq })
-            .await
+pub async fn subscribe(
+    source: &ShardSource,
+    from_seq: u64,
+) -> tonic::Streaming<Received<pb::Event>> {
+    from_any_replica(&source.replicas, |channel| {
+        let request = pb::SubscribeRequest { from_seq };
+        stream_received(channel, LEDGER_SUBSCRIBE, request)
     })
     .await
-    .into_inner()
 }

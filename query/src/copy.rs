@@ -81,15 +81,6 @@ impl CopyRows {
         self
     }
 
-    /// A `bytea` field holding `message` encoded.
-    pub fn message(&mut self, message: &impl prost::Message) -> &mut Self {
-        self.field(length(message.encoded_len()));
-        message
-            .encode(&mut self.data)
-            .expect("a Vec grows as needed");
-        self
-    }
-
     /// A `timestamptz` field, `ms` after the Unix epoch (see [`timestamp_in_range`]).
     pub fn timestamp(&mut self, ms: i64) -> &mut Self {
         self.int8(ms * 1_000 - POSTGRES_EPOCH_US)
@@ -263,19 +254,6 @@ mod tests {
             b"second",
         ]
         .concat();
-        assert_eq!(sent(rows), expected);
-    }
-
-    #[test]
-    fn a_message_is_its_encoding() {
-        use prost::Message as _;
-        let amount = proto::common::v1::Amount {
-            minor_units: "-125".into(),
-        };
-        let mut rows = CopyRows::default();
-        rows.message(&amount).end_row();
-        let encoded = amount.encode_to_vec();
-        let expected = [&[0, 1][..], &length(encoded.len()).to_be_bytes(), &encoded].concat();
         assert_eq!(sent(rows), expected);
     }
 

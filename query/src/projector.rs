@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message as _;
+use prost::bytes::Bytes;
 use proto::auticuro::v1 as pb;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -16,7 +17,7 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::connector::{ShardSource, subscribe};
+use crate::connector::{Received, ShardSource, subscribe};
 use crate::cursor::{Cursor, Offer};
 use crate::metrics::ProjectionMetrics;
 use crate::store::{self, Prepared, StoreError};
@@ -56,7 +57,7 @@ pub enum ProjectorError {
 type Position = Option<(i32, i64)>;
 
 struct Incoming {
-    event: pb::Event,
+    event: Received<pb::Event>,
     position: Position,
 }
 
@@ -258,8 +259,8 @@ impl Intake<'_> {
         if let Some((partition, offset)) = incoming.position {
             self.seen.insert(partition, offset);
         }
-        let shard_id = incoming.event.shard_id;
-        let seq = incoming.event.seq;
+        let shard_id = incoming.event.message.shard_id;
+        let seq = incoming.event.message.seq;
         let applied = self.applied.get(&shard_id).copied().unwrap_or(0);
         let cursor = self
             .cursors
@@ -311,7 +312,7 @@ async fn feed_from_shard(source: ShardSource, mut next: u64, sender: mpsc::Sende
     loop {
         let mut stream = subscribe(&source, next).await;
         while let Ok(Some(event)) = stream.message().await {
-            next = event.seq + 1;
+            next = event.message.seq + 1;
             let incoming = Incoming {
                 event,
                 position: None,
@@ -339,7 +340,8 @@ async fn feed_from_kafka(
                 continue;
             }
         };
-        let Ok(event) = pb::Event::decode(message.payload().unwrap_or_default()) else {
+        let encoded = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+        let Ok(event) = pb::Event::decode(encoded.clone()) else {
             tracing::error!(
                 partition = message.partition(),
                 offset = message.offset(),
@@ -349,7 +351,10 @@ async fn feed_from_kafka(
             continue;
         };
         let incoming = Incoming {
-            event,
+            event: Received {
+                message: event,
+                encoded,
+            },
             position: Some((message.partition(), message.offset())),
         };
         if sender.send(incoming).await.is_err() {

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use auticuro::convert::state_name;
 
 use crate::activity::{self, Activity, ActivityKind};
+use crate::connector::Received;
 use crate::copy::{self, CopyRows};
 
 mod transactions;
@@ -415,9 +416,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn push(&mut self, event: pb::Event) -> Result<(), StoreError> {
-        event_rows(&mut self.rows, self.events.len(), &event)?;
-        self.events.push(event);
+    /// Takes in an event and the bytes it arrived in (`ledger_events.payload`).
+    pub fn push(&mut self, event: Received<pb::Event>) -> Result<(), StoreError> {
+        event_rows(
+            &mut self.rows,
+            self.events.len(),
+            &event.message,
+            &event.encoded,
+        )?;
+        self.events.push(event.message);
         Ok(())
     }
 
@@ -555,7 +562,12 @@ fn units(event: &pb::Event, amount: &Option<Amount>) -> Result<i128, StoreError>
 
 /// Gathers the rows that follow from one event alone.
 /// (`index`: the event's place in the batch.)
-fn event_rows(rows: &mut Rows, index: usize, event: &pb::Event) -> Result<(), StoreError> {
+fn event_rows(
+    rows: &mut Rows,
+    index: usize,
+    event: &pb::Event,
+    encoded: &[u8],
+) -> Result<(), StoreError> {
     let command = event
         .command
         .as_ref()
@@ -571,7 +583,7 @@ fn event_rows(rows: &mut Rows, index: usize, event: &pb::Event) -> Result<(), St
         .optional(txn_id)
         .text(command_name(&command.kind))
         .text_array(event.accounts.iter().map(|a| a.account_id.as_str()))
-        .message(event)
+        .bytes(encoded)
         .end_row();
 
     let batch_accounts = rows.accounts.0.entry(event.shard_id).or_default();

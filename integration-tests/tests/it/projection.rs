@@ -1329,7 +1329,12 @@ async fn project_in_batches(pool: &PgPool, events: &[ledger::Event], size: usize
     for batch in events.chunks(size) {
         let mut prepared = query::store::Prepared::default();
         for event in batch {
-            prepared.push(event.clone()).unwrap();
+            let encoded = event.encode_to_vec().into();
+            let received = query::connector::Received {
+                message: event.clone(),
+                encoded,
+            };
+            prepared.push(received).unwrap();
         }
         let written = match &mut load {
             Some(load) => load.write(prepared).await.unwrap(),
