@@ -76,18 +76,18 @@ impl LedgerMachine {
 
     fn write_state(state: &LedgerState, writes: &mut Writes<'_>) {
         for account in &state.accounts {
-            writes.put(ACCOUNTS, account.id.as_str().as_bytes(), &encode(account));
+            writes.put_encoded(ACCOUNTS, account.id.as_str().as_bytes(), account);
         }
         for (txn_id, record) in &state.transactions {
-            writes.put(TRANSACTIONS, txn_id.as_str().as_bytes(), &encode(record));
+            writes.put_encoded(TRANSACTIONS, txn_id.as_str().as_bytes(), record);
         }
         for (hold_id, record) in &state.holds {
-            writes.put(HOLDS, hold_id.as_str().as_bytes(), &encode(record));
+            writes.put_encoded(HOLDS, hold_id.as_str().as_bytes(), record);
         }
         for (request_id, record) in &state.dedup {
-            writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));
+            writes.put_encoded(DEDUP, request_id.as_str().as_bytes(), record);
         }
-        writes.put(LEDGER_META, FENCES, &encode(&state.fences));
+        writes.put_encoded(LEDGER_META, FENCES, &state.fences);
     }
 }
 
@@ -135,21 +135,21 @@ impl App for LedgerMachine {
         let applied = self.ledger.apply(command, timestamp_ms);
         if let Some(event) = &applied.event {
             for account in &event.accounts {
-                writes.put(ACCOUNTS, account.id.as_str().as_bytes(), &encode(account));
+                writes.put_encoded(ACCOUNTS, account.id.as_str().as_bytes(), account);
             }
             event_log::append(writes, event.seq, event);
             if matches!(event.command.kind, CommandKind::FenceCoordinator { .. }) {
-                writes.put(LEDGER_META, FENCES, &encode(&self.ledger.fences()));
+                writes.put_encoded(LEDGER_META, FENCES, &self.ledger.fences());
             }
         }
         for (txn_id, record) in &applied.changes.transactions {
-            writes.put(TRANSACTIONS, txn_id.as_str().as_bytes(), &encode(record));
+            writes.put_encoded(TRANSACTIONS, txn_id.as_str().as_bytes(), record);
         }
         for (hold_id, record) in &applied.changes.holds {
-            writes.put(HOLDS, hold_id.as_str().as_bytes(), &encode(record));
+            writes.put_encoded(HOLDS, hold_id.as_str().as_bytes(), record);
         }
         if let Some((request_id, record)) = &applied.changes.dedup_inserted {
-            writes.put(DEDUP, request_id.as_str().as_bytes(), &encode(record));
+            writes.put_encoded(DEDUP, request_id.as_str().as_bytes(), record);
         }
         for request_id in &applied.changes.dedup_removed {
             writes.delete(DEDUP, request_id.as_str().as_bytes());

@@ -21,9 +21,34 @@ pub struct Proposal<R> {
 pub struct Writes<'a> {
     pub(crate) db: &'a DB,
     pub(crate) batch: &'a mut WriteBatch,
+    /// Where [`Writes::put_encoded`] encodes each value: the batch copies it, so one buffer
+    /// serves every row instead of a new, growing one per row.
+    pub(crate) scratch: Vec<u8>,
 }
 
-impl Writes<'_> {
+impl<'a> Writes<'a> {
+    pub(crate) fn new(db: &'a DB, batch: &'a mut WriteBatch) -> Writes<'a> {
+        Writes {
+            db,
+            batch,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Puts `value` in the groups' encoding ([`crate::encode`]).
+    pub fn put_encoded<T: Serialize + ?Sized>(
+        &mut self,
+        column_family: &str,
+        key: &[u8],
+        value: &T,
+    ) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let scratch = postcard::to_extend(value, scratch).expect("in-memory encoding cannot fail");
+        self.put(column_family, key, &scratch);
+        self.scratch = scratch;
+    }
+
     pub fn put(&mut self, column_family: &str, key: &[u8], value: &[u8]) {
         let cf = self
             .db

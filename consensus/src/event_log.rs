@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
-use crate::{AppStore, AppView, Error, Writes, decode, encode};
+use crate::{AppStore, AppView, Error, Writes, decode};
 
 /// The column family of the event log; applications list it in their `COLUMN_FAMILIES`.
 pub const EVENTS: &str = "events";
@@ -31,7 +31,7 @@ pub fn last_seq(store: &AppView<'_>) -> Result<u64, Error> {
 }
 
 pub fn append<E: Serialize>(writes: &mut Writes<'_>, seq: u64, event: &E) {
-    writes.put(EVENTS, &key(seq), &encode(event));
+    writes.put_encoded(EVENTS, &key(seq), event);
 }
 
 /// Events with seqs `from..=to`, at most `limit`, in order.

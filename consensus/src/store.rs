@@ -467,10 +467,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
                     // A new leader's clock may be behind the old one's: time never goes back.
                     let timestamp_ms = proposal.timestamp_ms.max(state.last_timestamp_ms);
                     state.last_timestamp_ms = timestamp_ms;
-                    let mut writes = Writes {
-                        db: &self.db,
-                        batch: &mut batch,
-                    };
+                    let mut writes = Writes::new(&self.db, &mut batch);
                     let results = proposal
                         .requests
                         .iter()
@@ -505,10 +502,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
         let mut state = self.state.write().expect("no poisoned lock");
         let mut batch = WriteBatch::default();
         self.clear_app_families(&mut batch).map_err(write_error)?;
-        let mut writes = Writes {
-            db: &self.db,
-            batch: &mut batch,
-        };
+        let mut writes = Writes::new(&self.db, &mut batch);
         state.app.install(&data, &mut writes).map_err(write_error)?;
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
@@ -569,7 +563,7 @@ mod tests {
 
         fn apply(&mut self, request: &u64, _timestamp_ms: i64, writes: &mut Writes<'_>) -> u64 {
             self.0 += request;
-            writes.put(SUM, SUM.as_bytes(), &encode(&self.0));
+            writes.put_encoded(SUM, SUM.as_bytes(), &self.0);
             self.0
         }
 

@@ -45,10 +45,10 @@ impl CoordinatorMachine {
     }
 
     fn write_transaction(transaction: &Transaction, writes: &mut Writes<'_>) {
-        writes.put(
+        writes.put_encoded(
             TRANSACTIONS,
             transaction.txn_id.as_str().as_bytes(),
-            &encode(transaction),
+            transaction,
         );
     }
 }

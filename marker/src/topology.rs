@@ -110,7 +110,7 @@ impl App for TopologyMachine {
             version: version + 1,
             ..request.topology.clone()
         };
-        writes.put(TOPOLOGY, CURRENT, &encode(&topology));
+        writes.put_encoded(TOPOLOGY, CURRENT, &topology);
         self.current.send_replace(topology.clone());
         ReplaceResult::Replaced(topology)
     }
