@@ -19,11 +19,11 @@ pub struct Proposal<R> {
 
 /// Writes of one applied log entry, committed atomically with the applied log id.
 pub struct Writes<'a> {
-    pub(crate) db: &'a DB,
-    pub(crate) batch: &'a mut WriteBatch,
+    db: &'a DB,
+    batch: &'a mut WriteBatch,
     /// Where [`Writes::put_encoded`] encodes each value: the batch copies it, so one buffer
     /// serves every row instead of a new, growing one per row.
-    pub(crate) scratch: Vec<u8>,
+    scratch: Vec<u8>,
 }
 
 impl<'a> Writes<'a> {
@@ -44,7 +44,7 @@ impl<'a> Writes<'a> {
     ) {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let scratch = postcard::to_extend(value, scratch).expect("in-memory encoding cannot fail");
+        let scratch = crate::encode_into(value, scratch);
         self.put(column_family, key, &scratch);
         self.scratch = scratch;
     }

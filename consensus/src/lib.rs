@@ -134,8 +134,13 @@ pub fn raft_config(cluster_name: &str) -> openraft::Config {
 }
 
 /// The encoding of everything a group stores or sends: log entries, state rows, snapshots.
-pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("in-memory encoding cannot fail")
+pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    encode_into(value, Vec::new())
+}
+
+/// [`encode`], appended to `buffer` (which keeps its allocation).
+pub fn encode_into<T: serde::Serialize + ?Sized>(value: &T, buffer: Vec<u8>) -> Vec<u8> {
+    postcard::to_extend(value, buffer).expect("in-memory encoding cannot fail")
 }
 
 pub fn decode<T: serde::de::DeserializeOwned>(
