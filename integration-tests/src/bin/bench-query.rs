@@ -66,6 +66,8 @@ struct Report {
 struct Timeline {
     committed: BTreeMap<u64, Instant>,
     visible: BTreeMap<u64, Instant>,
+    /// Commands that gave no event: refused, redirected (a new leader), or their call failed.
+    eventless: u64,
 }
 
 #[tokio::main]
@@ -181,20 +183,24 @@ async fn main() -> anyhow::Result<()> {
         }
         let (mut client, timeline) = (client.clone(), timeline.clone());
         calls.spawn(async move {
+            let sent = commands.len() as u64;
             let reply = client
                 .execute_many(pb::ExecuteManyRequest { commands })
                 .await;
             let now = Instant::now();
+            let mut timeline = timeline.lock().unwrap();
+            let mut committed = 0;
             if let Ok(reply) = reply {
-                let mut timeline = timeline.lock().unwrap();
                 for response in &reply.get_ref().responses {
                     if let Some(pb::execute_response::Reply::Result(result)) = &response.reply
                         && result.seq > 0
                     {
                         timeline.committed.insert(result.seq, now);
+                        committed += 1;
                     }
                 }
             }
+            timeline.eventless += sent - committed;
         });
     }
     while calls.join_next().await.is_some() {}
@@ -228,7 +234,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let lag = PhaseReport::new("commit to visible", 1, elapsed, &histogram, 0);
+    let mut lag = PhaseReport::new("commit to visible", 1, elapsed, &histogram, 0);
+    // Not in the histogram: no event of theirs was there to become visible.
+    lag.rejected = timeline.lock().unwrap().eventless;
     anyhow::ensure!(missing == 0, "{missing} events never became visible");
 
     let mut rebuild_seconds = Vec::new();
