@@ -117,6 +117,8 @@ impl App for LedgerMachine {
         LEDGER_META,
     ];
 
+    const REWRITTEN_FAMILIES: &'static [&'static str] = &[ACCOUNTS];
+
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
         let state = read_state(store)?;
         let (applied_seq, _) = watch::channel(state.last_seq);

@@ -160,6 +160,11 @@ pub trait App: Sized + Send + Sync + 'static {
     /// memtables are vectors, cheap to insert into and slow to look up (`store`).
     const COLUMN_FAMILIES: &'static [&'static str];
 
+    /// Those of `COLUMN_FAMILIES` whose few rows nearly every command rewrites (balances): their
+    /// memtables fill with old versions that a flush sorts only to drop, so they are kept small
+    /// (`store`).
+    const REWRITTEN_FAMILIES: &'static [&'static str] = &[];
+
     /// Loads the application state persisted in its column families (empty on a new replica).
     fn load(store: &AppView<'_>) -> Result<Self, Error>;
 

@@ -78,7 +78,7 @@ pub fn open_storage<A: App>(
     let families = [LOG, RAFT_META, SM_META]
         .iter()
         .chain(A::COLUMN_FAMILIES)
-        .map(|name| ColumnFamilyDescriptor::new(*name, family_options(name)));
+        .map(|name| ColumnFamilyDescriptor::new(*name, family_options::<A>(name)));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
     let log = LogStore {
         db: db.clone(),
@@ -94,19 +94,29 @@ pub fn open_storage<A: App>(
 ///
 /// The application's state (every other family) is read only when the replica loads it or builds
 /// a snapshot. Its memtables are vectors: an insert appends, and the memtable is sorted once, when
-/// it is flushed or read, so they can be large, and the rows a command overwrites (accounts,
-/// transaction records) mostly meet their newer versions before a flush. Its keys are random
-/// (request ids, transaction ids), so every flushed file overlaps all the data below it; leveled
-/// compaction would rewrite that ever-growing level on each flush (in bench-storage the
-/// idempotency records were written out again 3 to 11 times over). Universal compaction merges
-/// files of similar size instead, so each row is rewritten a few times in all.
-fn family_options(family: &str) -> Options {
+/// it is flushed or read, so they can be large, and a transaction's records mostly meet their
+/// newer versions before a flush. The sort is a burst of CPU on the flush thread, and the three
+/// replicas of a group, applying the same writes, flush at the same moment. The families whose few
+/// rows every command rewrites (`App::REWRITTEN_FAMILIES`, the balances) get 1 MiB memtables: at
+/// 32 MiB, 600,000 versions of 1,000 accounts took each replica 250 ms of CPU to sort into a
+/// 20 KB file (bench-query's projection lag went to 140–510 ms in that second); at 1 MiB a flush
+/// takes 5 ms. The state's keys are random (request ids, transaction ids), so every flushed file
+/// overlaps all the data below it; leveled compaction would rewrite that ever-growing level on
+/// each flush (in bench-storage the idempotency records were written out again 3 to 11 times
+/// over). Universal compaction merges files of similar size instead, so each row is rewritten a
+/// few times in all.
+fn family_options<A: App>(family: &str) -> Options {
     let mut options = Options::default();
     if [LOG, RAFT_META, SM_META, event_log::EVENTS].contains(&family) {
         options.set_write_buffer_size(4 << 20);
     } else {
         options.set_memtable_factory(MemtableFactory::Vector);
-        options.set_write_buffer_size(32 << 20);
+        let megabytes = if A::REWRITTEN_FAMILIES.contains(&family) {
+            1
+        } else {
+            32
+        };
+        options.set_write_buffer_size(megabytes << 20);
         options.set_compaction_style(DBCompactionStyle::Universal);
     }
     options
