@@ -75,6 +75,12 @@ pub fn open_storage<A: App>(
     // its first unflushed write, up to four times all the memtables (over 1 GiB): beyond this,
     // RocksDB flushes the families holding the oldest WAL file.
     options.set_max_total_wal_size(256 << 20);
+    debug_assert!(
+        A::REWRITTEN_FAMILIES
+            .iter()
+            .all(|family| A::COLUMN_FAMILIES.contains(family)),
+        "App::REWRITTEN_FAMILIES names only families of App::COLUMN_FAMILIES"
+    );
     let families = [LOG, RAFT_META, SM_META]
         .iter()
         .chain(A::COLUMN_FAMILIES)
