@@ -43,7 +43,8 @@ impl<A: App> Group<A> {
         std::fs::create_dir_all(&options.data_dir)?;
         let mut registry = Registry::with_prefix(options.kind.replace('-', "_"));
         let metrics = RaftMetrics::register(&mut registry);
-        let (log_store, machine) = open_storage::<A>(&options.data_dir.join("rocksdb"), &metrics)?;
+        let (log_store, machine) =
+            open_storage::<A>(&options.data_dir.join("rocksdb"), options.node_id, &metrics)?;
         let mut config = crate::raft_config(&format!("{}-{}", options.kind, options.group_id));
         config.snapshot_policy =
             openraft::SnapshotPolicy::LogsSinceLast(options.snapshot_after_logs);

@@ -61,6 +61,7 @@ fn synced() -> WriteOptions {
 /// Opens (or creates) the replica's RocksDB and returns its log store and state machine.
 pub fn open_storage<A: App>(
     path: &Path,
+    node_id: NodeId,
     metrics: &RaftMetrics,
 ) -> Result<(LogStore<A>, StateMachineStore<A>), Error> {
     let mut options = Options::default();
@@ -84,7 +85,7 @@ pub fn open_storage<A: App>(
     let families = [LOG, RAFT_META, SM_META]
         .iter()
         .chain(A::COLUMN_FAMILIES)
-        .map(|name| ColumnFamilyDescriptor::new(*name, family_options::<A>(name)));
+        .map(|name| ColumnFamilyDescriptor::new(*name, family_options::<A>(name, node_id)));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
     let log = LogStore {
         db: db.clone(),
@@ -106,12 +107,15 @@ pub fn open_storage<A: App>(
 /// rows every command rewrites (`App::REWRITTEN_FAMILIES`, the balances) get 1 MiB memtables: at
 /// 32 MiB, 600,000 versions of 1,000 accounts took each replica 250 ms of CPU to sort into a
 /// 20 KB file (bench-query's projection lag went to 140–510 ms in that second); at 1 MiB a flush
-/// takes 5 ms. The state's keys are random (request ids, transaction ids), so every flushed file
-/// overlaps all the data below it; leveled compaction would rewrite that ever-growing level on
-/// each flush (in bench-storage the idempotency records were written out again 3 to 11 times
-/// over). Universal compaction merges files of similar size instead, so each row is rewritten a
-/// few times in all.
-fn family_options<A: App>(family: &str) -> Options {
+/// takes 5 ms. The other state families' rows are real (an idempotency record per command), so
+/// their first flush sorts hundreds of thousands of rows (230 ms of CPU for the idempotency
+/// records in bench-query); each replica's memtables are sized by its node id (24, 32 or
+/// 40 MiB), so the three replicas sort at different moments, never all at once. The state's keys
+/// are random (request ids, transaction ids), so every flushed file overlaps all the data below
+/// it; leveled compaction would rewrite that ever-growing level on each flush (in bench-storage
+/// the idempotency records were written out again 3 to 11 times over). Universal compaction
+/// merges files of similar size instead, so each row is rewritten a few times in all.
+fn family_options<A: App>(family: &str, node_id: NodeId) -> Options {
     let mut options = Options::default();
     if [LOG, RAFT_META, SM_META, event_log::EVENTS].contains(&family) {
         options.set_write_buffer_size(4 << 20);
@@ -120,7 +124,7 @@ fn family_options<A: App>(family: &str) -> Options {
         let megabytes = if A::REWRITTEN_FAMILIES.contains(&family) {
             1
         } else {
-            32
+            24 + 8 * (node_id % 3) as usize
         };
         options.set_write_buffer_size(megabytes << 20);
         options.set_compaction_style(DBCompactionStyle::Universal);
@@ -620,7 +624,7 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> StateMachineStore<Sum> {
         let metrics = RaftMetrics::register(&mut Registry::default());
-        open_storage::<Sum>(dir.path(), &metrics).unwrap().1
+        open_storage::<Sum>(dir.path(), 1, &metrics).unwrap().1
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
