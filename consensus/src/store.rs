@@ -103,18 +103,20 @@ pub fn open_storage<A: App>(
 /// a snapshot. Its memtables are vectors: an insert appends, and the memtable is sorted once, when
 /// it is flushed or read, so they can be large, and a transaction's records mostly meet their
 /// newer versions before a flush. The sort is a burst of CPU on the flush thread, and the three
-/// replicas of a group, applying the same writes, flush at the same moment. The families whose few
-/// rows every command rewrites (`App::REWRITTEN_FAMILIES`, the balances) get 1 MiB memtables: at
-/// 32 MiB, 600,000 versions of 1,000 accounts took each replica 250 ms of CPU to sort into a
-/// 20 KB file (bench-query's projection lag went to 140–510 ms in that second); at 1 MiB a flush
-/// takes 5 ms. The other state families' rows are real (an idempotency record per command), so
-/// their first flush sorts hundreds of thousands of rows (230 ms of CPU for the idempotency
-/// records in bench-query); each replica's memtables are sized by its node id (24, 32 or
-/// 40 MiB), so the three replicas sort at different moments, never all at once. The state's keys
-/// are random (request ids, transaction ids), so every flushed file overlaps all the data below
-/// it; leveled compaction would rewrite that ever-growing level on each flush (in bench-storage
-/// the idempotency records were written out again 3 to 11 times over). Universal compaction
-/// merges files of similar size instead, so each row is rewritten a few times in all.
+/// replicas of a group apply the same writes: with memtables of one size they would all sort at
+/// the same moment. The families whose few rows every command rewrites
+/// (`App::REWRITTEN_FAMILIES`, the balances) get 1 MiB memtables: at 32 MiB, 600,000 versions of
+/// 1,000 accounts took each replica 250 ms of CPU to sort into a 20 KB file (bench-query's
+/// projection lag went to 140–510 ms in that second); at 1 MiB a flush takes 5 ms. The other
+/// families' rows are real (an idempotency record per command), and a flush sorts hundreds of
+/// thousands of them (230 ms of CPU for the idempotency records in bench-query): each replica's
+/// memtables are sized by its node id (24, 32 or 40 MiB), so the replicas of a group, filling
+/// them at the same rate, flush at different moments (they meet only at common multiples: 96,
+/// 120 MiB). The state's keys are random (request ids, transaction ids), so every flushed file
+/// overlaps all the data below it; leveled compaction would rewrite that ever-growing level on
+/// each flush (in bench-storage the idempotency records were written out again 3 to 11 times
+/// over). Universal compaction merges files of similar size instead, so each row is rewritten a
+/// few times in all.
 fn family_options<A: App>(family: &str, node_id: NodeId) -> Options {
     let mut options = Options::default();
     if [LOG, RAFT_META, SM_META, event_log::EVENTS].contains(&family) {
