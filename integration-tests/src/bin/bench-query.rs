@@ -3,12 +3,15 @@
 //! coordinator transactions) at a steady rate (open loop, `ExecuteMany` calls every
 //! 10 ms) while `query serve` projects them into Postgres straight from the shard; the
 //! commit-to-visible lag of each event is the time from the write's acknowledgement to the
-//! moment `projection_offsets` shows it applied. Then `query rebuild` replays everything into a
-//! fresh database, `--rebuilds` times. Prints a table and JSON.
+//! moment `projection_offsets` shows it applied. A call that is redirected or fails sends the rest
+//! of the load to the leader the replicas then agree on (its commands count as rejected). Then
+//! `query rebuild` replays everything into a fresh database, `--rebuilds` times. Prints a table
+//! and JSON.
 //!
 //! Run with a release build (see README.md).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,8 +159,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    let leader = shard.leader().await?;
-    let client = shard.ledger(leader).await?;
+    let mut client = shard.ledger(shard.leader().await?).await?;
+    // Set by a call that was redirected or failed: the leader may have changed.
+    let leader_lost = Arc::new(AtomicBool::new(false));
     let per_tick = (args.rate / 100).max(1) as usize;
     let mut ticks = tokio::time::interval(Duration::from_millis(10));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -167,6 +171,9 @@ async fn main() -> anyhow::Result<()> {
     let mut sent = 0u64;
     while started.elapsed() < Duration::from_secs(args.seconds) {
         ticks.tick().await;
+        if leader_lost.swap(false, Ordering::Relaxed) {
+            client = shard.ledger(shard.leader().await?).await?;
+        }
         let mut commands: Vec<pb::Command> = Vec::with_capacity(per_tick);
         while commands.len() < per_tick {
             let from = rng.below(accounts.len());
@@ -181,7 +188,8 @@ async fn main() -> anyhow::Result<()> {
                 commands.push(command(format!("t-{sent}"), transfer(from, to, 1)));
             }
         }
-        let (mut client, timeline) = (client.clone(), timeline.clone());
+        let (mut client, timeline, leader_lost) =
+            (client.clone(), timeline.clone(), leader_lost.clone());
         calls.spawn(async move {
             let sent = commands.len() as u64;
             let reply = client
@@ -190,15 +198,22 @@ async fn main() -> anyhow::Result<()> {
             let now = Instant::now();
             let mut timeline = timeline.lock().unwrap();
             let mut committed = 0;
-            if let Ok(reply) = reply {
-                for response in &reply.get_ref().responses {
-                    if let Some(pb::execute_response::Reply::Result(result)) = &response.reply
-                        && result.seq > 0
-                    {
-                        timeline.committed.insert(result.seq, now);
-                        committed += 1;
+            match reply {
+                Ok(reply) => {
+                    for response in &reply.get_ref().responses {
+                        match &response.reply {
+                            Some(pb::execute_response::Reply::Result(result)) if result.seq > 0 => {
+                                timeline.committed.insert(result.seq, now);
+                                committed += 1;
+                            }
+                            Some(pb::execute_response::Reply::Redirect(_)) => {
+                                leader_lost.store(true, Ordering::Relaxed)
+                            }
+                            _ => {}
+                        }
                     }
                 }
+                Err(_) => leader_lost.store(true, Ordering::Relaxed),
             }
             timeline.eventless += sent - committed;
         });
