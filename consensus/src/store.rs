@@ -123,15 +123,20 @@ fn family_options<A: App>(family: &str, node_id: NodeId) -> Options {
         options.set_write_buffer_size(4 << 20);
     } else {
         options.set_memtable_factory(MemtableFactory::Vector);
-        let megabytes = if A::REWRITTEN_FAMILIES.contains(&family) {
-            1
-        } else {
-            24 + 8 * (node_id % 3) as usize
-        };
-        options.set_write_buffer_size(megabytes << 20);
+        options.set_write_buffer_size(state_memtable_mib::<A>(family, node_id) << 20);
         options.set_compaction_style(DBCompactionStyle::Universal);
     }
     options
+}
+
+/// The memtable size of one of the application's state families on replica `node_id`, in MiB
+/// (see [`family_options`]).
+fn state_memtable_mib<A: App>(family: &str, node_id: NodeId) -> usize {
+    if A::REWRITTEN_FAMILIES.contains(&family) {
+        1
+    } else {
+        24 + 8 * (node_id % 3) as usize
+    }
 }
 
 fn get<T: serde::de::DeserializeOwned>(
@@ -622,6 +627,14 @@ mod tests {
                 requests: vec![number],
             }),
         }
+    }
+
+    #[test]
+    fn replicas_of_a_group_get_state_memtables_of_different_sizes() {
+        let sizes: Vec<usize> = (1..=3)
+            .map(|node| state_memtable_mib::<Sum>(SUM, node))
+            .collect();
+        assert_eq!(sizes, [32, 40, 24]);
     }
 
     fn open(dir: &tempfile::TempDir) -> StateMachineStore<Sum> {
