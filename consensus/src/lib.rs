@@ -38,7 +38,7 @@ pub use mimalloc;
 /// It is built without transparent huge pages (the `no_thp` feature): otherwise it asks the
 /// kernel for them on its arenas, and every first touch of a page it has fetched or purged
 /// zeroes 2 MiB. That zeroing took 41–57% of the query process's CPU in a rebuild, and the
-/// Raft replicas' latency spikes with it (see README.md, measurements of 2026-12-05).
+/// Raft replicas' latency spikes with it (see docs/benchmarks.md, measurements of 2026-12-05).
 #[macro_export]
 macro_rules! service_allocator {
     () => {
