@@ -1,7 +1,8 @@
 //! bench-storage: single-shard transfers against one storage shard of three local `auticuro`
 //! processes (fsync on): throughput and latency for uniform and skewed (hot-account) traffic,
 //! latency at half the measured maximum, and the time from killing the leader to the next
-//! successful write. Prints a table and JSON.
+//! successful write. Prints a table and JSON. Clients follow a leader change during a phase;
+//! transfers that a replica redirected count as rejected, not as done.
 //!
 //! Run with a release build: `cargo run --release -p integration-tests --bin bench-storage`.
 
@@ -114,12 +115,48 @@ async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
 /// How long the shard client may retry one transfer whose outcome it has not learned.
 const SHARD_CLIENT_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The connections to the replica the clients take for the leader. A call that a replica
+/// answers with a redirect moves every client to the leader it names, so a leader change
+/// during a phase does not turn the rest of it into redirects.
+struct Route {
+    address: String,
+    channels: Vec<tonic::transport::Channel>,
+}
+
+type SharedRoute = Arc<std::sync::RwLock<Arc<Route>>>;
+
+/// How long a client waits after a redirect that named no leader.
+const REDIRECT_PAUSE: Duration = Duration::from_millis(10);
+
+fn new_route(address: &str, connections: usize) -> anyhow::Result<Arc<Route>> {
+    let channels = (0..connections)
+        .map(|_| auticuro::client::channel(address))
+        .collect::<Result<_, _>>()?;
+    Ok(Arc::new(Route {
+        address: address.to_owned(),
+        channels,
+    }))
+}
+
 /// How a benchmark client reaches the shard.
 enum Client {
-    /// Its own calls on a shared connection.
-    Calls(LedgerClient<tonic::transport::Channel>),
+    /// Its own calls on one of the connections of the shared route (the `index`th).
+    Calls {
+        shared: SharedRoute,
+        index: usize,
+        route: Arc<Route>,
+        client: LedgerClient<tonic::transport::Channel>,
+    },
     /// The platform's shard client, shared by every benchmark client.
     Shared(Arc<ShardClient>),
+}
+
+/// What became of the transfers of one call.
+struct Sent {
+    /// Executed but not accepted.
+    refused: u64,
+    /// Not executed: the replica was no longer the leader.
+    redirected: u64,
 }
 
 fn accepted(result: &pb::CommandResult) -> bool {
@@ -127,10 +164,48 @@ fn accepted(result: &pb::CommandResult) -> bool {
 }
 
 impl Client {
-    /// Sends the commands and returns how many were not accepted.
-    async fn send(&mut self, commands: Vec<pb::Command>) -> anyhow::Result<u64> {
+    /// The `index`th client making calls of its own, on the shared route.
+    fn own_calls(shared: &SharedRoute, index: usize) -> Client {
+        let route = shared.read().expect("never poisoned").clone();
+        let client = LedgerClient::new(route.channels[index % route.channels.len()].clone());
+        Client::Calls {
+            shared: shared.clone(),
+            index,
+            route,
+            client,
+        }
+    }
+
+    /// Sends the commands and says how many were not accepted.
+    async fn send(&mut self, commands: Vec<pb::Command>) -> anyhow::Result<Sent> {
         match self {
-            Client::Calls(client) => send_calls(client, commands).await,
+            Client::Calls {
+                shared,
+                index,
+                route,
+                client,
+            } => {
+                let current = shared.read().expect("never poisoned").clone();
+                if !Arc::ptr_eq(&current, route) {
+                    *client = LedgerClient::new(
+                        current.channels[*index % current.channels.len()].clone(),
+                    );
+                    *route = current;
+                }
+                let (sent, leader) = send_calls(client, commands).await?;
+                match leader {
+                    Some(leader) if leader != route.address => {
+                        let mut shared = shared.write().expect("never poisoned");
+                        if shared.address == route.address {
+                            *shared = new_route(&leader, route.channels.len())?;
+                        }
+                    }
+                    // Redirected with no leader known yet (an election): wait for one.
+                    _ if sent.redirected > 0 => tokio::time::sleep(REDIRECT_PAUSE).await,
+                    _ => {}
+                }
+                Ok(sent)
+            }
             Client::Shared(shard) => {
                 let deadline = Instant::now() + SHARD_CLIENT_DEADLINE;
                 let results = futures::future::join_all(
@@ -143,18 +218,21 @@ impl Client {
                 for result in results {
                     refused += u64::from(!accepted(&result?));
                 }
-                Ok(refused)
+                Ok(Sent {
+                    refused,
+                    redirected: 0,
+                })
             }
         }
     }
 }
 
 /// Sends the commands in one call of the client's own (`Execute` for one, `ExecuteMany` for
-/// several) and returns how many were not accepted.
+/// several); says how many were not accepted, and the leader a redirect named.
 async fn send_calls(
     client: &mut LedgerClient<tonic::transport::Channel>,
     mut commands: Vec<pb::Command>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(Sent, Option<String>)> {
     let replies = if commands.len() == 1 {
         let command = commands.pop();
         vec![
@@ -170,10 +248,22 @@ async fn send_calls(
             .into_inner()
             .responses
     };
-    let refused = replies.iter().filter(|reply| {
-        !matches!(&reply.reply, Some(pb::execute_response::Reply::Result(result)) if accepted(result))
-    });
-    Ok(refused.count() as u64)
+    let mut sent = Sent {
+        refused: 0,
+        redirected: 0,
+    };
+    let mut leader = None;
+    for reply in replies {
+        match reply.reply {
+            Some(pb::execute_response::Reply::Result(result)) if accepted(&result) => {}
+            Some(pb::execute_response::Reply::Redirect(redirect)) => {
+                sent.redirected += 1;
+                leader = leader.or(redirect.leader_address);
+            }
+            _ => sent.refused += 1,
+        }
+    }
+    Ok((sent, leader))
 }
 
 /// Runs closed-loop clients (or, with `rate`, an open loop at that many transfers per second
@@ -221,9 +311,13 @@ async fn run_phase(
                     Some(_) => tokio::time::sleep_until(scheduled.into()).await,
                     None => scheduled = Instant::now(),
                 }
-                let refused = client.send(commands).await?;
-                rejected.fetch_add(refused, Ordering::Relaxed);
-                bench::record(&mut histogram, scheduled.elapsed(), batch as u64);
+                let sent = client.send(commands).await?;
+                rejected.fetch_add(sent.refused + sent.redirected, Ordering::Relaxed);
+                // Redirected transfers were not executed: they count as rejected, not as done.
+                let executed = batch as u64 - sent.redirected;
+                if executed > 0 {
+                    bench::record(&mut histogram, scheduled.elapsed(), executed);
+                }
                 if let Some(period) = period {
                     scheduled += period;
                 }
@@ -271,10 +365,10 @@ async fn main() -> anyhow::Result<()> {
     let mut shard = Group::storage(1, 3, &[]).await?;
     open_accounts(&shard, args.accounts).await?;
     let leader = shard.leader().await?;
-    let leader_address = shard.replica(leader).address.clone();
-    let channels: Vec<_> = (0..args.connections)
-        .map(|_| auticuro::client::channel(&leader_address))
-        .collect::<Result<_, _>>()?;
+    let leader_route: SharedRoute = Arc::new(std::sync::RwLock::new(new_route(
+        &shard.replica(leader).address,
+        args.connections.max(1),
+    )?));
     let shared = args.shard_client.then(|| {
         let addresses = shard.replicas.iter().map(|r| r.address.clone()).collect();
         Arc::new(ShardClient::new(1, addresses))
@@ -283,7 +377,7 @@ async fn main() -> anyhow::Result<()> {
         (0..args.clients)
             .map(|i| match &shared {
                 Some(shared) => Client::Shared(shared.clone()),
-                None => Client::Calls(LedgerClient::new(channels[i % channels.len()].clone())),
+                None => Client::own_calls(&leader_route, i),
             })
             .collect()
     };
