@@ -116,8 +116,8 @@ pub enum Error {
 pub fn raft_config(cluster_name: &str) -> openraft::Config {
     openraft::Config {
         cluster_name: cluster_name.to_owned(),
-        // openraft answers for each AppendEntries within one heartbeat interval or drops it and
-        // sends it again. At 50 ms, `bench-storage --batch 256 --clients 16` on the 2-core
+        // openraft waits one heartbeat interval for the answer to each AppendEntries, then drops
+        // it and sends it again. At 50 ms, `bench-storage --batch 256 --clients 16` on the 2-core
         // machine timed out 58–96 AppendEntries per run and in three runs of four a follower
         // started an election; at 100 ms, 18–27 and none in two runs.
         heartbeat_interval: 100,
