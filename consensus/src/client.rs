@@ -91,7 +91,9 @@ impl LeaderClient {
             })
     }
 
-    fn remember_leader(&self, address: Option<String>) {
+    /// Records the replica believed to lead (`None`: ask the replicas in turn), for callers
+    /// that make their own calls on [`LeaderClient::target`] and read redirects themselves.
+    pub fn remember_leader(&self, address: Option<String>) {
         *self.leader.lock().expect("no poisoned lock") = address;
     }
 

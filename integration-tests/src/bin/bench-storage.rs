@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use auticuro::client::ShardClient;
 use clap::Parser;
+use consensus::client::LeaderClient;
 use futures::StreamExt;
 use integration_tests::bench::{self, PhaseReport, Rng};
 use integration_tests::commands::{command, create, transfer};
@@ -115,38 +116,14 @@ async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
 /// How long the shard client may retry one transfer whose outcome it has not learned.
 const SHARD_CLIENT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// The connections to the replica the clients take for the leader. A call that a replica
-/// answers with a redirect moves every client to the leader it names, so a leader change
-/// during a phase does not turn the rest of it into redirects.
-struct Route {
-    address: String,
-    channels: Vec<tonic::transport::Channel>,
-}
-
-type SharedRoute = Arc<std::sync::RwLock<Arc<Route>>>;
-
 /// How long a client waits after a redirect that named no leader.
 const REDIRECT_PAUSE: Duration = Duration::from_millis(10);
 
-fn new_route(address: &str, connections: usize) -> anyhow::Result<Arc<Route>> {
-    let channels = (0..connections)
-        .map(|_| auticuro::client::channel(address))
-        .collect::<Result<_, _>>()?;
-    Ok(Arc::new(Route {
-        address: address.to_owned(),
-        channels,
-    }))
-}
-
 /// How a benchmark client reaches the shard.
 enum Client {
-    /// Its own calls on one of the connections of the shared route (the `index`th).
-    Calls {
-        shared: SharedRoute,
-        index: usize,
-        route: Arc<Route>,
-        client: LedgerClient<tonic::transport::Channel>,
-    },
+    /// Its own calls, on the connection of one of the `--connections` leader clients (each
+    /// keeps its own connection to each replica); a redirect moves that leader client on.
+    Calls(Arc<LeaderClient>),
     /// The platform's shard client, shared by every benchmark client.
     Shared(Arc<ShardClient>),
 }
@@ -164,45 +141,20 @@ fn accepted(result: &pb::CommandResult) -> bool {
 }
 
 impl Client {
-    /// The `index`th client making calls of its own, on the shared route.
-    fn own_calls(shared: &SharedRoute, index: usize) -> Client {
-        let route = shared.read().expect("never poisoned").clone();
-        let client = LedgerClient::new(route.channels[index % route.channels.len()].clone());
-        Client::Calls {
-            shared: shared.clone(),
-            index,
-            route,
-            client,
-        }
-    }
-
     /// Sends the commands and says how many were not accepted.
     async fn send(&mut self, commands: Vec<pb::Command>) -> anyhow::Result<Sent> {
         match self {
-            Client::Calls {
-                shared,
-                index,
-                route,
-                client,
-            } => {
-                let current = shared.read().expect("never poisoned").clone();
-                if !Arc::ptr_eq(&current, route) {
-                    *client = LedgerClient::new(
-                        current.channels[*index % current.channels.len()].clone(),
-                    );
-                    *route = current;
-                }
-                let (sent, leader) = send_calls(client, commands).await?;
-                match leader {
-                    Some(leader) if leader != route.address => {
-                        let mut shared = shared.write().expect("never poisoned");
-                        if shared.address == route.address {
-                            *shared = new_route(&leader, route.channels.len())?;
-                        }
-                    }
+            Client::Calls(leader) => {
+                let channel = leader
+                    .channel(&leader.target(0))
+                    .map_err(anyhow::Error::msg)?;
+                let (sent, redirect) =
+                    send_calls(&mut LedgerClient::new(channel), commands).await?;
+                match redirect {
+                    Some(address) => leader.remember_leader(Some(address)),
                     // Redirected with no leader known yet (an election): wait for one.
-                    _ if sent.redirected > 0 => tokio::time::sleep(REDIRECT_PAUSE).await,
-                    _ => {}
+                    None if sent.redirected > 0 => tokio::time::sleep(REDIRECT_PAUSE).await,
+                    None => {}
                 }
                 Ok(sent)
             }
@@ -365,19 +317,22 @@ async fn main() -> anyhow::Result<()> {
     let mut shard = Group::storage(1, 3, &[]).await?;
     open_accounts(&shard, args.accounts).await?;
     let leader = shard.leader().await?;
-    let leader_route: SharedRoute = Arc::new(std::sync::RwLock::new(new_route(
-        &shard.replica(leader).address,
-        args.connections.max(1),
-    )?));
-    let shared = args.shard_client.then(|| {
-        let addresses = shard.replicas.iter().map(|r| r.address.clone()).collect();
-        Arc::new(ShardClient::new(1, addresses))
-    });
+    let addresses: Vec<String> = shard.replicas.iter().map(|r| r.address.clone()).collect();
+    let leaders: Vec<Arc<LeaderClient>> = (0..args.connections.max(1))
+        .map(|_| {
+            let client = LeaderClient::new("shard 1".into(), addresses.clone());
+            client.remember_leader(Some(shard.replica(leader).address.clone()));
+            Arc::new(client)
+        })
+        .collect();
+    let shared = args
+        .shard_client
+        .then(|| Arc::new(ShardClient::new(1, addresses.clone())));
     let clients = || {
         (0..args.clients)
             .map(|i| match &shared {
                 Some(shared) => Client::Shared(shared.clone()),
-                None => Client::own_calls(&leader_route, i),
+                None => Client::Calls(leaders[i % leaders.len()].clone()),
             })
             .collect()
     };
