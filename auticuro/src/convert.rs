@@ -7,7 +7,7 @@ use proto::auticuro::v1 as pb;
 use proto::common::v1::Amount as PbAmount;
 
 use crate::ledger::{
-    Account, AccountId, AccountState, Amount, Command, CommandKind, Currency, Event, HoldRecord,
+    Account, AccountId, AccountState, Amount, Command, CommandKind, Currency, HoldRecord,
     HoldState, Leg, Limits, Metadata, Outcome, Owner, RequestId, TxnId,
 };
 use crate::machine::CommandResult;
@@ -412,7 +412,10 @@ pub fn hold(hold_id: &TxnId, hold: &HoldRecord) -> pb::Hold {
     }
 }
 
-pub fn event(shard_id: u32, event: &Event) -> pb::Event {
+/// An event as the protobuf message: the reference that the event log's own encoding
+/// (`events::write_stored`) is checked against, field for field.
+#[cfg(test)]
+pub fn event(shard_id: u32, event: &crate::ledger::Event) -> pb::Event {
     pb::Event {
         shard_id,
         seq: event.seq,
@@ -430,11 +433,11 @@ pub fn event(shard_id: u32, event: &Event) -> pb::Event {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn every_command_survives_the_round_trip_through_protobuf() {
+    /// A command of every kind.
+    pub(crate) fn every_command_kind() -> Vec<CommandKind> {
         let owner = Owner {
             coordinator_shard_id: 3,
             epoch: 9,
@@ -445,7 +448,7 @@ mod tests {
             currency: Currency::parse("USD").unwrap(),
         };
         let metadata = Metadata::new(BTreeMap::from([("k".to_owned(), "v".to_owned())])).unwrap();
-        let kinds = vec![
+        vec![
             CommandKind::CreateAccount {
                 account_id: AccountId::parse("a").unwrap(),
                 currency: Currency::parse("USD").unwrap(),
@@ -485,8 +488,36 @@ mod tests {
                 owner,
             },
             CommandKind::PruneDedup { older_than_ms: 17 },
-        ];
-        for kind in kinds {
+            CommandKind::Post {
+                txn_id: TxnId::parse("t").unwrap(),
+                owner,
+            },
+            CommandKind::Freeze {
+                account_id: AccountId::parse("a").unwrap(),
+            },
+            CommandKind::Unfreeze {
+                account_id: AccountId::parse("a").unwrap(),
+            },
+            CommandKind::Close {
+                account_id: AccountId::parse("a").unwrap(),
+            },
+            CommandKind::Transfer {
+                from: AccountId::parse("a").unwrap(),
+                to: AccountId::parse("b").unwrap(),
+                amount: Amount(i128::MAX),
+                currency: Currency::parse("USD").unwrap(),
+                metadata: Metadata::default(),
+            },
+            CommandKind::FenceCoordinator {
+                coordinator_shard_id: 4,
+                below_epoch: 2,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_command_survives_the_round_trip_through_protobuf() {
+        for kind in every_command_kind() {
             let original = Command {
                 request_id: RequestId::parse("r-1").unwrap(),
                 kind,

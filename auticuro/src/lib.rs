@@ -1,10 +1,12 @@
 //! Auticuro: the storage shard of the wallet platform.
 //!
-//! `ledger` is the pure, deterministic core. `machine` adapts it to Raft and RocksDB, `convert`
-//! and `service` to gRPC, and `server` starts a replica.
+//! `ledger` is the pure, deterministic core. `machine` adapts it to Raft and RocksDB, `convert`,
+//! `service` and `events` (the event stream from the stored bytes) to gRPC, and `server` starts a
+//! replica.
 
 pub mod client;
 pub mod convert;
+pub mod events;
 pub mod fencer;
 pub mod ledger;
 pub mod machine;

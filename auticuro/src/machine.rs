@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::ledger::{
-    Account, AccountId, Command, CommandKind, DedupRecord, Event, HoldRecord, Ledger, LedgerState,
+    Account, AccountId, Command, CommandKind, DedupRecord, HoldRecord, Ledger, LedgerState,
     Outcome, RequestId, TxnId, TxnRecord,
 };
 
@@ -28,12 +28,13 @@ pub struct CommandResult {
     pub accounts: Vec<Account>,
 }
 
-/// Everything a snapshot carries: the ledger state and the whole event log, so a replica that
-/// catches up through a snapshot can serve `Subscribe` and `ReadEvents` from seq 1.
+/// Everything a snapshot carries: the ledger state and the whole event log (each event's seq and
+/// stored bytes), so a replica that catches up through a snapshot can serve `Subscribe` and
+/// `ReadEvents` from seq 1.
 #[derive(Serialize, Deserialize)]
 pub struct LedgerSnapshot {
     pub state: LedgerState,
-    pub events: Vec<Event>,
+    pub events: Vec<(u64, Vec<u8>)>,
 }
 
 impl LedgerSnapshot {
@@ -91,19 +92,6 @@ impl LedgerMachine {
     }
 }
 
-/// Events `from..=to` (at most `limit`) from the event log.
-pub fn read_events(
-    store: &AppView<'_>,
-    from: u64,
-    to: u64,
-    limit: usize,
-) -> Result<Vec<Event>, Error> {
-    Ok(event_log::read(store, from, to, limit)?
-        .into_iter()
-        .map(|(_, event)| event)
-        .collect())
-}
-
 impl App for LedgerMachine {
     type Request = Command;
     type Response = CommandResult;
@@ -118,6 +106,9 @@ impl App for LedgerMachine {
     ];
 
     const REWRITTEN_FAMILIES: &'static [&'static str] = &[ACCOUNTS];
+
+    /// 2: events are stored as protobuf (`events::write_stored`), no longer postcard.
+    const STORAGE_FORMAT: u32 = 2;
 
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
         let state = read_state(store)?;
@@ -139,7 +130,9 @@ impl App for LedgerMachine {
             for account in &event.accounts {
                 writes.put_encoded(ACCOUNTS, account.id.as_str().as_bytes(), account);
             }
-            event_log::append(writes, event.seq, event);
+            event_log::append_written(writes, event.seq, |buffer| {
+                crate::events::write_stored(event, buffer)
+            });
             if matches!(event.command.kind, CommandKind::FenceCoordinator { .. }) {
                 writes.put_encoded(LEDGER_META, FENCES, &self.ledger.fences());
             }
@@ -175,7 +168,7 @@ impl App for LedgerMachine {
     fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
         Ok(LedgerSnapshot {
             state: read_state(view)?,
-            events: read_events(view, 1, u64::MAX, usize::MAX)?,
+            events: event_log::read_stored(view, 1, u64::MAX, usize::MAX)?,
         }
         .encode())
     }
@@ -183,8 +176,8 @@ impl App for LedgerMachine {
     fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
         let snapshot = LedgerSnapshot::decode(snapshot)?;
         Self::write_state(&snapshot.state, writes);
-        for event in &snapshot.events {
-            event_log::append(writes, event.seq, event);
+        for (seq, stored) in &snapshot.events {
+            event_log::append_written(writes, *seq, |buffer| buffer.extend_from_slice(stored));
         }
         self.ledger = Ledger::import(snapshot.state);
         Ok(())

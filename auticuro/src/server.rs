@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use consensus::{Group, GroupOptions, Proposer};
-use proto::auticuro::v1::ledger_server::LedgerServer;
 
+use crate::events::LedgerRoutes;
 use crate::ledger::{Command, CommandKind, RequestId};
 use crate::machine::LedgerMachine;
 use crate::resolver::Resolver;
@@ -82,7 +82,7 @@ pub async fn start(options: ReplicaOptions) -> anyhow::Result<consensus::Replica
         proposer,
         commands,
     };
-    let routes = group.routes().await?.add_service(LedgerServer::new(ledger));
+    let routes = group.routes().await?.add_service(LedgerRoutes::new(ledger));
     consensus::serve(options.listen, routes, raft).await
 }
 

@@ -5,19 +5,20 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use consensus::{ProposeError, Proposer, Raft, StateMachineStore, event_log};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_server::Ledger as LedgerRpc;
 use proto::common::v1::Redirect;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::events::StoredEvent;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::ledger::{AccountId, Command, CommandKind, LegState, TxnId};
-use crate::machine::{LedgerMachine, read_events};
+use crate::machine::LedgerMachine;
 
 /// The longest a `min_seq` read waits for the replica to catch up.
 pub const READ_WAIT_MAX: Duration = Duration::from_secs(5);
@@ -274,14 +275,15 @@ impl LedgerRpc for LedgerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let applied = self.machine.read(|machine| machine.subscribe_applied_seq());
+        // Served by `events::LedgerRoutes` without decoding; this is the same stream decoded.
         let from = request.into_inner().from_seq;
-        let shard_id = self.shard_id;
-        let receiver = event_log::stream(self.machine.store(), applied, from, move |event| {
-            convert::event(shard_id, &event)
-        });
+        let events = crate::events::stream(self.shard_id, &self.machine, from);
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
+            tokio_stream::wrappers::ReceiverStream::new(events).map(|event| {
+                event?
+                    .decode()
+                    .map_err(|error| Status::internal(error.to_string()))
+            }),
         )))
     }
 
@@ -342,17 +344,20 @@ impl LedgerRpc for LedgerService {
             request.to_seq
         };
         let applied_seq = self.machine.read(|machine| machine.ledger().last_seq());
-        let events = read_events(
+        let events = event_log::read_stored(
             &self.machine.store().view(),
             request.from_seq.max(1),
             to.min(applied_seq),
             limit as usize,
         )
+        .map_err(|error| Status::internal(error.to_string()))?
+        .into_iter()
+        .map(|(_, stored)| {
+            let shard_id = self.shard_id;
+            StoredEvent { shard_id, stored }.decode()
+        })
+        .collect::<Result<_, _>>()
         .map_err(|error| Status::internal(error.to_string()))?;
-        let events = events
-            .iter()
-            .map(|event| convert::event(self.shard_id, event))
-            .collect();
         Ok(Response::new(pb::ReadEventsResponse {
             events,
             applied_seq,

@@ -42,9 +42,21 @@ impl<'a> Writes<'a> {
         key: &[u8],
         value: &T,
     ) {
+        self.put_written(column_family, key, |buffer| {
+            *buffer = crate::encode_into(value, std::mem::take(buffer));
+        });
+    }
+
+    /// Puts the bytes that `write` appends to an empty buffer.
+    pub fn put_written(
+        &mut self,
+        column_family: &str,
+        key: &[u8],
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let scratch = crate::encode_into(value, scratch);
+        write(&mut scratch);
         self.put(column_family, key, &scratch);
         self.scratch = scratch;
     }
@@ -164,6 +176,11 @@ pub trait App: Sized + Send + Sync + 'static {
     /// memtables fill with old versions that a flush sorts only to drop, so they are kept small
     /// (`store`).
     const REWRITTEN_FAMILIES: &'static [&'static str] = &[];
+
+    /// The version of what the application keeps on disk, raised whenever that changes in a way
+    /// an older replica could not read (1: every format from before this number was kept). A
+    /// replica refuses a data directory written in another one (`store::open_storage`).
+    const STORAGE_FORMAT: u32 = 1;
 
     /// Loads the application state persisted in its column families (empty on a new replica).
     fn load(store: &AppView<'_>) -> Result<Self, Error>;

@@ -30,17 +30,24 @@ pub fn last_seq(store: &AppView<'_>) -> Result<u64, Error> {
     }
 }
 
+/// Appends `event` in the groups' encoding ([`crate::encode`]).
 pub fn append<E: Serialize>(writes: &mut Writes<'_>, seq: u64, event: &E) {
     writes.put_encoded(EVENTS, &key(seq), event);
 }
 
-/// Events with seqs `from..=to`, at most `limit`, in order.
-pub fn read<E: DeserializeOwned>(
+/// Appends the bytes that `write` produces: for an application that keeps its events in an
+/// encoding of its own (read back with [`read_stored`] and [`stream_stored`]).
+pub fn append_written(writes: &mut Writes<'_>, seq: u64, write: impl FnOnce(&mut Vec<u8>)) {
+    writes.put_written(EVENTS, &key(seq), write);
+}
+
+/// Events with seqs `from..=to`, at most `limit`, in order, as stored.
+pub fn read_stored(
     store: &AppView<'_>,
     from: u64,
     to: u64,
     limit: usize,
-) -> Result<Vec<(u64, E)>, Error> {
+) -> Result<Vec<(u64, Vec<u8>)>, Error> {
     let mut events = Vec::new();
     for (stored_key, value) in store.scan_from(EVENTS, &key(from), limit)? {
         let seq = u64::from_be_bytes(
@@ -52,21 +59,50 @@ pub fn read<E: DeserializeOwned>(
         if seq > to {
             break;
         }
-        events.push((seq, decode("event", &value)?));
+        events.push((seq, value));
     }
     Ok(events)
 }
 
-/// A live stream of events from `from` on: waits for each to be applied (`applied` carries the
-/// last applied seq), sends them in order with no gap, and ends when the receiver goes away.
+/// [`read_stored`] of events [`append`]ed in the groups' encoding, decoded.
+pub fn read<E: DeserializeOwned>(
+    store: &AppView<'_>,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Result<Vec<(u64, E)>, Error> {
+    read_stored(store, from, to, limit)?
+        .into_iter()
+        .map(|(seq, value)| Ok((seq, decode("event", &value)?)))
+        .collect()
+}
+
+/// [`stream_stored`] of events [`append`]ed in the groups' encoding, decoded.
 pub fn stream<E, T>(
     store: AppStore,
-    mut applied: watch::Receiver<u64>,
+    applied: watch::Receiver<u64>,
     from: u64,
     to_message: impl Fn(E) -> T + Send + 'static,
 ) -> mpsc::Receiver<Result<T, tonic::Status>>
 where
     E: DeserializeOwned + Send + 'static,
+    T: Send + 'static,
+{
+    stream_stored(store, applied, from, move |_, stored| {
+        Ok(to_message(decode("event", &stored)?))
+    })
+}
+
+/// A live stream of events from `from` on: waits for each to be applied (`applied` carries the
+/// last applied seq), sends them in order with no gap (`to_message` gets each one's seq and
+/// stored bytes), and ends when the receiver goes away.
+pub fn stream_stored<T>(
+    store: AppStore,
+    mut applied: watch::Receiver<u64>,
+    from: u64,
+    to_message: impl Fn(u64, Vec<u8>) -> Result<T, Error> + Send + 'static,
+) -> mpsc::Receiver<Result<T, tonic::Status>>
+where
     T: Send + 'static,
 {
     let (sender, receiver) = mpsc::channel(STREAM_CHUNK);
@@ -76,7 +112,8 @@ where
             if applied.wait_for(|seq| *seq >= next).await.is_err() {
                 return;
             }
-            let events = match read::<E>(&store.view(), next, u64::MAX, STREAM_CHUNK) {
+            let events = read_stored(&store.view(), next, u64::MAX, STREAM_CHUNK);
+            let events = match events {
                 Ok(events) => events,
                 Err(error) => {
                     let _ = sender
@@ -85,11 +122,14 @@ where
                     return;
                 }
             };
-            for (seq, event) in events {
+            for (seq, stored) in events {
                 // The log is gap-free; a hole is a bug, never something to skip over.
                 assert_eq!(seq, next, "the event log has a gap");
                 next += 1;
-                if sender.send(Ok(to_message(event))).await.is_err() {
+                let message = to_message(seq, stored)
+                    .map_err(|error| tonic::Status::internal(error.to_string()));
+                let failed = message.is_err();
+                if sender.send(message).await.is_err() || failed {
                     return;
                 }
             }

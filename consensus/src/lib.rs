@@ -110,6 +110,11 @@ pub enum Error {
     },
     #[error("corrupt storage: {0}")]
     Corrupt(String),
+    #[error(
+        "the data directory holds storage format {found}, this binary reads format {expected}: \
+         start the replica on an empty data directory"
+    )]
+    StorageFormat { found: u32, expected: u32 },
 }
 
 /// Raft timing for groups on one machine or one data-centre network.

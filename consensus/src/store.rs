@@ -40,6 +40,7 @@ const LAST_PURGED: &[u8] = b"last_purged";
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
 const LAST_TIMESTAMP: &[u8] = b"last_timestamp";
+const STORAGE_FORMAT: &[u8] = b"storage_format";
 
 type C<A> = TypeConfig<A>;
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -87,12 +88,36 @@ pub fn open_storage<A: App>(
         .chain(A::COLUMN_FAMILIES)
         .map(|name| ColumnFamilyDescriptor::new(*name, family_options::<A>(name, node_id)));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
+    check_storage_format::<A>(&db)?;
     let log = LogStore {
         db: db.clone(),
         _app: std::marker::PhantomData,
     };
     let machine = StateMachineStore::load(db, metrics.apply_seconds.clone())?;
     Ok((log, machine))
+}
+
+/// Records `A::STORAGE_FORMAT` in a new data directory; refuses one written in another format
+/// (one with data but no format recorded is from before formats were: format 1).
+fn check_storage_format<A: App>(db: &DB) -> Result<(), Error> {
+    let found = match get::<u32>(db, SM_META, STORAGE_FORMAT)? {
+        Some(found) => found,
+        None if get::<Vote<NodeId>>(db, RAFT_META, VOTE)?.is_none()
+            && get::<Option<LogId<NodeId>>>(db, SM_META, APPLIED)?.is_none() =>
+        {
+            let cf = db.cf_handle(SM_META).expect("opened");
+            db.put_cf_opt(&cf, STORAGE_FORMAT, encode(&A::STORAGE_FORMAT), &synced())?;
+            A::STORAGE_FORMAT
+        }
+        None => 1,
+    };
+    if found != A::STORAGE_FORMAT {
+        return Err(Error::StorageFormat {
+            found,
+            expected: A::STORAGE_FORMAT,
+        });
+    }
+    Ok(())
 }
 
 /// The families read at run time (the log, the metadata, the event log) keep skiplist memtables,
@@ -619,7 +644,7 @@ mod tests {
         }
     }
 
-    fn entry(index: u64, number: u64) -> Entry<C<Sum>> {
+    fn entry<A: App<Request = u64>>(index: u64, number: u64) -> Entry<C<A>> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(Proposal {
@@ -656,7 +681,7 @@ mod tests {
             .build_snapshot()
             .await
             .unwrap();
-        assert_eq!(built.meta.last_log_id, Some(entry(1, 0).log_id));
+        assert_eq!(built.meta.last_log_id, Some(entry::<Sum>(1, 0).log_id));
         assert!(built.snapshot.get_ref().is_empty());
 
         let (begun_sender, begun) = channel();
@@ -689,7 +714,7 @@ mod tests {
 
         // It stands for the moment it began, not for what was applied while it was read.
         let snapshot = encoding.await.unwrap().unwrap().unwrap();
-        assert_eq!(snapshot.meta.last_log_id, Some(entry(1, 0).log_id));
+        assert_eq!(snapshot.meta.last_log_id, Some(entry::<Sum>(1, 0).log_id));
         assert_eq!(
             decode::<u64>("sum", snapshot.snapshot.get_ref()).unwrap(),
             5
@@ -704,7 +729,84 @@ mod tests {
             .unwrap();
         assert_eq!(other.read(|sum| sum.0), 5);
         let current = other.get_current_snapshot().await.unwrap().unwrap();
-        assert_eq!(current.meta.last_log_id, Some(entry(1, 0).log_id));
+        assert_eq!(current.meta.last_log_id, Some(entry::<Sum>(1, 0).log_id));
         assert_eq!(decode::<u64>("sum", current.snapshot.get_ref()).unwrap(), 5);
+    }
+
+    /// `Sum` in a later storage format.
+    struct LaterSum(Sum);
+
+    impl App for LaterSum {
+        type Request = u64;
+        type Response = u64;
+
+        const COLUMN_FAMILIES: &'static [&'static str] = &[SUM];
+        const STORAGE_FORMAT: u32 = 2;
+
+        fn load(store: &AppView<'_>) -> Result<Self, Error> {
+            Ok(LaterSum(Sum::load(store)?))
+        }
+
+        fn apply(&mut self, request: &u64, timestamp_ms: i64, writes: &mut Writes<'_>) -> u64 {
+            self.0.apply(request, timestamp_ms, writes)
+        }
+
+        fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
+            Sum::snapshot(view)
+        }
+
+        fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
+            self.0.install(snapshot, writes)
+        }
+
+        fn digest(&self) -> [u8; 32] {
+            self.0.digest()
+        }
+
+        fn applied_seq(&self) -> u64 {
+            self.0.applied_seq()
+        }
+    }
+
+    fn open_as<A: App>(dir: &tempfile::TempDir) -> Result<StateMachineStore<A>, Error> {
+        let metrics = RaftMetrics::register(&mut Registry::default());
+        Ok(open_storage::<A>(dir.path(), 1, &metrics)?.1)
+    }
+
+    fn refused<A: App>(opened: Result<StateMachineStore<A>, Error>, found: u32, expected: u32) {
+        match opened {
+            Err(Error::StorageFormat {
+                found: was,
+                expected: wanted,
+            }) => assert_eq!((was, wanted), (found, expected)),
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_refuses_a_data_directory_of_another_storage_format() {
+        // A new directory takes the format of the application that creates it.
+        let later = tempfile::tempdir().unwrap();
+        open_as::<LaterSum>(&later)
+            .unwrap()
+            .apply([entry(1, 5)])
+            .await
+            .unwrap();
+        assert_eq!(open_as::<LaterSum>(&later).unwrap().read(|sum| sum.0.0), 5);
+        refused(open_as::<Sum>(&later), 2, 1);
+
+        // One with data from before formats were recorded is in format 1.
+        let earlier = tempfile::tempdir().unwrap();
+        open(&earlier).apply([entry(1, 7)]).await.unwrap();
+        {
+            let families = [LOG, RAFT_META, SM_META, SUM];
+            let db = DB::open_cf(&Options::default(), earlier.path(), families).unwrap();
+            db.delete_cf(db.cf_handle(SM_META).unwrap(), STORAGE_FORMAT)
+                .unwrap();
+            assert!(get::<u32>(&db, SM_META, STORAGE_FORMAT).unwrap().is_none());
+        }
+        refused(open_as::<LaterSum>(&earlier), 1, 2);
+        assert_eq!(open(&earlier).read(|sum| sum.0), 7);
     }
 }
