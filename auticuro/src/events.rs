@@ -286,7 +286,7 @@ pub fn stream(
     from: u64,
 ) -> mpsc::Receiver<Result<StoredEvent, Status>> {
     let applied = machine.read(|machine| machine.subscribe_applied_seq());
-    event_log::stream_stored(machine.store(), applied, from, move |_, stored| {
+    event_log::stream_stored(machine.store(), applied, from, move |stored| {
         Ok(StoredEvent { shard_id, stored })
     })
 }

@@ -88,19 +88,19 @@ where
     E: DeserializeOwned + Send + 'static,
     T: Send + 'static,
 {
-    stream_stored(store, applied, from, move |_, stored| {
+    stream_stored(store, applied, from, move |stored| {
         Ok(to_message(decode("event", &stored)?))
     })
 }
 
 /// A live stream of events from `from` on: waits for each to be applied (`applied` carries the
-/// last applied seq), sends them in order with no gap (`to_message` gets each one's seq and
-/// stored bytes), and ends when the receiver goes away.
+/// last applied seq), sends them in order with no gap (`to_message` gets each one's stored
+/// bytes), and ends when the receiver goes away.
 pub fn stream_stored<T>(
     store: AppStore,
     mut applied: watch::Receiver<u64>,
     from: u64,
-    to_message: impl Fn(u64, Vec<u8>) -> Result<T, Error> + Send + 'static,
+    to_message: impl Fn(Vec<u8>) -> Result<T, Error> + Send + 'static,
 ) -> mpsc::Receiver<Result<T, tonic::Status>>
 where
     T: Send + 'static,
@@ -126,8 +126,8 @@ where
                 // The log is gap-free; a hole is a bug, never something to skip over.
                 assert_eq!(seq, next, "the event log has a gap");
                 next += 1;
-                let message = to_message(seq, stored)
-                    .map_err(|error| tonic::Status::internal(error.to_string()));
+                let message =
+                    to_message(stored).map_err(|error| tonic::Status::internal(error.to_string()));
                 let failed = message.is_err();
                 if sender.send(message).await.is_err() || failed {
                     return;

@@ -663,8 +663,7 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> StateMachineStore<Sum> {
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        open_storage::<Sum>(dir.path(), 1, &metrics).unwrap().1
+        open_as::<Sum>(dir).unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
