@@ -42,12 +42,26 @@ fn valid_id(text: &str, length_max: usize) -> bool {
     !text.is_empty() && text.len() <= length_max && text.chars().all(is_id_char)
 }
 
+/// Serializes a newtype exactly as its inner value, without the copy that `#[serde(into)]`
+/// makes: ids and currencies are encoded in every stored row and Raft entry.
+macro_rules! serialize_as_inner {
+    ($name:ident) => {
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize(serializer)
+            }
+        }
+    };
+}
+
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $length_max:expr, $error:expr) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
+
+        serialize_as_inner!($name);
 
         impl $name {
             pub fn parse(text: &str) -> Result<Self, ParseError> {
@@ -127,9 +141,11 @@ impl AccountId {
 
 /// A currency or asset code: 1 to 16 characters of `[A-Z0-9_]` (ISO codes like `USD`, or custom
 /// assets like `POINTS`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Currency(String);
+
+serialize_as_inner!(Currency);
 
 impl Currency {
     pub fn parse(text: &str) -> Result<Currency, ParseError> {
@@ -211,12 +227,11 @@ impl fmt::Display for Amount {
 
 /// Free-form key/value pairs attached to accounts and commands, bounded in count and size.
 /// A `BTreeMap` so that encodings, fingerprints and digests never depend on hash order.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(
-    try_from = "BTreeMap<String, String>",
-    into = "BTreeMap<String, String>"
-)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "BTreeMap<String, String>")]
 pub struct Metadata(BTreeMap<String, String>);
+
+serialize_as_inner!(Metadata);
 
 impl Metadata {
     pub fn new(entries: BTreeMap<String, String>) -> Result<Metadata, ParseError> {
@@ -319,6 +334,28 @@ mod tests {
         assert_eq!(Metadata::new(long_value), Err(ParseError::Metadata));
         let empty_key = BTreeMap::from([(String::new(), "v".to_owned())]);
         assert_eq!(Metadata::new(empty_key), Err(ParseError::Metadata));
+    }
+
+    /// Stored rows and Raft entries written before these types serialized themselves still
+    /// decode: each encodes exactly as its inner value did.
+    #[test]
+    fn newtypes_encode_as_their_inner_value() {
+        fn same<T: Serialize, I: Serialize>(value: &T, inner: &I) {
+            assert_eq!(
+                postcard::to_stdvec(value).unwrap(),
+                postcard::to_stdvec(inner).unwrap()
+            );
+        }
+        let text = "acct:1/usd.main_1-a";
+        same(&AccountId::parse(text).unwrap(), &text.to_owned());
+        same(&TxnId::parse(text).unwrap(), &text.to_owned());
+        same(&RequestId::parse(text).unwrap(), &text.to_owned());
+        same(&Currency::parse("USD").unwrap(), &"USD".to_owned());
+        let entries = BTreeMap::from([("k".to_owned(), "v".to_owned()), ("a".into(), "".into())]);
+        same(&Metadata::new(entries.clone()).unwrap(), &entries);
+        let id = AccountId::parse(text).unwrap();
+        let decoded: AccountId = postcard::from_bytes(&postcard::to_stdvec(&id).unwrap()).unwrap();
+        assert_eq!(decoded, id);
     }
 
     #[test]
