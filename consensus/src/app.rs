@@ -1,6 +1,7 @@
 //! The contract between the Raft plumbing and an application state machine.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use rocksdb::{DB, ReadOptions, WriteBatch};
 use serde::de::DeserializeOwned;
@@ -10,11 +11,14 @@ use crate::Error;
 
 /// What one Raft log entry carries: the requests the leader packed together (group commit) and
 /// the leader's clock when it packed them. Time is an input to the state machine, never read by it.
+///
+/// The requests are shared, so the log store's copy of a recent entry ([`crate::store`]) hands
+/// it out without copying them; they encode as a sequence, like a `Vec`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(bound = "R: Serialize + DeserializeOwned")]
 pub struct Proposal<R> {
     pub timestamp_ms: i64,
-    pub requests: Vec<R>,
+    pub requests: Arc<[R]>,
 }
 
 /// Writes of one applied log entry, committed atomically with the applied log id.

@@ -132,7 +132,7 @@ async fn commit<A: App>(raft: &Raft<A>, requests: Vec<(A::Request, Reply<A>)>) {
     let (payload, replies): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
     let proposal = Proposal {
         timestamp_ms: now_ms(),
-        requests: payload,
+        requests: payload.into(),
     };
     match raft.client_write(proposal).await {
         Ok(written) => {

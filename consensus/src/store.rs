@@ -6,11 +6,12 @@
 //! - `sm_meta`: applied log id, membership, last leader timestamp.
 //! - the application's own column families, written in the same batch as the applied log id.
 
+use std::collections::VecDeque;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -91,7 +92,7 @@ pub fn open_storage<A: App>(
     check_storage_format::<A>(&db)?;
     let log = LogStore {
         db: db.clone(),
-        _app: std::marker::PhantomData,
+        recent: Arc::default(),
     };
     let machine = StateMachineStore::load(db, metrics.apply_seconds.clone())?;
     Ok((log, machine))
@@ -184,21 +185,151 @@ fn index_key(index: u64) -> [u8; 8] {
 
 // ---- Log ----
 
-pub struct LogStore<A> {
+pub struct LogStore<A: App> {
     db: Arc<DB>,
-    _app: std::marker::PhantomData<fn() -> A>,
+    /// Shared by the store and its readers (the leader's replication to each follower, and the
+    /// Raft core reading committed entries to apply).
+    recent: Arc<Mutex<Recent<A>>>,
 }
 
-impl<A> Clone for LogStore<A> {
+impl<A: App> Clone for LogStore<A> {
     fn clone(&self) -> Self {
         LogStore {
             db: self.db.clone(),
-            _app: std::marker::PhantomData,
+            recent: self.recent.clone(),
         }
     }
 }
 
+/// The most encoded bytes of entries [`Recent`] keeps: at 50,000 commands a second more than a
+/// second of the log, where replication and apply read entries within milliseconds of their
+/// append; a follower further behind reads them from RocksDB.
+const RECENT_BYTES_MAX: usize = 8 << 20;
+
+/// The tail of the log as this process appended it: consecutive entries, oldest first, each
+/// with its encoded size. The leader of three replicas reads every entry back three times
+/// (once per follower to send it, once to apply it), a follower once; from here that is a copy
+/// of the entry with its requests shared, not a RocksDB read and a decode. Appends, truncation
+/// and purges change it as they change the log, so each entry here is the log's entry at its
+/// index; a range is read from here only when every entry of it is here.
+struct Recent<A: App> {
+    entries: VecDeque<(Entry<C<A>>, usize)>,
+    bytes: usize,
+    /// [`RECENT_BYTES_MAX`] but in tests.
+    bytes_max: usize,
+}
+
+impl<A: App> Default for Recent<A> {
+    fn default() -> Self {
+        Recent {
+            entries: VecDeque::new(),
+            bytes: 0,
+            bytes_max: RECENT_BYTES_MAX,
+        }
+    }
+}
+
+impl<A: App> Recent<A> {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(entry, _)| entry.log_id.index)
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|(entry, _)| entry.log_id.index)
+    }
+
+    /// After `entry` was written to the log. Written again, an index replaces the entry here
+    /// and the ones after it go (the log may still hold those: they are read from RocksDB);
+    /// after a gap, the older entries go.
+    fn push(&mut self, entry: Entry<C<A>>, size: usize) {
+        let index = entry.log_id.index;
+        match self.last_index() {
+            Some(last) if index <= last => self.remove_from(index),
+            Some(last) if index > last + 1 => self.clear(),
+            _ => {}
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.bytes > self.bytes_max && self.entries.len() > 1 {
+            self.pop_front();
+        }
+    }
+
+    /// Truncation: the entries from `index` on.
+    fn remove_from(&mut self, index: u64) {
+        while self.last_index().is_some_and(|last| last >= index) {
+            let (_, size) = self.entries.pop_back().expect("not empty");
+            self.bytes -= size;
+        }
+    }
+
+    /// Purging: the entries up to `index`.
+    fn remove_to(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        let (_, size) = self.entries.pop_front().expect("not empty");
+        self.bytes -= size;
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// The entries of `start..end` when all of them are here.
+    fn range(&self, start: u64, end: u64) -> Option<Vec<Entry<C<A>>>> {
+        let first = self.first_index()?;
+        let last = self.last_index()?;
+        if start < first || start > end || end > last + 1 {
+            return None;
+        }
+        let (from, to) = ((start - first) as usize, (end - first) as usize);
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(entry, _)| entry.clone())
+                .collect(),
+        )
+    }
+}
+
 impl<A: App> LogStore<A> {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent<A>> {
+        self.recent.lock().expect("no poisoned lock")
+    }
+
+    /// Writes entries with one synced write for everything appended together (the fsync behind
+    /// group commit), then keeps them in [`Recent`].
+    fn write_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry<C<A>>>,
+    ) -> Result<(), rocksdb::Error> {
+        let cf = self.db.cf_handle(LOG).expect("opened");
+        let mut batch = WriteBatch::default();
+        let mut written = Vec::new();
+        for entry in entries {
+            let encoded = encode(&entry);
+            batch.put_cf(&cf, index_key(entry.log_id.index), &encoded);
+            written.push((entry, encoded.len()));
+        }
+        let result = self.db.write_opt(batch, &synced());
+        let mut recent = self.recent();
+        match result {
+            Ok(()) => {
+                for (entry, size) in written {
+                    recent.push(entry, size);
+                }
+            }
+            // What the log holds now is not known: it is read from RocksDB.
+            Err(_) => recent.clear(),
+        }
+        result
+    }
+
     fn put_meta<T: Serialize>(
         &self,
         key: &[u8],
@@ -220,6 +351,16 @@ impl<A: App> RaftLogReader<C<A>> for LogStore<A> {
             Bound::Excluded(index) => index + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(index) => index.checked_add(1),
+            Bound::Excluded(index) => Some(*index),
+            Bound::Unbounded => None,
+        };
+        if let Some(end) = end
+            && let Some(entries) = self.recent().range(start, end)
+        {
+            return Ok(entries);
+        }
         let cf = self.db.cf_handle(LOG).expect("opened");
         let mode = rocksdb::IteratorMode::From(&index_key(start), rocksdb::Direction::Forward);
         let mut entries = Vec::new();
@@ -287,13 +428,7 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
     where
         I: IntoIterator<Item = Entry<C<A>>> + OptionalSend,
     {
-        let cf = self.db.cf_handle(LOG).expect("opened");
-        let mut batch = WriteBatch::default();
-        for entry in entries {
-            batch.put_cf(&cf, index_key(entry.log_id.index), encode(&entry));
-        }
-        // One synced write for everything appended together: the fsync behind group commit.
-        let result = self.db.write_opt(batch, &synced());
+        let result = self.write_entries(entries);
         let flushed = result
             .as_ref()
             .map(|_| ())
@@ -303,6 +438,7 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.recent().remove_from(log_id.index);
         let cf = self.db.cf_handle(LOG).expect("opened");
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(&cf, index_key(log_id.index), index_key(u64::MAX));
@@ -311,6 +447,7 @@ impl<A: App> RaftLogStorage<C<A>> for LogStore<A> {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.recent().remove_to(log_id.index);
         self.put_meta(LAST_PURGED, &log_id, &synced())
             .map_err(write_error)?;
         let cf = self.db.cf_handle(LOG).expect("opened");
@@ -583,6 +720,7 @@ mod tests {
 
     use openraft::CommittedLeaderId;
     use prometheus_client::registry::Registry;
+    use proptest::prelude::*;
 
     use super::*;
     use crate::Proposal;
@@ -649,7 +787,7 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(Proposal {
                 timestamp_ms: 0,
-                requests: vec![number],
+                requests: Arc::new([number]),
             }),
         }
     }
@@ -764,6 +902,86 @@ mod tests {
 
         fn applied_seq(&self) -> u64 {
             self.0.applied_seq()
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum LogOperation {
+        /// Entries `from..from + count` of a term, written as one append.
+        Append { from: u64, count: u64, term: u64 },
+        Truncate(u64),
+        Purge(u64),
+    }
+
+    fn log_operation() -> impl Strategy<Value = LogOperation> {
+        prop_oneof![
+            6 => (1..40u64, 1..6u64, 1..4u64)
+                .prop_map(|(from, count, term)| LogOperation::Append { from, count, term }),
+            1 => (1..45u64).prop_map(LogOperation::Truncate),
+            1 => (1..45u64).prop_map(LogOperation::Purge),
+        ]
+    }
+
+    fn entry_of_term(term: u64, index: u64) -> Entry<C<Sum>> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                timestamp_ms: 0,
+                requests: Arc::new([term * 1_000 + index]),
+            }),
+        }
+    }
+
+    async fn read(store: &mut LogStore<Sum>, start: u64, end: u64) -> Vec<Vec<u8>> {
+        let entries = store.try_get_log_entries(start..end).await.unwrap();
+        entries.iter().map(encode).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever appends (over earlier entries, after a gap), truncations and purges the log
+        /// goes through, and however few entries the store keeps, every range reads the same
+        /// through it as straight from RocksDB.
+        #[test]
+        fn recent_entries_read_as_the_log_holds_them(
+            operations in prop::collection::vec(log_operation(), 1..40),
+            bytes_max in 1..400usize,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = RaftMetrics::register(&mut Registry::default());
+            let (mut store, _) = open_storage::<Sum>(dir.path(), 1, &metrics).unwrap();
+            store.recent().bytes_max = bytes_max;
+            let mut disk = LogStore::<Sum> { db: store.db.clone(), recent: Arc::default() };
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            for operation in operations {
+                runtime.block_on(async {
+                    match operation {
+                        LogOperation::Append { from, count, term } => {
+                            let entries = (from..from + count).map(|i| entry_of_term(term, i));
+                            store.write_entries(entries).unwrap();
+                            assert_eq!(store.recent().last_index(), Some(from + count - 1));
+                        }
+                        LogOperation::Truncate(index) => {
+                            let log_id = LogId::new(CommittedLeaderId::new(1, 1), index);
+                            store.truncate(log_id).await.unwrap();
+                        }
+                        LogOperation::Purge(index) => {
+                            let log_id = LogId::new(CommittedLeaderId::new(1, 1), index);
+                            store.purge(log_id).await.unwrap();
+                        }
+                    }
+                    for start in 0..46 {
+                        for end in (start..start + 8).chain([47]) {
+                            assert_eq!(
+                                read(&mut store, start, end).await,
+                                read(&mut disk, start, end).await,
+                                "{start}..{end}"
+                            );
+                        }
+                    }
+                });
+            }
         }
     }
 
