@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use auticuro::ledger::map::PartitionedMap;
-use auticuro::ledger::{AccountId, Leg, Metadata, Outcome, TxnId};
+use auticuro::ledger::{AccountId, Leg, Metadata, Outcome, TxnId, state};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -139,8 +139,7 @@ pub fn txn_id_for(tenant_id: &str, idempotency_key: &str) -> TxnId {
 
 /// What the idempotency check compares: the body of the request.
 pub fn fingerprint(legs: &[Leg], metadata: &Metadata, hold_id: Option<&TxnId>) -> [u8; 32] {
-    let bytes = postcard::to_stdvec(&(legs, metadata, hold_id)).expect("legs always encode");
-    Sha256::digest(&bytes).into()
+    state::fingerprint(&(legs, metadata, hold_id))
 }
 
 /// Groups legs by storage shard, shards holding a debit first (their reservations can fail for
@@ -357,7 +356,7 @@ impl Coordinator {
     }
 
     pub fn digest(&self) -> [u8; 32] {
-        Sha256::digest(postcard::to_stdvec(&self.export()).expect("state always encodes")).into()
+        state::fingerprint(&self.export())
     }
 }
 

@@ -160,10 +160,26 @@ pub struct Ledger {
     last_seq: u64,
 }
 
-/// SHA-256 of the canonical encoding of a payload (everything but the request id).
-pub fn fingerprint(kind: &CommandKind) -> [u8; 32] {
-    let bytes = postcard::to_stdvec(kind).expect("commands always encode");
-    Sha256::digest(&bytes).into()
+/// SHA-256 of a value's canonical (postcard) encoding, fed to the hash as it is encoded: a
+/// payload's fingerprint (a command's is of everything but its request id), a state's digest.
+pub fn fingerprint<T: Serialize + ?Sized>(value: &T) -> [u8; 32] {
+    let mut hasher = HashWriter(Sha256::new());
+    postcard::to_io(value, &mut hasher).expect("in-memory encoding cannot fail");
+    hasher.0.finalize().into()
+}
+
+/// Hands what postcard writes straight to the hash, with no buffer of the encoding.
+struct HashWriter(Sha256);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Ledger {
@@ -956,8 +972,7 @@ impl Ledger {
 
     /// SHA-256 over the canonical state. Replicas at the same applied seq have equal digests.
     pub fn digest(&self) -> [u8; 32] {
-        let bytes = postcard::to_stdvec(&self.export()).expect("state always encodes");
-        Sha256::digest(&bytes).into()
+        fingerprint(&self.export())
     }
 
     /// Sum of all balances per currency (zero on every shard, at every seq).

@@ -1634,3 +1634,15 @@ proptest! {
         prop_assert!(shard.ledger.balance_sums().values().all(|sum| *sum == 0));
     }
 }
+
+/// Idempotency records keep fingerprints across restarts and upgrades: a fingerprint is the
+/// SHA-256 of the payload's whole postcard encoding, however it is fed to the hash.
+#[test]
+fn fingerprints_hash_the_whole_encoding() {
+    use sha2::{Digest, Sha256};
+    for kind in crate::convert::tests::every_command_kind() {
+        let encoded = postcard::to_stdvec(&kind).unwrap();
+        let expected: [u8; 32] = Sha256::digest(&encoded).into();
+        assert_eq!(state::fingerprint(&kind), expected, "{kind:?}");
+    }
+}
