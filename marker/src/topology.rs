@@ -12,7 +12,6 @@ use proto::marker::v1 as pb;
 use proto::marker::v1::topology_service_client::TopologyServiceClient;
 use proto::marker::v1::topology_service_server::TopologyService;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -127,7 +126,7 @@ impl App for TopologyMachine {
     }
 
     fn digest(&self) -> [u8; 32] {
-        Sha256::digest(encode(&self.current())).into()
+        auticuro::ledger::state::fingerprint(&self.current())
     }
 
     fn applied_seq(&self) -> u64 {
