@@ -908,7 +908,11 @@ mod tests {
     #[derive(Clone, Debug)]
     enum LogOperation {
         /// Entries `from..from + count` of a term, written as one append.
-        Append { from: u64, count: u64, term: u64 },
+        Append {
+            from: u64,
+            count: u64,
+            term: u64,
+        },
         Truncate(u64),
         Purge(u64),
     }

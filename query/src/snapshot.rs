@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use sqlx::{PgPool, Row};
 
-use crate::store::StoreError;
+use crate::store::{Indexes, StoreError};
 
 /// Every projected table, with `projection_offsets` first.
 pub const TABLES: [&str; 7] = [
@@ -83,8 +83,9 @@ async fn offsets(
         .collect())
 }
 
-/// Copies the snapshot of `source` into the (empty) projection of `target`, in one transaction;
-/// returns the applied seqs the target starts from. `None` when `source` has no snapshot.
+/// Copies the snapshot of `source` into the (empty) projection of `target`, in one transaction,
+/// each table without its indexes, built again once its rows are in ([`Indexes`]); returns the
+/// applied seqs the target starts from. `None` when `source` has no snapshot.
 pub async fn restore(
     source: &PgPool,
     target: &PgPool,
@@ -106,6 +107,7 @@ pub async fn restore(
         return Err(StoreError::NotEmpty);
     }
     for table in TABLES {
+        let indexes = Indexes::drop(&mut tx, table).await?;
         let mut chunks = reader
             .copy_out_raw(&format!(
                 "COPY query_snapshot.{table} TO STDOUT (FORMAT binary)"
@@ -118,6 +120,7 @@ pub async fn restore(
             sink.send(chunk?).await?;
         }
         sink.finish().await?;
+        indexes.build(&mut tx).await?;
     }
     let offsets = offsets(&mut tx, "query").await?;
     tx.commit().await?;

@@ -1,14 +1,14 @@
 //! The projections in Postgres: writing a batch of events in one SQL transaction together with
 //! the per-shard applied seq, and the reads the query service answers from.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::command::Kind;
 use proto::common::v1::Amount;
-use sqlx::{PgPool, Postgres, Row, Transaction};
-use tokio::sync::mpsc;
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use auticuro::convert::state_name;
@@ -38,6 +38,8 @@ pub enum StoreError {
     },
     #[error("the target projection is not empty")]
     NotEmpty,
+    #[error("a bulk load was dropped before it finished")]
+    Unfinished,
     #[error("event {seq} of shard {shard_id} is malformed: {reason}")]
     Malformed {
         shard_id: u32,
@@ -85,107 +87,71 @@ pub async fn accounts_with(
     .await?)
 }
 
-/// The tables a bulk load writes with one `COPY` each and never reads back ([`BulkLoad`]).
-const BULK_LOADED: [&str; 5] = [
-    "ledger_events",
-    "account_versions",
-    "activities",
-    "transactions",
-    "transaction_legs",
-];
-
-/// The indexes (primary keys included) of the tables a bulk load streams ([`BULK_LOADED`]),
-/// dropped for the load: building an index once from all its rows is several times cheaper
-/// than updating it row by row. [`DeferredIndexes::restore`] builds them again.
-#[must_use = "the dropped indexes must be restored"]
-pub struct DeferredIndexes {
-    /// Per table, the statements that build them again, primary keys first.
-    restore: BTreeMap<String, Vec<String>>,
+/// A table's indexes (primary key and unique constraints included) while a load into the table
+/// runs without them: building an index once from all its rows is several times cheaper than
+/// updating it row by row. Dropped and built again in the load's own SQL transaction, so a
+/// load that fails leaves the table as it was, indexes and all.
+#[must_use = "the dropped indexes must be built again"]
+pub struct Indexes {
+    /// The statements that build them again, primary key and unique constraints first.
+    statements: Vec<String>,
 }
 
-/// Drops the indexes a bulk load defers (see [`DeferredIndexes`]).
-pub async fn defer_indexes(pool: &PgPool) -> Result<DeferredIndexes, StoreError> {
-    let constraints: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT t.relname::text,
-                format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
-                format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname,
-                       pg_get_constraintdef(c.oid))
-         FROM pg_constraint c
-         JOIN pg_class t ON t.oid = c.conrelid
-         JOIN pg_namespace n ON n.oid = t.relnamespace
-         WHERE n.nspname = $1 AND t.relname = ANY($2) AND c.contype IN ('p', 'u')",
-    )
-    .bind(SCHEMA)
-    .bind(&BULK_LOADED[..])
-    .fetch_all(pool)
-    .await?;
-    let indexes: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT i.tablename::text, format('DROP INDEX %I.%I', i.schemaname, i.indexname),
-                i.indexdef
-         FROM pg_indexes i
-         WHERE i.schemaname = $1 AND i.tablename = ANY($2)
-           AND NOT EXISTS (SELECT 1 FROM pg_constraint c
-                           WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)",
-    )
-    .bind(SCHEMA)
-    .bind(&BULK_LOADED[..])
-    .fetch_all(pool)
-    .await?;
-    let mut tx = pool.begin().await?;
-    for (_, drop, _) in indexes.iter().chain(&constraints) {
-        sqlx::query(sqlx::AssertSqlSafe(drop.as_str()))
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    let mut restore: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (table, _, statement) in constraints.into_iter().chain(indexes) {
-        restore.entry(table).or_default().push(statement);
-    }
-    Ok(DeferredIndexes { restore })
-}
-
-impl DeferredIndexes {
-    /// Builds the indexes again on as many connections as this machine has cores, each one
-    /// table's at a time without parallel workers; a connection that finishes takes the largest
-    /// table left. (Five tables at once, each with parallel workers, crowded two cores: the
-    /// largest index, finishing last, took 0.35 s instead of 0.23 s.)
-    pub async fn restore(self, pool: &PgPool) -> Result<(), StoreError> {
-        let tables: Vec<&str> = self.restore.keys().map(String::as_str).collect();
-        let by_size: Vec<String> = sqlx::query_scalar(
-            "SELECT t FROM unnest($1::text[]) t
-             ORDER BY pg_relation_size(format('%I.%I', $2::text, t)::regclass) DESC, t",
+impl Indexes {
+    /// Drops the indexes of `table` (in [`SCHEMA`]) in the transaction `conn` is in.
+    pub async fn drop(conn: &mut PgConnection, table: &str) -> Result<Indexes, StoreError> {
+        let constraints: Vec<(String, String)> = sqlx::query_as(
+            "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
+                    format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname,
+                           c.conname, pg_get_constraintdef(c.oid))
+             FROM pg_constraint c
+             JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = $1 AND t.relname = $2 AND c.contype IN ('p', 'u')",
         )
-        .bind(&tables)
         .bind(SCHEMA)
-        .fetch_all(pool)
+        .bind(table)
+        .fetch_all(&mut *conn)
         .await?;
-        let mut restore = self.restore;
-        let queue: Mutex<VecDeque<Vec<String>>> =
-            Mutex::new(by_size.iter().filter_map(|t| restore.remove(t)).collect());
-        let builders = std::thread::available_parallelism().map_or(2, |cores| cores.get());
-        let queue = &queue;
-        futures::future::try_join_all((0..builders).map(|_| async move {
-            loop {
-                let Some(statements) = queue.lock().expect("never poisoned").pop_front() else {
-                    return Ok::<_, StoreError>(());
-                };
-                let mut tx = begin(pool).await?;
-                sqlx::raw_sql(
-                    "SET LOCAL maintenance_work_mem = '256MB';
-                     SET LOCAL max_parallel_maintenance_workers = 0",
-                )
-                .execute(&mut *tx)
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT format('DROP INDEX %I.%I', i.schemaname, i.indexname), i.indexdef
+             FROM pg_indexes i
+             WHERE i.schemaname = $1 AND i.tablename = $2
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                               WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)",
+        )
+        .bind(SCHEMA)
+        .bind(table)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (drop, _) in indexes.iter().chain(&constraints) {
+            sqlx::query(sqlx::AssertSqlSafe(drop.as_str()))
+                .execute(&mut *conn)
                 .await?;
-                for statement in statements {
-                    sqlx::query(sqlx::AssertSqlSafe(statement))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-            }
-        }))
+        }
+        let statements = constraints.into_iter().chain(indexes);
+        Ok(Indexes {
+            statements: statements.map(|(_, build)| build).collect(),
+        })
+    }
+
+    /// Builds them again, without parallel workers: the tables of a bulk load build theirs one
+    /// per core at a time, each on its own connection.
+    pub async fn build(self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        if self.statements.is_empty() {
+            return Ok(());
+        }
+        sqlx::raw_sql(
+            "SET LOCAL maintenance_work_mem = '128MB';
+             SET LOCAL max_parallel_maintenance_workers = 0",
+        )
+        .execute(&mut *conn)
         .await?;
+        for statement in self.statements {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut *conn)
+                .await?;
+        }
         Ok(())
     }
 }
@@ -687,11 +653,12 @@ impl AppendRows {
     }
 }
 
-/// A bulk load into a fresh database (a rebuild, which either finishes or is started over). The
-/// batches have no SQL transactions of their own ([`BulkLoad::write`]): their rows go to one
-/// `COPY` per table, each on its own connection, in one transaction running for the whole load:
-/// the append-only tables, and the transactions and their legs once final. Nothing is read
-/// back: the transactions that hold legs stay in memory from batch to batch
+/// A bulk load into a fresh database (a rebuild): dropped before it finishes, it changes
+/// nothing. The batches have no SQL transactions of their own ([`BulkLoad::write`]): their rows
+/// go to one `COPY` per table, each on its own connection, in one transaction running for the
+/// whole load that drops the table's indexes first and builds them again once its rows are in
+/// ([`Indexes`]): the append-only tables, and the transactions and their legs once final.
+/// Nothing is read back: the transactions that hold legs stay in memory from batch to batch
 /// (`store::transactions`). The accounts' newest states and the applied seqs are written once,
 /// at the end.
 pub struct BulkLoad {
@@ -709,11 +676,19 @@ pub struct BulkLoad {
 /// Batches waiting for each table's `COPY`, at most.
 const BATCHES_QUEUED: usize = 2;
 
-/// One table's `COPY`, fed by a channel until it closes.
+/// One table's `COPY`, fed by a channel until it closes, with the table's indexes built at the end
+/// (`target` names the table first, then its columns).
+/// Its transaction builds the indexes and commits only when [`BulkLoad::finish`] sends it its
+/// turn: a load dropped before it finishes (an error, a cancelled rebuild) rolls back and leaves
+/// the table as it was.
 struct CopyStream {
     batches: mpsc::Sender<CopyRows>,
-    copying: JoinHandle<Result<(), StoreError>>,
+    /// Its turn to build the indexes (one table per core at a time).
+    commit: oneshot::Sender<OwnedSemaphorePermit>,
+    copying: CopyTask,
 }
+
+type CopyTask = JoinHandle<Result<(), StoreError>>;
 
 impl BulkLoad {
     pub async fn open(pool: &PgPool) -> Result<BulkLoad, StoreError> {
@@ -748,16 +723,27 @@ impl BulkLoad {
     /// transaction rows and moves the applied seqs, and writes the accounts' states.
     pub async fn finish(mut self, pool: &PgPool) -> Result<(), StoreError> {
         self.send(AppendRows::default(), true).await?;
-        for stream in [
-            self.events,
+        // Every COPY ends at once. Then the tables build their indexes one per core at a time,
+        // largest first. (All at once, the largest finished last, alone on one core.)
+        let streams = [
             self.versions,
             self.activities,
+            self.events,
             self.legs,
             self.txns,
             self.parts,
-        ] {
-            stream.finish().await?;
+        ];
+        let ending = streams.map(CopyStream::end);
+        let builders = std::thread::available_parallelism().map_or(2, |cores| cores.get());
+        let builders = Arc::new(Semaphore::new(builders));
+        let mut copying = Vec::with_capacity(ending.len());
+        for (commit, task) in ending {
+            let turn = builders.clone().acquire_owned().await;
+            // A task that ended already (an error) hands the turn back at once.
+            let _ = commit.send(turn.expect("the semaphore is never closed"));
+            copying.push(async { task.await.expect("a COPY task never panics") });
         }
+        futures::future::try_join_all(copying).await?;
         let merging = async {
             let mut tx = begin(pool).await?;
             transactions::merge_parts(&mut tx).await?;
@@ -784,14 +770,24 @@ impl BulkLoad {
 impl CopyStream {
     fn open(pool: &PgPool, target: &'static str) -> CopyStream {
         let (batches, receiver) = mpsc::channel(BATCHES_QUEUED);
+        let (commit, committing) = oneshot::channel();
         let pool = pool.clone();
         let copying = tokio::spawn(async move {
             let mut tx = begin(&pool).await?;
+            let table = target.split_once(' ').map_or(target, |(table, _)| table);
+            let indexes = Indexes::drop(&mut tx, table).await?;
             copy::stream(&mut tx, target, receiver).await?;
+            let turn = committing.await.map_err(|_| StoreError::Unfinished)?;
+            indexes.build(&mut tx).await?;
             tx.commit().await?;
+            drop(turn);
             Ok(())
         });
-        CopyStream { batches, copying }
+        CopyStream {
+            batches,
+            commit,
+            copying,
+        }
     }
 
     async fn send(&mut self, rows: CopyRows) -> Result<(), StoreError> {
@@ -805,9 +801,10 @@ impl CopyStream {
         unreachable!("a COPY ends early only with an error")
     }
 
-    async fn finish(self) -> Result<(), StoreError> {
+    /// Ends the `COPY`; the table builds its indexes and commits once it is sent its turn.
+    fn end(self) -> (oneshot::Sender<OwnedSemaphorePermit>, CopyTask) {
         drop(self.batches);
-        self.copying.await.expect("a COPY task never panics")
+        (self.commit, self.copying)
     }
 }
 

@@ -1300,6 +1300,21 @@ async fn holds_are_projected_as_authorized_then_captured_or_voided_and_a_rebuild
     // However the events fall into batches, and in whichever order the shards come, projecting
     // batch by batch and loading in bulk give the same tables.
     let (first, second) = (events_of(groups[0]).await, events_of(groups[1]).await);
+    // A bulk load dropped before it finishes (an error, a cancelled rebuild) changes nothing:
+    // a whole load after it gives the same tables, indexes included.
+    let events: Vec<ledger::Event> = [first.clone(), second.clone()].concat();
+    let database = fresh_database().await.unwrap();
+    let pool = query::store::connect(&database.url).await.unwrap();
+    let mut dropped = query::store::BulkLoad::open(&pool).await.unwrap();
+    let half = &events[..events.len() / 2];
+    dropped.write(prepared(half)).await.unwrap();
+    drop(dropped);
+    project_in_batches(&pool, &events, 1_000, true).await;
+    assert_eq!(
+        live,
+        table_digests(&pool).await,
+        "after a dropped bulk load"
+    );
     for (size, bulk) in [(1, false), (4, false), (1, true), (3, true), (1_000, true)] {
         for shard_two_first in [false, true] {
             let mut order = [first.clone(), second.clone()];
@@ -1319,6 +1334,19 @@ async fn holds_are_projected_as_authorized_then_captured_or_voided_and_a_rebuild
     }
 }
 
+/// `events` ready to be written, as the projector prepares a batch.
+fn prepared(events: &[ledger::Event]) -> query::store::Prepared {
+    let mut prepared = query::store::Prepared::default();
+    for event in events {
+        let received = query::connector::Received {
+            message: event.clone(),
+            encoded: event.encode_to_vec().into(),
+        };
+        prepared.push(received).unwrap();
+    }
+    prepared
+}
+
 /// Projects `events` (each shard's in seq order) in batches of `size`: batch by batch as the
 /// projector does, or as a bulk load does.
 async fn project_in_batches(pool: &PgPool, events: &[ledger::Event], size: usize, bulk: bool) {
@@ -1327,18 +1355,9 @@ async fn project_in_batches(pool: &PgPool, events: &[ledger::Event], size: usize
         false => None,
     };
     for batch in events.chunks(size) {
-        let mut prepared = query::store::Prepared::default();
-        for event in batch {
-            let encoded = event.encode_to_vec().into();
-            let received = query::connector::Received {
-                message: event.clone(),
-                encoded,
-            };
-            prepared.push(received).unwrap();
-        }
         let written = match &mut load {
-            Some(load) => load.write(prepared).await.unwrap(),
-            None => query::store::write(pool, prepared).await.unwrap(),
+            Some(load) => load.write(prepared(batch)).await.unwrap(),
+            None => query::store::write(pool, prepared(batch)).await.unwrap(),
         };
         assert_eq!(written.len(), batch.len());
     }
