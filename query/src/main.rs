@@ -244,8 +244,11 @@ async fn rebuild(
     let pool = query::store::connect(database_url)
         .await
         .context("connecting to the projection database")?;
-    let mut start: BTreeMap<u32, u64> = query::store::applied_seqs(&pool).await?;
-    anyhow::ensure!(start.is_empty(), "rebuild needs an empty database");
+    anyhow::ensure!(
+        query::store::is_empty(&pool).await?,
+        "rebuild needs an empty database"
+    );
+    let mut start: BTreeMap<u32, u64> = BTreeMap::new();
     if let Some(live) = from_snapshot {
         let live = query::store::connect(live)
             .await

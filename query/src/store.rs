@@ -156,6 +156,17 @@ impl Indexes {
     }
 }
 
+/// Whether nothing has been projected here: no applied seq and no event (a rebuild killed while
+/// its tables committed, one after another at the end, leaves events without applied seqs).
+pub async fn is_empty(pool: &PgPool) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT FROM projection_offsets)
+            AND NOT EXISTS (SELECT FROM ledger_events)",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// The last applied seq of every shard projected so far.
 pub async fn applied_seqs(pool: &PgPool) -> Result<BTreeMap<u32, u64>, StoreError> {
     let rows = sqlx::query("SELECT shard_id, applied_seq FROM projection_offsets")

@@ -1223,6 +1223,21 @@ async fn a_rebuild_from_a_snapshot_replays_only_the_events_after_it() {
     // A second rebuild into the same database is refused: it is not empty.
     let again = rebuild(&rebuilt.url, &groups, Some(&live.url)).await;
     assert!(!again.status.success());
+    // So is one into a database holding events without applied seqs (a rebuild killed while
+    // its tables committed), and it leaves that database as it was.
+    sqlx::query("DELETE FROM projection_offsets")
+        .execute(&rebuilt_pool)
+        .await
+        .unwrap();
+    let events_before = table_digests(&rebuilt_pool).await["ledger_events"].clone();
+    let again = rebuild(&rebuilt.url, &groups, None).await;
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("needs an empty database"), "{stderr}");
+    assert_eq!(
+        table_digests(&rebuilt_pool).await["ledger_events"],
+        events_before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
