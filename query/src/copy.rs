@@ -26,6 +26,14 @@ const TEXT_OID: u32 = 25;
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00 UTC).
 const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
 
+/// Where rows are copied: a table (in the connection's `search_path`) and the columns each row
+/// gives, in the order of its fields.
+pub struct Target {
+    pub table: &'static str,
+    /// `(column, …)`
+    pub columns: &'static str,
+}
+
 /// The rows of one table, field by field: `text` and friends add a field to the current row,
 /// `end_row` closes it.
 #[derive(Default)]
@@ -162,8 +170,8 @@ impl CopyRows {
         self
     }
 
-    /// Copies the rows into `target` (`table (column, …)`, in the order of the fields).
-    pub async fn write(self, conn: &mut PgConnection, target: &str) -> Result<(), sqlx::Error> {
+    /// Copies the rows into `target`.
+    pub async fn write(self, conn: &mut PgConnection, target: &Target) -> Result<(), sqlx::Error> {
         if self.is_empty() {
             return Ok(());
         }
@@ -185,7 +193,7 @@ impl CopyRows {
 /// the server's cost of starting and ending a `COPY` grows with the rows it buffers at once).
 pub async fn stream(
     conn: &mut PgConnection,
-    target: &str,
+    target: &Target,
     mut batches: mpsc::Receiver<CopyRows>,
 ) -> Result<(), sqlx::Error> {
     let mut copy = start(conn, target).await?;
@@ -197,10 +205,13 @@ pub async fn stream(
 
 async fn start<'c>(
     conn: &'c mut PgConnection,
-    target: &str,
+    target: &Target,
 ) -> Result<PgCopyIn<&'c mut PgConnection>, sqlx::Error> {
+    let Target { table, columns } = target;
     let mut copy = conn
-        .copy_in_raw(&format!("COPY {target} FROM STDIN (FORMAT binary)"))
+        .copy_in_raw(&format!(
+            "COPY {table} {columns} FROM STDIN (FORMAT binary)"
+        ))
         .await?;
     copy.send(HEADER).await?;
     Ok(copy)

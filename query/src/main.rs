@@ -244,10 +244,9 @@ async fn rebuild(
     let pool = query::store::connect(database_url)
         .await
         .context("connecting to the projection database")?;
-    anyhow::ensure!(
-        query::store::is_empty(&pool).await?,
-        "rebuild needs an empty database"
-    );
+    query::store::ensure_empty(&mut *pool.acquire().await?)
+        .await
+        .context("rebuild needs an empty database")?;
     let mut start: BTreeMap<u32, u64> = BTreeMap::new();
     if let Some(live) = from_snapshot {
         let live = query::store::connect(live)

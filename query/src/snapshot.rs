@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use sqlx::{PgPool, Row};
 
-use crate::store::{Indexes, StoreError};
+use crate::store::{self, Indexes, StoreError};
 
 /// Every projected table, with `projection_offsets` first.
 pub const TABLES: [&str; 7] = [
@@ -100,12 +100,7 @@ pub async fn restore(
         return Ok(None);
     }
     let mut tx = target.begin().await?;
-    let empty: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM projection_offsets)")
-        .fetch_one(&mut *tx)
-        .await?;
-    if !empty {
-        return Err(StoreError::NotEmpty);
-    }
+    store::ensure_empty(&mut tx).await?;
     for table in TABLES {
         let indexes = Indexes::drop(&mut tx, table).await?;
         let mut chunks = reader

@@ -15,11 +15,11 @@ use auticuro::convert::state_name;
 
 use crate::activity::{self, Activity, ActivityKind};
 use crate::connector::Received;
-use crate::copy::{self, CopyRows};
+use crate::copy::{self, CopyRows, Target};
 
 mod transactions;
 
-use transactions::Transactions;
+use transactions::{HeldLegs, Transactions};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -156,15 +156,20 @@ impl Indexes {
     }
 }
 
-/// Whether nothing has been projected here: no applied seq and no event (a rebuild killed while
-/// its tables committed, one after another at the end, leaves events without applied seqs).
-pub async fn is_empty(pool: &PgPool) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar(
+/// Fails with [`StoreError::NotEmpty`] unless nothing has been projected here: no applied seq
+/// and no event (a rebuild killed while its tables committed, one after another at the end,
+/// leaves events without applied seqs).
+pub async fn ensure_empty(conn: &mut PgConnection) -> Result<(), StoreError> {
+    let empty: bool = sqlx::query_scalar(
         "SELECT NOT EXISTS (SELECT FROM projection_offsets)
             AND NOT EXISTS (SELECT FROM ledger_events)",
     )
-    .fetch_one(pool)
-    .await?)
+    .fetch_one(conn)
+    .await?;
+    match empty {
+        true => Ok(()),
+        false => Err(StoreError::NotEmpty),
+    }
 }
 
 /// The last applied seq of every shard projected so far.
@@ -264,12 +269,20 @@ struct AppendRows {
 #[derive(Default)]
 struct AccountStates(BTreeMap<(String, u32), AccountRow>);
 
-const EVENT_COLUMNS: &str =
-    "ledger_events (shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload)";
-const VERSION_COLUMNS: &str = "account_versions (account_id, version, shard_id, seq, event_time, \
-     request_id, txn_id, state, balance, pending_out, pending_in)";
-const ACTIVITY_COLUMNS: &str = "activities (activity_id, account_id, tenant_id, kind, amount, \
-     currency, txn_id, counterparty_account_id, occurred_at, metadata)";
+const EVENT_COLUMNS: Target = Target {
+    table: "ledger_events",
+    columns: "(shard_id, seq, event_time, request_id, txn_id, kind, account_ids, payload)",
+};
+const VERSION_COLUMNS: Target = Target {
+    table: "account_versions",
+    columns: "(account_id, version, shard_id, seq, event_time, request_id, txn_id, state, \
+              balance, pending_out, pending_in)",
+};
+const ACTIVITY_COLUMNS: Target = Target {
+    table: "activities",
+    columns: "(activity_id, account_id, tenant_id, kind, amount, currency, txn_id, \
+              counterparty_account_id, occurred_at, metadata)",
+};
 
 struct AccountRow {
     shard_id: u32,
@@ -657,9 +670,9 @@ fn leg_values(event: &pb::Event, legs: &[pb::Leg]) -> Result<Vec<Movement>, Stor
 
 impl AppendRows {
     async fn copy(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
-        self.events.write(tx, EVENT_COLUMNS).await?;
-        self.versions.write(tx, VERSION_COLUMNS).await?;
-        self.activities.rows.write(tx, ACTIVITY_COLUMNS).await?;
+        self.events.write(tx, &EVENT_COLUMNS).await?;
+        self.versions.write(tx, &VERSION_COLUMNS).await?;
+        self.activities.rows.write(tx, &ACTIVITY_COLUMNS).await?;
         Ok(())
     }
 }
@@ -687,8 +700,7 @@ pub struct BulkLoad {
 /// Batches waiting for each table's `COPY`, at most.
 const BATCHES_QUEUED: usize = 2;
 
-/// One table's `COPY`, fed by a channel until it closes, with the table's indexes built at the end
-/// (`target` names the table first, then its columns).
+/// One table's `COPY`, fed by a channel until it closes, with the table's indexes built at the end.
 /// Its transaction builds the indexes and commits only when [`BulkLoad::finish`] sends it its
 /// turn: a load dropped before it finishes (an error, a cancelled rebuild) rolls back and leaves
 /// the table as it was.
@@ -703,16 +715,17 @@ type CopyTask = JoinHandle<Result<(), StoreError>>;
 
 impl BulkLoad {
     pub async fn open(pool: &PgPool) -> Result<BulkLoad, StoreError> {
+        let (transactions, held) = Transactions::kept(pool).await?;
         Ok(BulkLoad {
             offsets: Offsets::default(),
-            transactions: Transactions::kept(pool).await?,
+            transactions,
             accounts: AccountStates::default(),
-            events: CopyStream::open(pool, EVENT_COLUMNS),
-            versions: CopyStream::open(pool, VERSION_COLUMNS),
-            activities: CopyStream::open(pool, ACTIVITY_COLUMNS),
-            legs: CopyStream::open(pool, transactions::LEG_COLUMNS),
-            txns: CopyStream::open(pool, transactions::TXN_COLUMNS),
-            parts: CopyStream::open(pool, transactions::PART_COLUMNS),
+            events: CopyStream::open(pool, &EVENT_COLUMNS, None),
+            versions: CopyStream::open(pool, &VERSION_COLUMNS, None),
+            activities: CopyStream::open(pool, &ACTIVITY_COLUMNS, None),
+            legs: CopyStream::open(pool, &transactions::LEG_COLUMNS, Some(held)),
+            txns: CopyStream::open(pool, &transactions::TXN_COLUMNS, None),
+            parts: CopyStream::open(pool, &transactions::PART_COLUMNS, None),
         })
     }
 
@@ -779,14 +792,17 @@ impl BulkLoad {
 }
 
 impl CopyStream {
-    fn open(pool: &PgPool, target: &'static str) -> CopyStream {
+    /// Opens the `COPY` into `target`, the stored legs of `held` taken out first.
+    fn open(pool: &PgPool, target: &'static Target, held: Option<HeldLegs>) -> CopyStream {
         let (batches, receiver) = mpsc::channel(BATCHES_QUEUED);
         let (commit, committing) = oneshot::channel();
         let pool = pool.clone();
         let copying = tokio::spawn(async move {
             let mut tx = begin(&pool).await?;
-            let table = target.split_once(' ').map_or(target, |(table, _)| table);
-            let indexes = Indexes::drop(&mut tx, table).await?;
+            if let Some(held) = held {
+                held.take(&mut tx).await?;
+            }
+            let indexes = Indexes::drop(&mut tx, target.table).await?;
             copy::stream(&mut tx, target, receiver).await?;
             let turn = committing.await.map_err(|_| StoreError::Unfinished)?;
             indexes.build(&mut tx).await?;

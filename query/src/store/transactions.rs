@@ -12,11 +12,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::command::Kind;
 use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::{ActivityRows, Movement, StoreError, event_time, metadata_json, tenant_of, units};
 use crate::activity::{self, ActivityKind, KIND_KEY};
-use crate::copy::CopyRows;
+use crate::copy::{CopyRows, Target};
 
 /// A transaction's row as the batch's events leave it.
 struct Txn {
@@ -105,26 +105,41 @@ const LOAD: &str = "
         WHERE txn_id = t.txn_id AND shard_id = ANY($2)) l ON true
     WHERE t.txn_id = ANY($1)";
 
-/// A bulk load on top of a snapshot takes the held legs out of the table, with their
-/// transactions' rows (in the columns of [`LOAD`]).
-const TAKE_HELD: &str = "
-    WITH held AS (
-        DELETE FROM transaction_legs l USING transactions t
-        WHERE l.txn_id = t.txn_id AND l.state = 'held'
-        RETURNING l.*),
-    legs AS (
+/// The held legs a bulk load on top of a snapshot starts from, with their transactions' rows (in
+/// the columns of [`LOAD`]). It writes them again: [`HeldLegs`].
+const HELD: &str = "
+    WITH legs AS (
         SELECT txn_id, array_agg(shard_id) AS shard_ids, array_agg(account_id) AS accounts,
                array_agg(amount::text) AS amounts, array_agg(currency) AS currencies,
                array_agg(state) AS states
-        FROM held GROUP BY txn_id)
+        FROM transaction_legs
+        WHERE state = 'held'
+        GROUP BY txn_id)
     SELECT t.txn_id, t.tenant_id, t.kind, t.status, t.metadata::text,
            round(extract(epoch FROM t.created_at) * 1000)::int8,
            round(extract(epoch FROM t.updated_at) * 1000)::int8,
            l.shard_ids, l.accounts, l.amounts, l.currencies, l.states
     FROM legs l JOIN transactions t ON t.txn_id = l.txn_id";
+const DELETE_HELD: &str = "DELETE FROM transaction_legs WHERE state = 'held' AND txn_id = ANY($1)";
 
-pub(super) const TXN_COLUMNS: &str =
-    "transactions (txn_id, tenant_id, kind, status, metadata, created_at, updated_at)";
+/// The transactions whose held legs a bulk load keeps in memory ([`Transactions::kept`]) and
+/// writes again: [`HeldLegs::take`] deletes the stored ones in the transaction of the legs'
+/// `COPY`, so a load dropped before it finishes leaves them where they were.
+pub(super) struct HeldLegs(Vec<String>);
+
+impl HeldLegs {
+    pub(super) async fn take(self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        if !self.0.is_empty() {
+            sqlx::query(DELETE_HELD).bind(self.0).execute(conn).await?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) const TXN_COLUMNS: Target = Target {
+    table: "transactions",
+    columns: "(txn_id, tenant_id, kind, status, metadata, created_at, updated_at)",
+};
 
 /// The rows of transactions a bulk load wrote that may merge with a row written earlier (on top
 /// of a snapshot, or started again after it forgot them: [`Transactions::drain`]), in a table of
@@ -137,8 +152,11 @@ const CREATE_PARTS: &str = "
         updated_at timestamptz NOT NULL, part bigint NOT NULL, whole boolean NOT NULL,
         finished boolean NOT NULL)";
 /// The columns of [`TXN_COLUMNS`], then the part's number and flags.
-pub(super) const PART_COLUMNS: &str = "transaction_parts (txn_id, tenant_id, kind, status, \
-     metadata, created_at, updated_at, part, whole, finished)";
+pub(super) const PART_COLUMNS: Target = Target {
+    table: "transaction_parts",
+    columns: "(txn_id, tenant_id, kind, status, metadata, created_at, updated_at, part, whole, \
+              finished)",
+};
 
 /// Merges the parts of each transaction's row, and then the stored row, as [`WRITE`] merges a
 /// batch's into a stored row, part after part: the least tenant and creation time and the
@@ -175,8 +193,10 @@ const MERGE_PARTS: &str = r#"
 /// keep a stored row's status; the others take the batch's. Both merge the rest: the least
 /// tenant (in byte order, as [`Transactions::insert`] compares) and creation time, the greatest
 /// update time.
-pub(super) const LEG_COLUMNS: &str =
-    "transaction_legs (txn_id, shard_id, account_id, amount, currency, state)";
+pub(super) const LEG_COLUMNS: Target = Target {
+    table: "transaction_legs",
+    columns: "(txn_id, shard_id, account_id, amount, currency, state)",
+};
 
 const WRITE: &str = r#"
     WITH txns AS (
@@ -266,14 +286,15 @@ impl Transactions {
 
     /// The transactions of a bulk load, kept from batch to batch (see [`Transactions::drain`]),
     /// starting with those that hold legs in the database (on top of a snapshot), whose held
-    /// legs are taken out of it to be written again; creates the table of parts afresh.
-    pub(super) async fn kept(pool: &PgPool) -> Result<Transactions, StoreError> {
+    /// legs are to be taken out of it and written again; creates the table of parts afresh.
+    pub(super) async fn kept(pool: &PgPool) -> Result<(Transactions, HeldLegs), StoreError> {
         sqlx::query(DROP_PARTS).execute(pool).await?;
         sqlx::query(CREATE_PARTS).execute(pool).await?;
         let direct: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT FROM transactions)")
             .fetch_one(pool)
             .await?;
-        let rows = sqlx::query(TAKE_HELD).fetch_all(pool).await?;
+        let rows = sqlx::query(HELD).fetch_all(pool).await?;
+        let held = HeldLegs(rows.iter().map(|row| row.get(0)).collect());
         let mut kept = Transactions {
             bulk: Some(Bulk {
                 direct,
@@ -282,10 +303,10 @@ impl Transactions {
             ..Transactions::default()
         };
         kept.keep(rows, false);
-        Ok(kept)
+        Ok((kept, held))
     }
 
-    /// Keeps the rows of [`LOAD`] (or [`TAKE_HELD`]); their legs are `stored` or not.
+    /// Keeps the rows of [`LOAD`] (or [`HELD`]); their legs are `stored` or not.
     fn keep(&mut self, rows: Vec<PgRow>, stored: bool) {
         for row in rows {
             let txn_id: String = row.get(0);
@@ -566,7 +587,7 @@ impl Transactions {
                 .execute(&mut **tx)
                 .await?;
         }
-        added.write(tx, LEG_COLUMNS).await?;
+        added.write(tx, &LEG_COLUMNS).await?;
         Ok(())
     }
 
