@@ -244,19 +244,23 @@ async fn rebuild(
     let pool = query::store::connect(database_url)
         .await
         .context("connecting to the projection database")?;
-    query::store::ensure_empty(&mut *pool.acquire().await?)
-        .await
-        .context("rebuild needs an empty database")?;
-    let mut start: BTreeMap<u32, u64> = BTreeMap::new();
-    if let Some(live) = from_snapshot {
-        let live = query::store::connect(live)
-            .await
-            .context("connecting to the snapshot's database")?;
-        start = query::snapshot::restore(&live, &pool)
-            .await?
-            .context("that database has no snapshot")?;
-        eprintln!("starting from the snapshot at {start:?}");
-    }
+    // Restoring a snapshot checks that the database is empty in its own transaction.
+    let start: BTreeMap<u32, u64> = match from_snapshot {
+        Some(live) => {
+            let live = query::store::connect(live)
+                .await
+                .context("connecting to the snapshot's database")?;
+            let start = query::snapshot::restore(&live, &pool)
+                .await?
+                .context("that database has no snapshot")?;
+            eprintln!("starting from the snapshot at {start:?}");
+            start
+        }
+        None => {
+            query::store::ensure_empty(&mut *pool.acquire().await?).await?;
+            BTreeMap::new()
+        }
+    };
     let shards = source.shards().await?;
     anyhow::ensure!(
         !shards.is_empty(),

@@ -36,7 +36,7 @@ pub enum StoreError {
         applied: u64,
         first: u64,
     },
-    #[error("the target projection is not empty")]
+    #[error("the target projection is not empty: a rebuild needs an empty database")]
     NotEmpty,
     #[error("a bulk load was dropped before it finished")]
     Unfinished,
