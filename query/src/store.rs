@@ -99,7 +99,15 @@ pub struct Indexes {
 
 impl Indexes {
     /// Drops the indexes of `table` (in [`SCHEMA`]) in the transaction `conn` is in.
+    ///
+    /// Locks the table first, as the drops would: a load's transactions then wait for the ones
+    /// of a load dropped just before (whose tasks may still be rolling back) instead of
+    /// deadlocking with them over rows both touch before dropping indexes.
     pub async fn drop(conn: &mut PgConnection, table: &str) -> Result<Indexes, StoreError> {
+        let lock = format!("LOCK TABLE {SCHEMA}.{table} IN ACCESS EXCLUSIVE MODE");
+        sqlx::query(sqlx::AssertSqlSafe(lock))
+            .execute(&mut *conn)
+            .await?;
         let constraints: Vec<(String, String)> = sqlx::query_as(
             "SELECT format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname),
                     format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname,
@@ -799,10 +807,11 @@ impl CopyStream {
         let pool = pool.clone();
         let copying = tokio::spawn(async move {
             let mut tx = begin(&pool).await?;
+            // The table's lock first (see `Indexes::drop`), then its rows.
+            let indexes = Indexes::drop(&mut tx, target.table).await?;
             if let Some(held) = held {
                 held.take(&mut tx).await?;
             }
-            let indexes = Indexes::drop(&mut tx, target.table).await?;
             copy::stream(&mut tx, target, receiver).await?;
             let turn = committing.await.map_err(|_| StoreError::Unfinished)?;
             indexes.build(&mut tx).await?;
