@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+mod batch;
 pub mod cluster;
 pub mod console;
 mod metrics;
@@ -47,6 +48,8 @@ impl Default for Options {
 
 pub struct AppState {
     pub pool: sqlx::PgPool,
+    /// Idempotency records, written in batches.
+    pub records: store::Records,
     pub cluster: Arc<cluster::Cluster>,
     pub authenticator: auth::Authenticator,
     pub options: Options,
@@ -67,6 +70,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             query,
+            records: store::Records::start(pool.clone()),
             pool,
             cluster,
             authenticator: auth::Authenticator::new(options.requests_per_second_max),

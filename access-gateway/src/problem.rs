@@ -65,6 +65,12 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::store::Failed> for ApiError {
+    fn from(error: crate::store::Failed) -> ApiError {
+        ApiError::Unavailable(format!("postgres: {error}"))
+    }
+}
+
 impl ApiError {
     fn problem(&self) -> Problem {
         let (status, kind, title) = match self {

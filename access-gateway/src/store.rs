@@ -1,12 +1,16 @@
 //! The gateway's own Postgres tables: API keys (hashed) and idempotency records. Gateways share
 //! them, so any replica replays any other's responses, and they survive restarts.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use sqlx::Row;
 
 use crate::auth::{Caller, Scope};
+use crate::batch::Batcher;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -116,6 +120,7 @@ fn constant_time_equal(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Where a request with an idempotency key stands.
+#[derive(Debug, PartialEq)]
 pub enum Claim {
     /// First time, or a retry of one that never got a final answer: go ahead (again), routing to
     /// the coordinator shard recorded here (if any).
@@ -126,77 +131,258 @@ pub enum Claim {
     Mismatch,
 }
 
-pub struct NewClaim<'a> {
-    pub tenant_id: &'a str,
-    pub idempotency_key: &'a str,
-    pub request_hash: &'a [u8; 32],
-    pub txn_id: Option<&'a str>,
+pub struct NewClaim {
+    pub tenant_id: String,
+    pub idempotency_key: String,
+    pub request_hash: [u8; 32],
+    pub txn_id: Option<String>,
     pub coordinator_shard_id: Option<u32>,
 }
 
-/// Records the key (first caller wins) and says how to go on.
-pub async fn claim(pool: &PgPool, new: &NewClaim<'_>) -> Result<Claim, sqlx::Error> {
-    let coordinator = new.coordinator_shard_id.map(|id| id as i32);
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys \
-         (tenant_id, idempotency_key, request_hash, txn_id, coordinator_shard_id) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
-    .bind(new.tenant_id)
-    .bind(new.idempotency_key)
-    .bind(&new.request_hash[..])
-    .bind(new.txn_id)
-    .bind(coordinator)
-    .execute(pool)
-    .await?;
-    if inserted.rows_affected() == 1 {
-        return Ok(Claim::Proceed {
-            coordinator_shard_id: new.coordinator_shard_id,
-        });
-    }
-    let row = sqlx::query(
-        "SELECT request_hash, coordinator_shard_id, status_code, response \
-         FROM idempotency_keys WHERE tenant_id = $1 AND idempotency_key = $2",
-    )
-    .bind(new.tenant_id)
-    .bind(new.idempotency_key)
-    .fetch_one(pool)
-    .await?;
-    let stored_hash: Vec<u8> = row.get("request_hash");
-    if stored_hash != new.request_hash[..] {
-        return Ok(Claim::Mismatch);
-    }
-    let status_code: Option<i32> = row.get("status_code");
-    let response: Option<Value> = row.get("response");
-    Ok(match (status_code, response) {
-        (Some(status_code), Some(response)) => Claim::Replay {
-            status_code: u16::try_from(status_code).unwrap_or(500),
-            response,
-        },
-        _ => Claim::Proceed {
-            coordinator_shard_id: row
-                .get::<Option<i32>, _>("coordinator_shard_id")
-                .map(|id| id as u32),
-        },
-    })
+/// The final response of a claimed key.
+pub struct Completion {
+    pub tenant_id: String,
+    pub idempotency_key: String,
+    pub status_code: u16,
+    pub response: Value,
 }
 
-/// Stores the final response of a claimed key (the first final answer wins).
-pub async fn complete(
-    pool: &PgPool,
-    tenant_id: &str,
-    idempotency_key: &str,
-    status_code: u16,
-    response: &Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE idempotency_keys SET status_code = $3, response = $4, completed_at = now() \
-         WHERE tenant_id = $1 AND idempotency_key = $2 AND status_code IS NULL",
+/// A failed statement: the same for every request of its batch.
+pub type Failed = Arc<sqlx::Error>;
+
+/// Idempotency records, claimed and completed in batches ([`crate::batch`]): each batch is one
+/// statement and one commit.
+pub struct Records {
+    claims: Batcher<NewClaim, Result<Claim, Failed>>,
+    completions: Batcher<Completion, Result<(), Failed>>,
+}
+
+/// Statements of each kind in flight at once: one, so that the next batch gathers while it runs
+/// (`bench-gateway`, one run each: 1,560 payments/s with one, 1,354/s with four).
+const BATCHES_IN_FLIGHT_MAX: usize = 1;
+const BATCH_ROWS_MAX: usize = 256;
+
+impl Records {
+    /// Must be called in a Tokio runtime.
+    pub fn start(pool: PgPool) -> Records {
+        let claims_pool = pool.clone();
+        let claims = Batcher::start(BATCHES_IN_FLIGHT_MAX, BATCH_ROWS_MAX, move |claims| {
+            let pool = claims_pool.clone();
+            async move {
+                let count = claims.len();
+                match claim_all(&pool, &claims).await {
+                    Ok(answers) => answers.into_iter().map(Ok).collect(),
+                    Err(error) => {
+                        let failed = Arc::new(error);
+                        (0..count).map(|_| Err(Arc::clone(&failed))).collect()
+                    }
+                }
+            }
+        });
+        let completions = Batcher::start(BATCHES_IN_FLIGHT_MAX, BATCH_ROWS_MAX, move |done| {
+            let pool = pool.clone();
+            async move {
+                let answer = complete_all(&pool, &done).await.map_err(Arc::new);
+                vec![answer; done.len()]
+            }
+        });
+        Records {
+            claims,
+            completions,
+        }
+    }
+
+    /// Records the key (first caller wins) and says how to go on.
+    pub async fn claim(&self, claim: NewClaim) -> Result<Claim, Failed> {
+        self.claims.submit(claim).await.unwrap_or_else(stopped)
+    }
+
+    /// Stores the final response of a claimed key (the first final answer wins).
+    pub async fn complete(&self, completion: Completion) -> Result<(), Failed> {
+        self.completions
+            .submit(completion)
+            .await
+            .unwrap_or_else(stopped)
+    }
+}
+
+/// The batch task is gone (it ends only when its queue does).
+fn stopped<T>() -> Result<T, Failed> {
+    Err(Arc::new(sqlx::Error::WorkerCrashed))
+}
+
+/// Claims keys with one statement: the first claim of each key inserts it, and every claim
+/// whose key was there already (before the batch, or earlier in it) is answered from its row,
+/// read by a second statement.
+async fn claim_all(pool: &PgPool, claims: &[NewClaim]) -> Result<Vec<Claim>, sqlx::Error> {
+    let mut firsts = HashSet::new();
+    let new: Vec<&NewClaim> = claims
+        .iter()
+        .filter(|claim| firsts.insert((&claim.tenant_id, &claim.idempotency_key)))
+        .collect();
+    let inserted: HashSet<(String, String)> = sqlx::query_as(
+        "INSERT INTO idempotency_keys \
+         (tenant_id, idempotency_key, request_hash, txn_id, coordinator_shard_id) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::integer[]) \
+         ON CONFLICT DO NOTHING RETURNING tenant_id, idempotency_key",
     )
-    .bind(tenant_id)
-    .bind(idempotency_key)
-    .bind(i32::from(status_code))
-    .bind(response)
+    .bind(
+        new.iter()
+            .map(|claim| claim.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|claim| claim.idempotency_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|claim| &claim.request_hash[..])
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|claim| claim.txn_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|claim| claim.coordinator_shard_id.map(|id| id as i32))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    // Each key inserted now proceeds with its first claim; every other claim reads the row.
+    let mut proceeding: HashSet<(String, String)> = HashSet::new();
+    let fresh: Vec<bool> = claims
+        .iter()
+        .map(|claim| {
+            let key = (claim.tenant_id.clone(), claim.idempotency_key.clone());
+            inserted.contains(&key) && proceeding.insert(key)
+        })
+        .collect();
+    let known = claims.iter().zip(&fresh).filter(|(_, fresh)| !**fresh);
+    let rows = if fresh.iter().all(|fresh| *fresh) {
+        HashMap::new()
+    } else {
+        recorded(pool, known.map(|(claim, _)| claim)).await?
+    };
+    claims
+        .iter()
+        .zip(fresh)
+        .map(|(claim, fresh)| {
+            if fresh {
+                return Ok(Claim::Proceed {
+                    coordinator_shard_id: claim.coordinator_shard_id,
+                });
+            }
+            let key = (claim.tenant_id.clone(), claim.idempotency_key.clone());
+            let row = rows.get(&key).ok_or(sqlx::Error::RowNotFound)?;
+            Ok(row.answer(&claim.request_hash))
+        })
+        .collect()
+}
+
+/// A key's row as a later claim finds it.
+struct Recorded {
+    request_hash: Vec<u8>,
+    coordinator_shard_id: Option<i32>,
+    status_code: Option<i32>,
+    response: Option<Value>,
+}
+
+impl Recorded {
+    fn answer(&self, request_hash: &[u8; 32]) -> Claim {
+        if self.request_hash != request_hash[..] {
+            return Claim::Mismatch;
+        }
+        match (self.status_code, &self.response) {
+            (Some(status_code), Some(response)) => Claim::Replay {
+                status_code: u16::try_from(status_code).unwrap_or(500),
+                response: response.clone(),
+            },
+            _ => Claim::Proceed {
+                coordinator_shard_id: self.coordinator_shard_id.map(|id| id as u32),
+            },
+        }
+    }
+}
+
+/// The rows of the claims' keys, by (tenant, key).
+async fn recorded(
+    pool: &PgPool,
+    claims: impl Iterator<Item = &NewClaim> + Clone,
+) -> Result<HashMap<(String, String), Recorded>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT tenant_id, idempotency_key, request_hash, coordinator_shard_id, status_code, \
+         response FROM idempotency_keys \
+         WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+    )
+    .bind(
+        claims
+            .clone()
+            .map(|claim| claim.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        claims
+            .map(|claim| claim.idempotency_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let key = (row.get("tenant_id"), row.get("idempotency_key"));
+            let recorded = Recorded {
+                request_hash: row.get("request_hash"),
+                coordinator_shard_id: row.get("coordinator_shard_id"),
+                status_code: row.get("status_code"),
+                response: row.get("response"),
+            };
+            (key, recorded)
+        })
+        .collect())
+}
+
+/// Stores final responses with one statement; a key already answered keeps its answer.
+async fn complete_all(pool: &PgPool, completions: &[Completion]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE idempotency_keys AS k \
+         SET status_code = done.status_code, response = done.response, completed_at = now() \
+         FROM unnest($1::text[], $2::text[], $3::integer[], $4::jsonb[]) \
+         AS done (tenant_id, idempotency_key, status_code, response) \
+         WHERE k.tenant_id = done.tenant_id AND k.idempotency_key = done.idempotency_key \
+         AND k.status_code IS NULL",
+    )
+    .bind(
+        completions
+            .iter()
+            .map(|done| done.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        completions
+            .iter()
+            .map(|done| done.idempotency_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        completions
+            .iter()
+            .map(|done| i32::from(done.status_code))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        completions
+            .iter()
+            .map(|done| &done.response)
+            .collect::<Vec<_>>(),
+    )
     .execute(pool)
     .await?;
     Ok(())

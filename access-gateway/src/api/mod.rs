@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::problem::{ApiError, problem_response};
-use crate::store::{self, Claim, NewClaim};
+use crate::store::{Claim, Completion, NewClaim};
 
 /// A JSON body; malformed JSON, unknown fields, a wrong media type or an oversized body become
 /// problem documents.
@@ -157,17 +157,16 @@ where
     hasher.update([0]);
     hasher.update(serde_json::to_vec(operation.body).expect("request bodies serialize"));
     let request_hash: [u8; 32] = hasher.finalize().into();
-    let claim = store::claim(
-        &state.pool,
-        &NewClaim {
-            tenant_id: &caller.tenant_id,
-            idempotency_key: &key.0,
-            request_hash: &request_hash,
-            txn_id: operation.txn_id,
+    let claim = state
+        .records
+        .claim(NewClaim {
+            tenant_id: caller.tenant_id.clone(),
+            idempotency_key: key.0.clone(),
+            request_hash,
+            txn_id: operation.txn_id.map(str::to_string),
             coordinator_shard_id: operation.coordinator_shard_id,
-        },
-    )
-    .await;
+        })
+        .await;
     let coordinator_shard_id = match claim {
         Err(error) => return ApiError::from(error).into_response(),
         Ok(Claim::Mismatch) => return ApiError::IdempotencyMismatch.into_response(),
@@ -192,14 +191,15 @@ where
         }
     };
     if is_final
-        && let Err(error) = store::complete(
-            &state.pool,
-            &caller.tenant_id,
-            &key.0,
-            status.as_u16(),
-            &body,
-        )
-        .await
+        && let Err(error) = state
+            .records
+            .complete(Completion {
+                tenant_id: caller.tenant_id.clone(),
+                idempotency_key: key.0.clone(),
+                status_code: status.as_u16(),
+                response: body.clone(),
+            })
+            .await
     {
         // The work is done (and idempotent), only its record is missing: a retry redoes it.
         tracing::warn!(%error, "could not store an idempotent response");

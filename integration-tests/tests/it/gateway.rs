@@ -1085,6 +1085,84 @@ async fn idempotency_keys_replay_refuse_changes_and_survive_restarts() {
     assert_money_conserved(&platform).await;
 }
 
+/// The idempotency records, written in batches: whatever concurrent claims share a statement,
+/// each gets the answer it would get alone — the first claim of a key proceeds and fixes its
+/// route, later ones with the same request follow that route, another request gets a mismatch,
+/// keys are per tenant, and once completed the first answer is replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_claims_in_one_batch_answer_as_if_made_one_by_one() {
+    use access_gateway::store::{self, Claim, Completion, NewClaim, Records};
+    let database = integration_tests::postgres::fresh_database().await.unwrap();
+    let records = Records::start(store::connect(&database.url).await.unwrap());
+    let claim = |tenant: &str, key: &str, request: u8, shard: u32| NewClaim {
+        tenant_id: tenant.into(),
+        idempotency_key: key.into(),
+        request_hash: [request; 32],
+        txn_id: Some(format!("{tenant}/{key}")),
+        coordinator_shard_id: Some(shard),
+    };
+    let proceed = |shard| Claim::Proceed {
+        coordinator_shard_id: Some(shard),
+    };
+    // Sent together, in this order: they queue behind one another and leave in one or two
+    // statements.
+    let answers = futures::future::join_all([
+        records.claim(claim("acme", "a", 1, 1)),
+        records.claim(claim("acme", "a", 1, 2)),
+        records.claim(claim("acme", "a", 2, 1)),
+        records.claim(claim("other", "a", 2, 3)),
+        records.claim(claim("acme", "b", 1, 2)),
+    ])
+    .await;
+    let answers: Vec<Claim> = answers.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        answers,
+        [
+            proceed(1),
+            proceed(1),
+            Claim::Mismatch,
+            proceed(3),
+            proceed(2)
+        ]
+    );
+
+    let completion = |key: &str, status_code: u16| Completion {
+        tenant_id: "acme".into(),
+        idempotency_key: key.into(),
+        status_code,
+        response: json!({ "key": key, "status": status_code }),
+    };
+    let completed = futures::future::join_all([
+        records.complete(completion("a", 201)),
+        records.complete(completion("b", 422)),
+    ])
+    .await;
+    assert!(completed.iter().all(Result::is_ok), "{completed:?}");
+    // A later final answer does not replace the first.
+    records.complete(completion("a", 202)).await.unwrap();
+    let answers = futures::future::join_all([
+        records.claim(claim("acme", "a", 1, 2)),
+        records.claim(claim("acme", "a", 2, 2)),
+        records.claim(claim("acme", "b", 1, 1)),
+        records.claim(claim("other", "a", 2, 1)),
+    ])
+    .await;
+    let answers: Vec<Claim> = answers.into_iter().map(Result::unwrap).collect();
+    let replay = |key: &str, status_code: u16| Claim::Replay {
+        status_code,
+        response: json!({ "key": key, "status": status_code }),
+    };
+    assert_eq!(
+        answers,
+        [
+            replay("a", 201),
+            Claim::Mismatch,
+            replay("b", 422),
+            proceed(3)
+        ]
+    );
+}
+
 /// The schema-driven fuzzer (schemathesis, installed by the test script) against
 /// `/openapi.json`: no 5xx, and every response matches the documented status codes, media types
 /// and schemas.
