@@ -8,7 +8,6 @@
 
 pub mod api;
 pub mod auth;
-mod batch;
 pub mod cluster;
 pub mod console;
 mod metrics;

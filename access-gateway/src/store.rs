@@ -4,13 +4,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use consensus::batch::{BatchLimits, Batcher};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use sqlx::Row;
 
 use crate::auth::{Caller, Scope};
-use crate::batch::Batcher;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -150,7 +150,7 @@ pub struct Completion {
 /// A failed statement: the same for every request of its batch.
 pub type Failed = Arc<sqlx::Error>;
 
-/// Idempotency records, claimed and completed in batches ([`crate::batch`]): each batch is one
+/// Idempotency records, claimed and completed in batches ([`consensus::batch`]): each batch is one
 /// statement and one commit.
 pub struct Records {
     claims: Batcher<NewClaim, Result<Claim, Failed>>,
@@ -166,7 +166,8 @@ impl Records {
     /// Must be called in a Tokio runtime.
     pub fn start(pool: PgPool) -> Records {
         let claims_pool = pool.clone();
-        let claims = Batcher::start(BATCHES_IN_FLIGHT_MAX, BATCH_ROWS_MAX, move |claims| {
+        let limits = BatchLimits::unwindowed(BATCHES_IN_FLIGHT_MAX, BATCH_ROWS_MAX);
+        let claims = Batcher::start(limits, move |claims| {
             let pool = claims_pool.clone();
             async move {
                 let count = claims.len();
@@ -179,7 +180,7 @@ impl Records {
                 }
             }
         });
-        let completions = Batcher::start(BATCHES_IN_FLIGHT_MAX, BATCH_ROWS_MAX, move |done| {
+        let completions = Batcher::start(limits, move |done| {
             let pool = pool.clone();
             async move {
                 let answer = complete_all(&pool, &done).await.map_err(Arc::new);

@@ -5,12 +5,13 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use consensus::batch::{BatchLimits, run_batches};
 use consensus::client::{Answer, LeaderClient};
 pub use consensus::client::{Unknown, channel};
 use prost::Message;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 /// How long a `min_seq` read waits for the replica to catch up before answering `NotCaughtUp`.
 pub const READ_WAIT_MS_MAX: u32 = 2_000;
@@ -236,42 +237,23 @@ impl ShardClient {
 }
 
 /// Takes the queued commands in calls of up to `CALL_COMMANDS_MAX`, at most
-/// `CALLS_IN_FLIGHT_MAX` at once; ends when the client is dropped.
-async fn send_calls(group: Arc<LeaderClient>, mut commands: mpsc::UnboundedReceiver<Queued>) {
-    let in_flight = Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX));
-    while let Some(first) = commands.recv().await {
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        // With the other call in flight, this permit was most likely freed by a call whose
-        // callers are sending their next commands right now: wait a moment for them rather
-        // than leave with the first few.
-        let busy = in_flight.available_permits() + 1 < CALLS_IN_FLIGHT_MAX;
-        let gathered_by = tokio::time::Instant::now() + GATHER_WINDOW;
-        let mut bytes = first.command.encoded_len();
-        let mut call = vec![first];
-        while call.len() < CALL_COMMANDS_MAX && bytes < CALL_BYTES_MAX {
-            let next = match commands.try_recv() {
-                Ok(next) => next,
-                Err(mpsc::error::TryRecvError::Empty) if busy => {
-                    match tokio::time::timeout_at(gathered_by, commands.recv()).await {
-                        Ok(Some(next)) => next,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-                Err(_) => break,
-            };
-            bytes += next.command.encoded_len();
-            call.push(next);
-        }
+/// `CALLS_IN_FLIGHT_MAX` at once; ends when the client is dropped. With another call in flight,
+/// a call waits `GATHER_WINDOW` for more: the call that freed its slot most likely answered
+/// callers who are sending their next commands right now.
+async fn send_calls(group: Arc<LeaderClient>, commands: mpsc::UnboundedReceiver<Queued>) {
+    let limits = BatchLimits {
+        in_flight_max: CALLS_IN_FLIGHT_MAX,
+        items_max: CALL_COMMANDS_MAX,
+        weight_max: CALL_BYTES_MAX,
+        window: GATHER_WINDOW,
+        window_only_when_busy: true,
+    };
+    let weight = |queued: &Queued| queued.command.encoded_len();
+    run_batches(commands, limits, weight, |call| {
         let group = group.clone();
-        tokio::spawn(async move {
-            execute_many(&group, call).await;
-            drop(permit);
-        });
-    }
+        async move { execute_many(&group, call).await }
+    })
+    .await;
 }
 
 /// One `ExecuteMany` call, following redirects until the soonest deadline among its commands;

@@ -7,6 +7,7 @@
 
 mod admin;
 mod app;
+pub mod batch;
 pub mod client;
 pub mod event_log;
 pub mod group;

@@ -6,14 +6,14 @@
 //! previous one to commit (up to `entries_in_flight_max` at once). Under load, requests pile up
 //! while entries are in flight, so entries grow by themselves.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use prometheus_client::metrics::histogram::Histogram;
 
+use crate::batch::{BatchLimits, run_batches};
 use crate::{App, NodeId, Proposal, Raft, RaftMetrics};
 
 #[derive(Clone, Copy, Debug)]
@@ -95,37 +95,27 @@ impl<A: App> Proposer<A> {
 async fn pack<A: App>(
     raft: Raft<A>,
     limits: ProposerLimits,
-    mut queue: mpsc::Receiver<(A::Request, Reply<A>)>,
+    queue: mpsc::Receiver<(A::Request, Reply<A>)>,
     entry_requests: Histogram,
 ) {
-    let in_flight = Arc::new(Semaphore::new(limits.entries_in_flight_max));
-    while let Some(first) = queue.recv().await {
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let mut requests = vec![first];
-        let deadline = tokio::time::Instant::now() + limits.window;
-        while requests.len() < limits.entry_requests_max {
-            match queue.try_recv() {
-                Ok(next) => requests.push(next),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, queue.recv()).await {
-                        Ok(Some(next)) => requests.push(next),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-            }
-        }
-        entry_requests.observe(requests.len() as f64);
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            commit(&raft, requests).await;
-            drop(permit);
-        });
-    }
+    let limits = BatchLimits {
+        in_flight_max: limits.entries_in_flight_max,
+        items_max: limits.entry_requests_max,
+        weight_max: usize::MAX,
+        window: limits.window,
+        window_only_when_busy: false,
+    };
+    run_batches(
+        queue,
+        limits,
+        |_| 0,
+        |requests| {
+            entry_requests.observe(requests.len() as f64);
+            let raft = raft.clone();
+            async move { commit(&raft, requests).await }
+        },
+    )
+    .await;
 }
 
 async fn commit<A: App>(raft: &Raft<A>, requests: Vec<(A::Request, Reply<A>)>) {
