@@ -194,7 +194,7 @@ mod tests {
             in_flight_max: 1,
             items_max: 100,
             weight_max: 10,
-            window: Duration::from_millis(50),
+            window: Duration::from_millis(500),
             window_only_when_busy: false,
         };
         tokio::spawn(run_batches(
