@@ -216,10 +216,16 @@ fn stopped<T>() -> Result<T, Failed> {
 /// whose key was there already (before the batch, or earlier in it) is answered from its row,
 /// read by a second statement.
 async fn claim_all(pool: &PgPool, claims: &[NewClaim]) -> Result<Vec<Claim>, sqlx::Error> {
-    let mut firsts = HashSet::new();
+    // The first claim of each key in the batch is the one that may insert it.
+    let mut seen = HashSet::new();
+    let first: Vec<bool> = claims
+        .iter()
+        .map(|claim| seen.insert((&claim.tenant_id, &claim.idempotency_key)))
+        .collect();
     let new: Vec<&NewClaim> = claims
         .iter()
-        .filter(|claim| firsts.insert((&claim.tenant_id, &claim.idempotency_key)))
+        .zip(&first)
+        .filter_map(|(claim, first)| first.then_some(claim))
         .collect();
     let inserted: HashSet<(String, String)> = sqlx::query_as(
         "INSERT INTO idempotency_keys \
@@ -257,12 +263,11 @@ async fn claim_all(pool: &PgPool, claims: &[NewClaim]) -> Result<Vec<Claim>, sql
     .into_iter()
     .collect();
     // Each key inserted now proceeds with its first claim; every other claim reads the row.
-    let mut proceeding: HashSet<(String, String)> = HashSet::new();
     let fresh: Vec<bool> = claims
         .iter()
-        .map(|claim| {
-            let key = (claim.tenant_id.clone(), claim.idempotency_key.clone());
-            inserted.contains(&key) && proceeding.insert(key)
+        .zip(first)
+        .map(|(claim, first)| {
+            first && inserted.contains(&(claim.tenant_id.clone(), claim.idempotency_key.clone()))
         })
         .collect();
     let known = claims.iter().zip(&fresh).filter(|(_, fresh)| !**fresh);
