@@ -238,7 +238,7 @@ mod tests {
         else {
             panic!("begun")
         };
-        (coordinator, *transaction)
+        (coordinator, Transaction::clone(&transaction))
     }
 
     /// Writes a proposed command and returns the record after it.
@@ -250,7 +250,7 @@ mod tests {
         else {
             panic!("applied")
         };
-        *transaction
+        Transaction::clone(&transaction)
     }
 
     fn ok(seq: u64) -> Answer {

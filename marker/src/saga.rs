@@ -98,7 +98,8 @@ pub enum CoordinatorCommand {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CoordinatorResponse {
-    Transaction(Box<Transaction>),
+    /// The record as it stands after the command (shared with the coordinator's map).
+    Transaction(Arc<Transaction>),
     /// The idempotency key was used with another body.
     IdempotencyMismatch {
         txn_id: TxnId,
@@ -119,7 +120,8 @@ pub struct LifecycleEvent {
     pub seq: u64,
     pub timestamp_ms: i64,
     pub kind: LifecycleKind,
-    pub transaction: Transaction,
+    /// Shared with the coordinator's map (encoded as the record itself).
+    pub transaction: Arc<Transaction>,
 }
 
 /// The transaction id of a client's idempotency key: the same key always names the same
@@ -309,18 +311,16 @@ impl Coordinator {
         timestamp_ms: i64,
     ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         self.last_seq += 1;
+        let transaction = Arc::new(transaction);
         self.transactions
-            .insert(transaction.txn_id.clone(), Arc::new(transaction.clone()));
+            .insert(transaction.txn_id.clone(), transaction.clone());
         let event = LifecycleEvent {
             seq: self.last_seq,
             timestamp_ms,
             kind,
             transaction: transaction.clone(),
         };
-        (
-            CoordinatorResponse::Transaction(Box::new(transaction)),
-            Some(event),
-        )
+        (CoordinatorResponse::Transaction(transaction), Some(event))
     }
 
     pub fn export(&self) -> CoordinatorState {
@@ -361,11 +361,8 @@ impl Coordinator {
 }
 
 /// The answer to a command that changes nothing: the transaction as it stands, and no event.
-fn unchanged(existing: &Transaction) -> (CoordinatorResponse, Option<LifecycleEvent>) {
-    (
-        CoordinatorResponse::Transaction(Box::new(existing.clone())),
-        None,
-    )
+fn unchanged(existing: &Arc<Transaction>) -> (CoordinatorResponse, Option<LifecycleEvent>) {
+    (CoordinatorResponse::Transaction(existing.clone()), None)
 }
 
 #[cfg(test)]

@@ -66,7 +66,8 @@ pub async fn start(options: CoordinatorOptions) -> anyhow::Result<consensus::Rep
         }));
     }
     let raft = group.raft.clone();
-    let metrics = CoordinatorMetrics::register(&mut group.registry);
+    let counts = group.machine.read(|machine| machine.counts().clone());
+    let metrics = CoordinatorMetrics::register(&mut group.registry, counts);
     tokio::spawn(metrics.clone().follow(group.machine.clone()));
     let driver = Driver::new(
         options.coordinator_shard_id,

@@ -128,35 +128,37 @@ impl CoordinatorService {
         transaction_message(self.coordinator_shard_id, transaction)
     }
 
-    /// Waits (bounded) until the transaction is decided; returns its latest state.
-    /// Waits (bounded) until the transaction is decided, or done when `until_done`.
+    /// Waits (bounded) until the transaction is decided, or done when `until_done`; returns its
+    /// latest state.
     async fn wait_for(
         &self,
         txn_id: &TxnId,
         until_done: bool,
         wait: Duration,
     ) -> Option<Arc<Transaction>> {
-        let mut applied = self
-            .driver
-            .machine
-            .read(|machine| machine.subscribe_applied_seq());
-        // Checked on every applied entry by every waiter: look without copying the transaction.
-        let reached = || {
-            self.driver.machine.read(|machine| {
-                machine
-                    .coordinator()
-                    .transaction(txn_id)
-                    .is_some_and(|t| t.decision.is_some() && (t.done || !until_done))
-            })
-        };
-        let _ = tokio::time::timeout(wait, async {
+        let waited = tokio::time::timeout(wait, async {
             loop {
-                if reached() || applied.changed().await.is_err() {
+                // Looked at and waited for under one read of the machine, so no step can come
+                // in between unseen.
+                let next_step = self.driver.machine.read(|machine| {
+                    let reached = machine
+                        .coordinator()
+                        .transaction(txn_id)
+                        .is_some_and(|t| t.decision.is_some() && (t.done || !until_done));
+                    (!reached).then(|| machine.next_step(txn_id))
+                });
+                let Some(next_step) = next_step else { return };
+                if next_step.await.is_err() {
                     return;
                 }
             }
         })
         .await;
+        if waited.is_err() {
+            self.driver
+                .machine
+                .read(|machine| machine.forget_abandoned(txn_id));
+        }
         self.driver.transaction(txn_id)
     }
 
@@ -176,7 +178,7 @@ impl CoordinatorService {
         &self,
         txn_id: &TxnId,
         reason: AbortReason,
-    ) -> Result<Option<Transaction>, ProposeError> {
+    ) -> Result<Option<Arc<Transaction>>, ProposeError> {
         let decision = Decision::Abort {
             reason,
             outcome: Outcome::Ok,
@@ -189,7 +191,7 @@ impl CoordinatorService {
         match self.driver.proposer.propose(command).await? {
             CoordinatorResponse::Transaction(transaction) => {
                 self.driver.ensure_driving(txn_id);
-                Ok(Some(*transaction))
+                Ok(Some(transaction))
             }
             _ => Ok(None),
         }
@@ -326,7 +328,7 @@ impl CoordinatorRpc for CoordinatorService {
             .propose(CoordinatorCommand::Begin(Box::new(new)))
             .await
         {
-            Ok(CoordinatorResponse::Transaction(transaction)) => Arc::new(*transaction),
+            Ok(CoordinatorResponse::Transaction(transaction)) => transaction,
             Ok(CoordinatorResponse::IdempotencyMismatch { txn_id }) => {
                 let reply = Reply::IdempotencyMismatch(pb::IdempotencyMismatch {
                     txn_id: txn_id.to_string(),

@@ -777,7 +777,7 @@ impl World {
                 .waiting_clients
                 .remove(&transaction.txn_id)
                 .unwrap_or_default();
-            let status = status_of(Some(transaction));
+            let status = status_of(Some(&**transaction));
             for client in clients {
                 self.send(
                     Node::Coordinator,
@@ -925,7 +925,7 @@ impl World {
         match response {
             CoordinatorResponse::Transaction(transaction) => {
                 self.ensure_driving(txn_id);
-                status_of(Some(&transaction))
+                status_of(Some(&*transaction))
             }
             // Never begun here: nothing can ever commit it.
             _ => Status::Aborted,
