@@ -61,12 +61,19 @@ pub enum ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
-        ApiError::Unavailable(format!("postgres: {error}"))
+        ApiError::from(&error)
     }
 }
 
+/// A batch's failed statement, shared by every request of the batch.
 impl From<crate::store::Failed> for ApiError {
     fn from(error: crate::store::Failed) -> ApiError {
+        ApiError::from(&*error)
+    }
+}
+
+impl From<&sqlx::Error> for ApiError {
+    fn from(error: &sqlx::Error) -> ApiError {
         ApiError::Unavailable(format!("postgres: {error}"))
     }
 }

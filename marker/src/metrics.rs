@@ -17,11 +17,28 @@ use crate::saga::{AbortReason, Decision, LifecycleEvent, LifecycleKind};
 const REFRESH: Duration = Duration::from_secs(1);
 
 /// The lifecycle steps a replica has applied, counted by its state machine.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct LifecycleCounts {
     pub(crate) submitted: Counter,
     /// By `decision` (commit, abort) and `reason` (for aborts).
     pub(crate) decided: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// The commits' series of `decided`, looked up once: counting one on the apply path then
+    /// allocates no label set.
+    committed: Counter,
+}
+
+impl Default for LifecycleCounts {
+    fn default() -> LifecycleCounts {
+        let decided: Family<_, Counter> = Family::default();
+        let committed = decided
+            .get_or_create(&vec![("decision", "commit"), ("reason", "")])
+            .clone();
+        LifecycleCounts {
+            submitted: Counter::default(),
+            decided,
+            committed,
+        }
+    }
 }
 
 impl LifecycleCounts {
@@ -31,9 +48,7 @@ impl LifecycleCounts {
                 self.submitted.inc();
             }
             (LifecycleKind::Decided, Some(Decision::Commit)) => {
-                self.decided
-                    .get_or_create(&vec![("decision", "commit"), ("reason", "")])
-                    .inc();
+                self.committed.inc();
             }
             (LifecycleKind::Decided, Some(Decision::Abort { reason, .. })) => {
                 let reason = match reason {
