@@ -146,8 +146,12 @@ impl App for LedgerMachine {
         if let Some((request_id, record)) = &applied.changes.dedup_inserted {
             writes.put_encoded(DEDUP, request_id.as_str().as_bytes(), record);
         }
-        for request_id in &applied.changes.dedup_removed {
+        let pruned = &applied.changes.pruned;
+        for request_id in &pruned.dedup {
             writes.delete(DEDUP, request_id.as_str().as_bytes());
+        }
+        for txn_id in &pruned.transactions {
+            writes.delete(TRANSACTIONS, txn_id.as_str().as_bytes());
         }
         CommandResult {
             outcome: applied.outcome,

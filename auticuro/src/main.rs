@@ -39,10 +39,11 @@ struct Settings {
     /// Log entries kept behind a snapshot for slow followers [default: 1000].
     #[arg(long, env = "AUTICURO_LOGS_KEPT_AFTER_SNAPSHOT")]
     logs_kept_after_snapshot: Option<u64>,
-    /// How long request ids are remembered for idempotency, in hours [default: 168].
+    /// How long request ids and settled two-phase legs are remembered, in hours [default: 168].
     #[arg(long, env = "AUTICURO_DEDUP_RETENTION_HOURS")]
     dedup_retention_hours: Option<u64>,
-    /// How often the leader proposes pruning of expired request ids, in seconds [default: 3600].
+    /// How often the leader proposes pruning of what has expired, in seconds: each prune takes
+    /// what expired since the last one, so apply pauses for it in proportion [default: 60].
     #[arg(long, env = "AUTICURO_DEDUP_PRUNE_INTERVAL_SECONDS")]
     dedup_prune_interval_seconds: Option<u64>,
     /// A coordinator shard and its replicas, `ID=ADDRESS,ADDRESS,…` (repeat for each), asked
@@ -128,10 +129,7 @@ fn load_settings() -> anyhow::Result<auticuro::server::ReplicaOptions> {
             3_600 * settings.dedup_retention_hours.unwrap_or(7 * 24),
         ),
         dedup_prune_interval: Duration::from_secs(
-            settings
-                .dedup_prune_interval_seconds
-                .unwrap_or(3_600)
-                .max(1),
+            settings.dedup_prune_interval_seconds.unwrap_or(60).max(1),
         ),
         coordinator_shards: settings.coordinator_shards.into_iter().collect(),
         stale_hold_after: Duration::from_secs(

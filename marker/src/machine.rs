@@ -162,7 +162,8 @@ impl App for CoordinatorMachine {
         }
         self.coordinator = Coordinator::import(snapshot.state);
         let waiting = self.waiting.get_mut().expect("no poisoned lock");
-        self.woken.extend(waiting.drain().flat_map(|(_, senders)| senders));
+        self.woken
+            .extend(waiting.drain().flat_map(|(_, senders)| senders));
         Ok(())
     }
 
@@ -256,7 +257,10 @@ mod tests {
             txn_id: a.clone(),
             decision: Decision::Commit,
         };
-        machine.apply([entry(2, vec![decide.clone()])]).await.unwrap();
+        machine
+            .apply([entry(2, vec![decide.clone()])])
+            .await
+            .unwrap();
         for waiter in &mut a_waiters {
             assert_eq!(waiter.try_recv(), Ok(()));
         }

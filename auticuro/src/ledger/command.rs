@@ -101,7 +101,9 @@ pub enum CommandKind {
     VoidHold {
         hold_id: TxnId,
     },
-    /// Forgets idempotency records stamped before `older_than_ms` (leader time).
+    /// Forgets idempotency records stamped before `older_than_ms` (leader time), and the settled
+    /// two-phase legs (posted, voided, tombstones) reserved before it. Held legs stay, however
+    /// old, and so do authorization holds (clients read them).
     PruneDedup {
         older_than_ms: i64,
     },

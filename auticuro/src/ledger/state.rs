@@ -3,7 +3,7 @@
 //! Pure and deterministic: no I/O, no clock, no randomness, and no iteration over hash maps
 //! whose order could leak into an outcome, an event or a digest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -101,7 +101,16 @@ pub struct Changes {
     pub transactions: Vec<(TxnId, TxnRecord)>,
     pub holds: Vec<(TxnId, HoldRecord)>,
     pub dedup_inserted: Option<(RequestId, DedupRecord)>,
-    pub dedup_removed: Vec<RequestId>,
+    /// What a prune forgot, each list sorted.
+    pub pruned: Pruned,
+}
+
+/// The records one `PruneDedup` forgets: idempotency records stamped before its cutoff, and
+/// settled two-phase legs reserved before it. (Authorization holds stay: clients read them.)
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub dedup: Vec<RequestId>,
+    pub transactions: Vec<TxnId>,
 }
 
 /// The result of `Ledger::apply`.
@@ -123,7 +132,7 @@ struct Effect {
     accounts: Vec<Account>,
     transactions: Vec<(TxnId, TxnRecord)>,
     holds: Vec<(TxnId, HoldRecord)>,
-    dedup_removed: Vec<RequestId>,
+    pruned: Pruned,
 }
 
 impl Effect {
@@ -158,6 +167,66 @@ pub struct Ledger {
     /// Per coordinator shard, the lowest epoch still allowed to send two-phase messages.
     fences: BTreeMap<u32, u64>,
     last_seq: u64,
+    /// What a prune may forget, oldest first, so it takes the expired records without a scan of
+    /// everything kept (which would stall every replica's apply at once).
+    expiring: Expiring,
+}
+
+/// The prunable records' keys by the `at_ms` of their record. Not part of the state: rebuilt
+/// from the records by [`Ledger::import`].
+#[derive(Debug, Default)]
+struct Expiring {
+    /// Every idempotency record. Leader time never goes back, so they arrive in order.
+    dedup: VecDeque<(i64, RequestId)>,
+    /// Two-phase legs once settled (posted, voided, tombstone): by reserve time, which is not
+    /// the order they settle in.
+    transactions: BTreeSet<(i64, TxnId)>,
+}
+
+impl Expiring {
+    fn record_dedup(&mut self, at_ms: i64, request_id: RequestId) {
+        if self.dedup.back().is_none_or(|(last, _)| *last <= at_ms) {
+            self.dedup.push_back((at_ms, request_id));
+        } else {
+            let position = self.dedup.partition_point(|(earlier, _)| *earlier <= at_ms);
+            self.dedup.insert(position, (at_ms, request_id));
+        }
+    }
+
+    fn older_than(&self, cutoff_ms: i64) -> Pruned {
+        fn sorted<'a, K: Clone + Ord + 'a>(
+            keys: impl Iterator<Item = &'a (i64, K)>,
+            cutoff_ms: i64,
+        ) -> Vec<K> {
+            let mut keys: Vec<K> = keys
+                .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
+                .map(|(_, key)| key.clone())
+                .collect();
+            keys.sort();
+            keys
+        }
+        Pruned {
+            dedup: sorted(self.dedup.iter(), cutoff_ms),
+            transactions: sorted(self.transactions.iter(), cutoff_ms),
+        }
+    }
+
+    fn forget_older_than(&mut self, cutoff_ms: i64) {
+        while self
+            .dedup
+            .front()
+            .is_some_and(|(at_ms, _)| *at_ms < cutoff_ms)
+        {
+            self.dedup.pop_front();
+        }
+        while self
+            .transactions
+            .first()
+            .is_some_and(|(at_ms, _)| *at_ms < cutoff_ms)
+        {
+            self.transactions.pop_first();
+        }
+    }
 }
 
 /// SHA-256 of a value's canonical (postcard) encoding, fed to the hash as it is encoded: a
@@ -263,6 +332,8 @@ impl Ledger {
         };
         self.dedup
             .insert(command.request_id.clone(), record.clone());
+        self.expiring
+            .record_dedup(record.at_ms, command.request_id.clone());
         Applied {
             outcome: record.outcome,
             duplicate: false,
@@ -290,22 +361,35 @@ impl Ledger {
             self.accounts.insert(account.id.clone(), account.clone());
         }
         for (txn_id, record) in &effect.transactions {
+            if record.state != LegState::Held {
+                self.expiring
+                    .transactions
+                    .insert((record.at_ms, txn_id.clone()));
+            }
             self.transactions.insert(txn_id.clone(), record.clone());
         }
         for (hold_id, record) in &effect.holds {
             self.holds.insert(hold_id.clone(), record.clone());
         }
-        for request_id in &effect.dedup_removed {
-            self.dedup.remove(request_id);
-        }
-        if let CommandKind::FenceCoordinator {
-            coordinator_shard_id,
-            below_epoch,
-        } = command.kind
-        {
-            let fence = self.fences.entry(coordinator_shard_id).or_default();
-            // Fences only ever rise.
-            *fence = (*fence).max(below_epoch);
+        match command.kind {
+            CommandKind::FenceCoordinator {
+                coordinator_shard_id,
+                below_epoch,
+            } => {
+                let fence = self.fences.entry(coordinator_shard_id).or_default();
+                // Fences only ever rise.
+                *fence = (*fence).max(below_epoch);
+            }
+            CommandKind::PruneDedup { older_than_ms } => {
+                for request_id in &effect.pruned.dedup {
+                    self.dedup.remove(request_id);
+                }
+                for txn_id in &effect.pruned.transactions {
+                    self.transactions.remove(txn_id);
+                }
+                self.expiring.forget_older_than(older_than_ms);
+            }
+            _ => {}
         }
         let record = DedupRecord {
             fingerprint: [0; 32],
@@ -324,7 +408,7 @@ impl Ledger {
             transactions: effect.transactions,
             holds: effect.holds,
             dedup_inserted: None,
-            dedup_removed: effect.dedup_removed,
+            pruned: effect.pruned,
         };
         (record, Some(event), changes)
     }
@@ -383,7 +467,10 @@ impl Ledger {
             CommandKind::VoidHold { hold_id } => self.void_hold(hold_id),
             CommandKind::Post { txn_id, owner } => self.post(txn_id, *owner),
             CommandKind::Void { txn_id, owner } => self.void(txn_id, *owner, timestamp_ms),
-            CommandKind::PruneDedup { older_than_ms } => Ok(self.prune_dedup(*older_than_ms)),
+            CommandKind::PruneDedup { older_than_ms } => Ok(Effect {
+                pruned: self.expiring.older_than(*older_than_ms),
+                ..Effect::default()
+            }),
             CommandKind::FenceCoordinator { .. } => Ok(Effect::accounts(Vec::new())),
         }
     }
@@ -852,20 +939,6 @@ impl Ledger {
             .count()
     }
 
-    fn prune_dedup(&self, older_than_ms: i64) -> Effect {
-        let mut removed: Vec<RequestId> = self
-            .dedup
-            .iter()
-            .filter(|(_, record)| record.at_ms < older_than_ms)
-            .map(|(id, _)| id.clone())
-            .collect();
-        removed.sort();
-        Effect {
-            dedup_removed: removed,
-            ..Effect::default()
-        }
-    }
-
     fn held_transaction(&self, txn_id: &TxnId, owner: Owner) -> Result<&TxnRecord, Rejection> {
         let record = self
             .transactions
@@ -955,6 +1028,21 @@ impl Ledger {
                 .entry(account.currency.clone())
                 .or_insert(account.scale);
         }
+        let mut dedup_by_age: Vec<(i64, RequestId)> = state
+            .dedup
+            .iter()
+            .map(|(request_id, record)| (record.at_ms, request_id.clone()))
+            .collect();
+        dedup_by_age.sort();
+        let expiring = Expiring {
+            dedup: dedup_by_age.into(),
+            transactions: state
+                .transactions
+                .iter()
+                .filter(|(_, record)| record.state != LegState::Held)
+                .map(|(txn_id, record)| (record.at_ms, txn_id.clone()))
+                .collect(),
+        };
         Ledger {
             accounts: state
                 .accounts
@@ -967,6 +1055,7 @@ impl Ledger {
             scales,
             fences: state.fences.into_iter().collect(),
             last_seq: state.last_seq,
+            expiring,
         }
     }
 

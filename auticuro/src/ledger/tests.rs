@@ -743,7 +743,7 @@ fn pruning_forgets_only_records_older_than_the_cutoff() {
         older_than_ms: cutoff,
     });
     assert_eq!(applied.outcome, Outcome::Ok);
-    let removed = applied.changes.dedup_removed.clone();
+    let removed = applied.changes.pruned.dedup.clone();
     assert_eq!(
         removed,
         vec![
@@ -758,6 +758,64 @@ fn pruning_forgets_only_records_older_than_the_cutoff() {
             .dedup_record(&RequestId::parse("req-3").unwrap())
             .is_some()
     );
+}
+
+#[test]
+fn pruning_forgets_settled_legs_but_keeps_held_ones_and_holds() {
+    let mut shard = Shard::with_customers();
+    shard.reserve("posted", COORDINATOR, &[("alice", -10), ("bob", 10)]);
+    shard.post("posted", COORDINATOR);
+    shard.reserve("voided", COORDINATOR, &[("alice", -10)]);
+    shard.void("voided", COORDINATOR);
+    shard.void("tombstone", COORDINATOR);
+    shard.reserve("held", COORDINATOR, &[("alice", -10)]);
+    shard.run(place_hold("hold-voided", "alice", 5));
+    shard.run(CommandKind::VoidHold {
+        hold_id: txn("hold-voided"),
+    });
+    shard.run(place_hold("hold-open", "alice", 5));
+    let cutoff = T0 + shard.next_request as i64 + 1;
+    // Reserved at the cutoff and settled: kept.
+    shard.reserve("recent", COORDINATOR, &[("bob", 10)]);
+    shard.post("recent", COORDINATOR);
+    assert_eq!(
+        shard.ledger.transaction(&txn("recent")).unwrap().at_ms,
+        cutoff
+    );
+    let before = shard.ledger.export();
+
+    let applied = shard.run(CommandKind::PruneDedup {
+        older_than_ms: cutoff,
+    });
+    assert_eq!(applied.outcome, Outcome::Ok);
+    let pruned = &applied.changes.pruned;
+    assert_eq!(
+        pruned.transactions,
+        vec![txn("posted"), txn("tombstone"), txn("voided")]
+    );
+    let forgotten = |id: &str| shard.ledger.transaction(&txn(id)).is_none();
+    assert!(forgotten("posted") && forgotten("voided") && forgotten("tombstone"));
+    assert_eq!(
+        shard.ledger.transaction(&txn("held")).unwrap().state,
+        LegState::Held
+    );
+    // Money, pending amounts and authorization holds are untouched.
+    let after = shard.ledger.export();
+    assert_eq!(before.accounts, after.accounts);
+    assert_eq!(before.holds, after.holds);
+
+    // Once forgotten, a late message for a settled transaction finds nothing, and a transaction
+    // still held settles as usual and is pruned by the next prune past its reserve time.
+    assert_eq!(
+        shard.post("posted", COORDINATOR).outcome,
+        Outcome::TransactionNotFound
+    );
+    assert!(shard.post("held", COORDINATOR).outcome.is_ok());
+    let next = shard.run(CommandKind::PruneDedup {
+        older_than_ms: cutoff,
+    });
+    assert_eq!(next.changes.pruned.transactions, vec![txn("held")]);
+    assert!(shard.ledger.transaction(&txn("recent")).is_some());
 }
 
 // ---- Events ----
@@ -1315,6 +1373,10 @@ enum Op {
     Retry {
         back: usize,
     },
+    /// Forgets what is older than `back` commands ago.
+    Prune {
+        back: usize,
+    },
 }
 
 const ACCOUNTS: [&str; 5] = ["sys:funding:USD", "alice", "bob", "carol", "dave"];
@@ -1334,6 +1396,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => account.clone().prop_map(|account| Op::Freeze { account }),
         1 => account.prop_map(|account| Op::Unfreeze { account }),
         1 => (0usize..20).prop_map(|back| Op::Retry { back }),
+        1 => (0usize..30).prop_map(|back| Op::Prune { back }),
     ]
 }
 
@@ -1446,6 +1509,10 @@ fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
         Op::Unfreeze { account } => CommandKind::Unfreeze {
             account_id: id(ACCOUNTS[*account]),
         },
+        // Commands are applied at `T0 + their position` (`at`).
+        Op::Prune { back } => CommandKind::PruneDedup {
+            older_than_ms: at(history.len().saturating_sub(*back)),
+        },
         Op::Retry { back } => {
             if let Some(earlier) = history
                 .len()
@@ -1488,10 +1555,15 @@ fn setup_commands() -> Vec<Command> {
     commands
 }
 
+/// The leader time the property tests apply the command at `position` at.
+fn at(position: usize) -> i64 {
+    T0 + position as i64
+}
+
 fn run_all(commands: &[Command]) -> Ledger {
     let mut ledger = Ledger::new();
-    for (i, command) in commands.iter().enumerate() {
-        ledger.apply(command, T0 + i as i64);
+    for (position, command) in commands.iter().enumerate() {
+        ledger.apply(command, at(position));
     }
     ledger
 }
@@ -1508,7 +1580,7 @@ proptest! {
         for (index, op) in ops.iter().enumerate() {
             let command = to_command(op, index, &commands);
             let before = ledger.export();
-            let applied = ledger.apply(&command, T0 + 1_000 + index as i64);
+            let applied = ledger.apply(&command, at(commands.len()));
             commands.push(command);
 
             // Sums per currency stay zero, on this shard at every seq.
@@ -1529,6 +1601,21 @@ proptest! {
                 }
             }
             prop_assert_eq!(ledger.last_seq(), expected_seq);
+            // A prune forgets exactly the idempotency records and the settled legs older than
+            // its cutoff (a settled transaction may then start afresh), and no hold.
+            if let (CommandKind::PruneDedup { older_than_ms }, false) = (&commands[commands.len() - 1].kind, applied.duplicate) {
+                let after = ledger.export();
+                let old = |at_ms: i64| at_ms < *older_than_ms;
+                let expected_dedup: Vec<_> = before.dedup.iter().filter(|(_, r)| !old(r.at_ms)).map(|(id, _)| id.clone()).collect();
+                let kept_dedup: Vec<_> = after.dedup.iter().filter(|(id, _)| *id != commands[commands.len() - 1].request_id).map(|(id, _)| id.clone()).collect();
+                prop_assert_eq!(kept_dedup, expected_dedup);
+                let expected_transactions: Vec<_> = before.transactions.iter().filter(|(_, r)| r.state == LegState::Held || !old(r.at_ms)).cloned().collect();
+                prop_assert_eq!(&after.transactions, &expected_transactions);
+                prop_assert_eq!(&after.holds, &before.holds);
+                for txn_id in &applied.changes.pruned.transactions {
+                    posted_or_voided.remove(txn_id);
+                }
+            }
             // A posted transaction is never voided, a voided one never posted: final states stick.
             for (txn_id, record) in ledger.export().transactions {
                 if let Some(previous) = posted_or_voided.get(&txn_id) {
@@ -1589,6 +1676,28 @@ proptest! {
         let second = run_all(&commands);
         prop_assert_eq!(first.digest(), second.digest());
         prop_assert_eq!(Ledger::import(first.export()).digest(), first.digest());
+    }
+
+    #[test]
+    fn a_ledger_rebuilt_from_its_state_goes_on_exactly_as_the_live_one(
+        ops in prop::collection::vec(op(), 1..80),
+        rebuild_at in 0usize..90,
+    ) {
+        let mut commands = setup_commands();
+        for (index, op) in ops.iter().enumerate() {
+            let command = to_command(op, index, &commands);
+            commands.push(command);
+        }
+        let mut live = Ledger::new();
+        let mut rebuilt = Ledger::new();
+        for (position, command) in commands.iter().enumerate() {
+            if position == rebuild_at {
+                rebuilt = Ledger::import(rebuilt.export());
+            }
+            let expected = live.apply(command, at(position));
+            prop_assert_eq!(rebuilt.apply(command, at(position)), expected, "{:?}", command);
+        }
+        prop_assert_eq!(rebuilt.digest(), live.digest());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! gap-free events, catch-up through a snapshot, whole-shard restart.
 
 use futures::StreamExt;
-use integration_tests::commands::{command, create, ok, transfer};
+use integration_tests::commands::{command, create, ok, post, reserve, transfer};
 use integration_tests::group::Group;
 use proto::auticuro::v1 as pb;
 use proto::common::v1::Amount;
@@ -381,6 +381,14 @@ async fn replicas_export_prometheus_metrics_on_their_grpc_port() {
     }
 }
 
+async fn leg_states<const N: usize>(shard: &Group, txn_ids: [&str; N]) -> [i32; N] {
+    let mut states = [0; N];
+    for (state, txn_id) in states.iter_mut().zip(txn_ids) {
+        *state = shard.transaction_legs(txn_id).await.unwrap().state;
+    }
+    states
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -390,10 +398,24 @@ async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file
         "dedup_retention_hours = 0\ndedup_prune_interval_seconds = 1\n",
     )
     .unwrap();
-    let shard = Group::storage(6, 3, &["--config", config.to_str().unwrap()])
+    let mut shard = Group::storage(6, 3, &["--config", config.to_str().unwrap()])
         .await
         .unwrap();
     let accounts = open_accounts(&shard, 2).await;
+    // A two-phase transaction, settled, and one still held: the prune takes only the settled.
+    shard
+        .execute_ok(
+            "reserve-settled",
+            reserve("t:settled", &accounts[0], &accounts[1], 5),
+        )
+        .await;
+    shard.execute_ok("post-settled", post("t:settled")).await;
+    shard
+        .execute_ok(
+            "reserve-held",
+            reserve("t:held", &accounts[0], &accounts[1], 5),
+        )
+        .await;
     let pay = || command("pay-once", transfer(&accounts[0], &accounts[1], 10));
     let first = shard.execute(pay()).await.unwrap();
     assert!(ok(&first) && !first.duplicate);
@@ -430,7 +452,25 @@ async fn request_ids_expire_by_a_replicated_prune_command_configured_from_a_file
     let again = shard.execute(pay()).await.unwrap();
     assert!(ok(&again) && !again.duplicate);
     assert!(again.seq > first.seq);
-    assert_eq!(balance(&shard, leader, &accounts[1]).await, 1_020);
+    assert_eq!(balance(&shard, leader, &accounts[1]).await, 1_025);
+
+    // The settled legs are forgotten and the held ones kept, on disk as well: after a restart
+    // of every replica, which loads its state from disk.
+    let expected = [pb::LegState::Unspecified as i32, pb::LegState::Held as i32];
+    assert_eq!(leg_states(&shard, ["t:settled", "t:held"]).await, expected);
+    for node_id in 1..=3 {
+        shard.kill(node_id).await.unwrap();
+    }
+    for node_id in 1..=3 {
+        shard.restart(node_id).await.unwrap();
+    }
+    assert_eq!(leg_states(&shard, ["t:settled", "t:held"]).await, expected);
+    let digests = shard.digests_at(again.seq).await.unwrap();
+    assert!(
+        digests
+            .windows(2)
+            .all(|pair| pair[0].digest == pair[1].digest)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
