@@ -167,23 +167,25 @@ pub struct Ledger {
     /// Per coordinator shard, the lowest epoch still allowed to send two-phase messages.
     fences: BTreeMap<u32, u64>,
     last_seq: u64,
-    /// What a prune may forget, oldest first, so it takes the expired records without a scan of
-    /// everything kept (which would stall every replica's apply at once).
-    expiring: Expiring,
+    /// Records' keys by age, so a prune and the search for stale holds look at only what they
+    /// take (a scan of every record would stall every replica's apply at once).
+    by_age: ByAge,
 }
 
-/// The prunable records' keys by the `at_ms` of their record. Not part of the state: rebuilt
-/// from the records by [`Ledger::import`].
+/// Keys by the `at_ms` of their record, oldest first. Not part of the state: [`Ledger::import`]
+/// rebuilds it from the records.
 #[derive(Debug, Default)]
-struct Expiring {
+struct ByAge {
     /// Every idempotency record. Leader time never goes back, so they arrive in order.
     dedup: VecDeque<(i64, RequestId)>,
-    /// Two-phase legs once settled (posted, voided, tombstone): by reserve time, which is not
-    /// the order they settle in.
-    transactions: BTreeSet<(i64, TxnId)>,
+    /// Two-phase legs still held, by reserve time.
+    held: BTreeSet<(i64, TxnId)>,
+    /// Two-phase legs settled (posted, voided, tombstone), by reserve time (not the order they
+    /// settle in).
+    settled: BTreeSet<(i64, TxnId)>,
 }
 
-impl Expiring {
+impl ByAge {
     fn record_dedup(&mut self, at_ms: i64, request_id: RequestId) {
         if self.dedup.back().is_none_or(|(last, _)| *last <= at_ms) {
             self.dedup.push_back((at_ms, request_id));
@@ -193,21 +195,21 @@ impl Expiring {
         }
     }
 
-    fn older_than(&self, cutoff_ms: i64) -> Pruned {
-        fn sorted<'a, K: Clone + Ord + 'a>(
-            keys: impl Iterator<Item = &'a (i64, K)>,
-            cutoff_ms: i64,
-        ) -> Vec<K> {
-            let mut keys: Vec<K> = keys
-                .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
-                .map(|(_, key)| key.clone())
-                .collect();
-            keys.sort();
-            keys
+    /// Files a two-phase record under its state (a record keeps its `at_ms` as it settles).
+    fn record_transaction(&mut self, txn_id: &TxnId, record: &TxnRecord) {
+        let key = (record.at_ms, txn_id.clone());
+        if record.state == LegState::Held {
+            self.held.insert(key);
+        } else {
+            self.held.remove(&key);
+            self.settled.insert(key);
         }
+    }
+
+    fn older_than(&self, cutoff_ms: i64) -> Pruned {
         Pruned {
-            dedup: sorted(self.dedup.iter(), cutoff_ms),
-            transactions: sorted(self.transactions.iter(), cutoff_ms),
+            dedup: keys_older_than(&self.dedup, cutoff_ms),
+            transactions: keys_older_than(&self.settled, cutoff_ms),
         }
     }
 
@@ -220,13 +222,27 @@ impl Expiring {
             self.dedup.pop_front();
         }
         while self
-            .transactions
+            .settled
             .first()
             .is_some_and(|(at_ms, _)| *at_ms < cutoff_ms)
         {
-            self.transactions.pop_first();
+            self.settled.pop_first();
         }
     }
+}
+
+/// The keys of `by_age` (oldest first) older than the cutoff, sorted by key.
+fn keys_older_than<'a, K: Clone + Ord + 'a>(
+    by_age: impl IntoIterator<Item = &'a (i64, K)>,
+    cutoff_ms: i64,
+) -> Vec<K> {
+    let mut keys: Vec<K> = by_age
+        .into_iter()
+        .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
+        .map(|(_, key)| key.clone())
+        .collect();
+    keys.sort();
+    keys
 }
 
 /// SHA-256 of a value's canonical (postcard) encoding, fed to the hash as it is encoded: a
@@ -275,14 +291,13 @@ impl Ledger {
     /// Transactions whose legs are still held since before `cutoff_ms` (leader time), by id:
     /// the stale holds to ask their owner coordinators about.
     pub fn held_since(&self, cutoff_ms: i64) -> Vec<(TxnId, Owner)> {
-        let mut stale: Vec<(TxnId, Owner)> = self
-            .transactions
-            .iter()
-            .filter(|(_, record)| record.state == LegState::Held && record.at_ms < cutoff_ms)
-            .map(|(txn_id, record)| (txn_id.clone(), record.owner))
-            .collect();
-        stale.sort();
-        stale
+        keys_older_than(&self.by_age.held, cutoff_ms)
+            .into_iter()
+            .map(|txn_id| {
+                let owner = self.transactions[&txn_id].owner;
+                (txn_id, owner)
+            })
+            .collect()
     }
 
     pub fn dedup_record(&self, id: &RequestId) -> Option<&DedupRecord> {
@@ -332,7 +347,7 @@ impl Ledger {
         };
         self.dedup
             .insert(command.request_id.clone(), record.clone());
-        self.expiring
+        self.by_age
             .record_dedup(record.at_ms, command.request_id.clone());
         Applied {
             outcome: record.outcome,
@@ -361,11 +376,7 @@ impl Ledger {
             self.accounts.insert(account.id.clone(), account.clone());
         }
         for (txn_id, record) in &effect.transactions {
-            if record.state != LegState::Held {
-                self.expiring
-                    .transactions
-                    .insert((record.at_ms, txn_id.clone()));
-            }
+            self.by_age.record_transaction(txn_id, record);
             self.transactions.insert(txn_id.clone(), record.clone());
         }
         for (hold_id, record) in &effect.holds {
@@ -387,7 +398,7 @@ impl Ledger {
                 for txn_id in &effect.pruned.transactions {
                     self.transactions.remove(txn_id);
                 }
-                self.expiring.forget_older_than(older_than_ms);
+                self.by_age.forget_older_than(older_than_ms);
             }
             _ => {}
         }
@@ -468,7 +479,7 @@ impl Ledger {
             CommandKind::Post { txn_id, owner } => self.post(txn_id, *owner),
             CommandKind::Void { txn_id, owner } => self.void(txn_id, *owner, timestamp_ms),
             CommandKind::PruneDedup { older_than_ms } => Ok(Effect {
-                pruned: self.expiring.older_than(*older_than_ms),
+                pruned: self.by_age.older_than(*older_than_ms),
                 ..Effect::default()
             }),
             CommandKind::FenceCoordinator { .. } => Ok(Effect::accounts(Vec::new())),
@@ -930,11 +941,11 @@ impl Ledger {
 
     /// How many transactions of a coordinator still hold legs here.
     pub fn holds_owned_by(&self, coordinator_shard_id: u32) -> usize {
-        self.transactions
-            .values()
-            .filter(|record| {
-                record.state == LegState::Held
-                    && record.owner.coordinator_shard_id == coordinator_shard_id
+        self.by_age
+            .held
+            .iter()
+            .filter(|(_, txn_id)| {
+                self.transactions[txn_id].owner.coordinator_shard_id == coordinator_shard_id
             })
             .count()
     }
@@ -1028,21 +1039,17 @@ impl Ledger {
                 .entry(account.currency.clone())
                 .or_insert(account.scale);
         }
-        let mut dedup_by_age: Vec<(i64, RequestId)> = state
+        let mut by_age = ByAge::default();
+        let mut dedup: Vec<(i64, RequestId)> = state
             .dedup
             .iter()
             .map(|(request_id, record)| (record.at_ms, request_id.clone()))
             .collect();
-        dedup_by_age.sort();
-        let expiring = Expiring {
-            dedup: dedup_by_age.into(),
-            transactions: state
-                .transactions
-                .iter()
-                .filter(|(_, record)| record.state != LegState::Held)
-                .map(|(txn_id, record)| (record.at_ms, txn_id.clone()))
-                .collect(),
-        };
+        dedup.sort();
+        by_age.dedup = dedup.into();
+        for (txn_id, record) in &state.transactions {
+            by_age.record_transaction(txn_id, record);
+        }
         Ledger {
             accounts: state
                 .accounts
@@ -1055,7 +1062,7 @@ impl Ledger {
             scales,
             fences: state.fences.into_iter().collect(),
             last_seq: state.last_seq,
-            expiring,
+            by_age,
         }
     }
 

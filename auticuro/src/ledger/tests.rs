@@ -1616,6 +1616,17 @@ proptest! {
                     posted_or_voided.remove(txn_id);
                 }
             }
+            // The search for stale holds finds exactly the legs held since before its cutoff.
+            let cutoff = at(commands.len() / 2);
+            let held: Vec<_> = ledger.export().transactions.into_iter()
+                .filter(|(_, record)| record.state == LegState::Held)
+                .collect();
+            let stale: Vec<_> = held.iter()
+                .filter(|(_, record)| record.at_ms < cutoff)
+                .map(|(txn_id, record)| (txn_id.clone(), record.owner))
+                .collect();
+            prop_assert_eq!(ledger.held_since(cutoff), stale);
+            prop_assert_eq!(ledger.holds_owned_by(COORDINATOR.coordinator_shard_id), held.len());
             // A posted transaction is never voided, a voided one never posted: final states stick.
             for (txn_id, record) in ledger.export().transactions {
                 if let Some(previous) = posted_or_voided.get(&txn_id) {
@@ -1698,6 +1709,7 @@ proptest! {
             prop_assert_eq!(rebuilt.apply(command, at(position)), expected, "{:?}", command);
         }
         prop_assert_eq!(rebuilt.digest(), live.digest());
+        prop_assert_eq!(rebuilt.held_since(i64::MAX), live.held_since(i64::MAX));
     }
 
     #[test]
