@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,18 +55,36 @@ macro_rules! serialize_as_inner {
     };
 }
 
+/// An id type: validated text, shared rather than copied when cloned (the ledger keeps each id
+/// in a map, its records, its indexes and its events), encoded as a plain string.
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $length_max:expr, $error:expr) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-        #[serde(try_from = "String")]
-        pub struct $name(String);
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Arc<str>);
 
         serialize_as_inner!($name);
 
+        impl<'de> Deserialize<'de> for $name {
+            /// Validates the text as it is read, without an intermediate `String`.
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Text;
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str(stringify!($name))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<$name, E> {
+                        $name::parse(text).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(Text)
+            }
+        }
+
         impl $name {
             pub fn parse(text: &str) -> Result<Self, ParseError> {
-                if valid_id(text, $length_max) { Ok(Self(text.to_owned())) } else { Err($error) }
+                if valid_id(text, $length_max) { Ok(Self(text.into())) } else { Err($error) }
             }
 
             pub fn as_str(&self) -> &str {
@@ -76,13 +95,13 @@ macro_rules! string_id {
         impl TryFrom<String> for $name {
             type Error = ParseError;
             fn try_from(text: String) -> Result<Self, ParseError> {
-                if valid_id(&text, $length_max) { Ok(Self(text)) } else { Err($error) }
+                Self::parse(&text)
             }
         }
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.as_ref().to_owned()
             }
         }
 
@@ -114,7 +133,7 @@ impl RequestId {
     pub fn for_step(txn_id: &TxnId, step: &str, shard_id: u32) -> RequestId {
         // A transaction id (at most 64 id characters), a step name and a number stay within
         // the request id alphabet and length.
-        RequestId(format!("{txn_id}/{step}/{shard_id}"))
+        RequestId(format!("{txn_id}/{step}/{shard_id}").into())
     }
 
     /// The request id of a single-shard transaction's one batch: the transaction id itself.
@@ -131,7 +150,7 @@ pub const CLEARING_PREFIX: &str = "sys:clearing:";
 impl AccountId {
     /// The clearing account of this shard for a currency.
     pub fn clearing(currency: &Currency) -> AccountId {
-        AccountId(format!("{CLEARING_PREFIX}{}", currency.as_str()))
+        AccountId(format!("{CLEARING_PREFIX}{}", currency.as_str()).into())
     }
 
     pub fn is_clearing(&self) -> bool {
