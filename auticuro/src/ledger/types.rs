@@ -55,10 +55,11 @@ macro_rules! serialize_as_inner {
     };
 }
 
-/// An id type: validated text, shared rather than copied when cloned (the ledger keeps each id
-/// in a map, its records, its indexes and its events), encoded as a plain string.
-macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident, $length_max:expr, $error:expr) => {
+/// A text type (an id, a currency): validated by `$valid`, shared rather than copied when cloned
+/// (the ledger keeps each one in a map, its records, its indexes and its events), encoded as a
+/// plain string.
+macro_rules! shared_text {
+    ($(#[$doc:meta])* $name:ident, $valid:expr, $error:expr) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(Arc<str>);
@@ -84,7 +85,7 @@ macro_rules! string_id {
 
         impl $name {
             pub fn parse(text: &str) -> Result<Self, ParseError> {
-                if valid_id(text, $length_max) { Ok(Self(text.into())) } else { Err($error) }
+                if $valid(text) { Ok(Self(text.into())) } else { Err($error) }
             }
 
             pub fn as_str(&self) -> &str {
@@ -113,17 +114,17 @@ macro_rules! string_id {
     };
 }
 
-string_id!(
+shared_text!(
     /// An account id: 1 to 64 characters of `[A-Za-z0-9:._/-]`.
-    AccountId, ID_LENGTH_MAX, ParseError::AccountId
+    AccountId, |text| valid_id(text, ID_LENGTH_MAX), ParseError::AccountId
 );
-string_id!(
+shared_text!(
     /// A coordinator transaction id, with the same alphabet as account ids.
-    TxnId, ID_LENGTH_MAX, ParseError::TxnId
+    TxnId, |text| valid_id(text, ID_LENGTH_MAX), ParseError::TxnId
 );
-string_id!(
+shared_text!(
     /// A client-chosen idempotency id of one command.
-    RequestId, REQUEST_ID_LENGTH_MAX, ParseError::RequestId
+    RequestId, |text| valid_id(text, REQUEST_ID_LENGTH_MAX), ParseError::RequestId
 );
 
 impl RequestId {
@@ -158,50 +159,18 @@ impl AccountId {
     }
 }
 
-/// A currency or asset code: 1 to 16 characters of `[A-Z0-9_]` (ISO codes like `USD`, or custom
-/// assets like `POINTS`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(try_from = "String")]
-pub struct Currency(String);
+shared_text!(
+    /// A currency or asset code: 1 to 16 characters of `[A-Z0-9_]` (ISO codes like `USD`, or
+    /// custom assets like `POINTS`).
+    Currency, valid_currency, ParseError::Currency
+);
 
-serialize_as_inner!(Currency);
-
-impl Currency {
-    pub fn parse(text: &str) -> Result<Currency, ParseError> {
-        Currency::try_from(text.to_owned())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for Currency {
-    type Error = ParseError;
-    fn try_from(text: String) -> Result<Currency, ParseError> {
-        let valid = !text.is_empty()
-            && text.len() <= CURRENCY_LENGTH_MAX
-            && text
-                .chars()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-        if valid {
-            Ok(Currency(text))
-        } else {
-            Err(ParseError::Currency)
-        }
-    }
-}
-
-impl From<Currency> for String {
-    fn from(currency: Currency) -> String {
-        currency.0
-    }
-}
-
-impl fmt::Display for Currency {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+fn valid_currency(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= CURRENCY_LENGTH_MAX
+        && text
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// A signed amount in minor units of a currency. Money is never a float.
