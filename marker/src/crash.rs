@@ -15,12 +15,13 @@ pub fn arm(step: String, once_file: PathBuf) {
     let _ = CRASH_AT.set((step, once_file));
 }
 
-/// Aborts the process if this is the armed step and no replica has crashed here yet.
-pub fn point(step: &str) {
+/// Aborts the process if this is the armed step and no replica has crashed here yet. The step
+/// is only formatted when a crash point is armed.
+pub fn point(step: impl std::fmt::Display) {
     let Some((armed, once_file)) = CRASH_AT.get() else {
         return;
     };
-    if armed != step {
+    if *armed != step.to_string() {
         return;
     }
     // `create_new` fails when the file exists: only the first replica to get here crashes.

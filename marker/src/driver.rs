@@ -181,7 +181,7 @@ impl Driver {
                         Some(answer) => {
                             drive.answered(&transaction, shard_id, &answer);
                             if cross_shard && answer.outcome.is_ok() {
-                                crash::point(&format!("after-reserve-{}", drive.reserved()));
+                                crash::point(format_args!("after-reserve-{}", drive.reserved()));
                             }
                         }
                         None => drive.expired(),
