@@ -93,19 +93,6 @@ macro_rules! shared_text {
             }
         }
 
-        impl TryFrom<String> for $name {
-            type Error = ParseError;
-            fn try_from(text: String) -> Result<Self, ParseError> {
-                Self::parse(&text)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(id: $name) -> String {
-                id.0.as_ref().to_owned()
-            }
-        }
-
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
