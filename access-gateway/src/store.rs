@@ -15,11 +15,16 @@ use crate::auth::{Caller, Scope};
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connects and brings the schema up to date.
+///
+/// Every connection plans each statement for its arguments (`plan_cache_mode`). The batched
+/// statements join arrays of any length against tables that grow from empty, and a plan kept
+/// from when they were small (a sequential scan) gets slower with every row.
 pub async fn connect(database_url: &str) -> anyhow::Result<PgPool> {
+    let options: sqlx::postgres::PgConnectOptions = database_url.parse()?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(database_url)
+        .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]))
         .await?;
     MIGRATIONS.run(&pool).await?;
     Ok(pool)

@@ -1163,6 +1163,26 @@ async fn idempotency_claims_in_one_batch_answer_as_if_made_one_by_one() {
     );
 }
 
+/// Every connection of the gateway's pool plans each statement for its arguments, so the
+/// batched idempotency statements never keep a plan made while their table was empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_gateway_connection_plans_each_statement_for_its_arguments() {
+    let database = integration_tests::postgres::fresh_database().await.unwrap();
+    let pool = access_gateway::store::connect(&database.url).await.unwrap();
+    // Held at once, so each is a connection of its own.
+    let mut connections = Vec::new();
+    for _ in 0..4 {
+        connections.push(pool.acquire().await.unwrap());
+    }
+    for connection in &mut connections {
+        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(&mut **connection)
+            .await
+            .unwrap();
+        assert_eq!(mode, "force_custom_plan");
+    }
+}
+
 /// The schema-driven fuzzer (schemathesis, installed by the test script) against
 /// `/openapi.json`: no 5xx, and every response matches the documented status codes, media types
 /// and schemas.
