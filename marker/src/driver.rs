@@ -209,12 +209,19 @@ impl Driver {
                         drive.settled(shard_id, &answer);
                     }
                 }
-                Step::Propose(command) => {
-                    let decides = matches!(command, CoordinatorCommand::Decide { .. });
+                Step::Propose(commands) => {
+                    let decides = commands
+                        .iter()
+                        .any(|command| matches!(command, CoordinatorCommand::Decide { .. }));
                     if cross_shard && !decides {
                         crash::point("before-done");
                     }
-                    self.proposer.propose(command).await?;
+                    // Queued in order, so they are written in order unless a proposal fails
+                    // (then the loop proposes what is still missing).
+                    let proposed = commands
+                        .into_iter()
+                        .map(|command| self.proposer.propose(command));
+                    futures::future::try_join_all(proposed).await?;
                     if cross_shard && decides {
                         crash::point("after-decide");
                     }

@@ -3,7 +3,8 @@
 //! No I/O, no clock, no randomness. `driver::Driver` runs it against real storage shards and
 //! the Raft log; the `simulation` crate runs the same code on a simulated network.
 //!
-//! Single shard: one atomic batch whose request id is the transaction id; its answer decides.
+//! Single shard: one atomic batch whose request id is the transaction id; its answer decides
+//! and settles the shard, so the decision and `Done` are proposed together.
 //! Several shards: reserve on every shard in plan order (debit shards first) until all are held,
 //! one is refused, or the deadline passes; write the decision; then post everywhere (commit) or
 //! void everywhere (abort, even on shards never reached, which leaves tombstones there); then
@@ -11,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use auticuro::ledger::{AccountId, Command, CommandKind, Outcome, Owner, RequestId};
+use auticuro::ledger::{AccountId, Command, CommandKind, Outcome, Owner, RequestId, TxnId};
 
 use crate::saga::{AbortReason, CoordinatorCommand, Decision, ShardLegs, Transaction};
 
@@ -37,8 +38,9 @@ pub enum Step {
     /// Send every command to its shard at once and resend each until its shard answers
     /// (`Drive::settled`). Posting or voiding one's own reservation cannot be refused.
     Settle(Vec<(u32, Command)>),
-    /// Write this into the coordinator's log.
-    Propose(CoordinatorCommand),
+    /// Write these into the coordinator's log, in this order (one proposal each, sent
+    /// together): more than one when the answers so far warrant both a decision and `Done`.
+    Propose(Vec<CoordinatorCommand>),
     /// The transaction is done.
     Finished,
 }
@@ -80,7 +82,16 @@ impl Drive {
                 }
                 (None, None) => Decision::Commit,
             };
-            return Step::Propose(CoordinatorCommand::Decide { txn_id, decision });
+            let decide = CoordinatorCommand::Decide {
+                txn_id: txn_id.clone(),
+                decision,
+            };
+            // A single-shard transaction's batch answer settled its shard too: `Done` need not
+            // wait for the decision's round.
+            if transaction.is_single_shard() && !self.settled.is_empty() {
+                return Step::Propose(vec![decide, self.done(txn_id)]);
+            }
+            return Step::Propose(vec![decide]);
         };
         let unsettled: Vec<(u32, Command)> = transaction
             .plan
@@ -98,16 +109,21 @@ impl Drive {
             })
             .collect();
         if unsettled.is_empty() {
-            let shard_seqs = self
-                .settled
-                .iter()
-                .filter(|(_, seq)| **seq > 0)
-                .map(|(shard_id, seq)| (*shard_id, *seq))
-                .collect();
-            Step::Propose(CoordinatorCommand::Done { txn_id, shard_seqs })
+            Step::Propose(vec![self.done(txn_id)])
         } else {
             Step::Settle(unsettled)
         }
+    }
+
+    /// `Done`, with the seq each settled shard gave its final command.
+    fn done(&self, txn_id: TxnId) -> CoordinatorCommand {
+        let shard_seqs = self
+            .settled
+            .iter()
+            .filter(|(_, seq)| **seq > 0)
+            .map(|(shard_id, seq)| (*shard_id, *seq))
+            .collect();
+        CoordinatorCommand::Done { txn_id, shard_seqs }
     }
 
     /// The definite answer to an `Execute` step.
@@ -241,16 +257,24 @@ mod tests {
         (coordinator, Transaction::clone(&transaction))
     }
 
-    /// Writes a proposed command and returns the record after it.
-    fn write(coordinator: &mut Coordinator, step: Step) -> Transaction {
-        let Step::Propose(command) = step else {
-            panic!("expected a proposal, got {step:?}")
-        };
-        let (CoordinatorResponse::Transaction(transaction), _) = coordinator.apply(&command, 200)
+    /// Writes one command and returns the record after it.
+    fn apply(coordinator: &mut Coordinator, command: &CoordinatorCommand) -> Transaction {
+        let (CoordinatorResponse::Transaction(transaction), _) = coordinator.apply(command, 200)
         else {
             panic!("applied")
         };
         Transaction::clone(&transaction)
+    }
+
+    /// Writes a proposal of one command and returns the record after it.
+    fn write(coordinator: &mut Coordinator, step: Step) -> Transaction {
+        let Step::Propose(commands) = step else {
+            panic!("expected a proposal, got {step:?}")
+        };
+        let [command] = &commands[..] else {
+            panic!("expected one command, got {commands:?}")
+        };
+        apply(coordinator, command)
     }
 
     fn ok(seq: u64) -> Answer {
@@ -375,7 +399,7 @@ mod tests {
                 detail_account_id: None,
             },
         };
-        let transaction = write(&mut coordinator, Step::Propose(forced));
+        let transaction = apply(&mut coordinator, &forced);
         for drive in [drive, Drive::default()] {
             let Step::Settle(voids) = drive.next(&transaction, OWNER) else {
                 panic!("settle")
@@ -403,20 +427,33 @@ mod tests {
         );
         let batch = batch.clone();
         drive.answered(&transaction, 1, &ok(9));
-        let transaction = write(&mut coordinator, drive.next(&transaction, OWNER));
-        assert_eq!(transaction.decision, Some(Decision::Commit));
-        // The answer settled the shard: straight to done with its seq.
-        let Step::Propose(CoordinatorCommand::Done { shard_seqs, .. }) =
-            drive.next(&transaction, OWNER)
-        else {
-            panic!("done")
+        // The answer decides the transaction and settles the shard: the decision and `Done`,
+        // with the shard's seq, are proposed together.
+        let Step::Propose(commands) = drive.next(&transaction, OWNER) else {
+            panic!("propose")
         };
-        assert_eq!(shard_seqs, BTreeMap::from([(1, 9)]));
-        // A new leader after the decision sends the same batch again to learn its seq.
+        let [decide, done] = &commands[..] else {
+            panic!("decide and done, got {commands:?}")
+        };
+        let done_first = apply(&mut coordinator, done);
+        assert!(!done_first.done, "done before the decision changes nothing");
+        let decided = apply(&mut coordinator, decide);
+        assert_eq!(decided.decision, Some(Decision::Commit));
+        assert!(!decided.done);
+        // Written out of order (or the leader lost after the decision), `Done` is proposed again;
+        // a new leader sends the same batch again to learn its seq.
         assert_eq!(
-            Drive::default().next(&transaction, OWNER),
+            drive.next(&decided, OWNER),
+            Step::Propose(vec![done.clone()])
+        );
+        assert_eq!(
+            Drive::default().next(&decided, OWNER),
             Step::Settle(vec![(1, batch)])
         );
+        let finished = apply(&mut coordinator, done);
+        assert!(finished.done);
+        assert_eq!(finished.shard_seqs, BTreeMap::from([(1, 9)]));
+        assert_eq!(drive.next(&finished, OWNER), Step::Finished);
     }
 
     #[test]

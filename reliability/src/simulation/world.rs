@@ -809,8 +809,10 @@ impl World {
                 self.coordinator.driving.remove(txn_id);
                 return;
             }
-            Step::Propose(command) => {
-                self.propose(&command);
+            Step::Propose(commands) => {
+                for command in &commands {
+                    self.propose(command);
+                }
                 let at = self.now + self.rng.between(1, 5);
                 self.set_timer(at, txn_id, Timer::Continue);
                 return;
