@@ -2,8 +2,8 @@
 //! idempotency record in Postgres, coordinator transaction over two storage shards of three
 //! replicas each, fsync on), and the same workload against a plain Postgres ledger (a balances
 //! table updated with row locks inside one SQL transaction per payment, fsync on, the clients
-//! sharing a pool of connections) on the same machine and the same Postgres server. Prints both, side by side with the ratio, as a table and
-//! JSON.
+//! sharing a pool of connections) on the same machine and the same Postgres server. Prints both,
+//! side by side with the ratio, as a table and JSON.
 //!
 //! Run with a release build: `cargo run --release -p integration-tests --bin bench-gateway`.
 
