@@ -206,7 +206,10 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
         _: Request<pb::DigestRequest>,
     ) -> Result<Response<pb::DigestResponse>, Status> {
         let applied_index = self.machine.last_applied().map(|id| id.index).unwrap_or(0);
-        let (applied_seq, digest) = self.machine.read(|app| (app.applied_seq(), app.digest()));
+        let (applied_seq, digest) = self
+            .machine
+            .digest()
+            .map_err(|error| Status::internal(error.to_string()))?;
         Ok(Response::new(pb::DigestResponse {
             applied_index,
             applied_seq,

@@ -21,13 +21,16 @@ pub struct Proposal<R> {
     pub requests: Arc<[R]>,
 }
 
-/// Writes of one applied log entry, committed atomically with the applied log id.
+/// Writes of one applied log entry, committed atomically with the applied log id; and reads of
+/// what earlier apply calls committed.
 pub struct Writes<'a> {
     db: &'a DB,
     batch: &'a mut WriteBatch,
     /// Where [`Writes::put_encoded`] encodes each value: the batch copies it, so one buffer
     /// serves every row instead of a new, growing one per row.
     scratch: Vec<u8>,
+    /// The first read that failed: it fails the whole apply call, as a failed write does.
+    failure: Option<Error>,
 }
 
 impl<'a> Writes<'a> {
@@ -36,7 +39,56 @@ impl<'a> Writes<'a> {
             db,
             batch,
             scratch: Vec::new(),
+            failure: None,
         }
+    }
+
+    /// The failed read, if one failed: the apply call fails with it and none of its responses
+    /// is sent, so the application may go on with what a failed read returned (nothing).
+    pub(crate) fn finish(self) -> Result<(), Error> {
+        self.failure.map_or(Ok(()), Err)
+    }
+
+    fn committed(&self) -> AppView<'a> {
+        AppView {
+            db: self.db,
+            snapshot: None,
+        }
+    }
+
+    fn fail<T>(&mut self, result: Result<T, Error>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.failure.get_or_insert(error);
+                None
+            }
+        }
+    }
+
+    /// A row as earlier apply calls left it: this call's own writes are not in it yet. Only for
+    /// `App::READ_FAMILIES`.
+    pub fn get_committed<T: DeserializeOwned>(
+        &mut self,
+        column_family: &str,
+        key: &[u8],
+        what: &'static str,
+    ) -> Option<T> {
+        let row = self.committed().get(column_family, key);
+        let value = row.and_then(|row| row.map(|bytes| crate::decode(what, &bytes)).transpose());
+        self.fail(value).flatten()
+    }
+
+    /// The rows with keys from `start` to below `end`, in key order, as earlier apply calls
+    /// left them. Only for `App::READ_FAMILIES`.
+    pub fn scan_committed(&mut self, column_family: &str, start: &[u8], end: &[u8]) -> Vec<Row> {
+        let mut rows = Vec::new();
+        let scan = self
+            .committed()
+            .for_each_in(column_family, start, Some(end), |key, value| {
+                rows.push((key.to_vec(), value.to_vec()));
+            });
+        self.fail(scan).map_or_else(Vec::new, |()| rows)
     }
 
     /// Puts `value` in the groups' encoding ([`crate::encode`]).
@@ -141,6 +193,28 @@ impl AppView<'_> {
         }
     }
 
+    /// Calls `visit` with every row whose key is from `start` on and below `end` (without an
+    /// end, to the last), in key order, without holding them all at once.
+    pub fn for_each_in(
+        &self,
+        column_family: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), Error> {
+        let cf = self.family(column_family);
+        let mut options = self.options();
+        if let Some(end) = end {
+            options.set_iterate_upper_bound(end.to_vec());
+        }
+        let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf_opt(cf, options, mode) {
+            let (key, value) = item?;
+            visit(&key, &value);
+        }
+        Ok(())
+    }
+
     /// Key/value pairs of a column family from `start` on, in key order, at most `limit`.
     pub fn scan_from(
         &self,
@@ -172,9 +246,15 @@ pub trait App: Sized + Send + Sync + 'static {
     type Response: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
 
     /// The column families the application keeps its state in. Apart from the event log's
-    /// (`event_log::EVENTS`), they are meant to be read only by `load` and snapshots: their
-    /// memtables are vectors, cheap to insert into and slow to look up (`store`).
+    /// (`event_log::EVENTS`) and `READ_FAMILIES`, they are meant to be read only by `load` and
+    /// snapshots: their memtables are vectors, cheap to insert into and slow to look up
+    /// (`store`).
     const COLUMN_FAMILIES: &'static [&'static str];
+
+    /// Those of `COLUMN_FAMILIES` that `apply` reads (`Writes::get_committed`,
+    /// `Writes::scan_committed`): state too large to keep in memory. They get skiplist
+    /// memtables and bloom filters (`store`).
+    const READ_FAMILIES: &'static [&'static str] = &[];
 
     /// Those of `COLUMN_FAMILIES` whose few rows nearly every command rewrites (balances): their
     /// memtables fill with old versions that a flush sorts only to drop, so they are kept small
@@ -209,8 +289,9 @@ pub trait App: Sized + Send + Sync + 'static {
     /// column families are emptied first) and returns the new in-memory state.
     fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error>;
 
-    /// A digest of the replicated state.
-    fn digest(&self) -> [u8; 32];
+    /// A digest of the replicated state; `view` holds the state's column families at the same
+    /// moment (digests are taken between apply calls).
+    fn digest(&self, view: &AppView<'_>) -> Result<[u8; 32], Error>;
 
     /// The last event seq applied (for status and read-your-write waits).
     fn applied_seq(&self) -> u64;

@@ -19,8 +19,8 @@ use openraft::{
     Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, DBCompactionStyle, MemtableFactory, Options, WriteBatch,
-    WriteOptions,
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, DBCompactionStyle, MemtableFactory, Options,
+    WriteBatch, WriteOptions,
 };
 use serde::Serialize;
 
@@ -81,8 +81,9 @@ pub fn open_storage<A: App>(
     debug_assert!(
         A::REWRITTEN_FAMILIES
             .iter()
+            .chain(A::READ_FAMILIES)
             .all(|family| A::COLUMN_FAMILIES.contains(family)),
-        "App::REWRITTEN_FAMILIES names only families of App::COLUMN_FAMILIES"
+        "App::REWRITTEN_FAMILIES and App::READ_FAMILIES name only families of App::COLUMN_FAMILIES"
     );
     let families = [LOG, RAFT_META, SM_META]
         .iter()
@@ -121,12 +122,15 @@ fn check_storage_format<A: App>(db: &DB) -> Result<(), Error> {
     Ok(())
 }
 
-/// The families read at run time (the log, the metadata, the event log) keep skiplist memtables,
-/// small ones: a skiplist that stays in the CPU caches costs less per insert than one grown to
-/// RocksDB's default 64 MiB (in bench-coordinator the inserts fell from 14% to 8% of all CPU).
+/// The families read at run time (the log, the metadata, the event log, and the application's
+/// `App::READ_FAMILIES`) keep skiplist memtables, small ones: a skiplist that stays in the CPU
+/// caches costs less per insert than one grown to RocksDB's default 64 MiB (in bench-coordinator
+/// the inserts fell from 14% to 8% of all CPU). A vector memtable would sort a copy of itself
+/// for every read. The application's read families are looked up mostly for keys they do not
+/// hold (a new request id), so they also get bloom filters, in the memtables and in the files.
 ///
-/// The application's state (every other family) is read only when the replica loads it or builds
-/// a snapshot. Its memtables are vectors: an insert appends, and the memtable is sorted once, when
+/// The rest of the application's state is read only when the replica loads it or builds a
+/// snapshot. Its memtables are vectors: an insert appends, and the memtable is sorted once, when
 /// it is flushed or read, so they can be large, and a transaction's records mostly meet their
 /// newer versions before a flush. The sort is a burst of CPU on the flush thread, and the three
 /// replicas of a group apply the same writes: with memtables of one size they would all sort at
@@ -147,6 +151,16 @@ fn family_options<A: App>(family: &str, node_id: NodeId) -> Options {
     let mut options = Options::default();
     if [LOG, RAFT_META, SM_META, event_log::EVENTS].contains(&family) {
         options.set_write_buffer_size(4 << 20);
+    } else if A::READ_FAMILIES.contains(&family) {
+        options.set_write_buffer_size(4 << 20);
+        options.set_compaction_style(DBCompactionStyle::Universal);
+        // Most reads look for a key that is nowhere (a new request id): bloom filters answer
+        // that for the memtables and for each file without searching them.
+        options.set_memtable_prefix_bloom_ratio(0.1);
+        options.set_memtable_whole_key_filtering(true);
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        options.set_block_based_table_factory(&table);
     } else {
         options.set_memtable_factory(MemtableFactory::Vector);
         options.set_write_buffer_size(state_memtable_mib::<A>(family, node_id) << 20);
@@ -512,6 +526,16 @@ impl<A: App> StateMachineStore<A> {
         read(&self.state.read().expect("no poisoned lock").app)
     }
 
+    /// The last event seq applied and the digest of the state, taken at one moment.
+    pub fn digest(&self) -> Result<(u64, [u8; 32]), Error> {
+        let state = self.state.read().expect("no poisoned lock");
+        let view = AppView {
+            db: &self.db,
+            snapshot: None,
+        };
+        Ok((state.app.applied_seq(), state.app.digest(&view)?))
+    }
+
     /// Read access to the application's column families.
     pub fn store(&self) -> AppStore {
         AppStore {
@@ -662,6 +686,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
                         .iter()
                         .map(|request| state.app.apply(request, timestamp_ms, &mut writes))
                         .collect();
+                    writes.finish().map_err(read_error)?;
                     responses.push(results);
                 }
             }
@@ -771,10 +796,10 @@ mod tests {
             Ok(())
         }
 
-        fn digest(&self) -> [u8; 32] {
+        fn digest(&self, _: &AppView<'_>) -> Result<[u8; 32], Error> {
             let mut digest = [0; 32];
             digest[..8].copy_from_slice(&self.0.to_be_bytes());
-            digest
+            Ok(digest)
         }
 
         fn applied_seq(&self) -> u64 {
@@ -896,8 +921,8 @@ mod tests {
             self.0.install(snapshot, writes)
         }
 
-        fn digest(&self) -> [u8; 32] {
-            self.0.digest()
+        fn digest(&self, view: &AppView<'_>) -> Result<[u8; 32], Error> {
+            self.0.digest(view)
         }
 
         fn applied_seq(&self) -> u64 {

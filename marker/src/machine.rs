@@ -167,8 +167,8 @@ impl App for CoordinatorMachine {
         Ok(())
     }
 
-    fn digest(&self) -> [u8; 32] {
-        self.coordinator.digest()
+    fn digest(&self, _: &AppView<'_>) -> Result<[u8; 32], Error> {
+        Ok(self.coordinator.digest())
     }
 
     fn applied_seq(&self) -> u64 {

@@ -125,8 +125,8 @@ impl App for TopologyMachine {
         Ok(())
     }
 
-    fn digest(&self) -> [u8; 32] {
-        auticuro::ledger::state::fingerprint(&self.current())
+    fn digest(&self, _: &AppView<'_>) -> Result<[u8; 32], Error> {
+        Ok(auticuro::ledger::state::fingerprint(&self.current()))
     }
 
     fn applied_seq(&self) -> u64 {

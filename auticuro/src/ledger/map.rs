@@ -1,7 +1,7 @@
 //! A hash map that grows one small partition at a time.
 //!
-//! The ledger's idempotency records and two-phase legs (and the coordinator's transactions) grow
-//! with every command. A single `HashMap` doubles all at once: at a few hundred thousand entries
+//! The ledger's two-phase legs (and the coordinator's transactions) grow with every
+//! transaction. A single `HashMap` doubles all at once: at a few hundred thousand entries
 //! that one insert rehashes every entry and faults in tens of megabytes, stalling apply for
 //! 100 ms and more — on every replica at the same moment, since they apply the same commands.
 //!
@@ -94,6 +94,11 @@ impl<K: Hash + Eq, V> PartitionedMap<K, V> {
     {
         let index = self.partition(key);
         self.partitions[index].remove(key)
+    }
+
+    /// Removes every entry, keeping each partition's capacity.
+    pub fn clear(&mut self) {
+        self.partitions.iter_mut().for_each(HashMap::clear);
     }
 
     pub fn len(&self) -> usize {

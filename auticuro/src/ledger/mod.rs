@@ -20,4 +20,4 @@ pub use state::{
 pub use types::{AccountId, Amount, Currency, Metadata, Owner, ParseError, RequestId, TxnId};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -109,7 +109,10 @@ pub struct Changes {
 /// settled two-phase legs reserved before it. (Authorization holds stay: clients read them.)
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Pruned {
-    pub dedup: Vec<RequestId>,
+    /// The idempotency records the ledger held, by stamp (`at_ms`), oldest first. A storage
+    /// adapter that evicted some ([`Ledger::forget_dedup`]) forgets those itself.
+    pub dedup: Vec<(i64, RequestId)>,
+    /// Sorted.
     pub transactions: Vec<TxnId>,
 }
 
@@ -161,6 +164,9 @@ pub struct Ledger {
     accounts: PartitionedMap<AccountId, Account>,
     transactions: PartitionedMap<TxnId, TxnRecord>,
     holds: PartitionedMap<TxnId, HoldRecord>,
+    /// Idempotency records: every one, unless a storage adapter keeps them on disk, evicts them
+    /// from here ([`Ledger::forget_dedup`]) and hands an older one back before a command that
+    /// reuses its id ([`Ledger::recall_dedup`]).
     dedup: PartitionedMap<RequestId, DedupRecord>,
     /// Scale of every currency seen on this shard; fixed by its first account.
     scales: BTreeMap<Currency, u8>,
@@ -176,7 +182,7 @@ pub struct Ledger {
 /// rebuilds it from the records.
 #[derive(Debug, Default)]
 struct ByAge {
-    /// Every idempotency record. Leader time never goes back, so they arrive in order.
+    /// Every idempotency record held. Leader time never goes back, so new ones arrive in order.
     dedup: VecDeque<(i64, RequestId)>,
     /// Two-phase legs still held, by reserve time.
     held: BTreeSet<(i64, TxnId)>,
@@ -208,7 +214,12 @@ impl ByAge {
 
     fn older_than(&self, cutoff_ms: i64) -> Pruned {
         Pruned {
-            dedup: keys_older_than(&self.dedup, cutoff_ms),
+            dedup: self
+                .dedup
+                .iter()
+                .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
+                .cloned()
+                .collect(),
             transactions: keys_older_than(&self.settled, cutoff_ms),
         }
     }
@@ -300,8 +311,23 @@ impl Ledger {
             .collect()
     }
 
+    /// The idempotency record of a request id, if the ledger holds it.
     pub fn dedup_record(&self, id: &RequestId) -> Option<&DedupRecord> {
         self.dedup.get(id)
+    }
+
+    /// Holds again a record that [`Ledger::forget_dedup`] evicted, before a command with its
+    /// request id is applied; the command then sees the record as if it had never left.
+    pub fn recall_dedup(&mut self, request_id: RequestId, record: DedupRecord) {
+        self.by_age.record_dedup(record.at_ms, request_id.clone());
+        self.dedup.insert(request_id, record);
+    }
+
+    /// Evicts every idempotency record, once a storage adapter has them on disk: its memory is
+    /// then what the commands between two evictions need, not the whole retention.
+    pub fn forget_dedup(&mut self) {
+        self.dedup.clear();
+        self.by_age.dedup.clear();
     }
 
     /// Applies one command at the leader's timestamp. Never fails: rejections are outcomes.
@@ -392,7 +418,7 @@ impl Ledger {
                 *fence = (*fence).max(below_epoch);
             }
             CommandKind::PruneDedup { older_than_ms } => {
-                for request_id in &effect.pruned.dedup {
+                for (_, request_id) in &effect.pruned.dedup {
                     self.dedup.remove(request_id);
                 }
                 for txn_id in &effect.pruned.transactions {

@@ -743,7 +743,16 @@ fn pruning_forgets_only_records_older_than_the_cutoff() {
         older_than_ms: cutoff,
     });
     assert_eq!(applied.outcome, Outcome::Ok);
-    let removed = applied.changes.pruned.dedup.clone();
+    let removed: Vec<RequestId> = applied
+        .changes
+        .pruned
+        .dedup
+        .iter()
+        .map(|(at_ms, request_id)| {
+            assert!(*at_ms < cutoff);
+            request_id.clone()
+        })
+        .collect();
     assert_eq!(
         removed,
         vec![
@@ -1329,7 +1338,7 @@ fn a_capture_across_shards_moves_exactly_the_captured_amount() {
 // ---- Properties ----
 
 #[derive(Clone, Debug)]
-enum Op {
+pub(crate) enum Op {
     Transfer {
         from: usize,
         to: usize,
@@ -1381,7 +1390,7 @@ enum Op {
 
 const ACCOUNTS: [&str; 5] = ["sys:funding:USD", "alice", "bob", "carol", "dave"];
 
-fn op() -> impl Strategy<Value = Op> {
+pub(crate) fn op() -> impl Strategy<Value = Op> {
     let account = 0..ACCOUNTS.len();
     let amount = -200i128..200;
     prop_oneof![
@@ -1400,7 +1409,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
+pub(crate) fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
     let legs = |legs: &[(usize, i128)]| {
         legs.iter()
             .map(|(a, amount)| leg(ACCOUNTS[*a], *amount))
@@ -1530,7 +1539,7 @@ fn to_command(op: &Op, index: usize, history: &[Command]) -> Command {
     }
 }
 
-fn setup_commands() -> Vec<Command> {
+pub(crate) fn setup_commands() -> Vec<Command> {
     let mut commands = Vec::new();
     for (i, name) in ACCOUNTS.iter().enumerate() {
         let limits = if i == 0 {
@@ -1556,7 +1565,7 @@ fn setup_commands() -> Vec<Command> {
 }
 
 /// The leader time the property tests apply the command at `position` at.
-fn at(position: usize) -> i64 {
+pub(crate) fn at(position: usize) -> i64 {
     T0 + position as i64
 }
 
