@@ -455,8 +455,8 @@ mod tests {
 
         // A prune deletes the stored records older than its cutoff; a command after it in the
         // same entry, with a pruned id, is new even though the record is on disk until the
-        // entry's write.
-        // A second prune in the entry deletes only what the first left: "pay" stays.
+        // entry's write. A second prune in the entry deletes only what the first left, so the
+        // new "pay" stays.
         let prune = |older_than_ms| CommandKind::PruneDedup { older_than_ms };
         let pruned = vec![
             command("prune", prune(2_500)),
@@ -472,23 +472,14 @@ mod tests {
         );
         assert!(!after[1].duplicate && after[1].seq > first[0].seq);
         assert!(after[2].duplicate && !after[4].duplicate);
-        let store = machine.store();
-        let view = store.view();
-        let stored = |request_id: &str| {
-            view.get(DEDUP, request_id.as_bytes())
-                .unwrap()
-                .map(|bytes| decode::<DedupRecord>("dedup record", &bytes).unwrap().at_ms)
-        };
-        assert_eq!(stored("pay"), Some(4_000));
-        assert_eq!(stored("pay-twice"), Some(4_000));
-        assert_eq!(stored("open-alice"), None);
-        let mut by_age = Vec::new();
-        view.for_each_in(DEDUP_BY_AGE, &[], None, |key, _| by_age.push(key.to_vec()))
-            .unwrap();
-        let expected: Vec<Vec<u8>> = ["pay", "pay-twice", "prune", "prune-again"]
-            .into_iter()
-            .map(|id| age_key(4_000, &RequestId::parse(id).unwrap()))
+        let (records, by_age) = stored(&machine);
+        let ids = ["pay", "pay-twice", "prune", "prune-again"];
+        let stamps: Vec<(&str, i64)> = records
+            .iter()
+            .map(|(id, record)| (id.as_str(), record.at_ms))
             .collect();
+        assert_eq!(stamps, ids.map(|id| (id, 4_000)));
+        let expected = ids.map(|id| age_key(4_000, &RequestId::parse(id).unwrap()));
         assert_eq!(by_age, expected);
     }
 
