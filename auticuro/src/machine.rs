@@ -229,11 +229,7 @@ impl App for LedgerMachine {
 
     fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
         let mut state = read_state(view)?;
-        state.dedup = view
-            .scan_from(DEDUP, &[], usize::MAX)?
-            .iter()
-            .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
-            .collect::<Result<_, Error>>()?;
+        state.dedup = read_dedup(view)?;
         Ok(LedgerSnapshot {
             state,
             events: event_log::read_stored(view, 1, u64::MAX, usize::MAX)?,
@@ -297,6 +293,15 @@ fn read_state(store: &AppView<'_>) -> Result<LedgerState, Error> {
         dedup: Vec::new(),
         fences,
     })
+}
+
+/// Every stored idempotency record, by request id.
+fn read_dedup(store: &AppView<'_>) -> Result<Vec<(RequestId, DedupRecord)>, Error> {
+    store
+        .scan_from(DEDUP, &[], usize::MAX)?
+        .iter()
+        .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
+        .collect()
 }
 
 fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupRecord) {
@@ -487,12 +492,7 @@ mod tests {
     fn stored(machine: &Machine) -> (Vec<(RequestId, DedupRecord)>, Vec<Vec<u8>>) {
         let store = machine.store();
         let view = store.view();
-        let mut records = Vec::new();
-        view.for_each_in(DEDUP, &[], None, |key, value| {
-            let record = decode("dedup record", value).unwrap();
-            records.push((request_key(key).unwrap(), record));
-        })
-        .unwrap();
+        let records = read_dedup(&view).unwrap();
         let mut by_age = Vec::new();
         view.for_each_in(DEDUP_BY_AGE, &[], None, |key, _| by_age.push(key.to_vec()))
             .unwrap();
