@@ -253,12 +253,7 @@ impl App for LedgerMachine {
     fn digest(&self, view: &AppView<'_>) -> Result<[u8; 32], Error> {
         let mut hasher = Sha256::new();
         hasher.update(self.ledger.digest());
-        view.for_each_in(DEDUP, &[], None, |key, value| {
-            for part in [key, value] {
-                hasher.update((part.len() as u64).to_be_bytes());
-                hasher.update(part);
-            }
-        })?;
+        view.hash_rows(DEDUP, |bytes| hasher.update(bytes))?;
         Ok(hasher.finalize().into())
     }
 

@@ -215,6 +215,22 @@ impl AppView<'_> {
         Ok(())
     }
 
+    /// Feeds every row of a column family to `update`, in key order, each key and each value
+    /// after its length (so that different rows never feed the same bytes): how a digest covers
+    /// state kept on disk only.
+    pub fn hash_rows(
+        &self,
+        column_family: &str,
+        mut update: impl FnMut(&[u8]),
+    ) -> Result<(), Error> {
+        self.for_each_in(column_family, &[], None, |key, value| {
+            for part in [key, value] {
+                update(&(part.len() as u64).to_be_bytes());
+                update(part);
+            }
+        })
+    }
+
     /// Key/value pairs of a column family from `start` on, in key order, at most `limit`.
     pub fn scan_from(
         &self,

@@ -526,14 +526,22 @@ impl<A: App> StateMachineStore<A> {
         read(&self.state.read().expect("no poisoned lock").app)
     }
 
+    /// Runs `read` against the applied state and its column families at one moment: what the
+    /// application keeps on disk only is there, and no entry is half applied.
+    pub fn read_stored<T>(&self, read: impl FnOnce(&A, &AppView<'_>) -> T) -> T {
+        let state = self.state.read().expect("no poisoned lock");
+        read(
+            &state.app,
+            &AppView {
+                db: &self.db,
+                snapshot: None,
+            },
+        )
+    }
+
     /// The last event seq applied and the digest of the state, taken at one moment.
     pub fn digest(&self) -> Result<(u64, [u8; 32]), Error> {
-        let state = self.state.read().expect("no poisoned lock");
-        let view = AppView {
-            db: &self.db,
-            snapshot: None,
-        };
-        Ok((state.app.applied_seq(), state.app.digest(&view)?))
+        self.read_stored(|app, view| Ok((app.applied_seq(), app.digest(view)?)))
     }
 
     /// Read access to the application's column families.

@@ -17,7 +17,7 @@ use proto::auticuro::v1 as pb;
 use crate::crash;
 use crate::machine::CoordinatorMachine;
 use crate::protocol::{Answer, Drive, Step};
-use crate::saga::{CoordinatorCommand, Transaction};
+use crate::saga::{CoordinatorCommand, CoordinatorResponse, Transaction};
 use crate::topology::Placement;
 
 /// How long one round of a must-succeed step (post, void) retries before starting over.
@@ -148,16 +148,22 @@ impl Driver {
         }
     }
 
-    /// The transaction's current record, shared (no copy).
-    pub(crate) fn transaction(&self, txn_id: &TxnId) -> Option<Arc<Transaction>> {
+    /// The transaction's current record, shared (no copy) while it is in flight.
+    pub(crate) fn transaction(
+        &self,
+        txn_id: &TxnId,
+    ) -> Result<Option<Arc<Transaction>>, consensus::Error> {
         self.machine
-            .read(|machine| machine.coordinator().transaction(txn_id).cloned())
+            .read_stored(|machine, view| machine.transaction(view, txn_id))
     }
 
     async fn drive(&self, txn_id: &TxnId) -> Result<(), Stop> {
         let mut drive = Drive::default();
         loop {
-            let Some(transaction) = self.transaction(txn_id) else {
+            let transaction = self
+                .transaction(txn_id)
+                .map_err(|error| Stop::Unavailable(error.to_string()))?;
+            let Some(transaction) = transaction else {
                 return Ok(());
             };
             let cross_shard = !transaction.is_single_shard();
@@ -221,9 +227,13 @@ impl Driver {
                     let proposed = commands
                         .into_iter()
                         .map(|command| self.proposer.propose(command));
-                    futures::future::try_join_all(proposed).await?;
+                    let written = futures::future::try_join_all(proposed).await?;
                     if cross_shard && decides {
                         crash::point("after-decide");
+                    }
+                    let done = |response: &CoordinatorResponse| matches!(response, CoordinatorResponse::Transaction(t) if t.done);
+                    if written.iter().any(done) {
+                        return Ok(());
                     }
                 }
             }

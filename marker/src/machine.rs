@@ -1,13 +1,17 @@
 //! The coordinator as a Raft application: applies `Begin`, `Decide` and `Done` through
 //! `saga::Coordinator`, persists each changed transaction and its lifecycle event, counts the
 //! steps, and wakes whoever waits for a transaction's next step once it is persisted.
+//!
+//! Memory holds the transactions in flight only: a done transaction's record is let go once
+//! written, and read back from disk when a command or a reader names it again.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use auticuro::ledger::TxnId;
 use consensus::{App, AppView, Error, Writes, decode, encode, event_log};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::LifecycleCounts;
@@ -42,10 +46,10 @@ pub struct CoordinatorMachine {
     /// Who waits for a transaction's next lifecycle step ([`Self::next_step`]); behind a lock
     /// because waiters register through a shared reference, while `apply` has the machine to
     /// itself.
-    waiting: Mutex<HashMap<TxnId, Vec<oneshot::Sender<()>>>>,
-    /// Waiters whose transaction took a step in the entries being applied, woken once those
-    /// are persisted.
-    woken: Vec<oneshot::Sender<()>>,
+    waiting: Mutex<HashMap<TxnId, Vec<oneshot::Sender<Arc<Transaction>>>>>,
+    /// Waiters whose transaction took a step in the entries being applied, with the record
+    /// after the step, woken once those are persisted.
+    woken: Vec<(oneshot::Sender<Arc<Transaction>>, Arc<Transaction>)>,
 }
 
 impl CoordinatorMachine {
@@ -63,9 +67,25 @@ impl CoordinatorMachine {
         &self.counts
     }
 
-    /// Resolves once the transaction's next lifecycle step is persisted (or the state is
-    /// replaced by a snapshot). Only waiters of that transaction are woken, however many wait.
-    pub fn next_step(&self, txn_id: &TxnId) -> oneshot::Receiver<()> {
+    /// The transaction's record: held while in flight, read from disk once done (`view`: the
+    /// column families at the same moment, `StateMachineStore::read_stored`).
+    pub fn transaction(
+        &self,
+        view: &AppView<'_>,
+        txn_id: &TxnId,
+    ) -> Result<Option<Arc<Transaction>>, Error> {
+        if let Some(held) = self.coordinator.transaction(txn_id) {
+            return Ok(Some(held.clone()));
+        }
+        view.get(TRANSACTIONS, txn_id.as_str().as_bytes())?
+            .map(|bytes| decode("transaction", &bytes).map(Arc::new))
+            .transpose()
+    }
+
+    /// Resolves with the record after the transaction's next lifecycle step, once that step is
+    /// persisted; fails when the state is replaced by a snapshot (read it again then). Only
+    /// waiters of that transaction are woken, however many wait.
+    pub fn next_step(&self, txn_id: &TxnId) -> oneshot::Receiver<Arc<Transaction>> {
         let (sender, receiver) = oneshot::channel();
         self.waiting
             .lock()
@@ -102,8 +122,11 @@ impl App for CoordinatorMachine {
 
     const COLUMN_FAMILIES: &'static [&'static str] = &[TRANSACTIONS, event_log::EVENTS];
 
+    /// Done transactions are read back when a command or a reader names them.
+    const READ_FAMILIES: &'static [&'static str] = &[TRANSACTIONS];
+
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let state = read_state(store)?;
+        let state = read_state(store, |transaction| !transaction.done)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(CoordinatorMachine {
             coordinator: Coordinator::import(state),
@@ -120,6 +143,13 @@ impl App for CoordinatorMachine {
         timestamp_ms: i64,
         writes: &mut Writes<'_>,
     ) -> CoordinatorResponse {
+        let txn_id = command.txn_id();
+        if self.coordinator.transaction(txn_id).is_none()
+            && let Some(stored) =
+                writes.get_committed(TRANSACTIONS, txn_id.as_str().as_bytes(), "transaction")
+        {
+            self.coordinator.recall(stored);
+        }
         let (response, event) = self.coordinator.apply(command, timestamp_ms);
         if let Some(event) = event {
             Self::write_transaction(&event.transaction, writes);
@@ -127,16 +157,19 @@ impl App for CoordinatorMachine {
             self.counts.count(&event);
             let waiting = self.waiting.get_mut().expect("no poisoned lock");
             if let Some(senders) = waiting.remove(&event.transaction.txn_id) {
-                self.woken.extend(senders);
+                let after = &event.transaction;
+                self.woken
+                    .extend(senders.into_iter().map(|sender| (sender, after.clone())));
             }
         }
         response
     }
 
     fn persisted(&mut self) {
+        self.coordinator.forget_done();
         self.applied_seq.send_replace(self.coordinator.last_seq());
-        for sender in self.woken.drain(..) {
-            let _ = sender.send(());
+        for (sender, transaction) in self.woken.drain(..) {
+            let _ = sender.send(transaction);
         }
     }
 
@@ -146,7 +179,7 @@ impl App for CoordinatorMachine {
             .map(|(_, event)| event)
             .collect();
         Ok(CoordinatorSnapshot {
-            state: read_state(view)?,
+            state: read_state(view, |_| true)?,
             events,
         }
         .encode())
@@ -161,14 +194,20 @@ impl App for CoordinatorMachine {
             event_log::append(writes, event.seq, event);
         }
         self.coordinator = Coordinator::import(snapshot.state);
-        let waiting = self.waiting.get_mut().expect("no poisoned lock");
-        self.woken
-            .extend(waiting.drain().flat_map(|(_, senders)| senders));
+        self.coordinator.forget_done();
+        // Their transactions may have moved on: failing, they read the new state.
+        self.waiting.get_mut().expect("no poisoned lock").clear();
+        self.woken.clear();
         Ok(())
     }
 
-    fn digest(&self, _: &AppView<'_>) -> Result<[u8; 32], Error> {
-        Ok(self.coordinator.digest())
+    /// The coordinator's digest (which holds the transactions in flight between apply calls)
+    /// and every record on disk.
+    fn digest(&self, view: &AppView<'_>) -> Result<[u8; 32], Error> {
+        let mut hasher = Sha256::new();
+        hasher.update(self.coordinator.digest());
+        view.hash_rows(TRANSACTIONS, |bytes| hasher.update(bytes))?;
+        Ok(hasher.finalize().into())
     }
 
     fn applied_seq(&self) -> u64 {
@@ -176,13 +215,25 @@ impl App for CoordinatorMachine {
     }
 }
 
-/// The coordinator state persisted in the column families.
-fn read_state(store: &AppView<'_>) -> Result<CoordinatorState, Error> {
-    let transactions = store
-        .scan_from(TRANSACTIONS, &[], usize::MAX)?
-        .iter()
-        .map(|(_, value)| decode("transaction", value))
-        .collect::<Result<_, Error>>()?;
+/// The coordinator state persisted in the column families, with the transactions `keep` keeps.
+fn read_state(
+    store: &AppView<'_>,
+    keep: impl Fn(&Transaction) -> bool,
+) -> Result<CoordinatorState, Error> {
+    let mut transactions = Vec::new();
+    let mut failure = None;
+    store.for_each_in(TRANSACTIONS, &[], None, |_, value| {
+        match decode::<Transaction>("transaction", value) {
+            Ok(transaction) if keep(&transaction) => transactions.push(transaction),
+            Ok(_) => {}
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        }
+    })?;
+    if let Some(error) = failure {
+        return Err(error);
+    }
     Ok(CoordinatorState {
         last_seq: event_log::last_seq(store)?,
         transactions,
@@ -194,17 +245,30 @@ mod tests {
     use std::sync::Arc;
 
     use auticuro::ledger::{AccountId, Amount, Currency, Leg, Metadata};
-    use consensus::{Proposal, RaftMetrics, TypeConfig, open_storage};
-    use openraft::storage::RaftStateMachine;
+    use consensus::{Proposal, RaftMetrics, StateMachineStore, TypeConfig, open_storage};
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
     use prometheus_client::registry::Registry;
     use tokio::sync::oneshot::error::TryRecvError;
 
     use super::*;
-    use crate::saga::{Decision, NewTransaction, plan, txn_id_for};
+    use crate::saga::{AbortReason, Decision, NewTransaction, plan, txn_id_for};
+
+    type Machine = StateMachineStore<CoordinatorMachine>;
+
+    fn open(dir: &tempfile::TempDir) -> Machine {
+        let metrics = RaftMetrics::register(&mut Registry::default());
+        open_storage::<CoordinatorMachine>(dir.path(), 1, &metrics)
+            .unwrap()
+            .1
+    }
 
     fn begin(key: &str) -> CoordinatorCommand {
-        let legs: Vec<Leg> = [("alice", -5), ("bob", 5)]
+        begin_moving(key, 5)
+    }
+
+    fn begin_moving(key: &str, amount: i128) -> CoordinatorCommand {
+        let legs: Vec<Leg> = [("alice", -amount), ("bob", amount)]
             .into_iter()
             .map(|(account, amount)| Leg {
                 account_id: AccountId::parse(account).unwrap(),
@@ -237,6 +301,176 @@ mod tests {
         }
     }
 
+    fn decide(key: &str, decision: Decision) -> CoordinatorCommand {
+        CoordinatorCommand::Decide {
+            txn_id: txn_id_for("tenant", key),
+            decision,
+        }
+    }
+
+    fn forced() -> Decision {
+        Decision::Abort {
+            reason: AbortReason::Forced,
+            outcome: auticuro::ledger::Outcome::Ok,
+            detail_account_id: None,
+        }
+    }
+
+    fn done(key: &str) -> CoordinatorCommand {
+        CoordinatorCommand::Done {
+            txn_id: txn_id_for("tenant", key),
+            shard_seqs: [(1, 3), (2, 4)].into(),
+        }
+    }
+
+    /// The record as a reader sees it: held, or read from disk.
+    fn read(machine: &Machine, key: &str) -> Option<Arc<Transaction>> {
+        let txn_id = txn_id_for("tenant", key);
+        machine
+            .read_stored(|machine, view| machine.transaction(view, &txn_id))
+            .unwrap()
+    }
+
+    fn held(machine: &Machine, key: &str) -> bool {
+        let txn_id = txn_id_for("tenant", key);
+        machine.read(|machine| machine.coordinator().transaction(&txn_id).is_some())
+    }
+
+    /// Every stored record, by txn id.
+    fn stored(machine: &Machine) -> Vec<Transaction> {
+        machine.read_stored(|_, view| read_state(view, |_| true).unwrap().transactions)
+    }
+
+    #[tokio::test]
+    async fn done_transactions_live_on_disk_and_are_read_back_when_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(&dir);
+        let steps = vec![
+            begin("a"),
+            begin("b"),
+            decide("a", Decision::Commit),
+            done("a"),
+        ];
+        machine.apply([entry(1, steps)]).await.unwrap();
+        // Once written, the done record leaves memory; readers find it on disk.
+        assert!(!held(&machine, "a") && held(&machine, "b"));
+        let a = read(&machine, "a").unwrap();
+        assert!(a.done && a.decision == Some(Decision::Commit));
+        assert_eq!(a.shard_seqs, [(1, 3), (2, 4)].into());
+        assert!(read(&machine, "never").is_none());
+
+        // Commands naming it find the record: a retry gets it back unchanged, another body is
+        // a mismatch, a late abort changes nothing, and no step is taken.
+        let last_seq = machine.read(|machine| machine.coordinator().last_seq());
+        let retries = vec![
+            begin("a"),
+            begin_moving("a", 6),
+            decide("a", forced()),
+            done("a"),
+        ];
+        let answers = machine.apply([entry(2, retries)]).await.unwrap().remove(0);
+        assert_eq!(answers[0], CoordinatorResponse::Transaction(a.clone()));
+        assert_eq!(
+            answers[1],
+            CoordinatorResponse::IdempotencyMismatch {
+                txn_id: a.txn_id.clone()
+            }
+        );
+        assert_eq!(answers[2], CoordinatorResponse::Transaction(a.clone()));
+        assert_eq!(answers[3], CoordinatorResponse::Transaction(a.clone()));
+        assert_eq!(machine.read(|m| m.coordinator().last_seq()), last_seq);
+        assert!(!held(&machine, "a"));
+
+        // A waiter gets the record after its step, even once the step is done and let go.
+        let mut waiter = machine.read(|machine| machine.next_step(&txn_id_for("tenant", "b")));
+        let finish = vec![decide("b", forced()), done("b")];
+        machine.apply([entry(3, finish)]).await.unwrap();
+        assert_eq!(waiter.try_recv().unwrap().decision, Some(forced()));
+        assert!(!held(&machine, "b") && read(&machine, "b").unwrap().done);
+
+        // A replica that loads from disk, or installs a snapshot, has the same state and holds
+        // only what is in flight.
+        machine.apply([entry(4, vec![begin("c")])]).await.unwrap();
+        let digest = machine.digest().unwrap();
+        drop(machine);
+        let mut machine = open(&dir);
+        assert_eq!(machine.digest().unwrap(), digest);
+        assert!(held(&machine, "c") && !held(&machine, "a"));
+        let snapshot = machine
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let current = machine.get_current_snapshot().await.unwrap().unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = open(&other_dir);
+        other
+            .install_snapshot(&snapshot.meta, current.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.digest().unwrap(), digest);
+        assert!(held(&other, "c") && !held(&other, "b"));
+        assert_eq!(read(&other, "b"), read(&machine, "b"));
+        assert_eq!(stored(&other), stored(&machine));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Under any log of begin (two bodies per key), decide and done for a few transactions,
+        /// in entries of a few commands each: a replica that lets done records go answers as a
+        /// coordinator that holds everything, holds exactly what is in flight, stores every
+        /// record, and reads each back as that coordinator holds it.
+        #[test]
+        fn a_replica_answers_as_a_coordinator_that_holds_every_transaction(
+            entries in proptest::collection::vec(
+                proptest::collection::vec((0usize..3, 0u8..5), 1..5),
+                1..12,
+            )
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut machine = open(&dir);
+            let mut holding = Coordinator::default();
+            let keys = ["k0", "k1", "k2"];
+            for (index, steps) in entries.into_iter().enumerate() {
+                let commands: Vec<CoordinatorCommand> = steps
+                    .into_iter()
+                    .map(|(which, action)| {
+                        let key = keys[which];
+                        match action {
+                            0 => begin(key),
+                            1 => begin_moving(key, 6),
+                            2 => decide(key, Decision::Commit),
+                            3 => decide(key, forced()),
+                            _ => done(key),
+                        }
+                    })
+                    .collect();
+                let expected: Vec<CoordinatorResponse> = commands
+                    .iter()
+                    .map(|command| holding.apply(command, 100).0)
+                    .collect();
+                let answers = runtime
+                    .block_on(machine.apply([entry(index as u64 + 1, commands)]))
+                    .unwrap()
+                    .remove(0);
+                proptest::prop_assert_eq!(answers, expected);
+                for key in keys {
+                    let all = holding.transaction(&txn_id_for("tenant", key)).cloned();
+                    let in_flight = all.as_ref().is_some_and(|t| !t.done);
+                    proptest::prop_assert_eq!(held(&machine, key), in_flight);
+                    proptest::prop_assert_eq!(read(&machine, key), all);
+                }
+                proptest::prop_assert_eq!(stored(&machine), holding.export().transactions);
+            }
+            let digest = machine.digest().unwrap();
+            drop(machine);
+            proptest::prop_assert_eq!(open(&dir).digest().unwrap(), digest);
+        }
+    }
+
     #[tokio::test]
     async fn a_step_wakes_only_the_waiters_of_its_transaction_and_is_counted() {
         let dir = tempfile::tempdir().unwrap();
@@ -262,7 +496,8 @@ mod tests {
             .await
             .unwrap();
         for waiter in &mut a_waiters {
-            assert_eq!(waiter.try_recv(), Ok(()));
+            let after = waiter.try_recv().unwrap();
+            assert_eq!(after.decision, Some(Decision::Commit));
         }
         assert_eq!(b_waiter.try_recv(), Err(TryRecvError::Empty));
 

@@ -96,6 +96,18 @@ pub enum CoordinatorCommand {
     },
 }
 
+impl CoordinatorCommand {
+    /// The transaction the command moves.
+    pub fn txn_id(&self) -> &TxnId {
+        match self {
+            CoordinatorCommand::Begin(new) => &new.txn_id,
+            CoordinatorCommand::Decide { txn_id, .. } | CoordinatorCommand::Done { txn_id, .. } => {
+                txn_id
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CoordinatorResponse {
     /// The record as it stands after the command (shared with the coordinator's map).
@@ -170,6 +182,8 @@ pub struct Coordinator {
     transactions: PartitionedMap<TxnId, Arc<Transaction>>,
     /// Not done yet, by begin time: what a new leader re-drives.
     in_flight: BTreeSet<(i64, TxnId)>,
+    /// The done transactions held, which [`Coordinator::forget_done`] lets go.
+    done_held: Vec<TxnId>,
     last_seq: u64,
 }
 
@@ -185,8 +199,35 @@ impl Coordinator {
         self.last_seq
     }
 
+    /// The transaction's record, if held: every transaction is, unless it is done and
+    /// [`Coordinator::forget_done`] let it go.
     pub fn transaction(&self, txn_id: &TxnId) -> Option<&Arc<Transaction>> {
         self.transactions.get(txn_id)
+    }
+
+    /// Lets go of every done transaction held, for a caller that keeps the records elsewhere
+    /// (the replica, on disk) and hands one back ([`Coordinator::recall`]) before a command
+    /// names it. Without that, nothing is ever forgotten.
+    pub fn forget_done(&mut self) {
+        for txn_id in self.done_held.drain(..) {
+            self.transactions.remove(&txn_id);
+        }
+    }
+
+    /// Holds a transaction's record again (one that [`Coordinator::forget_done`] let go).
+    pub fn recall(&mut self, transaction: Transaction) {
+        self.hold(Arc::new(transaction));
+    }
+
+    fn hold(&mut self, transaction: Arc<Transaction>) {
+        let txn_id = transaction.txn_id.clone();
+        if transaction.done {
+            self.done_held.push(txn_id.clone());
+        } else {
+            self.in_flight
+                .insert((transaction.begun_at_ms, txn_id.clone()));
+        }
+        self.transactions.insert(txn_id, transaction);
     }
 
     /// Transactions not done yet, oldest first.
@@ -249,8 +290,6 @@ impl Coordinator {
             done: false,
             shard_seqs: BTreeMap::new(),
         };
-        self.in_flight
-            .insert((timestamp_ms, transaction.txn_id.clone()));
         self.record(transaction, LifecycleKind::Begun, timestamp_ms)
     }
 
@@ -312,8 +351,7 @@ impl Coordinator {
     ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         self.last_seq += 1;
         let transaction = Arc::new(transaction);
-        self.transactions
-            .insert(transaction.txn_id.clone(), transaction.clone());
+        self.hold(transaction.clone());
         let event = LifecycleEvent {
             seq: self.last_seq,
             timestamp_ms,
@@ -337,22 +375,14 @@ impl Coordinator {
     }
 
     pub fn import(state: CoordinatorState) -> Coordinator {
-        let in_flight = state
-            .transactions
-            .iter()
-            .filter(|transaction| !transaction.done)
-            .map(|transaction| (transaction.begun_at_ms, transaction.txn_id.clone()))
-            .collect();
-        let transactions = state
-            .transactions
-            .into_iter()
-            .map(|t| (t.txn_id.clone(), Arc::new(t)))
-            .collect();
-        Coordinator {
-            transactions,
-            in_flight,
+        let mut coordinator = Coordinator {
             last_seq: state.last_seq,
+            ..Coordinator::default()
+        };
+        for transaction in state.transactions {
+            coordinator.recall(transaction);
         }
+        coordinator
     }
 
     pub fn digest(&self) -> [u8; 32] {

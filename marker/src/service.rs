@@ -128,6 +128,11 @@ impl CoordinatorService {
         transaction_message(self.coordinator_shard_id, transaction)
     }
 
+    /// The transaction's current record.
+    fn transaction(&self, txn_id: &TxnId) -> Result<Option<Arc<Transaction>>, Status> {
+        self.driver.transaction(txn_id).map_err(unreadable)
+    }
+
     /// Waits (bounded) until the transaction is decided, or done when `until_done`; returns its
     /// latest state.
     async fn wait_for(
@@ -135,31 +140,39 @@ impl CoordinatorService {
         txn_id: &TxnId,
         until_done: bool,
         wait: Duration,
-    ) -> Option<Arc<Transaction>> {
+    ) -> Result<Option<Arc<Transaction>>, Status> {
+        let reached = |t: &Transaction| t.decision.is_some() && (t.done || !until_done);
         let waited = tokio::time::timeout(wait, async {
             loop {
                 // Looked at and waited for under one read of the machine, so no step can come
                 // in between unseen.
-                let next_step = self.driver.machine.read(|machine| {
-                    let reached = machine
-                        .coordinator()
-                        .transaction(txn_id)
-                        .is_some_and(|t| t.decision.is_some() && (t.done || !until_done));
-                    (!reached).then(|| machine.next_step(txn_id))
-                });
-                let Some(next_step) = next_step else { return };
-                if next_step.await.is_err() {
-                    return;
+                let (current, next_step) = self.driver.machine.read_stored(|machine, view| {
+                    let current = machine.transaction(view, txn_id)?;
+                    let next_step = (!current.as_deref().is_some_and(reached))
+                        .then(|| machine.next_step(txn_id));
+                    Ok::<_, consensus::Error>((current, next_step))
+                })?;
+                let Some(next_step) = next_step else {
+                    return Ok(current);
+                };
+                // After the step, unless the state was replaced meanwhile: then read it again.
+                if let Ok(after) = next_step.await
+                    && reached(&after)
+                {
+                    return Ok(Some(after));
                 }
             }
         })
         .await;
-        if waited.is_err() {
-            self.driver
-                .machine
-                .read(|machine| machine.forget_abandoned(txn_id));
+        match waited {
+            Ok(reached) => reached.map_err(unreadable),
+            Err(_) => {
+                self.driver
+                    .machine
+                    .read(|machine| machine.forget_abandoned(txn_id));
+                self.transaction(txn_id)
+            }
         }
-        self.driver.transaction(txn_id)
     }
 
     /// Leadership confirmed with a quorum, or where to go instead.
@@ -251,6 +264,11 @@ impl CoordinatorService {
     }
 }
 
+/// A replica that cannot read its own records.
+fn unreadable(error: consensus::Error) -> Status {
+    Status::internal(error.to_string())
+}
+
 fn valid_key(text: &str, length_max: usize) -> bool {
     !text.is_empty() && text.len() <= length_max && text.chars().all(|c| c.is_ascii_graphic())
 }
@@ -297,10 +315,10 @@ impl CoordinatorRpc for CoordinatorService {
         if self.state() != CoordinatorState::Active {
             // Draining or removed: new work goes to an active shard. Transactions begun here
             // before still finish here; a retry of one is answered below from the log.
-            let begun = self.driver.transaction(&saga::txn_id_for(
+            let begun = self.transaction(&saga::txn_id_for(
                 &request.tenant_id,
                 &request.idempotency_key,
-            ));
+            ))?;
             if let Some(transaction) = begun {
                 return Ok(Response::new(pb::SubmitResponse {
                     reply: Some(Reply::Transaction(self.message(&transaction))),
@@ -356,7 +374,7 @@ impl CoordinatorRpc for CoordinatorService {
         let transaction = if request.wait && !settled {
             let wait = Duration::from_millis(u64::from(request.wait_ms_max)).min(SUBMIT_WAIT_MAX);
             self.wait_for(&txn_id, request.wait_until_done, wait)
-                .await
+                .await?
                 .unwrap_or(transaction)
         } else {
             transaction
@@ -377,7 +395,7 @@ impl CoordinatorRpc for CoordinatorService {
                 reply: Some(Reply::Redirect(redirect)),
             }));
         }
-        let reply = match self.driver.transaction(&txn_id) {
+        let reply = match self.transaction(&txn_id)? {
             Some(transaction) => Reply::Transaction(self.message(&transaction)),
             None => Reply::NotFound(true),
         };
@@ -393,15 +411,16 @@ impl CoordinatorRpc for CoordinatorService {
         request: Request<pb::WatchTransactionRequest>,
     ) -> Result<Response<Self::WatchTransactionStream>, Status> {
         let txn_id = Self::parse_txn_id(&request.get_ref().txn_id)?;
-        let (current, from, applied) = self.driver.machine.read(|machine| {
-            let current = machine.coordinator().transaction(&txn_id).cloned();
+        let (current, from, applied) = self.driver.machine.read_stored(|machine, view| {
             (
-                current,
+                machine.transaction(view, &txn_id),
                 machine.coordinator().last_seq() + 1,
                 machine.subscribe_applied_seq(),
             )
         });
-        let current = current.ok_or_else(|| Status::not_found("no such transaction"))?;
+        let current = current
+            .map_err(unreadable)?
+            .ok_or_else(|| Status::not_found("no such transaction"))?;
         let shard_id = self.coordinator_shard_id;
         let first = self.message(&current);
         let finished = current.done;
@@ -568,7 +587,7 @@ impl CoordinatorAdmin for CoordinatorService {
                 reply: Some(Reply::Redirect(redirect)),
             }));
         }
-        let reply = match self.driver.transaction(&txn_id) {
+        let reply = match self.transaction(&txn_id)? {
             Some(transaction) => {
                 self.driver.ensure_driving(&txn_id);
                 Reply::Transaction(self.message(&transaction))
