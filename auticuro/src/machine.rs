@@ -8,11 +8,13 @@ use tokio::sync::watch;
 
 use crate::ledger::{
     Account, AccountId, Command, CommandKind, DedupRecord, HoldRecord, Ledger, LedgerState,
-    Outcome, RequestId, TxnId, TxnRecord,
+    LegState, Outcome, RequestId, TxnId, TxnRecord,
 };
 
 const ACCOUNTS: &str = "accounts";
 const TRANSACTIONS: &str = "transactions";
+/// The two-phase records' keys by reserve time: [`age_key`] → nothing, for prunes.
+const TRANSACTIONS_BY_AGE: &str = "transactions_by_age";
 const HOLDS: &str = "holds";
 const DEDUP: &str = "dedup";
 /// The idempotency records' keys by stamp: [`age_key`] → nothing, for prunes.
@@ -98,10 +100,44 @@ impl LedgerMachine {
         }
     }
 
-    /// Deletes the stored records older than a prune's cutoff (the ledger forgot those it held).
-    /// Those below an earlier prune's cutoff since the last write are deleted already: one of
-    /// their ids may have a new record since, which must stay.
-    fn prune_stored_dedup(&mut self, older_than_ms: i64, writes: &mut Writes<'_>) {
+    /// A transaction's two-phase record: held while its legs are held (and until a settled one
+    /// is written), read from disk after (`view`: the column families at the same moment,
+    /// `StateMachineStore::read_stored`).
+    pub fn transaction(
+        &self,
+        view: &AppView<'_>,
+        txn_id: &TxnId,
+    ) -> Result<Option<TxnRecord>, Error> {
+        if let Some(held) = self.ledger.transaction(txn_id) {
+            return Ok(Some(held.clone()));
+        }
+        view.get(TRANSACTIONS, txn_id.as_str().as_bytes())?
+            .map(|bytes| decode("transaction", &bytes))
+            .transpose()
+    }
+
+    /// Hands the ledger the stored two-phase record of a transaction it does not hold, unless a
+    /// prune since the last write has deleted it.
+    fn recall_transaction(&mut self, txn_id: &TxnId, writes: &mut Writes<'_>) {
+        if self.ledger.transaction(txn_id).is_some() {
+            return;
+        }
+        let stored: Option<TxnRecord> =
+            writes.get_committed(TRANSACTIONS, txn_id.as_str().as_bytes(), "transaction");
+        if let Some(record) = stored
+            && self
+                .pruning_below_ms
+                .is_none_or(|cutoff| record.at_ms >= cutoff)
+        {
+            self.ledger.recall_transaction(txn_id.clone(), record);
+        }
+    }
+
+    /// Deletes the stored idempotency records and settled two-phase records older than a
+    /// prune's cutoff (the ledger forgot those it held; held legs stay, however old). Those
+    /// below an earlier prune's cutoff since the last write are deleted already: one of their
+    /// ids may have a new record since, which must stay.
+    fn prune_stored(&mut self, older_than_ms: i64, writes: &mut Writes<'_>) {
         let start = self.pruning_below_ms.map_or([0; 8], age_prefix);
         let end = age_prefix(older_than_ms);
         if start >= end {
@@ -110,6 +146,17 @@ impl LedgerMachine {
         for (key, _) in writes.scan_committed(DEDUP_BY_AGE, &start, &end) {
             writes.delete(DEDUP, &key[8..]);
             writes.delete(DEDUP_BY_AGE, &key);
+        }
+        for (key, _) in writes.scan_committed(TRANSACTIONS_BY_AGE, &start, &end) {
+            let held = txn_key(&key[8..]).is_ok_and(|txn_id| {
+                self.ledger
+                    .transaction(&txn_id)
+                    .is_some_and(|record| record.state == LegState::Held)
+            });
+            if !held {
+                writes.delete(TRANSACTIONS, &key[8..]);
+                writes.delete(TRANSACTIONS_BY_AGE, &key);
+            }
         }
         self.pruning_below_ms = Some(older_than_ms);
     }
@@ -124,7 +171,7 @@ impl LedgerMachine {
             writes.put_encoded(ACCOUNTS, account.id.as_str().as_bytes(), account);
         }
         for (txn_id, record) in &state.transactions {
-            writes.put_encoded(TRANSACTIONS, txn_id.as_str().as_bytes(), record);
+            put_transaction(writes, txn_id, record, true);
         }
         for (hold_id, record) in &state.holds {
             writes.put_encoded(HOLDS, hold_id.as_str().as_bytes(), record);
@@ -143,6 +190,7 @@ impl App for LedgerMachine {
     const COLUMN_FAMILIES: &'static [&'static str] = &[
         ACCOUNTS,
         TRANSACTIONS,
+        TRANSACTIONS_BY_AGE,
         HOLDS,
         DEDUP,
         DEDUP_BY_AGE,
@@ -152,14 +200,16 @@ impl App for LedgerMachine {
 
     const REWRITTEN_FAMILIES: &'static [&'static str] = &[ACCOUNTS];
 
-    const READ_FAMILIES: &'static [&'static str] = &[DEDUP, DEDUP_BY_AGE];
+    const READ_FAMILIES: &'static [&'static str] =
+        &[DEDUP, DEDUP_BY_AGE, TRANSACTIONS, TRANSACTIONS_BY_AGE];
 
     /// 2: events are stored as protobuf (`events::write_stored`), no longer postcard.
     /// 3: idempotency records are also filed by age (`DEDUP_BY_AGE`).
-    const STORAGE_FORMAT: u32 = 3;
+    /// 4: two-phase records are also filed by age (`TRANSACTIONS_BY_AGE`).
+    const STORAGE_FORMAT: u32 = 4;
 
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let state = read_state(store)?;
+        let state = read_state(store, |record| record.state == LegState::Held)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(LedgerMachine {
             ledger: Ledger::import(state),
@@ -175,6 +225,9 @@ impl App for LedgerMachine {
         writes: &mut Writes<'_>,
     ) -> CommandResult {
         self.recall_dedup(&command.request_id, writes);
+        if let Some(txn_id) = command.kind.two_phase_txn_id() {
+            self.recall_transaction(txn_id, writes);
+        }
         let applied = self.ledger.apply(command, timestamp_ms);
         if let Some(event) = &applied.event {
             for account in &event.accounts {
@@ -188,7 +241,9 @@ impl App for LedgerMachine {
             }
         }
         for (txn_id, record) in &applied.changes.transactions {
-            writes.put_encoded(TRANSACTIONS, txn_id.as_str().as_bytes(), record);
+            // New: held by a reserve, or a tombstone left by a void that came first.
+            let new = matches!(record.state, LegState::Held | LegState::Tombstone);
+            put_transaction(writes, txn_id, record, new);
         }
         for (hold_id, record) in &applied.changes.holds {
             writes.put_encoded(HOLDS, hold_id.as_str().as_bytes(), record);
@@ -199,15 +254,16 @@ impl App for LedgerMachine {
         let pruned = &applied.changes.pruned;
         for (at_ms, request_id) in &pruned.dedup {
             writes.delete(DEDUP, request_id.as_str().as_bytes());
-            writes.delete(DEDUP_BY_AGE, &age_key(*at_ms, request_id));
+            writes.delete(DEDUP_BY_AGE, &age_key(*at_ms, request_id.as_str()));
         }
-        for txn_id in &pruned.transactions {
+        for (at_ms, txn_id) in &pruned.transactions {
             writes.delete(TRANSACTIONS, txn_id.as_str().as_bytes());
+            writes.delete(TRANSACTIONS_BY_AGE, &age_key(*at_ms, txn_id.as_str()));
         }
         if let (Some(_), CommandKind::PruneDedup { older_than_ms }) =
             (&applied.event, &command.kind)
         {
-            self.prune_stored_dedup(*older_than_ms, writes);
+            self.prune_stored(*older_than_ms, writes);
         }
         CommandResult {
             outcome: applied.outcome,
@@ -223,12 +279,13 @@ impl App for LedgerMachine {
 
     fn persisted(&mut self) {
         self.ledger.forget_dedup();
+        self.ledger.forget_settled();
         self.pruning_below_ms = None;
         self.applied_seq.send_replace(self.ledger.last_seq());
     }
 
     fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-        let mut state = read_state(view)?;
+        let mut state = read_state(view, |_| true)?;
         state.dedup = read_dedup(view)?;
         Ok(LedgerSnapshot {
             state,
@@ -245,15 +302,17 @@ impl App for LedgerMachine {
         }
         snapshot.state.dedup.clear();
         self.ledger = Ledger::import(snapshot.state);
+        self.ledger.forget_settled();
         Ok(())
     }
 
-    /// The ledger's digest (which holds no idempotency records between apply calls) and every
-    /// record on disk.
+    /// The ledger's digest (which holds no idempotency records and no settled two-phase records
+    /// between apply calls) and every record on disk.
     fn digest(&self, view: &AppView<'_>) -> Result<[u8; 32], Error> {
         let mut hasher = Sha256::new();
         hasher.update(self.ledger.digest());
         view.hash_rows(DEDUP, |bytes| hasher.update(bytes))?;
+        view.hash_rows(TRANSACTIONS, |bytes| hasher.update(bytes))?;
         Ok(hasher.finalize().into())
     }
 
@@ -262,15 +321,28 @@ impl App for LedgerMachine {
     }
 }
 
-/// The ledger state persisted in the column families, but for the idempotency records.
-fn read_state(store: &AppView<'_>) -> Result<LedgerState, Error> {
+/// The ledger state persisted in the column families, but for the idempotency records, and
+/// with the two-phase records that `keep` keeps.
+fn read_state(
+    store: &AppView<'_>,
+    keep: impl Fn(&TxnRecord) -> bool,
+) -> Result<LedgerState, Error> {
     let last_seq = event_log::last_seq(store)?;
     let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
-    let transactions: Vec<(TxnId, TxnRecord)> = store
-        .scan_from(TRANSACTIONS, &[], usize::MAX)?
-        .iter()
-        .map(|(key, value)| Ok((txn_key(key)?, decode("transaction", value)?)))
-        .collect::<Result<_, Error>>()?;
+    let mut transactions: Vec<(TxnId, TxnRecord)> = Vec::new();
+    let mut failure = None;
+    store.for_each_in(TRANSACTIONS, &[], None, |key, value| {
+        match txn_key(key).and_then(|txn_id| Ok((txn_id, decode("transaction", value)?))) {
+            Ok((txn_id, record)) if keep(&record) => transactions.push((txn_id, record)),
+            Ok(_) => {}
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        }
+    })?;
+    if let Some(error) = failure {
+        return Err(error);
+    }
     let holds: Vec<(TxnId, HoldRecord)> = store
         .scan_from(HOLDS, &[], usize::MAX)?
         .iter()
@@ -301,13 +373,30 @@ fn read_dedup(store: &AppView<'_>) -> Result<Vec<(RequestId, DedupRecord)>, Erro
 
 fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupRecord) {
     writes.put_encoded(DEDUP, request_id.as_str().as_bytes(), record);
-    writes.put(DEDUP_BY_AGE, &age_key(record.at_ms, request_id), &[]);
+    writes.put(
+        DEDUP_BY_AGE,
+        &age_key(record.at_ms, request_id.as_str()),
+        &[],
+    );
 }
 
-/// A record's key in `DEDUP_BY_AGE`: its stamp, ordered as numbers are, then its request id.
-fn age_key(at_ms: i64, request_id: &RequestId) -> Vec<u8> {
+/// Writes a two-phase record, and files it by age when `new` (a record keeps its reserve time
+/// as it settles, so it is filed once).
+fn put_transaction(writes: &mut Writes<'_>, txn_id: &TxnId, record: &TxnRecord, new: bool) {
+    writes.put_encoded(TRANSACTIONS, txn_id.as_str().as_bytes(), record);
+    if new {
+        writes.put(
+            TRANSACTIONS_BY_AGE,
+            &age_key(record.at_ms, txn_id.as_str()),
+            &[],
+        );
+    }
+}
+
+/// A record's key in a by-age family: its stamp, ordered as numbers are, then its id.
+fn age_key(at_ms: i64, id: &str) -> Vec<u8> {
     let mut key = age_prefix(at_ms).to_vec();
-    key.extend_from_slice(request_id.as_str().as_bytes());
+    key.extend_from_slice(id.as_bytes());
     key
 }
 
@@ -339,7 +428,7 @@ mod tests {
 
     use super::*;
     use crate::ledger::tests::{at, op, setup_commands, to_command};
-    use crate::ledger::{Amount, Currency, Limits, Metadata};
+    use crate::ledger::{Amount, Currency, Leg, Limits, Metadata, Owner};
 
     type Machine = StateMachineStore<LedgerMachine>;
 
@@ -472,26 +561,146 @@ mod tests {
         );
         assert!(!after[1].duplicate && after[1].seq > first[0].seq);
         assert!(after[2].duplicate && !after[4].duplicate);
-        let (records, by_age) = stored(&machine);
+        let (records, by_age) = (
+            read_dedup(&machine.store().view()).unwrap(),
+            stored_keys(&machine, DEDUP_BY_AGE),
+        );
         let ids = ["pay", "pay-twice", "prune", "prune-again"];
         let stamps: Vec<(&str, i64)> = records
             .iter()
             .map(|(id, record)| (id.as_str(), record.at_ms))
             .collect();
         assert_eq!(stamps, ids.map(|id| (id, 4_000)));
-        let expected = ids.map(|id| age_key(4_000, &RequestId::parse(id).unwrap()));
+        let expected = ids.map(|id| age_key(4_000, id));
         assert_eq!(by_age, expected);
     }
 
-    /// The records on disk, and their keys by age.
-    fn stored(machine: &Machine) -> (Vec<(RequestId, DedupRecord)>, Vec<Vec<u8>>) {
-        let store = machine.store();
-        let view = store.view();
-        let records = read_dedup(&view).unwrap();
-        let mut by_age = Vec::new();
-        view.for_each_in(DEDUP_BY_AGE, &[], None, |key, _| by_age.push(key.to_vec()))
+    #[tokio::test]
+    async fn settled_legs_live_on_disk_and_count_as_if_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(&dir);
+        let owner = Owner {
+            coordinator_shard_id: 1,
+            epoch: 1,
+        };
+        let txn_id = |id: &str| TxnId::parse(id).unwrap();
+        let reserve = |id: &str| CommandKind::Reserve {
+            txn_id: txn_id(id),
+            owner,
+            legs: vec![Leg {
+                account_id: AccountId::parse("alice").unwrap(),
+                amount: Amount(-5),
+                currency: Currency::parse("USD").unwrap(),
+            }],
+            hold_id: None,
+            metadata: Metadata::default(),
+        };
+        let post = |id: &str| CommandKind::Post {
+            txn_id: txn_id(id),
+            owner,
+        };
+        let void = |id: &str| CommandKind::Void {
+            txn_id: txn_id(id),
+            owner,
+        };
+        let legs = |machine: &Machine, id: &str| {
+            let id = txn_id(id);
+            let held = machine.read(|app| app.ledger().transaction(&id).map(|r| r.state));
+            let read = machine.read_stored(|app, view| app.transaction(view, &id));
+            (held, read.unwrap().map(|record| record.state))
+        };
+        apply(
+            &mut machine,
+            1,
+            1_000,
+            vec![command("open", create("alice"))],
+        )
+        .await;
+        let first = vec![
+            command("r-old", reserve("old")),
+            command("r-kept", reserve("kept")),
+            command("p-old", post("old")),
+        ];
+        apply(&mut machine, 2, 2_000, first).await;
+        // Once written, a settled leg leaves memory; a held one stays. Readers find both.
+        assert_eq!(legs(&machine, "old"), (None, Some(LegState::Posted)));
+        let held = Some(LegState::Held);
+        assert_eq!(legs(&machine, "kept"), (held, held));
+
+        // Commands naming a settled leg find it on disk: it is not reserved again, nor voided.
+        let late = vec![
+            command("r-old-2", reserve("old")),
+            command("v-old", void("old")),
+        ];
+        let late = apply(&mut machine, 3, 3_000, late).await;
+        assert_eq!(
+            (late[0].outcome, late[1].outcome),
+            (Outcome::TransactionAlreadyReserved, Outcome::LegNotHeld)
+        );
+
+        // A prune deletes the settled legs reserved before its cutoff, never a held one; a void
+        // after it in the same entry leaves a new tombstone (the old record on disk no longer
+        // counts), which a second prune in the entry leaves alone.
+        let prune = |older_than_ms| CommandKind::PruneDedup { older_than_ms };
+        let pruned = vec![
+            command("prune", prune(2_500)),
+            command("v-old-2", void("old")),
+            command("prune-again", prune(3_500)),
+            command("r-recent", reserve("recent")),
+            command("p-recent", post("recent")),
+        ];
+        let pruned = apply(&mut machine, 4, 4_000, pruned).await;
+        assert!(pruned.iter().all(|result| result.outcome == Outcome::Ok));
+        assert_eq!(legs(&machine, "old"), (None, Some(LegState::Tombstone)));
+        assert_eq!(legs(&machine, "kept"), (held, held));
+        let filed = age_keys([("kept", 2_000), ("old", 4_000), ("recent", 4_000)]);
+        assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), filed);
+
+        // A replica that loads from disk, or installs a snapshot, has the same legs.
+        let digest = machine.digest().unwrap();
+        drop(machine);
+        let mut machine = open(&dir);
+        assert_eq!(machine.digest().unwrap(), digest);
+        assert_eq!(legs(&machine, "old"), (None, Some(LegState::Tombstone)));
+        let snapshot = machine
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
             .unwrap();
-        (records, by_age)
+        let current = machine.get_current_snapshot().await.unwrap().unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = open(&other_dir);
+        other
+            .install_snapshot(&snapshot.meta, current.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.digest().unwrap(), digest);
+        assert_eq!(legs(&other, "old"), (None, Some(LegState::Tombstone)));
+        assert_eq!(legs(&other, "kept"), (held, held));
+        assert_eq!(legs(&other, "recent"), (None, Some(LegState::Posted)));
+        assert_eq!(stored_keys(&other, TRANSACTIONS_BY_AGE), filed);
+    }
+
+    /// Every key of a family on disk.
+    fn stored_keys(machine: &Machine, family: &str) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
+        machine
+            .store()
+            .view()
+            .for_each_in(family, &[], None, |key, _| keys.push(key.to_vec()))
+            .unwrap();
+        keys
+    }
+
+    /// The keys by age of records, in key order.
+    fn age_keys<'a>(records: impl IntoIterator<Item = (&'a str, i64)>) -> Vec<Vec<u8>> {
+        let mut keys: Vec<_> = records
+            .into_iter()
+            .map(|(id, at_ms)| age_key(at_ms, id))
+            .collect();
+        keys.sort();
+        keys
     }
 
     proptest! {
@@ -529,20 +738,34 @@ mod tests {
                         "{:?}", command
                     );
                 }
-                let held = holding.export().dedup;
-                let by_age: Vec<Vec<u8>> = {
-                    let mut keys: Vec<_> = held.iter().map(|(id, record)| age_key(record.at_ms, id)).collect();
-                    keys.sort();
-                    keys
-                };
-                prop_assert_eq!(stored(&machine), (held, by_age));
+                // On disk: every record that ledger holds, each filed by age.
+                let all = holding.export();
+                let store = machine.store();
+                let view = store.view();
+                prop_assert_eq!(read_dedup(&view).unwrap(), all.dedup.clone());
+                let dedup_ages = all.dedup.iter().map(|(id, record)| (id.as_str(), record.at_ms));
+                prop_assert_eq!(stored_keys(&machine, DEDUP_BY_AGE), age_keys(dedup_ages));
+                let transactions = read_state(&view, |_| true).unwrap().transactions;
+                prop_assert_eq!(&transactions, &all.transactions);
+                let leg_ages = all.transactions.iter().map(|(id, record)| (id.as_str(), record.at_ms));
+                prop_assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), age_keys(leg_ages));
+                // In memory: the held legs only.
+                let held: Vec<_> = all.transactions.iter().filter(|(_, record)| record.state == LegState::Held).cloned().collect();
+                prop_assert_eq!(machine.read(|app| app.ledger().export().transactions), held);
+                for (txn_id, record) in &all.transactions {
+                    let read = machine.read_stored(|app, view| app.transaction(view, txn_id)).unwrap();
+                    prop_assert_eq!(read.as_ref(), Some(record));
+                }
             }
-            // Loaded from disk, it holds no record and has the same digest.
+            // Loaded from disk, it holds no idempotency record and no settled leg, and has the
+            // same digest.
             let digest = machine.digest().unwrap();
             drop(machine);
             let machine = open(&dir);
             prop_assert_eq!(machine.digest().unwrap(), digest);
-            prop_assert!(machine.read(|app| app.ledger().export().dedup.is_empty()));
+            let loaded = machine.read(|app| app.ledger().export());
+            prop_assert!(loaded.dedup.is_empty());
+            prop_assert!(loaded.transactions.iter().all(|(_, record)| record.state == LegState::Held));
         }
     }
 }

@@ -233,7 +233,8 @@ impl LedgerRpc for LedgerService {
         }
         let record = self
             .machine
-            .read(|machine| machine.ledger().transaction(&txn_id).cloned());
+            .read_stored(|machine, view| machine.transaction(view, &txn_id))
+            .map_err(|error| Status::internal(error.to_string()))?;
         let legs = match record {
             None => pb::TransactionLegs {
                 txn_id: txn_id.to_string(),

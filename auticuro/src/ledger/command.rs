@@ -150,4 +150,14 @@ impl CommandKind {
             _ => None,
         }
     }
+
+    /// The transaction whose two-phase record (`Reserve`, `Post`, `Void`) the command reads.
+    pub fn two_phase_txn_id(&self) -> Option<&TxnId> {
+        match self {
+            CommandKind::Reserve { txn_id, .. }
+            | CommandKind::Post { txn_id, .. }
+            | CommandKind::Void { txn_id, .. } => Some(txn_id),
+            _ => None,
+        }
+    }
 }

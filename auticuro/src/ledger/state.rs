@@ -112,8 +112,9 @@ pub struct Pruned {
     /// The idempotency records the ledger held, by stamp (`at_ms`), oldest first. A storage
     /// adapter that evicted some ([`Ledger::forget_dedup`]) forgets those itself.
     pub dedup: Vec<(i64, RequestId)>,
-    /// Sorted.
-    pub transactions: Vec<TxnId>,
+    /// The settled two-phase records the ledger held, by reserve time, oldest first. A storage
+    /// adapter that evicted some ([`Ledger::forget_settled`]) forgets those itself.
+    pub transactions: Vec<(i64, TxnId)>,
 }
 
 /// The result of `Ledger::apply`.
@@ -162,6 +163,9 @@ pub struct LedgerState {
 #[derive(Debug, Default)]
 pub struct Ledger {
     accounts: PartitionedMap<AccountId, Account>,
+    /// Two-phase records: every one, unless a storage adapter keeps them on disk, evicts the
+    /// settled ones ([`Ledger::forget_settled`]) and hands one back before a command that names
+    /// its transaction ([`Ledger::recall_transaction`]).
     transactions: PartitionedMap<TxnId, TxnRecord>,
     holds: PartitionedMap<TxnId, HoldRecord>,
     /// Idempotency records: every one, unless a storage adapter keeps them on disk, evicts them
@@ -220,7 +224,12 @@ impl ByAge {
                 .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
                 .cloned()
                 .collect(),
-            transactions: keys_older_than(&self.settled, cutoff_ms),
+            transactions: self
+                .settled
+                .iter()
+                .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -330,6 +339,21 @@ impl Ledger {
         self.by_age.dedup.clear();
     }
 
+    /// Hands the ledger back the record of a two-phase transaction that it evicted
+    /// ([`Ledger::forget_settled`]), before a command that names the transaction is applied.
+    pub fn recall_transaction(&mut self, txn_id: TxnId, record: TxnRecord) {
+        self.by_age.record_transaction(&txn_id, &record);
+        self.transactions.insert(txn_id, record);
+    }
+
+    /// Evicts every settled two-phase record (posted, voided, tombstone), once a storage adapter
+    /// has them on disk. Held ones stay: stale holds and drains look for them.
+    pub fn forget_settled(&mut self) {
+        for (_, txn_id) in std::mem::take(&mut self.by_age.settled) {
+            self.transactions.remove(&txn_id);
+        }
+    }
+
     /// Applies one command at the leader's timestamp. Never fails: rejections are outcomes.
     pub fn apply(&mut self, command: &Command, timestamp_ms: i64) -> Applied {
         let fingerprint = fingerprint(&command.kind);
@@ -421,7 +445,7 @@ impl Ledger {
                 for (_, request_id) in &effect.pruned.dedup {
                     self.dedup.remove(request_id);
                 }
-                for txn_id in &effect.pruned.transactions {
+                for (_, txn_id) in &effect.pruned.transactions {
                     self.transactions.remove(txn_id);
                 }
                 self.by_age.forget_older_than(older_than_ms);
