@@ -421,7 +421,7 @@ mod tests {
     use std::sync::Arc;
 
     use consensus::{Proposal, RaftMetrics, StateMachineStore, TypeConfig, open_storage};
-    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
     use prometheus_client::registry::Registry;
     use proptest::prelude::*;
@@ -524,17 +524,10 @@ mod tests {
         drop(machine);
         let mut machine = open(&dir);
         assert_eq!(machine.digest().unwrap(), digest);
-        let snapshot = machine
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        let current = machine.get_current_snapshot().await.unwrap().unwrap();
         let other_dir = tempfile::tempdir().unwrap();
-        let mut other = open(&other_dir);
-        other
-            .install_snapshot(&snapshot.meta, current.snapshot)
+        let metrics = RaftMetrics::register(&mut Registry::default());
+        let mut other = machine
+            .copy_through_snapshot(other_dir.path(), 1, &metrics)
             .await
             .unwrap();
         assert_eq!(other.digest().unwrap(), digest);
@@ -662,17 +655,10 @@ mod tests {
         let mut machine = open(&dir);
         assert_eq!(machine.digest().unwrap(), digest);
         assert_eq!(legs(&machine, "old"), (None, Some(LegState::Tombstone)));
-        let snapshot = machine
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        let current = machine.get_current_snapshot().await.unwrap().unwrap();
         let other_dir = tempfile::tempdir().unwrap();
-        let mut other = open(&other_dir);
-        other
-            .install_snapshot(&snapshot.meta, current.snapshot)
+        let metrics = RaftMetrics::register(&mut Registry::default());
+        let other = machine
+            .copy_through_snapshot(other_dir.path(), 1, &metrics)
             .await
             .unwrap();
         assert_eq!(other.digest().unwrap(), digest);

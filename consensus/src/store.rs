@@ -745,6 +745,23 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
     }
 }
 
+impl<A: App> StateMachineStore<A> {
+    /// A new replica's state machine in `path`, caught up the way one that joins or falls
+    /// behind is: it installs a snapshot of this one's applied state (for tests and tools).
+    pub async fn copy_through_snapshot(
+        &mut self,
+        path: &Path,
+        node_id: NodeId,
+        metrics: &RaftMetrics,
+    ) -> StorageResult<StateMachineStore<A>> {
+        let meta = self.build_snapshot().await?.meta;
+        let current = self.snapshot_now().await?;
+        let (_, mut copy) = open_storage::<A>(path, node_id, metrics).map_err(read_error)?;
+        copy.install_snapshot(&meta, current.snapshot).await?;
+        Ok(copy)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
