@@ -330,19 +330,12 @@ fn read_state(
     let last_seq = event_log::last_seq(store)?;
     let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
     let mut transactions: Vec<(TxnId, TxnRecord)> = Vec::new();
-    let mut failure = None;
-    store.for_each_in(TRANSACTIONS, &[], None, |key, value| {
-        match txn_key(key).and_then(|txn_id| Ok((txn_id, decode("transaction", value)?))) {
-            Ok((txn_id, record)) if keep(&record) => transactions.push((txn_id, record)),
-            Ok(_) => {}
-            Err(error) => {
-                failure.get_or_insert(error);
-            }
+    store.for_each_decoded(TRANSACTIONS, "transaction", |key, record: TxnRecord| {
+        if keep(&record) {
+            transactions.push((txn_key(key)?, record));
         }
+        Ok(())
     })?;
-    if let Some(error) = failure {
-        return Err(error);
-    }
     let holds: Vec<(TxnId, HoldRecord)> = store
         .scan_from(HOLDS, &[], usize::MAX)?
         .iter()

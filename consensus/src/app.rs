@@ -215,6 +215,26 @@ impl AppView<'_> {
         Ok(())
     }
 
+    /// Calls `visit` with every row of a column family, its value decoded, in key order,
+    /// without holding them all at once. The first row that does not decode, or the first
+    /// error of `visit`, fails the whole read (later rows are not visited).
+    pub fn for_each_decoded<T: DeserializeOwned>(
+        &self,
+        column_family: &str,
+        what: &'static str,
+        mut visit: impl FnMut(&[u8], T) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut failure = None;
+        self.for_each_in(column_family, &[], None, |key, value| {
+            if failure.is_none()
+                && let Err(error) = crate::decode(what, value).and_then(|row| visit(key, row))
+            {
+                failure = Some(error);
+            }
+        })?;
+        failure.map_or(Ok(()), Err)
+    }
+
     /// Feeds every row of a column family to `update`, in key order, each key and each value
     /// after its length (so that different rows never feed the same bytes): how a digest covers
     /// state kept on disk only.

@@ -221,19 +221,16 @@ fn read_state(
     keep: impl Fn(&Transaction) -> bool,
 ) -> Result<CoordinatorState, Error> {
     let mut transactions = Vec::new();
-    let mut failure = None;
-    store.for_each_in(TRANSACTIONS, &[], None, |_, value| {
-        match decode::<Transaction>("transaction", value) {
-            Ok(transaction) if keep(&transaction) => transactions.push(transaction),
-            Ok(_) => {}
-            Err(error) => {
-                failure.get_or_insert(error);
+    store.for_each_decoded(
+        TRANSACTIONS,
+        "transaction",
+        |_, transaction: Transaction| {
+            if keep(&transaction) {
+                transactions.push(transaction);
             }
-        }
-    })?;
-    if let Some(error) = failure {
-        return Err(error);
-    }
+            Ok(())
+        },
+    )?;
     Ok(CoordinatorState {
         last_seq: event_log::last_seq(store)?,
         transactions,
