@@ -53,11 +53,12 @@ impl LedgerSnapshot {
     }
 }
 
-/// The ledger holds idempotency records only until they are on disk ([`App::persisted`]): the
-/// retention's records (a week of every command, by default) would not fit in memory. A command
-/// whose request id the ledger does not hold looks for its record in the DEDUP family first (bloom
-/// filters answer for the new ids), so every replica sees the same records whatever it has
-/// evicted or loaded, and applies the same outcomes.
+/// The ledger holds idempotency records and settled two-phase records only until they are on
+/// disk ([`App::persisted`]): the retention's records (a week of every command and of every
+/// cross-shard transaction, by default) would not fit in memory. A command whose request id (or
+/// two-phase transaction) the ledger does not hold looks for its record in the DEDUP (or
+/// TRANSACTIONS) family first (bloom filters answer for the new ids), so every replica sees the
+/// same records whatever it has evicted or loaded, and applies the same outcomes.
 pub struct LedgerMachine {
     ledger: Ledger,
     applied_seq: watch::Sender<u64>,
