@@ -87,18 +87,33 @@ impl LedgerMachine {
     /// Hands the ledger the stored record of a request id it does not hold, unless a prune
     /// since the last write has deleted it.
     fn recall_dedup(&mut self, request_id: &RequestId, writes: &mut Writes<'_>) {
-        if self.ledger.dedup_record(request_id).is_some() {
-            return;
-        }
-        let stored: Option<DedupRecord> =
-            writes.get_committed(DEDUP, request_id.as_str().as_bytes(), "dedup record");
-        if let Some(record) = stored
-            && self
-                .pruning_below_ms
-                .is_none_or(|cutoff| record.at_ms >= cutoff)
+        if self.ledger.dedup_record(request_id).is_none()
+            && let Some(record) = self.stored_unpruned(
+                writes,
+                DEDUP,
+                "dedup record",
+                request_id.as_str(),
+                |r: &DedupRecord| r.at_ms,
+            )
         {
             self.ledger.recall_dedup(request_id.clone(), record);
         }
+    }
+
+    /// A record that earlier apply calls stored under `key`, unless a prune since the last
+    /// write has deleted it (its row is there until the write).
+    fn stored_unpruned<T: serde::de::DeserializeOwned>(
+        &self,
+        writes: &mut Writes<'_>,
+        family: &str,
+        what: &'static str,
+        key: &str,
+        at_ms: impl Fn(&T) -> i64,
+    ) -> Option<T> {
+        let record: T = writes.get_committed(family, key.as_bytes(), what)?;
+        self.pruning_below_ms
+            .is_none_or(|cutoff| at_ms(&record) >= cutoff)
+            .then_some(record)
     }
 
     /// A transaction's two-phase record: held while its legs are held (and until a settled one
@@ -120,15 +135,14 @@ impl LedgerMachine {
     /// Hands the ledger the stored two-phase record of a transaction it does not hold, unless a
     /// prune since the last write has deleted it.
     fn recall_transaction(&mut self, txn_id: &TxnId, writes: &mut Writes<'_>) {
-        if self.ledger.transaction(txn_id).is_some() {
-            return;
-        }
-        let stored: Option<TxnRecord> =
-            writes.get_committed(TRANSACTIONS, txn_id.as_str().as_bytes(), "transaction");
-        if let Some(record) = stored
-            && self
-                .pruning_below_ms
-                .is_none_or(|cutoff| record.at_ms >= cutoff)
+        if self.ledger.transaction(txn_id).is_none()
+            && let Some(record) = self.stored_unpruned(
+                writes,
+                TRANSACTIONS,
+                "transaction",
+                txn_id.as_str(),
+                |r: &TxnRecord| r.at_ms,
+            )
         {
             self.ledger.recall_transaction(txn_id.clone(), record);
         }

@@ -50,10 +50,7 @@ impl<'a> Writes<'a> {
     }
 
     fn committed(&self) -> AppView<'a> {
-        AppView {
-            db: self.db,
-            snapshot: None,
-        }
+        AppView::now(self.db)
     }
 
     fn fail<T>(&mut self, result: Result<T, Error>) -> Option<T> {
@@ -146,10 +143,7 @@ pub struct AppStore {
 impl AppStore {
     /// The column families as they are now.
     pub fn view(&self) -> AppView<'_> {
-        AppView {
-            db: &self.db,
-            snapshot: None,
-        }
+        AppView::now(&self.db)
     }
 }
 
@@ -161,7 +155,12 @@ pub struct AppView<'a> {
     pub(crate) snapshot: Option<&'a rocksdb::Snapshot<'a>>,
 }
 
-impl AppView<'_> {
+impl<'a> AppView<'a> {
+    /// The column families as they are now.
+    pub(crate) fn now(db: &'a DB) -> AppView<'a> {
+        AppView { db, snapshot: None }
+    }
+
     fn options(&self) -> ReadOptions {
         let mut options = ReadOptions::default();
         if let Some(snapshot) = self.snapshot {

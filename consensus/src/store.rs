@@ -503,10 +503,7 @@ impl<A> Clone for StateMachineStore<A> {
 
 impl<A: App> StateMachineStore<A> {
     fn load(db: Arc<DB>, apply_seconds: Histogram) -> Result<StateMachineStore<A>, Error> {
-        let app = A::load(&AppView {
-            db: &db,
-            snapshot: None,
-        })?;
+        let app = A::load(&AppView::now(&db))?;
         let state = Applied {
             app,
             last_applied: get(&db, SM_META, APPLIED)?.flatten(),
@@ -530,13 +527,7 @@ impl<A: App> StateMachineStore<A> {
     /// application keeps on disk only is there, and no entry is half applied.
     pub fn read_stored<T>(&self, read: impl FnOnce(&A, &AppView<'_>) -> T) -> T {
         let state = self.state.read().expect("no poisoned lock");
-        read(
-            &state.app,
-            &AppView {
-                db: &self.db,
-                snapshot: None,
-            },
-        )
+        read(&state.app, &AppView::now(&self.db))
     }
 
     /// The last event seq applied and the digest of the state, taken at one moment.
