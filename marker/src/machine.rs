@@ -16,7 +16,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::metrics::LifecycleCounts;
 use crate::saga::{
-    Coordinator, CoordinatorCommand, CoordinatorResponse, CoordinatorState, LifecycleEvent,
+    Coordinator, CoordinatorCommand, CoordinatorResponse, CoordinatorState, LoggedEvent,
     Transaction,
 };
 
@@ -25,7 +25,7 @@ const TRANSACTIONS: &str = "coordinator_transactions";
 #[derive(Serialize, Deserialize)]
 pub struct CoordinatorSnapshot {
     pub state: CoordinatorState,
-    pub events: Vec<LifecycleEvent>,
+    pub events: Vec<LoggedEvent>,
 }
 
 impl CoordinatorSnapshot {
@@ -125,6 +125,10 @@ impl App for CoordinatorMachine {
     /// Done transactions are read back when a command or a reader names them.
     const READ_FAMILIES: &'static [&'static str] = &[TRANSACTIONS];
 
+    /// 2: a decision's and a `Done`'s lifecycle events keep only what the step set
+    /// (`saga::Step`), not the whole record.
+    const STORAGE_FORMAT: u32 = 2;
+
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
         let state = read_state(store, |transaction| !transaction.done)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
@@ -153,8 +157,8 @@ impl App for CoordinatorMachine {
         let (response, event) = self.coordinator.apply(command, timestamp_ms);
         if let Some(event) = event {
             Self::write_transaction(&event.transaction, writes);
-            event_log::append(writes, event.seq, &event);
-            self.counts.count(&event);
+            event_log::append(writes, event.logged.seq, &event.logged);
+            self.counts.count(&event.logged.step);
             let waiting = self.waiting.get_mut().expect("no poisoned lock");
             if let Some(senders) = waiting.remove(&event.transaction.txn_id) {
                 let after = &event.transaction;

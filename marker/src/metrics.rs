@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::machine::CoordinatorMachine;
-use crate::saga::{AbortReason, Decision, LifecycleEvent, LifecycleKind};
+use crate::saga::{AbortReason, Decision, Step};
 
 /// How often the in-flight gauges are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -42,15 +42,21 @@ impl Default for LifecycleCounts {
 }
 
 impl LifecycleCounts {
-    pub fn count(&self, event: &LifecycleEvent) {
-        match (event.kind, &event.transaction.decision) {
-            (LifecycleKind::Begun, _) => {
+    pub fn count(&self, step: &Step) {
+        match step {
+            Step::Begun(_) => {
                 self.submitted.inc();
             }
-            (LifecycleKind::Decided, Some(Decision::Commit)) => {
+            Step::Decided {
+                decision: Decision::Commit,
+                ..
+            } => {
                 self.committed.inc();
             }
-            (LifecycleKind::Decided, Some(Decision::Abort { reason, .. })) => {
+            Step::Decided {
+                decision: Decision::Abort { reason, .. },
+                ..
+            } => {
                 let reason = match reason {
                     AbortReason::Rejected => "rejected",
                     AbortReason::Deadline => "deadline",
@@ -61,7 +67,7 @@ impl LifecycleCounts {
                     .get_or_create(&vec![("decision", "abort"), ("reason", reason)])
                     .inc();
             }
-            _ => {}
+            Step::Done { .. } => {}
         }
     }
 }

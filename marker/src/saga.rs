@@ -126,14 +126,56 @@ pub enum LifecycleKind {
     Done,
 }
 
-/// One step of a transaction's life, consecutive seq per coordinator shard.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One step of a transaction's life, as the core returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LifecycleEvent {
+    /// What the event log keeps of the step.
+    pub logged: LoggedEvent,
+    /// The record after the step (shared with the coordinator's map).
+    pub transaction: Arc<Transaction>,
+}
+
+/// A lifecycle step as the coordinator's event log keeps it, consecutive seq per coordinator
+/// shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedEvent {
     pub seq: u64,
     pub timestamp_ms: i64,
-    pub kind: LifecycleKind,
+    pub step: Step,
+}
+
+/// What a step set: the whole record once begun, then only the decision and the shards' seqs,
+/// so each transaction is written out in full once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Step {
     /// Shared with the coordinator's map (encoded as the record itself).
-    pub transaction: Arc<Transaction>,
+    Begun(Arc<Transaction>),
+    Decided {
+        txn_id: TxnId,
+        decision: Decision,
+    },
+    Done {
+        txn_id: TxnId,
+        decision: Decision,
+        shard_seqs: BTreeMap<u32, u64>,
+    },
+}
+
+impl Step {
+    pub fn kind(&self) -> LifecycleKind {
+        match self {
+            Step::Begun(_) => LifecycleKind::Begun,
+            Step::Decided { .. } => LifecycleKind::Decided,
+            Step::Done { .. } => LifecycleKind::Done,
+        }
+    }
+
+    pub fn txn_id(&self) -> &TxnId {
+        match self {
+            Step::Begun(transaction) => &transaction.txn_id,
+            Step::Decided { txn_id, .. } | Step::Done { txn_id, .. } => txn_id,
+        }
+    }
 }
 
 /// The transaction id of a client's idempotency key: the same key always names the same
@@ -274,7 +316,7 @@ impl Coordinator {
             }
             return unchanged(existing);
         }
-        let transaction = Transaction {
+        let transaction = Arc::new(Transaction {
             txn_id: new.txn_id.clone(),
             tenant_id: new.tenant_id.clone(),
             idempotency_key: new.idempotency_key.clone(),
@@ -289,8 +331,8 @@ impl Coordinator {
             decided_at_ms: None,
             done: false,
             shard_seqs: BTreeMap::new(),
-        };
-        self.record(transaction, LifecycleKind::Begun, timestamp_ms)
+        });
+        self.record(transaction.clone(), Step::Begun(transaction), timestamp_ms)
     }
 
     fn decide(
@@ -319,7 +361,11 @@ impl Coordinator {
         let mut transaction = Transaction::clone(existing);
         transaction.decision = Some(decision.clone());
         transaction.decided_at_ms = Some(timestamp_ms);
-        self.record(transaction, LifecycleKind::Decided, timestamp_ms)
+        let step = Step::Decided {
+            txn_id: txn_id.clone(),
+            decision: decision.clone(),
+        };
+        self.record(Arc::new(transaction), step, timestamp_ms)
     }
 
     fn done(
@@ -332,30 +378,36 @@ impl Coordinator {
             return (CoordinatorResponse::NotFound, None);
         };
         // Only a decided transaction can be done, and only once.
-        if existing.decision.is_none() || existing.done {
+        let (Some(decision), false) = (&existing.decision, existing.done) else {
             return unchanged(existing);
-        }
+        };
+        let step = Step::Done {
+            txn_id: txn_id.clone(),
+            decision: decision.clone(),
+            shard_seqs: shard_seqs.clone(),
+        };
         let mut transaction = Transaction::clone(existing);
         transaction.done = true;
         transaction.shard_seqs = shard_seqs.clone();
         self.in_flight
             .remove(&(transaction.begun_at_ms, transaction.txn_id.clone()));
-        self.record(transaction, LifecycleKind::Done, timestamp_ms)
+        self.record(Arc::new(transaction), step, timestamp_ms)
     }
 
     fn record(
         &mut self,
-        transaction: Transaction,
-        kind: LifecycleKind,
+        transaction: Arc<Transaction>,
+        step: Step,
         timestamp_ms: i64,
     ) -> (CoordinatorResponse, Option<LifecycleEvent>) {
         self.last_seq += 1;
-        let transaction = Arc::new(transaction);
         self.hold(transaction.clone());
         let event = LifecycleEvent {
-            seq: self.last_seq,
-            timestamp_ms,
-            kind,
+            logged: LoggedEvent {
+                seq: self.last_seq,
+                timestamp_ms,
+                step,
+            },
             transaction: transaction.clone(),
         };
         (CoordinatorResponse::Transaction(transaction), Some(event))
@@ -490,7 +542,7 @@ mod tests {
             decision: Decision::Commit,
         };
         let (_, event) = coordinator.apply(&commit, 150);
-        assert_eq!(event.unwrap().kind, LifecycleKind::Decided);
+        assert_eq!(event.unwrap().logged.step.kind(), LifecycleKind::Decided);
         let abort = Decision::Abort {
             reason: AbortReason::Forced,
             outcome: Outcome::Ok,
@@ -540,7 +592,7 @@ mod tests {
             assert_eq!(transaction.decision, None, "{reason:?}");
         }
         let (_, event) = coordinator.apply(&decide(AbortReason::Rejected), 160);
-        assert_eq!(event.unwrap().kind, LifecycleKind::Decided);
+        assert_eq!(event.unwrap().logged.step.kind(), LifecycleKind::Decided);
     }
 
     #[test]
@@ -564,7 +616,7 @@ mod tests {
             130,
         );
         let (_, event) = coordinator.apply(&done, 140);
-        assert_eq!(event.unwrap().kind, LifecycleKind::Done);
+        assert_eq!(event.unwrap().logged.step.kind(), LifecycleKind::Done);
         assert_eq!(coordinator.in_flight_count(), 0);
         assert_eq!(
             coordinator.transaction(&new.txn_id).unwrap().shard_seqs,
@@ -636,12 +688,28 @@ mod tests {
                         txn_id,
                         decision: Decision::Abort { reason: AbortReason::Forced, outcome: Outcome::Ok, detail_account_id: None },
                     },
-                    _ => CoordinatorCommand::Done { txn_id, shard_seqs: BTreeMap::new() },
+                    _ => CoordinatorCommand::Done { txn_id, shard_seqs: BTreeMap::from([(1, at as u64)]) },
                 };
                 let (_, event) = coordinator.apply(&command, at as i64);
                 if let Some(event) = event {
                     last_seq += 1;
-                    proptest::prop_assert_eq!(event.seq, last_seq);
+                    proptest::prop_assert_eq!(event.logged.seq, last_seq);
+                    // The logged step says exactly what the step set in the record.
+                    let after = &event.transaction;
+                    proptest::prop_assert_eq!(event.logged.step.txn_id(), &after.txn_id);
+                    match &event.logged.step {
+                        Step::Begun(whole) => proptest::prop_assert_eq!(whole, after),
+                        Step::Decided { decision, .. } => {
+                            proptest::prop_assert_eq!(Some(decision), after.decision.as_ref());
+                            proptest::prop_assert_eq!(after.decided_at_ms, Some(at as i64));
+                            proptest::prop_assert!(!after.done);
+                        }
+                        Step::Done { decision, shard_seqs, .. } => {
+                            proptest::prop_assert_eq!(Some(decision), after.decision.as_ref());
+                            proptest::prop_assert_eq!(shard_seqs, &after.shard_seqs);
+                            proptest::prop_assert!(after.done);
+                        }
+                    }
                 }
                 for key in keys {
                     let Some(transaction) = coordinator.transaction(&txn_id_for("tenant", key)) else { continue };

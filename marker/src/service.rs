@@ -1,6 +1,7 @@
 //! `wallet.marker.v1.Coordinator` and `CoordinatorAdmin`: submit, read and watch transactions,
 //! answer stale-hold questions, and the operator's view of in-flight work.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +18,8 @@ use tonic::{Request, Response, Status};
 
 use crate::driver::Driver;
 use crate::saga::{
-    self, AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, LifecycleEvent,
-    LifecycleKind, NewTransaction, Transaction,
+    self, AbortReason, CoordinatorCommand, CoordinatorResponse, Decision, LifecycleKind,
+    LoggedEvent, NewTransaction, Step, Transaction,
 };
 use crate::topology::{CoordinatorState, TopologyClient, state_message};
 
@@ -45,7 +46,53 @@ pub fn transaction_message(
     coordinator_shard_id: u32,
     transaction: &Transaction,
 ) -> pb::Transaction {
-    let (status, abort_reason, outcome, detail) = match &transaction.decision {
+    pb::Transaction {
+        idempotency_key: transaction.idempotency_key.clone(),
+        tenant_id: transaction.tenant_id.clone(),
+        legs: transaction.legs.iter().map(convert::pb_leg).collect(),
+        metadata: convert::pb_metadata(&transaction.metadata),
+        hold_id: convert::pb_optional_id(&transaction.hold_id),
+        done: transaction.done,
+        begun_at_ms: transaction.begun_at_ms,
+        decided_at_ms: transaction.decided_at_ms.unwrap_or(0),
+        ..progress_message(
+            coordinator_shard_id,
+            &transaction.txn_id,
+            transaction.decision.as_ref(),
+            &transaction.shard_seqs,
+        )
+    }
+}
+
+/// A lifecycle event's transaction: the whole record once begun; afterwards the id and only
+/// what the step set (the contract's `CoordinatorEvent`).
+fn logged_message(coordinator_shard_id: u32, event: &LoggedEvent) -> pb::Transaction {
+    match &event.step {
+        Step::Begun(transaction) => transaction_message(coordinator_shard_id, transaction),
+        Step::Decided { txn_id, decision } => pb::Transaction {
+            decided_at_ms: event.timestamp_ms,
+            ..progress_message(coordinator_shard_id, txn_id, Some(decision), &BTreeMap::new())
+        },
+        Step::Done {
+            txn_id,
+            decision,
+            shard_seqs,
+        } => pb::Transaction {
+            done: true,
+            ..progress_message(coordinator_shard_id, txn_id, Some(decision), shard_seqs)
+        },
+    }
+}
+
+/// The id, the status that `decision` gives and the consistency token of `shard_seqs`; every
+/// other field empty.
+fn progress_message(
+    coordinator_shard_id: u32,
+    txn_id: &TxnId,
+    decision: Option<&Decision>,
+    shard_seqs: &BTreeMap<u32, u64>,
+) -> pb::Transaction {
+    let (status, abort_reason, outcome, detail) = match decision {
         None => (
             pb::TransactionStatus::Pending,
             pb::AbortReason::Unspecified,
@@ -78,23 +125,14 @@ pub fn transaction_message(
         }
     };
     pb::Transaction {
-        txn_id: transaction.txn_id.to_string(),
-        idempotency_key: transaction.idempotency_key.clone(),
-        tenant_id: transaction.tenant_id.clone(),
-        legs: transaction.legs.iter().map(convert::pb_leg).collect(),
-        metadata: convert::pb_metadata(&transaction.metadata),
-        hold_id: convert::pb_optional_id(&transaction.hold_id),
+        txn_id: txn_id.to_string(),
         status: status as i32,
         abort_reason: abort_reason as i32,
         outcome: convert::outcome(outcome) as i32,
         detail_account_id: detail.map(ToString::to_string).unwrap_or_default(),
-        done: transaction.done,
         coordinator_shard_id,
-        begun_at_ms: transaction.begun_at_ms,
-        decided_at_ms: transaction.decided_at_ms.unwrap_or(0),
         consistency_token: Some(ConsistencyToken {
-            shard_seqs: transaction
-                .shard_seqs
+            shard_seqs: shard_seqs
                 .iter()
                 .map(|(shard_id, seq)| ShardSeq {
                     shard_id: *shard_id,
@@ -102,6 +140,7 @@ pub fn transaction_message(
                 })
                 .collect(),
         }),
+        ..pb::Transaction::default()
     }
 }
 
@@ -429,7 +468,7 @@ impl CoordinatorRpc for CoordinatorService {
             self.driver.machine.store(),
             applied,
             from,
-            move |event: LifecycleEvent| event,
+            move |event: LoggedEvent| event,
         );
         tokio::spawn(async move {
             if sender
@@ -448,15 +487,15 @@ impl CoordinatorRpc for CoordinatorService {
                         return;
                     }
                 };
-                if event.transaction.txn_id != txn_id {
+                if event.step.txn_id() != &txn_id {
                     continue;
                 }
-                let message = transaction_message(shard_id, &event.transaction);
+                let message = logged_message(shard_id, &event);
                 if sender
                     .send(Ok(status_change(&message, event.timestamp_ms)))
                     .await
                     .is_err()
-                    || event.kind == LifecycleKind::Done
+                    || event.step.kind() == LifecycleKind::Done
                 {
                     return;
                 }
@@ -509,16 +548,16 @@ impl CoordinatorRpc for CoordinatorService {
             self.driver.machine.store(),
             applied,
             request.into_inner().from_seq,
-            move |event: LifecycleEvent| pb::CoordinatorEvent {
+            move |event: LoggedEvent| pb::CoordinatorEvent {
                 coordinator_shard_id: shard_id,
                 seq: event.seq,
                 timestamp_ms: event.timestamp_ms,
-                kind: match event.kind {
+                kind: match event.step.kind() {
                     LifecycleKind::Begun => pb::LifecycleKind::Begun,
                     LifecycleKind::Decided => pb::LifecycleKind::Decided,
                     LifecycleKind::Done => pb::LifecycleKind::Done,
                 } as i32,
-                transaction: Some(transaction_message(shard_id, &event.transaction)),
+                transaction: Some(logged_message(shard_id, &event)),
             },
         );
         Ok(Response::new(Box::pin(

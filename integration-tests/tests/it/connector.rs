@@ -131,6 +131,7 @@ async fn every_event_is_published_once_in_order_across_a_connector_restart() {
 async fn every_coordinator_event_is_published_once_in_order_across_a_connector_restart() {
     use integration_tests::platform::{Platform, leg};
     use proto::marker::v1 as marker;
+    use proto::marker::v1::{LifecycleKind, TransactionStatus};
     let broker = KafkaBroker::shared().unwrap();
     let topic = broker
         .fresh_topic("wallet.marker.transactions", 1)
@@ -183,15 +184,35 @@ async fn every_coordinator_event_is_published_once_in_order_across_a_connector_r
         "each seq exactly once, in order"
     );
     assert!(events.iter().all(|event| event.coordinator_shard_id == 1));
-    let committed: std::collections::BTreeSet<&str> = events
+    // Begun events carry the whole transaction, later ones its id and what the step set.
+    let ids = |kind: LifecycleKind, status: TransactionStatus| {
+        events
+            .iter()
+            .filter(|event| event.kind == kind as i32)
+            .filter_map(|event| event.transaction.as_ref())
+            .filter(|t| t.status == status as i32)
+            .map(|t| (t.txn_id.as_str(), t.done))
+            .collect::<std::collections::BTreeMap<&str, bool>>()
+    };
+    let begun = ids(LifecycleKind::Begun, TransactionStatus::Pending);
+    let keys: std::collections::BTreeSet<&str> = events
         .iter()
         .filter_map(|event| event.transaction.as_ref())
-        .filter(|t| t.status == marker::TransactionStatus::Committed as i32)
         .map(|t| t.idempotency_key.as_str())
+        .filter(|key| !key.is_empty())
         .collect();
-    assert_eq!(
-        committed.len(),
-        12,
-        "every payment's decision is in the topic"
+    assert_eq!((begun.len(), keys.len()), (12, 12), "every payment begun once");
+    let decided = ids(LifecycleKind::Decided, TransactionStatus::Committed);
+    let done = ids(LifecycleKind::Done, TransactionStatus::Committed);
+    assert!(begun.keys().eq(decided.keys()), "each decided commit");
+    assert!(begun.keys().eq(done.keys()), "each done");
+    assert!(done.values().all(|done| *done) && decided.values().all(|done| !done));
+    assert!(
+        events
+            .iter()
+            .filter(|event| event.kind != LifecycleKind::Begun as i32)
+            .filter_map(|event| event.transaction.as_ref())
+            .all(|t| t.legs.is_empty() && t.idempotency_key.is_empty() && t.begun_at_ms == 0),
+        "a decision or a done carries only what it set"
     );
 }
