@@ -15,6 +15,9 @@ const ACCOUNTS: &str = "accounts";
 const TRANSACTIONS: &str = "transactions";
 /// The two-phase records' keys by reserve time: [`age_key`] → nothing, for prunes.
 const TRANSACTIONS_BY_AGE: &str = "transactions_by_age";
+/// The held two-phase records' keys → nothing: what a replica loads, however many settled
+/// records `TRANSACTIONS` keeps.
+const TRANSACTIONS_HELD: &str = "transactions_held";
 const HOLDS: &str = "holds";
 const DEDUP: &str = "dedup";
 /// The idempotency records' keys by stamp: [`age_key`] → nothing, for prunes.
@@ -206,6 +209,7 @@ impl App for LedgerMachine {
         ACCOUNTS,
         TRANSACTIONS,
         TRANSACTIONS_BY_AGE,
+        TRANSACTIONS_HELD,
         HOLDS,
         DEDUP,
         DEDUP_BY_AGE,
@@ -221,10 +225,22 @@ impl App for LedgerMachine {
     /// 2: events are stored as protobuf (`events::write_stored`), no longer postcard.
     /// 3: idempotency records are also filed by age (`DEDUP_BY_AGE`).
     /// 4: two-phase records are also filed by age (`TRANSACTIONS_BY_AGE`).
-    const STORAGE_FORMAT: u32 = 4;
+    /// 5: held two-phase records are filed in `TRANSACTIONS_HELD`.
+    const STORAGE_FORMAT: u32 = 5;
 
+    /// Reads the held two-phase records only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let state = read_state(store, |record| record.state == LegState::Held)?;
+        let mut held = Vec::new();
+        store.for_each_indexed(
+            TRANSACTIONS_HELD,
+            TRANSACTIONS,
+            "transaction",
+            |key, record| {
+                held.push((txn_key(key)?, record));
+                Ok(())
+            },
+        )?;
+        let state = read_state(store, held)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(LedgerMachine {
             ledger: Ledger::import(state),
@@ -300,7 +316,7 @@ impl App for LedgerMachine {
     }
 
     fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-        let mut state = read_state(view, |_| true)?;
+        let mut state = read_state(view, stored_transactions(view)?)?;
         state.dedup = read_dedup(view)?;
         Ok(LedgerSnapshot {
             state,
@@ -336,21 +352,14 @@ impl App for LedgerMachine {
     }
 }
 
-/// The ledger state persisted in the column families, but for the idempotency records, and
-/// with the two-phase records that `keep` keeps.
+/// The ledger state persisted in the column families, with the two-phase records given and no
+/// idempotency records.
 fn read_state(
     store: &AppView<'_>,
-    keep: impl Fn(&TxnRecord) -> bool,
+    transactions: Vec<(TxnId, TxnRecord)>,
 ) -> Result<LedgerState, Error> {
     let last_seq = event_log::last_seq(store)?;
     let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
-    let mut transactions: Vec<(TxnId, TxnRecord)> = Vec::new();
-    store.for_each_decoded(TRANSACTIONS, "transaction", |key, record: TxnRecord| {
-        if keep(&record) {
-            transactions.push((txn_key(key)?, record));
-        }
-        Ok(())
-    })?;
     let holds: Vec<(TxnId, HoldRecord)> = store
         .scan_from(HOLDS, &[], usize::MAX)?
         .iter()
@@ -368,6 +377,16 @@ fn read_state(
         dedup: Vec::new(),
         fences,
     })
+}
+
+/// Every stored two-phase record, held or settled, by id.
+fn stored_transactions(store: &AppView<'_>) -> Result<Vec<(TxnId, TxnRecord)>, Error> {
+    let mut transactions = Vec::new();
+    store.for_each_decoded(TRANSACTIONS, "transaction", |key, record| {
+        transactions.push((txn_key(key)?, record));
+        Ok(())
+    })?;
+    Ok(transactions)
 }
 
 /// Every stored idempotency record, by request id.
@@ -389,15 +408,21 @@ fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupReco
 }
 
 /// Writes a two-phase record, and files it by age when `new` (a record keeps its reserve time
-/// as it settles, so it is filed once).
+/// as it settles, so it is filed once). A held record is filed as held until it settles.
 fn put_transaction(writes: &mut Writes<'_>, txn_id: &TxnId, record: &TxnRecord, new: bool) {
-    writes.put_encoded(TRANSACTIONS, txn_id.as_str().as_bytes(), record);
+    let key = txn_id.as_str().as_bytes();
+    writes.put_encoded(TRANSACTIONS, key, record);
     if new {
         writes.put(
             TRANSACTIONS_BY_AGE,
             &age_key(record.at_ms, txn_id.as_str()),
             &[],
         );
+    }
+    match record.state {
+        LegState::Held => writes.put(TRANSACTIONS_HELD, key, &[]),
+        LegState::Posted | LegState::Voided => writes.delete(TRANSACTIONS_HELD, key),
+        LegState::Tombstone => {}
     }
 }
 
@@ -656,6 +681,8 @@ mod tests {
         assert_eq!(legs(&machine, "kept"), (held, held));
         let filed = age_keys([("kept", 2_000), ("old", 4_000), ("recent", 4_000)]);
         assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), filed);
+        let filed_held = vec![b"kept".to_vec()];
+        assert_eq!(stored_keys(&machine, TRANSACTIONS_HELD), filed_held);
 
         // A replica that loads from disk, or installs a snapshot, has the same legs.
         let digest = machine.digest().unwrap();
@@ -674,6 +701,7 @@ mod tests {
         assert_eq!(legs(&other, "kept"), (held, held));
         assert_eq!(legs(&other, "recent"), (None, Some(LegState::Posted)));
         assert_eq!(stored_keys(&other, TRANSACTIONS_BY_AGE), filed);
+        assert_eq!(stored_keys(&other, TRANSACTIONS_HELD), filed_held);
     }
 
     /// Every key of a family on disk.
@@ -739,12 +767,15 @@ mod tests {
                 prop_assert_eq!(read_dedup(&view).unwrap(), all.dedup.clone());
                 let dedup_ages = all.dedup.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, DEDUP_BY_AGE), age_keys(dedup_ages));
-                let transactions = read_state(&view, |_| true).unwrap().transactions;
+                let transactions = stored_transactions(&view).unwrap();
                 prop_assert_eq!(&transactions, &all.transactions);
                 let leg_ages = all.transactions.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), age_keys(leg_ages));
-                // In memory: the held legs only.
+                // In memory, and filed as held: the held legs only.
                 let held: Vec<_> = all.transactions.iter().filter(|(_, record)| record.state == LegState::Held).cloned().collect();
+                let mut held_keys: Vec<Vec<u8>> = held.iter().map(|(id, _)| id.as_str().as_bytes().to_vec()).collect();
+                held_keys.sort();
+                prop_assert_eq!(stored_keys(&machine, TRANSACTIONS_HELD), held_keys);
                 prop_assert_eq!(machine.read(|app| app.ledger().export().transactions), held);
                 for (txn_id, record) in &all.transactions {
                     let read = machine.read_stored(|app, view| app.transaction(view, txn_id)).unwrap();

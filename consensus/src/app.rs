@@ -234,6 +234,28 @@ impl<'a> AppView<'a> {
         failure.map_or(Ok(()), Err)
     }
 
+    /// Calls `visit` with each row of `column_family` named by a key of `index` (a family of
+    /// keys only), decoded, in the index's key order: how a load reads the few rows it needs
+    /// from a family that keeps many. A key of `index` without its row is corrupt storage; the
+    /// first error fails the whole read.
+    pub fn for_each_indexed<T: DeserializeOwned>(
+        &self,
+        index: &str,
+        column_family: &str,
+        what: &'static str,
+        mut visit: impl FnMut(&[u8], T) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut keys = Vec::new();
+        self.for_each_in(index, &[], None, |key, _| keys.push(key.to_vec()))?;
+        for key in keys {
+            let bytes = self.get(column_family, &key)?.ok_or_else(|| {
+                Error::Corrupt(format!("{index} names a row that {column_family} lacks"))
+            })?;
+            visit(&key, crate::decode(what, &bytes)?)?;
+        }
+        Ok(())
+    }
+
     /// Feeds every row of a column family to `update`, in key order, each key and each value
     /// after its length (so that different rows never feed the same bytes): how a digest covers
     /// state kept on disk only.

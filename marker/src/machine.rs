@@ -3,7 +3,8 @@
 //! steps, and wakes whoever waits for a transaction's next step once it is persisted.
 //!
 //! Memory holds the transactions in flight only: a done transaction's record is let go once
-//! written, and read back from disk when a command or a reader names it again.
+//! written, and read back from disk when a command or a reader names it again. The ids of
+//! those in flight are filed apart, so a replica loads them without reading every record.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,11 +17,14 @@ use tokio::sync::{oneshot, watch};
 
 use crate::metrics::LifecycleCounts;
 use crate::saga::{
-    Coordinator, CoordinatorCommand, CoordinatorResponse, CoordinatorState, LoggedEvent,
+    Coordinator, CoordinatorCommand, CoordinatorResponse, CoordinatorState, LoggedEvent, Step,
     Transaction,
 };
 
 const TRANSACTIONS: &str = "coordinator_transactions";
+/// The ids of the transactions not done (empty values): what a replica loads, however many
+/// done records `TRANSACTIONS` keeps.
+const IN_FLIGHT: &str = "coordinator_in_flight";
 
 #[derive(Serialize, Deserialize)]
 pub struct CoordinatorSnapshot {
@@ -114,23 +118,43 @@ impl CoordinatorMachine {
             transaction,
         );
     }
+
+    /// Files the transaction's id in `IN_FLIGHT` while it is not done, takes it out once done.
+    fn file_in_flight(transaction: &Transaction, writes: &mut Writes<'_>) {
+        let key = transaction.txn_id.as_str().as_bytes();
+        if transaction.done {
+            writes.delete(IN_FLIGHT, key);
+        } else {
+            writes.put(IN_FLIGHT, key, &[]);
+        }
+    }
 }
 
 impl App for CoordinatorMachine {
     type Request = CoordinatorCommand;
     type Response = CoordinatorResponse;
 
-    const COLUMN_FAMILIES: &'static [&'static str] = &[TRANSACTIONS, event_log::EVENTS];
+    const COLUMN_FAMILIES: &'static [&'static str] = &[TRANSACTIONS, IN_FLIGHT, event_log::EVENTS];
 
     /// Done transactions are read back when a command or a reader names them.
     const READ_FAMILIES: &'static [&'static str] = &[TRANSACTIONS];
 
     /// 2: a decision's and a `Done`'s lifecycle events keep only what the step set
     /// (`saga::Step`), not the whole record.
-    const STORAGE_FORMAT: u32 = 2;
+    /// 3: the transactions in flight are filed in `IN_FLIGHT`.
+    const STORAGE_FORMAT: u32 = 3;
 
+    /// Reads the transactions in flight only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let state = read_state(store, |transaction| !transaction.done)?;
+        let mut transactions = Vec::new();
+        store.for_each_indexed(IN_FLIGHT, TRANSACTIONS, "transaction", |_, transaction| {
+            transactions.push(transaction);
+            Ok(())
+        })?;
+        let state = CoordinatorState {
+            last_seq: event_log::last_seq(store)?,
+            transactions,
+        };
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(CoordinatorMachine {
             coordinator: Coordinator::import(state),
@@ -157,6 +181,10 @@ impl App for CoordinatorMachine {
         let (response, event) = self.coordinator.apply(command, timestamp_ms);
         if let Some(event) = event {
             Self::write_transaction(&event.transaction, writes);
+            // Filed when begun, taken out when done.
+            if !matches!(event.logged.step, Step::Decided { .. }) {
+                Self::file_in_flight(&event.transaction, writes);
+            }
             event_log::append(writes, event.logged.seq, &event.logged);
             self.counts.count(&event.logged.step);
             let waiting = self.waiting.get_mut().expect("no poisoned lock");
@@ -182,17 +210,20 @@ impl App for CoordinatorMachine {
             .into_iter()
             .map(|(_, event)| event)
             .collect();
-        Ok(CoordinatorSnapshot {
-            state: read_state(view, |_| true)?,
-            events,
-        }
-        .encode())
+        let state = CoordinatorState {
+            last_seq: event_log::last_seq(view)?,
+            transactions: stored_transactions(view)?,
+        };
+        Ok(CoordinatorSnapshot { state, events }.encode())
     }
 
     fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
         let snapshot = CoordinatorSnapshot::decode(snapshot)?;
         for transaction in &snapshot.state.transactions {
             Self::write_transaction(transaction, writes);
+            if !transaction.done {
+                Self::file_in_flight(transaction, writes);
+            }
         }
         for event in &snapshot.events {
             event_log::append(writes, event.seq, event);
@@ -219,26 +250,14 @@ impl App for CoordinatorMachine {
     }
 }
 
-/// The coordinator state persisted in the column families, with the transactions `keep` keeps.
-fn read_state(
-    store: &AppView<'_>,
-    keep: impl Fn(&Transaction) -> bool,
-) -> Result<CoordinatorState, Error> {
+/// Every transaction record on disk, done or not, in id order.
+fn stored_transactions(view: &AppView<'_>) -> Result<Vec<Transaction>, Error> {
     let mut transactions = Vec::new();
-    store.for_each_decoded(
-        TRANSACTIONS,
-        "transaction",
-        |_, transaction: Transaction| {
-            if keep(&transaction) {
-                transactions.push(transaction);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(CoordinatorState {
-        last_seq: event_log::last_seq(store)?,
-        transactions,
-    })
+    view.for_each_decoded(TRANSACTIONS, "transaction", |_, transaction| {
+        transactions.push(transaction);
+        Ok(())
+    })?;
+    Ok(transactions)
 }
 
 #[cfg(test)]
@@ -339,7 +358,20 @@ mod tests {
 
     /// Every stored record, by txn id.
     fn stored(machine: &Machine) -> Vec<Transaction> {
-        machine.read_stored(|_, view| read_state(view, |_| true).unwrap().transactions)
+        machine.read_stored(|_, view| stored_transactions(view).unwrap())
+    }
+
+    /// The ids filed as in flight.
+    fn filed_in_flight(machine: &Machine) -> Vec<String> {
+        let mut ids = Vec::new();
+        machine
+            .read_stored(|_, view| {
+                view.for_each_in(IN_FLIGHT, &[], None, |key, _| {
+                    ids.push(String::from_utf8(key.to_vec()).unwrap());
+                })
+            })
+            .unwrap();
+        ids
     }
 
     #[tokio::test]
@@ -407,6 +439,11 @@ mod tests {
         assert!(held(&other, "c") && !held(&other, "b"));
         assert_eq!(read(&other, "b"), read(&machine, "b"));
         assert_eq!(stored(&other), stored(&machine));
+        let c = vec![txn_id_for("tenant", "c").to_string()];
+        assert_eq!(
+            (filed_in_flight(&machine), filed_in_flight(&other)),
+            (c.clone(), c)
+        );
     }
 
     proptest::proptest! {
@@ -457,7 +494,11 @@ mod tests {
                     proptest::prop_assert_eq!(held(&machine, key), in_flight);
                     proptest::prop_assert_eq!(read(&machine, key), all);
                 }
-                proptest::prop_assert_eq!(stored(&machine), holding.export().transactions);
+                let all = holding.export().transactions;
+                let in_flight: Vec<String> =
+                    all.iter().filter(|t| !t.done).map(|t| t.txn_id.to_string()).collect();
+                proptest::prop_assert_eq!(filed_in_flight(&machine), in_flight);
+                proptest::prop_assert_eq!(stored(&machine), all);
             }
             let digest = machine.digest().unwrap();
             drop(machine);

@@ -71,7 +71,12 @@ fn logged_message(coordinator_shard_id: u32, event: &LoggedEvent) -> pb::Transac
         Step::Begun(transaction) => transaction_message(coordinator_shard_id, transaction),
         Step::Decided { txn_id, decision } => pb::Transaction {
             decided_at_ms: event.timestamp_ms,
-            ..progress_message(coordinator_shard_id, txn_id, Some(decision), &BTreeMap::new())
+            ..progress_message(
+                coordinator_shard_id,
+                txn_id,
+                Some(decision),
+                &BTreeMap::new(),
+            )
         },
         Step::Done {
             txn_id,

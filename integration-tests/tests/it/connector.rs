@@ -201,7 +201,11 @@ async fn every_coordinator_event_is_published_once_in_order_across_a_connector_r
         .map(|t| t.idempotency_key.as_str())
         .filter(|key| !key.is_empty())
         .collect();
-    assert_eq!((begun.len(), keys.len()), (12, 12), "every payment begun once");
+    assert_eq!(
+        (begun.len(), keys.len()),
+        (12, 12),
+        "every payment begun once"
+    );
     let decided = ids(LifecycleKind::Decided, TransactionStatus::Committed);
     let done = ids(LifecycleKind::Done, TransactionStatus::Committed);
     assert!(begun.keys().eq(decided.keys()), "each decided commit");
