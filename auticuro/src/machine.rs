@@ -453,10 +453,9 @@ fn request_key(key: &[u8]) -> Result<RequestId, Error> {
 mod tests {
     use std::sync::Arc;
 
-    use consensus::{Proposal, RaftMetrics, StateMachineStore, TypeConfig, open_storage};
+    use consensus::{Proposal, StateMachineStore, TypeConfig, open_state_machine};
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
-    use prometheus_client::registry::Registry;
     use proptest::prelude::*;
 
     use super::*;
@@ -466,10 +465,7 @@ mod tests {
     type Machine = StateMachineStore<LedgerMachine>;
 
     fn open(dir: &tempfile::TempDir) -> Machine {
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        open_storage::<LedgerMachine>(dir.path(), 1, &metrics)
-            .unwrap()
-            .1
+        open_state_machine(dir.path()).unwrap()
     }
 
     fn command(request_id: &str, kind: CommandKind) -> Command {
@@ -553,17 +549,8 @@ mod tests {
         assert_eq!(retried[3].seq, retried[2].seq);
 
         // A replica that loads from disk, or installs a snapshot, has the same records.
-        let digest = machine.digest().unwrap();
-        drop(machine);
-        let mut machine = open(&dir);
-        assert_eq!(machine.digest().unwrap(), digest);
         let other_dir = tempfile::tempdir().unwrap();
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        let mut other = machine
-            .copy_through_snapshot(other_dir.path(), 1, &metrics)
-            .await
-            .unwrap();
-        assert_eq!(other.digest().unwrap(), digest);
+        let (mut machine, mut other) = machine.reload_and_copy(dir.path(), other_dir.path()).await;
         assert!(!held(&other, "pay"));
         let again = apply(&mut other, 4, 4_000, vec![command("pay", pay(5))]).await;
         assert!(again[0].duplicate);
@@ -685,18 +672,9 @@ mod tests {
         assert_eq!(stored_keys(&machine, TRANSACTIONS_HELD), filed_held);
 
         // A replica that loads from disk, or installs a snapshot, has the same legs.
-        let digest = machine.digest().unwrap();
-        drop(machine);
-        let mut machine = open(&dir);
-        assert_eq!(machine.digest().unwrap(), digest);
-        assert_eq!(legs(&machine, "old"), (None, Some(LegState::Tombstone)));
         let other_dir = tempfile::tempdir().unwrap();
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        let other = machine
-            .copy_through_snapshot(other_dir.path(), 1, &metrics)
-            .await
-            .unwrap();
-        assert_eq!(other.digest().unwrap(), digest);
+        let (machine, other) = machine.reload_and_copy(dir.path(), other_dir.path()).await;
+        assert_eq!(legs(&machine, "old"), (None, Some(LegState::Tombstone)));
         assert_eq!(legs(&other, "old"), (None, Some(LegState::Tombstone)));
         assert_eq!(legs(&other, "kept"), (held, held));
         assert_eq!(legs(&other, "recent"), (None, Some(LegState::Posted)));

@@ -233,8 +233,7 @@ impl LedgerRpc for LedgerService {
         }
         let record = self
             .machine
-            .read_stored(|machine, view| machine.transaction(view, &txn_id))
-            .map_err(|error| Status::internal(error.to_string()))?;
+            .read_stored(|machine, view| machine.transaction(view, &txn_id))?;
         let legs = match record {
             None => pb::TransactionLegs {
                 txn_id: txn_id.to_string(),
@@ -350,8 +349,7 @@ impl LedgerRpc for LedgerService {
             request.from_seq.max(1),
             to.min(applied_seq),
             limit as usize,
-        )
-        .map_err(|error| Status::internal(error.to_string()))?
+        )?
         .into_iter()
         .map(|(_, stored)| {
             let shard_id = self.shard_id;

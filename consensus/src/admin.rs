@@ -206,10 +206,7 @@ impl<A: App> RaftAdmin for RaftAdminService<A> {
         _: Request<pb::DigestRequest>,
     ) -> Result<Response<pb::DigestResponse>, Status> {
         let applied_index = self.machine.last_applied().map(|id| id.index).unwrap_or(0);
-        let (applied_seq, digest) = self
-            .machine
-            .digest()
-            .map_err(|error| Status::internal(error.to_string()))?;
+        let (applied_seq, digest) = self.machine.digest()?;
         Ok(Response::new(pb::DigestResponse {
             applied_index,
             applied_seq,

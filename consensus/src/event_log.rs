@@ -116,9 +116,7 @@ where
             let events = match events {
                 Ok(events) => events,
                 Err(error) => {
-                    let _ = sender
-                        .send(Err(tonic::Status::internal(error.to_string())))
-                        .await;
+                    let _ = sender.send(Err(error.into())).await;
                     return;
                 }
             };

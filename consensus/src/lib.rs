@@ -22,7 +22,7 @@ pub use group::{Group, GroupOptions, Replica, init_logging, serve};
 pub use metrics::RaftMetrics;
 pub use network::{MESSAGE_SIZE_MAX, Network, RaftTransportService};
 pub use proposer::{ProposeError, Proposer, ProposerLimits, now_ms};
-pub use store::{LogStore, StateMachineStore, open_storage};
+pub use store::{LogStore, StateMachineStore, open_state_machine, open_storage};
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -116,6 +116,13 @@ pub enum Error {
          start the replica on an empty data directory"
     )]
     StorageFormat { found: u32, expected: u32 },
+}
+
+/// A replica that cannot read or write its own storage answers `internal`.
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> tonic::Status {
+        tonic::Status::internal(error.to_string())
+    }
 }
 
 /// Raft timing for groups on one machine or one data-centre network.

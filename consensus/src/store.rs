@@ -736,7 +736,39 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
     }
 }
 
+/// For the applications' tests: the state machine of node 1 over the RocksDB in `path`, loaded
+/// the way a start loads it.
+pub fn open_state_machine<A: App>(path: &Path) -> Result<StateMachineStore<A>, Error> {
+    let metrics = RaftMetrics::register(&mut prometheus_client::registry::Registry::default());
+    Ok(open_storage::<A>(path, 1, &metrics)?.1)
+}
+
 impl<A: App> StateMachineStore<A> {
+    /// For the applications' tests: this replica (node 1, its RocksDB in `path`) loaded again
+    /// the way a restart loads it, and a copy of it in `copy_path` caught up through a snapshot
+    /// the way a joining replica is. Panics unless both have the digest this one had.
+    pub async fn reload_and_copy(
+        self,
+        path: &Path,
+        copy_path: &Path,
+    ) -> (StateMachineStore<A>, StateMachineStore<A>) {
+        let digest = self.digest().expect("the digest");
+        drop(self);
+        let mut reloaded = open_state_machine::<A>(path).expect("the replica loads again");
+        assert_eq!(
+            reloaded.digest().expect("the digest"),
+            digest,
+            "loaded again"
+        );
+        let metrics = RaftMetrics::register(&mut prometheus_client::registry::Registry::default());
+        let copy = reloaded
+            .copy_through_snapshot(copy_path, 1, &metrics)
+            .await
+            .expect("a copy through a snapshot");
+        assert_eq!(copy.digest().expect("the digest"), digest, "copied");
+        (reloaded, copy)
+    }
+
     /// A new replica's state machine in `path`, caught up the way one that joins or falls
     /// behind is: it installs a snapshot of this one's applied state (for tests and tools).
     pub async fn copy_through_snapshot(
@@ -1031,8 +1063,7 @@ mod tests {
     }
 
     fn open_as<A: App>(dir: &tempfile::TempDir) -> Result<StateMachineStore<A>, Error> {
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        Ok(open_storage::<A>(dir.path(), 1, &metrics)?.1)
+        open_state_machine::<A>(dir.path())
     }
 
     fn refused<A: App>(opened: Result<StateMachineStore<A>, Error>, found: u32, expected: u32) {

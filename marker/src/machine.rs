@@ -118,16 +118,6 @@ impl CoordinatorMachine {
             transaction,
         );
     }
-
-    /// Files the transaction's id in `IN_FLIGHT` while it is not done, takes it out once done.
-    fn file_in_flight(transaction: &Transaction, writes: &mut Writes<'_>) {
-        let key = transaction.txn_id.as_str().as_bytes();
-        if transaction.done {
-            writes.delete(IN_FLIGHT, key);
-        } else {
-            writes.put(IN_FLIGHT, key, &[]);
-        }
-    }
 }
 
 impl App for CoordinatorMachine {
@@ -181,9 +171,11 @@ impl App for CoordinatorMachine {
         let (response, event) = self.coordinator.apply(command, timestamp_ms);
         if let Some(event) = event {
             Self::write_transaction(&event.transaction, writes);
-            // Filed when begun, taken out when done.
-            if !matches!(event.logged.step, Step::Decided { .. }) {
-                Self::file_in_flight(&event.transaction, writes);
+            let key = txn_id.as_str().as_bytes();
+            match event.logged.step {
+                Step::Begun(_) => writes.put(IN_FLIGHT, key, &[]),
+                Step::Done { .. } => writes.delete(IN_FLIGHT, key),
+                Step::Decided { .. } => {}
             }
             event_log::append(writes, event.logged.seq, &event.logged);
             self.counts.count(&event.logged.step);
@@ -222,7 +214,7 @@ impl App for CoordinatorMachine {
         for transaction in &snapshot.state.transactions {
             Self::write_transaction(transaction, writes);
             if !transaction.done {
-                Self::file_in_flight(transaction, writes);
+                writes.put(IN_FLIGHT, transaction.txn_id.as_str().as_bytes(), &[]);
             }
         }
         for event in &snapshot.events {
@@ -265,10 +257,9 @@ mod tests {
     use std::sync::Arc;
 
     use auticuro::ledger::{AccountId, Amount, Currency, Leg, Metadata};
-    use consensus::{Proposal, RaftMetrics, StateMachineStore, TypeConfig, open_storage};
+    use consensus::{Proposal, StateMachineStore, TypeConfig, open_state_machine};
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
-    use prometheus_client::registry::Registry;
     use tokio::sync::oneshot::error::TryRecvError;
 
     use super::*;
@@ -277,10 +268,7 @@ mod tests {
     type Machine = StateMachineStore<CoordinatorMachine>;
 
     fn open(dir: &tempfile::TempDir) -> Machine {
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        open_storage::<CoordinatorMachine>(dir.path(), 1, &metrics)
-            .unwrap()
-            .1
+        open_state_machine(dir.path()).unwrap()
     }
 
     fn begin(key: &str) -> CoordinatorCommand {
@@ -424,18 +412,9 @@ mod tests {
         // A replica that loads from disk, or installs a snapshot, has the same state and holds
         // only what is in flight.
         machine.apply([entry(4, vec![begin("c")])]).await.unwrap();
-        let digest = machine.digest().unwrap();
-        drop(machine);
-        let mut machine = open(&dir);
-        assert_eq!(machine.digest().unwrap(), digest);
-        assert!(held(&machine, "c") && !held(&machine, "a"));
         let other_dir = tempfile::tempdir().unwrap();
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        let other = machine
-            .copy_through_snapshot(other_dir.path(), 1, &metrics)
-            .await
-            .unwrap();
-        assert_eq!(other.digest().unwrap(), digest);
+        let (machine, other) = machine.reload_and_copy(dir.path(), other_dir.path()).await;
+        assert!(held(&machine, "c") && !held(&machine, "a"));
         assert!(held(&other, "c") && !held(&other, "b"));
         assert_eq!(read(&other, "b"), read(&machine, "b"));
         assert_eq!(stored(&other), stored(&machine));
@@ -509,8 +488,7 @@ mod tests {
     #[tokio::test]
     async fn a_step_wakes_only_the_waiters_of_its_transaction_and_is_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        let (_, mut machine) = open_storage::<CoordinatorMachine>(dir.path(), 1, &metrics).unwrap();
+        let mut machine = open(&dir);
         machine
             .apply([entry(1, vec![begin("a"), begin("b")])])
             .await
@@ -550,8 +528,7 @@ mod tests {
     #[tokio::test]
     async fn waiters_that_stopped_waiting_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = RaftMetrics::register(&mut Registry::default());
-        let (_, mut machine) = open_storage::<CoordinatorMachine>(dir.path(), 1, &metrics).unwrap();
+        let mut machine = open(&dir);
         machine.apply([entry(1, vec![begin("a")])]).await.unwrap();
         let a = txn_id_for("tenant", "a");
         let abandoned = machine.read(|machine| machine.next_step(&a));

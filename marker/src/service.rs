@@ -174,7 +174,7 @@ impl CoordinatorService {
 
     /// The transaction's current record.
     fn transaction(&self, txn_id: &TxnId) -> Result<Option<Arc<Transaction>>, Status> {
-        self.driver.transaction(txn_id).map_err(unreadable)
+        Ok(self.driver.transaction(txn_id)?)
     }
 
     /// Waits (bounded) until the transaction is decided, or done when `until_done`; returns its
@@ -197,7 +197,7 @@ impl CoordinatorService {
                     Ok::<_, consensus::Error>((current, next_step))
                 })?;
                 let Some(next_step) = next_step else {
-                    return Ok(current);
+                    return Ok::<_, Status>(current);
                 };
                 // After the step, unless the state was replaced meanwhile: then read it again.
                 if let Ok(after) = next_step.await
@@ -209,7 +209,7 @@ impl CoordinatorService {
         })
         .await;
         match waited {
-            Ok(reached) => reached.map_err(unreadable),
+            Ok(reached) => reached,
             Err(_) => {
                 self.driver
                     .machine
@@ -306,11 +306,6 @@ impl CoordinatorService {
     fn parse_txn_id(text: &str) -> Result<TxnId, Status> {
         TxnId::parse(text).map_err(|_| Status::invalid_argument("invalid txn id"))
     }
-}
-
-/// A replica that cannot read its own records.
-fn unreadable(error: consensus::Error) -> Status {
-    Status::internal(error.to_string())
 }
 
 fn valid_key(text: &str, length_max: usize) -> bool {
@@ -462,9 +457,7 @@ impl CoordinatorRpc for CoordinatorService {
                 machine.subscribe_applied_seq(),
             )
         });
-        let current = current
-            .map_err(unreadable)?
-            .ok_or_else(|| Status::not_found("no such transaction"))?;
+        let current = current?.ok_or_else(|| Status::not_found("no such transaction"))?;
         let shard_id = self.coordinator_shard_id;
         let first = self.message(&current);
         let finished = current.done;

@@ -218,18 +218,8 @@ impl ByAge {
 
     fn older_than(&self, cutoff_ms: i64) -> Pruned {
         Pruned {
-            dedup: self
-                .dedup
-                .iter()
-                .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
-                .cloned()
-                .collect(),
-            transactions: self
-                .settled
-                .iter()
-                .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
-                .cloned()
-                .collect(),
+            dedup: older_than(&self.dedup, cutoff_ms),
+            transactions: older_than(&self.settled, cutoff_ms),
         }
     }
 
@@ -251,18 +241,16 @@ impl ByAge {
     }
 }
 
-/// The keys of `by_age` (oldest first) older than the cutoff, sorted by key.
-fn keys_older_than<'a, K: Clone + Ord + 'a>(
+/// The entries of `by_age` (oldest first) older than the cutoff, oldest first.
+fn older_than<'a, K: Clone + 'a>(
     by_age: impl IntoIterator<Item = &'a (i64, K)>,
     cutoff_ms: i64,
-) -> Vec<K> {
-    let mut keys: Vec<K> = by_age
+) -> Vec<(i64, K)> {
+    by_age
         .into_iter()
         .take_while(|(at_ms, _)| *at_ms < cutoff_ms)
-        .map(|(_, key)| key.clone())
-        .collect();
-    keys.sort();
-    keys
+        .cloned()
+        .collect()
 }
 
 /// SHA-256 of a value's canonical (postcard) encoding, fed to the hash as it is encoded: a
@@ -311,13 +299,15 @@ impl Ledger {
     /// Transactions whose legs are still held since before `cutoff_ms` (leader time), by id:
     /// the stale holds to ask their owner coordinators about.
     pub fn held_since(&self, cutoff_ms: i64) -> Vec<(TxnId, Owner)> {
-        keys_older_than(&self.by_age.held, cutoff_ms)
+        let mut held: Vec<(TxnId, Owner)> = older_than(&self.by_age.held, cutoff_ms)
             .into_iter()
-            .map(|txn_id| {
+            .map(|(_, txn_id)| {
                 let owner = self.transactions[&txn_id].owner;
                 (txn_id, owner)
             })
-            .collect()
+            .collect();
+        held.sort_by(|(a, _), (b, _)| a.cmp(b));
+        held
     }
 
     /// The idempotency record of a request id, if the ledger holds it.
