@@ -19,6 +19,9 @@ const TRANSACTIONS_BY_AGE: &str = "transactions_by_age";
 /// records `TRANSACTIONS` keeps.
 const TRANSACTIONS_HELD: &str = "transactions_held";
 const HOLDS: &str = "holds";
+/// The pending (open or capturing) holds' keys → nothing: what a replica loads, however many
+/// settled holds `HOLDS` keeps.
+const HOLDS_PENDING: &str = "holds_pending";
 const DEDUP: &str = "dedup";
 /// The idempotency records' keys by stamp: [`age_key`] → nothing, for prunes.
 const DEDUP_BY_AGE: &str = "dedup_by_age";
@@ -56,12 +59,13 @@ impl LedgerSnapshot {
     }
 }
 
-/// The ledger holds idempotency records and settled two-phase records only until they are on
-/// disk ([`App::persisted`]): the retention's records (a week of every command and of every
-/// cross-shard transaction, by default) would not fit in memory. A command whose request id (or
-/// two-phase transaction) the ledger does not hold looks for its record in the DEDUP (or
-/// TRANSACTIONS) family first (bloom filters answer for the new ids), so every replica sees the
-/// same records whatever it has evicted or loaded, and applies the same outcomes.
+/// The ledger holds idempotency records, settled two-phase records and settled holds only until
+/// they are on disk ([`App::persisted`]): the retention's records (a week of every command and of
+/// every cross-shard transaction, by default) and every hold ever placed would not fit in
+/// memory. A command whose request id (two-phase transaction, hold) the ledger does not hold
+/// looks for its record in the DEDUP (TRANSACTIONS, HOLDS) family first (bloom filters answer for
+/// the new ids), so every replica sees the same records whatever it has evicted or loaded, and
+/// applies the same outcomes.
 pub struct LedgerMachine {
     ledger: Ledger,
     applied_seq: watch::Sender<u64>,
@@ -151,6 +155,26 @@ impl LedgerMachine {
         }
     }
 
+    /// A hold's record: held while the hold is pending (and until a settled one is written),
+    /// read from disk after (`view` as for [`LedgerMachine::transaction`]).
+    pub fn hold(&self, view: &AppView<'_>, hold_id: &TxnId) -> Result<Option<HoldRecord>, Error> {
+        if let Some(pending) = self.ledger.hold(hold_id) {
+            return Ok(Some(pending.clone()));
+        }
+        view.get(HOLDS, hold_id.as_str().as_bytes())?
+            .map(|bytes| decode("hold", &bytes))
+            .transpose()
+    }
+
+    /// Hands the ledger the stored record of a hold it does not hold (holds are never pruned).
+    fn recall_hold(&mut self, hold_id: &TxnId, writes: &mut Writes<'_>) {
+        if self.ledger.hold(hold_id).is_none()
+            && let Some(record) = writes.get_committed(HOLDS, hold_id.as_str().as_bytes(), "hold")
+        {
+            self.ledger.recall_hold(hold_id.clone(), record);
+        }
+    }
+
     /// Deletes the stored idempotency records and settled two-phase records older than a
     /// prune's cutoff (the ledger forgot those it held; held legs stay, however old). Those
     /// below an earlier prune's cutoff since the last write are deleted already: one of their
@@ -192,7 +216,7 @@ impl LedgerMachine {
             put_transaction(writes, txn_id, record, true);
         }
         for (hold_id, record) in &state.holds {
-            writes.put_encoded(HOLDS, hold_id.as_str().as_bytes(), record);
+            put_hold(writes, hold_id, record);
         }
         for (request_id, record) in &state.dedup {
             put_dedup(writes, request_id, record);
@@ -211,6 +235,7 @@ impl App for LedgerMachine {
         TRANSACTIONS_BY_AGE,
         TRANSACTIONS_HELD,
         HOLDS,
+        HOLDS_PENDING,
         DEDUP,
         DEDUP_BY_AGE,
         event_log::EVENTS,
@@ -219,28 +244,26 @@ impl App for LedgerMachine {
 
     const REWRITTEN_FAMILIES: &'static [&'static str] = &[ACCOUNTS];
 
-    const READ_FAMILIES: &'static [&'static str] =
-        &[DEDUP, DEDUP_BY_AGE, TRANSACTIONS, TRANSACTIONS_BY_AGE];
+    const READ_FAMILIES: &'static [&'static str] = &[
+        DEDUP,
+        DEDUP_BY_AGE,
+        TRANSACTIONS,
+        TRANSACTIONS_BY_AGE,
+        HOLDS,
+    ];
 
     /// 2: events are stored as protobuf (`events::write_stored`), no longer postcard.
     /// 3: idempotency records are also filed by age (`DEDUP_BY_AGE`).
     /// 4: two-phase records are also filed by age (`TRANSACTIONS_BY_AGE`).
     /// 5: held two-phase records are filed in `TRANSACTIONS_HELD`.
-    const STORAGE_FORMAT: u32 = 5;
+    /// 6: pending holds are filed in `HOLDS_PENDING`.
+    const STORAGE_FORMAT: u32 = 6;
 
-    /// Reads the held two-phase records only.
+    /// Reads the held two-phase records and the pending holds only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let mut held = Vec::new();
-        store.for_each_indexed(
-            TRANSACTIONS_HELD,
-            TRANSACTIONS,
-            "transaction",
-            |key, record| {
-                held.push((txn_key(key)?, record));
-                Ok(())
-            },
-        )?;
-        let state = read_state(store, held)?;
+        let held = read_indexed(store, TRANSACTIONS_HELD, TRANSACTIONS, "transaction")?;
+        let pending = read_indexed(store, HOLDS_PENDING, HOLDS, "hold")?;
+        let state = read_state(store, held, pending)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(LedgerMachine {
             ledger: Ledger::import(state),
@@ -258,6 +281,9 @@ impl App for LedgerMachine {
         self.recall_dedup(&command.request_id, writes);
         if let Some(txn_id) = command.kind.two_phase_txn_id() {
             self.recall_transaction(txn_id, writes);
+        }
+        if let Some(hold_id) = command.kind.hold_id() {
+            self.recall_hold(hold_id, writes);
         }
         let applied = self.ledger.apply(command, timestamp_ms);
         if let Some(event) = &applied.event {
@@ -277,7 +303,7 @@ impl App for LedgerMachine {
             put_transaction(writes, txn_id, record, new);
         }
         for (hold_id, record) in &applied.changes.holds {
-            writes.put_encoded(HOLDS, hold_id.as_str().as_bytes(), record);
+            put_hold(writes, hold_id, record);
         }
         if let Some((request_id, record)) = &applied.changes.dedup_inserted {
             put_dedup(writes, request_id, record);
@@ -316,7 +342,11 @@ impl App for LedgerMachine {
     }
 
     fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-        let mut state = read_state(view, stored_transactions(view)?)?;
+        let mut state = read_state(
+            view,
+            read_keyed(view, TRANSACTIONS, "transaction")?,
+            read_keyed(view, HOLDS, "hold")?,
+        )?;
         state.dedup = read_dedup(view)?;
         Ok(LedgerSnapshot {
             state,
@@ -337,13 +367,14 @@ impl App for LedgerMachine {
         Ok(())
     }
 
-    /// The ledger's digest (which holds no idempotency records and no settled two-phase records
-    /// between apply calls) and every record on disk.
+    /// The ledger's digest (which holds no idempotency records, no settled two-phase records and
+    /// no settled holds between apply calls) and every record on disk.
     fn digest(&self, view: &AppView<'_>) -> Result<[u8; 32], Error> {
         let mut hasher = Sha256::new();
         hasher.update(self.ledger.digest());
         view.hash_rows(DEDUP, |bytes| hasher.update(bytes))?;
         view.hash_rows(TRANSACTIONS, |bytes| hasher.update(bytes))?;
+        view.hash_rows(HOLDS, |bytes| hasher.update(bytes))?;
         Ok(hasher.finalize().into())
     }
 
@@ -352,19 +383,15 @@ impl App for LedgerMachine {
     }
 }
 
-/// The ledger state persisted in the column families, with the two-phase records given and no
-/// idempotency records.
+/// The ledger state persisted in the column families, with the two-phase records and holds
+/// given and no idempotency records.
 fn read_state(
     store: &AppView<'_>,
     transactions: Vec<(TxnId, TxnRecord)>,
+    holds: Vec<(TxnId, HoldRecord)>,
 ) -> Result<LedgerState, Error> {
     let last_seq = event_log::last_seq(store)?;
     let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
-    let holds: Vec<(TxnId, HoldRecord)> = store
-        .scan_from(HOLDS, &[], usize::MAX)?
-        .iter()
-        .map(|(key, value)| Ok((txn_key(key)?, decode("hold", value)?)))
-        .collect::<Result<_, Error>>()?;
     let fences = match store.get(LEDGER_META, FENCES)? {
         Some(bytes) => decode("fences", &bytes)?,
         None => Vec::new(),
@@ -379,14 +406,33 @@ fn read_state(
     })
 }
 
-/// Every stored two-phase record, held or settled, by id.
-fn stored_transactions(store: &AppView<'_>) -> Result<Vec<(TxnId, TxnRecord)>, Error> {
-    let mut transactions = Vec::new();
-    store.for_each_decoded(TRANSACTIONS, "transaction", |key, record| {
-        transactions.push((txn_key(key)?, record));
+/// Every record of a family keyed by transaction (or hold) id, by id.
+fn read_keyed<T: serde::de::DeserializeOwned>(
+    store: &AppView<'_>,
+    family: &str,
+    what: &'static str,
+) -> Result<Vec<(TxnId, T)>, Error> {
+    let mut records = Vec::new();
+    store.for_each_decoded(family, what, |key, record| {
+        records.push((txn_key(key)?, record));
         Ok(())
     })?;
-    Ok(transactions)
+    Ok(records)
+}
+
+/// The records of `family` whose ids `index` names, by id.
+fn read_indexed<T: serde::de::DeserializeOwned>(
+    store: &AppView<'_>,
+    index: &str,
+    family: &str,
+    what: &'static str,
+) -> Result<Vec<(TxnId, T)>, Error> {
+    let mut records = Vec::new();
+    store.for_each_indexed(index, family, what, |key, record| {
+        records.push((txn_key(key)?, record));
+        Ok(())
+    })?;
+    Ok(records)
 }
 
 /// Every stored idempotency record, by request id.
@@ -426,6 +472,17 @@ fn put_transaction(writes: &mut Writes<'_>, txn_id: &TxnId, record: &TxnRecord, 
     }
 }
 
+/// Writes a hold, filed as pending until it settles.
+fn put_hold(writes: &mut Writes<'_>, hold_id: &TxnId, record: &HoldRecord) {
+    let key = hold_id.as_str().as_bytes();
+    writes.put_encoded(HOLDS, key, record);
+    if record.is_pending() {
+        writes.put(HOLDS_PENDING, key, &[]);
+    } else {
+        writes.delete(HOLDS_PENDING, key);
+    }
+}
+
 /// A record's key in a by-age family: its stamp, ordered as numbers are, then its id.
 fn age_key(at_ms: i64, id: &str) -> Vec<u8> {
     let mut key = age_prefix(at_ms).to_vec();
@@ -460,7 +517,7 @@ mod tests {
 
     use super::*;
     use crate::ledger::tests::{at, op, setup_commands, to_command};
-    use crate::ledger::{Amount, Currency, Leg, Limits, Metadata, Owner};
+    use crate::ledger::{Amount, Currency, HoldState, Leg, Limits, Metadata, Owner};
 
     type Machine = StateMachineStore<LedgerMachine>;
 
@@ -682,6 +739,92 @@ mod tests {
         assert_eq!(stored_keys(&other, TRANSACTIONS_HELD), filed_held);
     }
 
+    #[tokio::test]
+    async fn settled_holds_live_on_disk_and_count_as_if_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(&dir);
+        let hold_id = |id: &str| TxnId::parse(id).unwrap();
+        let usd = Currency::parse("USD").unwrap();
+        let alice = AccountId::parse("alice").unwrap();
+        let place = |id: &str| CommandKind::PlaceHold {
+            hold_id: hold_id(id),
+            account_id: alice.clone(),
+            amount: Amount(5),
+            currency: usd.clone(),
+            metadata: Metadata::default(),
+        };
+        let void = |id: &str| CommandKind::VoidHold {
+            hold_id: hold_id(id),
+        };
+        let capture = |id: &str| CommandKind::Batch {
+            legs: [(&alice, -3), (&AccountId::parse("bob").unwrap(), 3)]
+                .map(|(account_id, amount)| Leg {
+                    account_id: account_id.clone(),
+                    amount: Amount(amount),
+                    currency: usd.clone(),
+                })
+                .to_vec(),
+            txn_id: None,
+            hold_id: Some(hold_id(id)),
+            metadata: Metadata::default(),
+        };
+        let hold = |machine: &Machine, id: &str| {
+            let id = hold_id(id);
+            let held = machine.read(|app| app.ledger().hold(&id).map(|r| r.state.clone()));
+            let read = machine.read_stored(|app, view| app.hold(view, &id));
+            (held, read.unwrap().map(|record| record.state))
+        };
+        let opened = vec![
+            command("open-alice", create("alice")),
+            command("open-bob", create("bob")),
+        ];
+        apply(&mut machine, 1, 1_000, opened).await;
+        let placed = vec![
+            command("place-a", place("a")),
+            command("place-b", place("b")),
+            command("place-c", place("c")),
+        ];
+        apply(&mut machine, 2, 2_000, placed).await;
+        let settled = vec![
+            command("capture-a", capture("a")),
+            command("void-b", void("b")),
+        ];
+        let settled = apply(&mut machine, 3, 3_000, settled).await;
+        assert!(settled.iter().all(|result| result.outcome == Outcome::Ok));
+        // Once written, a settled hold leaves memory; an open one stays. Readers find both.
+        let captured = HoldState::Captured {
+            txn_id: hold_id("a"),
+            amount: Amount(3),
+        };
+        assert_eq!(hold(&machine, "a"), (None, Some(captured.clone())));
+        assert_eq!(hold(&machine, "b"), (None, Some(HoldState::Voided)));
+        let open = Some(HoldState::Open);
+        assert_eq!(hold(&machine, "c"), (open.clone(), open.clone()));
+        assert_eq!(stored_keys(&machine, HOLDS_PENDING), vec![b"c".to_vec()]);
+
+        // Commands naming a settled hold find it on disk: it is not placed, voided nor captured
+        // again.
+        let late = vec![
+            command("place-a-2", place("a")),
+            command("void-a", void("a")),
+            command("capture-b", capture("b")),
+        ];
+        let late = apply(&mut machine, 4, 4_000, late).await;
+        let outcomes: Vec<Outcome> = late.iter().map(|result| result.outcome).collect();
+        let not_open = Outcome::HoldNotOpen;
+        assert_eq!(outcomes, [Outcome::HoldAlreadyExists, not_open, not_open]);
+
+        // A replica that loads from disk, or installs a snapshot, has the same holds.
+        let other_dir = tempfile::tempdir().unwrap();
+        let (machine, other) = machine.reload_and_copy(dir.path(), other_dir.path()).await;
+        for replica in [&machine, &other] {
+            assert_eq!(hold(replica, "a"), (None, Some(captured.clone())));
+            assert_eq!(hold(replica, "b"), (None, Some(HoldState::Voided)));
+            assert_eq!(hold(replica, "c"), (open.clone(), open.clone()));
+            assert_eq!(stored_keys(replica, HOLDS_PENDING), vec![b"c".to_vec()]);
+        }
+    }
+
     /// Every key of a family on disk.
     fn stored_keys(machine: &Machine, family: &str) -> Vec<Vec<u8>> {
         let mut keys = Vec::new();
@@ -745,7 +888,7 @@ mod tests {
                 prop_assert_eq!(read_dedup(&view).unwrap(), all.dedup.clone());
                 let dedup_ages = all.dedup.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, DEDUP_BY_AGE), age_keys(dedup_ages));
-                let transactions = stored_transactions(&view).unwrap();
+                let transactions: Vec<(TxnId, TxnRecord)> = read_keyed(&view, TRANSACTIONS, "transaction").unwrap();
                 prop_assert_eq!(&transactions, &all.transactions);
                 let leg_ages = all.transactions.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), age_keys(leg_ages));
@@ -759,9 +902,20 @@ mod tests {
                     let read = machine.read_stored(|app, view| app.transaction(view, txn_id)).unwrap();
                     prop_assert_eq!(read.as_ref(), Some(record));
                 }
+                // Every hold on disk; in memory, and filed as pending: the pending ones only.
+                let holds: Vec<(TxnId, HoldRecord)> = read_keyed(&view, HOLDS, "hold").unwrap();
+                prop_assert_eq!(&holds, &all.holds);
+                let pending: Vec<_> = all.holds.iter().filter(|(_, record)| record.is_pending()).cloned().collect();
+                let pending_keys: Vec<Vec<u8>> = pending.iter().map(|(id, _)| id.as_str().as_bytes().to_vec()).collect();
+                prop_assert_eq!(stored_keys(&machine, HOLDS_PENDING), pending_keys);
+                prop_assert_eq!(machine.read(|app| app.ledger().export().holds), pending);
+                for (hold_id, record) in &all.holds {
+                    let read = machine.read_stored(|app, view| app.hold(view, hold_id)).unwrap();
+                    prop_assert_eq!(read.as_ref(), Some(record));
+                }
             }
-            // Loaded from disk, it holds no idempotency record and no settled leg, and has the
-            // same digest.
+            // Loaded from disk, it holds no idempotency record, no settled leg and no settled
+            // hold, and has the same digest.
             let digest = machine.digest().unwrap();
             drop(machine);
             let machine = open(&dir);
@@ -769,6 +923,7 @@ mod tests {
             let loaded = machine.read(|app| app.ledger().export());
             prop_assert!(loaded.dedup.is_empty());
             prop_assert!(loaded.transactions.iter().all(|(_, record)| record.state == LegState::Held));
+            prop_assert!(loaded.holds.iter().all(|(_, record)| record.is_pending()));
         }
     }
 }

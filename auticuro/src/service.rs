@@ -316,13 +316,13 @@ impl LedgerRpc for LedgerService {
             let reply = Reply::Redirect(self.current_redirect());
             return Ok(Response::new(pb::GetHoldResponse { reply: Some(reply) }));
         }
-        let read = self.machine.read(|machine| pb::HoldRead {
-            hold: machine
-                .ledger()
-                .hold(&hold_id)
-                .map(|hold| convert::hold(&hold_id, hold)),
-            applied_seq: machine.ledger().last_seq(),
+        let (hold, applied_seq) = self.machine.read_stored(|machine, view| {
+            (machine.hold(view, &hold_id), machine.ledger().last_seq())
         });
+        let read = pb::HoldRead {
+            hold: hold?.map(|hold| convert::hold(&hold_id, &hold)),
+            applied_seq,
+        };
         Ok(Response::new(pb::GetHoldResponse {
             reply: Some(Reply::Read(read)),
         }))

@@ -151,6 +151,20 @@ impl CommandKind {
         }
     }
 
+    /// The authorization hold whose record the command reads: the one it places or voids, or
+    /// the one a batch or a reservation draws from.
+    pub fn hold_id(&self) -> Option<&TxnId> {
+        match self {
+            CommandKind::PlaceHold { hold_id, .. } | CommandKind::VoidHold { hold_id } => {
+                Some(hold_id)
+            }
+            CommandKind::Batch { hold_id, .. } | CommandKind::Reserve { hold_id, .. } => {
+                hold_id.as_ref()
+            }
+            _ => None,
+        }
+    }
+
     /// The transaction whose two-phase record (`Reserve`, `Post`, `Void`) the command reads.
     pub fn two_phase_txn_id(&self) -> Option<&TxnId> {
         match self {

@@ -167,7 +167,13 @@ pub struct Ledger {
     /// settled ones ([`Ledger::forget_settled`]) and hands one back before a command that names
     /// its transaction ([`Ledger::recall_transaction`]).
     transactions: PartitionedMap<TxnId, TxnRecord>,
+    /// Authorization holds: every one, unless a storage adapter keeps them on disk, evicts the
+    /// settled ones ([`Ledger::forget_settled`]) and hands one back before a command that names
+    /// it ([`Ledger::recall_hold`]).
     holds: PartitionedMap<TxnId, HoldRecord>,
+    /// The settled (captured or voided) holds in `holds`, for [`Ledger::forget_settled`]. Not
+    /// part of the state.
+    settled_holds: Vec<TxnId>,
     /// Idempotency records: every one, unless a storage adapter keeps them on disk, evicts them
     /// from here ([`Ledger::forget_dedup`]) and hands an older one back before a command that
     /// reuses its id ([`Ledger::recall_dedup`]).
@@ -336,11 +342,28 @@ impl Ledger {
         self.transactions.insert(txn_id, record);
     }
 
-    /// Evicts every settled two-phase record (posted, voided, tombstone), once a storage adapter
-    /// has them on disk. Held ones stay: stale holds and drains look for them.
+    /// Hands the ledger back a hold that it evicted ([`Ledger::forget_settled`]), before a
+    /// command that names the hold is applied.
+    pub fn recall_hold(&mut self, hold_id: TxnId, record: HoldRecord) {
+        self.file_hold(hold_id, record);
+    }
+
+    fn file_hold(&mut self, hold_id: TxnId, record: HoldRecord) {
+        if !record.is_pending() {
+            self.settled_holds.push(hold_id.clone());
+        }
+        self.holds.insert(hold_id, record);
+    }
+
+    /// Evicts every settled two-phase record (posted, voided, tombstone) and every settled hold
+    /// (captured, voided), once a storage adapter has them on disk. Held legs and pending holds
+    /// stay: stale holds, drains and captures look for them.
     pub fn forget_settled(&mut self) {
         for (_, txn_id) in std::mem::take(&mut self.by_age.settled) {
             self.transactions.remove(&txn_id);
+        }
+        for hold_id in std::mem::take(&mut self.settled_holds) {
+            self.holds.remove(&hold_id);
         }
     }
 
@@ -420,7 +443,7 @@ impl Ledger {
             self.transactions.insert(txn_id.clone(), record.clone());
         }
         for (hold_id, record) in &effect.holds {
-            self.holds.insert(hold_id.clone(), record.clone());
+            self.file_hold(hold_id.clone(), record.clone());
         }
         match command.kind {
             CommandKind::FenceCoordinator {
@@ -1090,6 +1113,12 @@ impl Ledger {
         for (txn_id, record) in &state.transactions {
             by_age.record_transaction(txn_id, record);
         }
+        let settled_holds = state
+            .holds
+            .iter()
+            .filter(|(_, record)| !record.is_pending())
+            .map(|(hold_id, _)| hold_id.clone())
+            .collect();
         Ledger {
             accounts: state
                 .accounts
@@ -1098,6 +1127,7 @@ impl Ledger {
                 .collect(),
             transactions: state.transactions.into_iter().collect(),
             holds: state.holds.into_iter().collect(),
+            settled_holds,
             dedup: state.dedup.into_iter().collect(),
             scales,
             fences: state.fences.into_iter().collect(),
