@@ -74,18 +74,6 @@ pub struct LedgerMachine {
     pruning_below_ms: Option<i64>,
 }
 
-fn read_all<T: serde::de::DeserializeOwned>(
-    store: &AppView<'_>,
-    family: &str,
-    what: &'static str,
-) -> Result<Vec<T>, Error> {
-    store
-        .scan_from(family, &[], usize::MAX)?
-        .iter()
-        .map(|(_, value)| decode(what, value))
-        .collect()
-}
-
 impl LedgerMachine {
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
@@ -131,12 +119,10 @@ impl LedgerMachine {
         view: &AppView<'_>,
         txn_id: &TxnId,
     ) -> Result<Option<TxnRecord>, Error> {
-        if let Some(held) = self.ledger.transaction(txn_id) {
-            return Ok(Some(held.clone()));
+        match self.ledger.transaction(txn_id) {
+            Some(held) => Ok(Some(held.clone())),
+            None => view.get_decoded(TRANSACTIONS, txn_id.as_str().as_bytes(), "transaction"),
         }
-        view.get(TRANSACTIONS, txn_id.as_str().as_bytes())?
-            .map(|bytes| decode("transaction", &bytes))
-            .transpose()
     }
 
     /// Hands the ledger the stored two-phase record of a transaction it does not hold, unless a
@@ -158,12 +144,10 @@ impl LedgerMachine {
     /// A hold's record: held while the hold is pending (and until a settled one is written),
     /// read from disk after (`view` as for [`LedgerMachine::transaction`]).
     pub fn hold(&self, view: &AppView<'_>, hold_id: &TxnId) -> Result<Option<HoldRecord>, Error> {
-        if let Some(pending) = self.ledger.hold(hold_id) {
-            return Ok(Some(pending.clone()));
+        match self.ledger.hold(hold_id) {
+            Some(pending) => Ok(Some(pending.clone())),
+            None => view.get_decoded(HOLDS, hold_id.as_str().as_bytes(), "hold"),
         }
-        view.get(HOLDS, hold_id.as_str().as_bytes())?
-            .map(|bytes| decode("hold", &bytes))
-            .transpose()
     }
 
     /// Hands the ledger the stored record of a hold it does not hold (holds are never pruned).
@@ -344,8 +328,8 @@ impl App for LedgerMachine {
     fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
         let mut state = read_state(
             view,
-            read_keyed(view, TRANSACTIONS, "transaction")?,
-            read_keyed(view, HOLDS, "hold")?,
+            read_keyed(view, TRANSACTIONS, "transaction", txn_key)?,
+            read_keyed(view, HOLDS, "hold", txn_key)?,
         )?;
         state.dedup = read_dedup(view)?;
         Ok(LedgerSnapshot {
@@ -391,11 +375,14 @@ fn read_state(
     holds: Vec<(TxnId, HoldRecord)>,
 ) -> Result<LedgerState, Error> {
     let last_seq = event_log::last_seq(store)?;
-    let accounts: Vec<Account> = read_all(store, ACCOUNTS, "account")?;
-    let fences = match store.get(LEDGER_META, FENCES)? {
-        Some(bytes) => decode("fences", &bytes)?,
-        None => Vec::new(),
-    };
+    let mut accounts: Vec<Account> = Vec::new();
+    store.for_each_decoded(ACCOUNTS, "account", |_, account| {
+        accounts.push(account);
+        Ok(())
+    })?;
+    let fences = store
+        .get_decoded(LEDGER_META, FENCES, "fences")?
+        .unwrap_or_default();
     Ok(LedgerState {
         last_seq,
         accounts,
@@ -406,15 +393,16 @@ fn read_state(
     })
 }
 
-/// Every record of a family keyed by transaction (or hold) id, by id.
-fn read_keyed<T: serde::de::DeserializeOwned>(
+/// Every record of a family, by its key (read by `key`).
+fn read_keyed<K, T: serde::de::DeserializeOwned>(
     store: &AppView<'_>,
     family: &str,
     what: &'static str,
-) -> Result<Vec<(TxnId, T)>, Error> {
+    key: impl Fn(&[u8]) -> Result<K, Error>,
+) -> Result<Vec<(K, T)>, Error> {
     let mut records = Vec::new();
-    store.for_each_decoded(family, what, |key, record| {
-        records.push((txn_key(key)?, record));
+    store.for_each_decoded(family, what, |stored, record| {
+        records.push((key(stored)?, record));
         Ok(())
     })?;
     Ok(records)
@@ -437,11 +425,7 @@ fn read_indexed<T: serde::de::DeserializeOwned>(
 
 /// Every stored idempotency record, by request id.
 fn read_dedup(store: &AppView<'_>) -> Result<Vec<(RequestId, DedupRecord)>, Error> {
-    store
-        .scan_from(DEDUP, &[], usize::MAX)?
-        .iter()
-        .map(|(key, value)| Ok((request_key(key)?, decode("dedup record", value)?)))
-        .collect()
+    read_keyed(store, DEDUP, "dedup record", request_key)
 }
 
 fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupRecord) {
@@ -888,7 +872,7 @@ mod tests {
                 prop_assert_eq!(read_dedup(&view).unwrap(), all.dedup.clone());
                 let dedup_ages = all.dedup.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, DEDUP_BY_AGE), age_keys(dedup_ages));
-                let transactions: Vec<(TxnId, TxnRecord)> = read_keyed(&view, TRANSACTIONS, "transaction").unwrap();
+                let transactions: Vec<(TxnId, TxnRecord)> = read_keyed(&view, TRANSACTIONS, "transaction", txn_key).unwrap();
                 prop_assert_eq!(&transactions, &all.transactions);
                 let leg_ages = all.transactions.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), age_keys(leg_ages));
@@ -903,7 +887,7 @@ mod tests {
                     prop_assert_eq!(read.as_ref(), Some(record));
                 }
                 // Every hold on disk; in memory, and filed as pending: the pending ones only.
-                let holds: Vec<(TxnId, HoldRecord)> = read_keyed(&view, HOLDS, "hold").unwrap();
+                let holds: Vec<(TxnId, HoldRecord)> = read_keyed(&view, HOLDS, "hold", txn_key).unwrap();
                 prop_assert_eq!(&holds, &all.holds);
                 let pending: Vec<_> = all.holds.iter().filter(|(_, record)| record.is_pending()).cloned().collect();
                 let pending_keys: Vec<Vec<u8>> = pending.iter().map(|(id, _)| id.as_str().as_bytes().to_vec()).collect();

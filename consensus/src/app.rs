@@ -180,6 +180,18 @@ impl<'a> AppView<'a> {
         Ok(self.db.get_cf_opt(cf, key, &self.options())?)
     }
 
+    /// A row, decoded (`what` names it in the error if it does not decode).
+    pub fn get_decoded<T: DeserializeOwned>(
+        &self,
+        column_family: &str,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, Error> {
+        self.get(column_family, key)?
+            .map(|bytes| crate::decode(what, &bytes))
+            .transpose()
+    }
+
     /// The greatest key of a column family, if it has any.
     pub fn last_key(&self, column_family: &str) -> Result<Option<Vec<u8>>, Error> {
         let cf = self.family(column_family);

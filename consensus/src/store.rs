@@ -808,10 +808,7 @@ mod tests {
     struct Sum(u64);
 
     fn read_sum(view: &AppView<'_>) -> Result<u64, Error> {
-        match view.get(SUM, SUM.as_bytes())? {
-            Some(bytes) => decode("sum", &bytes),
-            None => Ok(0),
-        }
+        Ok(view.get_decoded(SUM, SUM.as_bytes(), "sum")?.unwrap_or(0))
     }
 
     impl App for Sum {

@@ -81,9 +81,8 @@ impl CoordinatorMachine {
         if let Some(held) = self.coordinator.transaction(txn_id) {
             return Ok(Some(held.clone()));
         }
-        view.get(TRANSACTIONS, txn_id.as_str().as_bytes())?
-            .map(|bytes| decode("transaction", &bytes).map(Arc::new))
-            .transpose()
+        let stored = view.get_decoded(TRANSACTIONS, txn_id.as_str().as_bytes(), "transaction")?;
+        Ok(stored.map(Arc::new))
     }
 
     /// Resolves with the record after the transaction's next lifecycle step, once that step is

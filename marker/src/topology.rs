@@ -62,10 +62,9 @@ pub enum ReplaceResult {
 }
 
 fn read_topology(store: &AppView<'_>) -> Result<Topology, Error> {
-    match store.get(TOPOLOGY, CURRENT)? {
-        Some(bytes) => decode("topology", &bytes),
-        None => Ok(Topology::default()),
-    }
+    Ok(store
+        .get_decoded(TOPOLOGY, CURRENT, "topology")?
+        .unwrap_or_default())
 }
 
 /// The topology as a Raft application: a compare-and-set register.
