@@ -505,8 +505,12 @@ impl Ledger {
             CommandKind::UpdateLimits { account_id, limits } => {
                 self.update_limits(account_id, limits)
             }
-            CommandKind::Freeze { account_id } => self.freeze(account_id),
-            CommandKind::Unfreeze { account_id } => self.unfreeze(account_id),
+            CommandKind::Freeze { account_id } => {
+                self.switch_state(account_id, AccountState::Active, AccountState::Frozen)
+            }
+            CommandKind::Unfreeze { account_id } => {
+                self.switch_state(account_id, AccountState::Frozen, AccountState::Active)
+            }
             CommandKind::Close { account_id } => self.close(account_id),
             CommandKind::Transfer {
                 from,
@@ -612,19 +616,17 @@ impl Ledger {
         Ok(Effect::accounts(vec![account]))
     }
 
-    fn freeze(&self, account_id: &AccountId) -> Result<Effect, Rejection> {
+    /// Freezes or unfreezes an open account: from `from` to `to`, or nothing if it is not in
+    /// `from` (already there), which is accepted all the same.
+    fn switch_state(
+        &self,
+        account_id: &AccountId,
+        from: AccountState,
+        to: AccountState,
+    ) -> Result<Effect, Rejection> {
         let mut account = self.open_account(account_id)?.clone();
-        if account.state == AccountState::Active {
-            account.state = AccountState::Frozen;
-            account.version += 1;
-        }
-        Ok(Effect::accounts(vec![account]))
-    }
-
-    fn unfreeze(&self, account_id: &AccountId) -> Result<Effect, Rejection> {
-        let mut account = self.open_account(account_id)?.clone();
-        if account.state == AccountState::Frozen {
-            account.state = AccountState::Active;
+        if account.state == from {
+            account.state = to;
             account.version += 1;
         }
         Ok(Effect::accounts(vec![account]))
