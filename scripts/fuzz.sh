@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one cargo-fuzz target (fuzz/fuzz_targets) for a while: scripts/fuzz.sh TARGET [SECONDS].
-# Targets: command, ledger_snapshot, coordinator_snapshot, event, raft_message.
+# Targets: command, snapshot, event, raft_message.
 # Needs the nightly toolchain; installs cargo-fuzz from crates.io when it is missing. The first
 # build compiles every dependency (RocksDB included) again with nightly: expect 20-30 minutes.
 # Crashes and the corpus stay under fuzz/artifacts and fuzz/corpus (ignored by git).

@@ -1,7 +1,7 @@
 //! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
 //! each command changed in RocksDB, keeps the event log, and wakes event subscribers.
 
-use consensus::{App, AppView, Error, Writes, decode, encode, event_log};
+use consensus::{App, AppView, Error, Writes, event_log};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -37,26 +37,6 @@ pub struct CommandResult {
     pub detail_account_id: Option<AccountId>,
     /// Accounts touched by an accepted command, after it.
     pub accounts: Vec<Account>,
-}
-
-/// Everything a snapshot carries: the ledger state and the whole event log (each event's seq and
-/// stored bytes), so a replica that catches up through a snapshot can serve `Subscribe` and
-/// `ReadEvents` from seq 1.
-#[derive(Serialize, Deserialize)]
-pub struct LedgerSnapshot {
-    pub state: LedgerState,
-    pub events: Vec<(u64, Vec<u8>)>,
-}
-
-impl LedgerSnapshot {
-    /// Reads a snapshot sent by the leader (bytes from the network).
-    pub fn decode(bytes: &[u8]) -> Result<LedgerSnapshot, Error> {
-        decode("ledger snapshot", bytes)
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        encode(self)
-    }
 }
 
 /// The ledger holds idempotency records, settled two-phase records and settled holds only until
@@ -191,22 +171,6 @@ impl LedgerMachine {
     pub fn subscribe_applied_seq(&self) -> watch::Receiver<u64> {
         self.applied_seq.subscribe()
     }
-
-    fn write_state(state: &LedgerState, writes: &mut Writes<'_>) {
-        for account in &state.accounts {
-            writes.put_encoded(ACCOUNTS, account.id.as_str().as_bytes(), account);
-        }
-        for (txn_id, record) in &state.transactions {
-            put_transaction(writes, txn_id, record, true);
-        }
-        for (hold_id, record) in &state.holds {
-            put_hold(writes, hold_id, record);
-        }
-        for (request_id, record) in &state.dedup {
-            put_dedup(writes, request_id, record);
-        }
-        writes.put_encoded(LEDGER_META, FENCES, &state.fences);
-    }
 }
 
 impl App for LedgerMachine {
@@ -325,29 +289,10 @@ impl App for LedgerMachine {
         self.applied_seq.send_replace(self.ledger.last_seq());
     }
 
-    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-        let mut state = read_state(
-            view,
-            read_keyed(view, TRANSACTIONS, "transaction", txn_key)?,
-            read_keyed(view, HOLDS, "hold", txn_key)?,
-        )?;
-        state.dedup = read_dedup(view)?;
-        Ok(LedgerSnapshot {
-            state,
-            events: event_log::read_stored(view, 1, u64::MAX, usize::MAX)?,
-        }
-        .encode())
-    }
-
-    fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
-        let mut snapshot = LedgerSnapshot::decode(snapshot)?;
-        Self::write_state(&snapshot.state, writes);
-        for (seq, stored) in &snapshot.events {
-            event_log::append_written(writes, *seq, |buffer| buffer.extend_from_slice(stored));
-        }
-        snapshot.state.dedup.clear();
-        self.ledger = Ledger::import(snapshot.state);
-        self.ledger.forget_settled();
+    /// Loads the ledger from the installed rows; event subscribers keep their watch.
+    fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error> {
+        self.ledger = Self::load(view)?.ledger;
+        self.pruning_below_ms = None;
         Ok(())
     }
 
@@ -393,21 +338,6 @@ fn read_state(
     })
 }
 
-/// Every record of a family, by its key (read by `key`).
-fn read_keyed<K, T: serde::de::DeserializeOwned>(
-    store: &AppView<'_>,
-    family: &str,
-    what: &'static str,
-    key: impl Fn(&[u8]) -> Result<K, Error>,
-) -> Result<Vec<(K, T)>, Error> {
-    let mut records = Vec::new();
-    store.for_each_decoded(family, what, |stored, record| {
-        records.push((key(stored)?, record));
-        Ok(())
-    })?;
-    Ok(records)
-}
-
 /// The records of `family` whose ids `index` names, by id.
 fn read_indexed<T: serde::de::DeserializeOwned>(
     store: &AppView<'_>,
@@ -421,11 +351,6 @@ fn read_indexed<T: serde::de::DeserializeOwned>(
         Ok(())
     })?;
     Ok(records)
-}
-
-/// Every stored idempotency record, by request id.
-fn read_dedup(store: &AppView<'_>) -> Result<Vec<(RequestId, DedupRecord)>, Error> {
-    read_keyed(store, DEDUP, "dedup record", request_key)
 }
 
 fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupRecord) {
@@ -486,10 +411,6 @@ fn txn_key(key: &[u8]) -> Result<TxnId, Error> {
     TxnId::parse(key_text(key)?).map_err(|error| Error::Corrupt(error.to_string()))
 }
 
-fn request_key(key: &[u8]) -> Result<RequestId, Error> {
-    RequestId::parse(key_text(key)?).map_err(|error| Error::Corrupt(error.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -504,6 +425,30 @@ mod tests {
     use crate::ledger::{Amount, Currency, HoldState, Leg, Limits, Metadata, Owner};
 
     type Machine = StateMachineStore<LedgerMachine>;
+
+    /// Every record of a family, by its key (read by `key`).
+    fn read_keyed<K, T: serde::de::DeserializeOwned>(
+        store: &AppView<'_>,
+        family: &str,
+        what: &'static str,
+        key: impl Fn(&[u8]) -> Result<K, Error>,
+    ) -> Result<Vec<(K, T)>, Error> {
+        let mut records = Vec::new();
+        store.for_each_decoded(family, what, |stored, record| {
+            records.push((key(stored)?, record));
+            Ok(())
+        })?;
+        Ok(records)
+    }
+
+    /// Every stored idempotency record, by request id.
+    fn read_dedup(store: &AppView<'_>) -> Result<Vec<(RequestId, DedupRecord)>, Error> {
+        read_keyed(store, DEDUP, "dedup record", request_key)
+    }
+
+    fn request_key(key: &[u8]) -> Result<RequestId, Error> {
+        RequestId::parse(key_text(key)?).map_err(|error| Error::Corrupt(error.to_string()))
+    }
 
     fn open(dir: &tempfile::TempDir) -> Machine {
         open_state_machine(dir.path()).unwrap()

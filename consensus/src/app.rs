@@ -350,13 +350,10 @@ pub trait App: Sized + Send + Sync + 'static {
     /// readers and subscribers of the new state.
     fn persisted(&mut self) {}
 
-    /// The complete state as snapshot bytes, read from the column families alone (`view` is the
-    /// moment the snapshot stands for; entries applied since are not in it).
-    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error>;
-
-    /// Replaces the state with a snapshot: records every row into `writes` (the application
-    /// column families are emptied first) and returns the new in-memory state.
-    fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error>;
+    /// Called once a snapshot's rows have replaced every row of `COLUMN_FAMILIES` (a snapshot is
+    /// those rows, [`crate::snapshot`]): take the in-memory state from them as a load does,
+    /// keeping what readers and subscribers hold on to.
+    fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error>;
 
     /// A digest of the replicated state; `view` holds the state's column families at the same
     /// moment (digests are taken between apply calls).

@@ -14,6 +14,7 @@ pub mod group;
 pub mod metrics;
 mod network;
 mod proposer;
+pub mod snapshot;
 mod store;
 
 pub use admin::{RaftAdminService, leader_redirect, redirect};
@@ -90,7 +91,8 @@ impl<A: App> openraft::RaftTypeConfig for TypeConfig<A> {
     type NodeId = NodeId;
     type Node = openraft::BasicNode;
     type Entry = openraft::Entry<Self>;
-    type SnapshotData = std::io::Cursor<Vec<u8>>;
+    /// An unnamed temporary file ([`snapshot`]): snapshots are streamed, never held whole.
+    type SnapshotData = tokio::fs::File;
     type AsyncRuntime = openraft::TokioRuntime;
     type Responder = openraft::impls::OneshotResponder<Self>;
 }
@@ -111,6 +113,8 @@ pub enum Error {
     },
     #[error("corrupt storage: {0}")]
     Corrupt(String),
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
     #[error(
         "the data directory holds storage format {found}, this binary reads format {expected}: \
          start the replica on an empty data directory"

@@ -7,7 +7,7 @@
 //! - the application's own column families, written in the same batch as the applied log id.
 
 use std::collections::VecDeque;
-use std::io::Cursor;
+use std::io::{BufReader, BufWriter, Seek};
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +41,9 @@ const LAST_PURGED: &[u8] = b"last_purged";
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
 const LAST_TIMESTAMP: &[u8] = b"last_timestamp";
+/// Present while a snapshot is being installed: its rows are written in many batches, so a
+/// replica that stops before the last one has a state that is neither the old one nor the new.
+const INSTALLING: &[u8] = b"installing";
 const STORAGE_FORMAT: &[u8] = b"storage_format";
 
 type C<A> = TypeConfig<A>;
@@ -91,6 +94,9 @@ pub fn open_storage<A: App>(
         .map(|name| ColumnFamilyDescriptor::new(*name, family_options::<A>(name, node_id)));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
     check_storage_format::<A>(&db)?;
+    if get::<Option<LogId<NodeId>>>(&db, SM_META, INSTALLING)?.is_some() {
+        forget_all_but_the_vote::<A>(&db)?;
+    }
     let log = LogStore {
         db: db.clone(),
         recent: Arc::default(),
@@ -177,6 +183,45 @@ fn state_memtable_mib<A: App>(family: &str, node_id: NodeId) -> usize {
     } else {
         24 + 8 * (node_id % 3) as usize
     }
+}
+
+/// After a snapshot's install was cut short: empties the state and the log (keeping the vote),
+/// so the replica starts as a new one and the leader sends it a snapshot again. What it had
+/// acknowledged is covered by that snapshot: a leader sends one only to a replica behind the
+/// log it keeps.
+fn forget_all_but_the_vote<A: App>(db: &DB) -> Result<(), Error> {
+    tracing::warn!("a snapshot's install was cut short: starting again from an empty replica");
+    let mut batch = WriteBatch::default();
+    for family in A::COLUMN_FAMILIES.iter().chain(&[LOG]) {
+        delete_every_row(db, &mut batch, family)?;
+    }
+    let sm_meta = db.cf_handle(SM_META).expect("opened");
+    for key in [APPLIED, MEMBERSHIP, LAST_TIMESTAMP, INSTALLING] {
+        batch.delete_cf(&sm_meta, key);
+    }
+    let raft_meta = db.cf_handle(RAFT_META).expect("opened");
+    for key in [COMMITTED, LAST_PURGED] {
+        batch.delete_cf(&raft_meta, key);
+    }
+    db.write_opt(batch, &synced())?;
+    Ok(())
+}
+
+/// Records in `batch` one range deletion that covers every row of `family` now.
+fn delete_every_row(db: &DB, batch: &mut WriteBatch, family: &str) -> Result<(), Error> {
+    let cf = db.cf_handle(family).expect("opened");
+    if let Some(item) = db.iterator_cf(&cf, rocksdb::IteratorMode::End).next() {
+        let mut past_last = item?.0.to_vec();
+        past_last.push(0);
+        batch.delete_range_cf(&cf, &[][..], &past_last[..]);
+    }
+    Ok(())
+}
+
+/// An unnamed file next to the replica's RocksDB, gone once closed: where snapshots are written
+/// and received.
+fn snapshot_file(db: &DB) -> std::io::Result<std::fs::File> {
+    tempfile::tempfile_in(db.path())
 }
 
 fn get<T: serde::de::DeserializeOwned>(
@@ -553,14 +598,39 @@ impl<A: App> StateMachineStore<A> {
         batch.put_cf(&cf, LAST_TIMESTAMP, encode(&state.last_timestamp_ms));
     }
 
-    fn clear_app_families(&self, batch: &mut WriteBatch) -> Result<(), Error> {
+    /// Replaces every row of the application's families with a snapshot's, in batches of a few
+    /// MiB, flagged [`INSTALLING`] until the last, which also records `meta` and the snapshot's
+    /// last applied leader timestamp in `state` and on disk.
+    fn write_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: std::fs::File,
+        state: &mut Applied<A>,
+    ) -> Result<(), Error> {
+        const BATCH_BYTES: usize = 4 << 20;
+        let sm_meta = self.db.cf_handle(SM_META).expect("opened");
+        let mut batch = WriteBatch::default();
+        batch.put_cf(&sm_meta, INSTALLING, encode(&meta.last_log_id));
         for family in A::COLUMN_FAMILIES {
-            let cf = self.db.cf_handle(family).expect("opened");
-            for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
-                let (key, _) = item?;
-                batch.delete_cf(&cf, key);
-            }
+            delete_every_row(&self.db, &mut batch, family)?;
         }
+        self.db.write_opt(std::mem::take(&mut batch), &synced())?;
+        let mut input = BufReader::new(snapshot);
+        input.rewind()?;
+        let last_timestamp_ms =
+            crate::snapshot::read(&mut input, A::COLUMN_FAMILIES, |family, key, value| {
+                batch.put_cf(&self.db.cf_handle(family).expect("opened"), key, value);
+                if batch.size_in_bytes() >= BATCH_BYTES {
+                    self.db.write(std::mem::take(&mut batch))?;
+                }
+                Ok(())
+            })?;
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        state.last_timestamp_ms = last_timestamp_ms;
+        self.put_meta(&mut batch, state);
+        batch.delete_cf(&sm_meta, INSTALLING);
+        self.db.write_opt(batch, &synced())?;
         Ok(())
     }
 }
@@ -588,23 +658,34 @@ impl<A: App> StateMachineStore<A> {
 
     fn encode_now(&self) -> Result<Snapshot<C<A>>, Error> {
         let started = std::time::Instant::now();
-        let (moment, meta) = {
+        let (moment, meta, last_timestamp_ms) = {
             let state = self.state.read().expect("no poisoned lock");
-            (self.db.snapshot(), snapshot_meta(&state))
+            (
+                self.db.snapshot(),
+                snapshot_meta(&state),
+                state.last_timestamp_ms,
+            )
         };
-        let data = A::snapshot(&AppView {
+        #[cfg(test)]
+        tests::pause_if_asked();
+        let view = AppView {
             db: &self.db,
             snapshot: Some(&moment),
-        })?;
+        };
+        let mut out = BufWriter::new(snapshot_file(&self.db)?);
+        crate::snapshot::write(&view, A::COLUMN_FAMILIES, last_timestamp_ms, &mut out)?;
+        let mut file = out.into_inner().map_err(|error| error.into_error())?;
+        let bytes = file.stream_position()?;
+        file.rewind()?;
         tracing::info!(
             snapshot = %meta.snapshot_id,
-            bytes = data.len(),
+            bytes,
             ms = started.elapsed().as_millis() as u64,
             "built a snapshot to send"
         );
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }
@@ -639,9 +720,10 @@ impl<A: App> RaftSnapshotBuilder<C<A>> for StateMachineStore<A> {
         // is being applied, so the sync covers exactly `last_applied`.
         self.db.flush_wal(true).map_err(write_error)?;
         self.snapshot_taken.store(true, Ordering::Release);
+        let empty = snapshot_file(&self.db).map_err(write_error)?;
         Ok(Snapshot {
             meta: snapshot_meta(&state),
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Box::new(tokio::fs::File::from_std(empty)),
         })
     }
 }
@@ -702,25 +784,24 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let file = snapshot_file(&self.db).map_err(write_error)?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
+        let snapshot = snapshot.into_std().await;
         let mut state = self.state.write().expect("no poisoned lock");
-        let mut batch = WriteBatch::default();
-        self.clear_app_families(&mut batch).map_err(write_error)?;
-        let mut writes = Writes::new(&self.db, &mut batch);
-        state.app.install(&data, &mut writes).map_err(write_error)?;
-        state.last_applied = meta.last_log_id;
-        state.membership = meta.last_membership.clone();
-        self.put_meta(&mut batch, &state);
-        self.db.write_opt(batch, &synced()).map_err(write_error)?;
+        self.write_snapshot(meta, snapshot, &mut state)
+            .map_err(write_error)?;
+        state
+            .app
+            .installed(&AppView::now(&self.db))
+            .map_err(read_error)?;
         state.app.persisted();
         self.snapshot_taken.store(true, Ordering::Release);
         Ok(())
@@ -787,6 +868,7 @@ impl<A: App> StateMachineStore<A> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
     use std::sync::Mutex;
     use std::sync::mpsc::{Receiver, Sender, channel};
     use std::time::Duration;
@@ -801,8 +883,16 @@ mod tests {
     const SUM: &str = "sum";
     const WAIT: Duration = Duration::from_secs(5);
 
-    /// When set, the test application's snapshot says it has begun reading and waits for a go.
+    /// When set, the next snapshot says it has begun reading and waits for a go.
     static PAUSE_SNAPSHOT: Mutex<Option<(Sender<()>, Receiver<()>)>> = Mutex::new(None);
+
+    pub(super) fn pause_if_asked() {
+        let pause = PAUSE_SNAPSHOT.lock().unwrap().take();
+        if let Some((begun, go)) = pause {
+            begun.send(()).unwrap();
+            go.recv_timeout(WAIT * 2).unwrap();
+        }
+    }
 
     /// The sum of the numbers applied, kept in its column family.
     struct Sum(u64);
@@ -827,17 +917,8 @@ mod tests {
             self.0
         }
 
-        fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-            if let Some((begun, go)) = PAUSE_SNAPSHOT.lock().unwrap().take() {
-                begun.send(()).unwrap();
-                go.recv_timeout(WAIT * 2).unwrap();
-            }
-            Ok(encode(&read_sum(view)?))
-        }
-
-        fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
-            self.0 = decode("sum snapshot", snapshot)?;
-            writes.put(SUM, SUM.as_bytes(), snapshot);
+        fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error> {
+            self.0 = read_sum(view)?;
             Ok(())
         }
 
@@ -889,7 +970,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(built.meta.last_log_id, Some(entry::<Sum>(1, 0).log_id));
-        assert!(built.snapshot.get_ref().is_empty());
+        assert_eq!(built.snapshot.metadata().await.unwrap().len(), 0);
 
         let (begun_sender, begun) = channel();
         let (go, go_receiver) = channel();
@@ -920,12 +1001,9 @@ mod tests {
         assert_eq!(machine.read(|sum| sum.0), 12);
 
         // It stands for the moment it began, not for what was applied while it was read.
-        let snapshot = encoding.await.unwrap().unwrap().unwrap();
+        let mut snapshot = encoding.await.unwrap().unwrap().unwrap();
         assert_eq!(snapshot.meta.last_log_id, Some(entry::<Sum>(1, 0).log_id));
-        assert_eq!(
-            decode::<u64>("sum", snapshot.snapshot.get_ref()).unwrap(),
-            5
-        );
+        assert_eq!(sum_in(&mut snapshot.snapshot).await, 5);
 
         // A replica that installs it has the state of that moment, and offers it on.
         let other_dir = tempfile::tempdir().unwrap();
@@ -935,9 +1013,98 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(other.read(|sum| sum.0), 5);
-        let current = other.get_current_snapshot().await.unwrap().unwrap();
+        let mut current = other.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id, Some(entry::<Sum>(1, 0).log_id));
-        assert_eq!(decode::<u64>("sum", current.snapshot.get_ref()).unwrap(), 5);
+        assert_eq!(sum_in(&mut current.snapshot).await, 5);
+    }
+
+    /// The sum a snapshot carries (the file is read from its start and left there again).
+    async fn sum_in(snapshot: &mut tokio::fs::File) -> u64 {
+        use tokio::io::AsyncSeekExt;
+        snapshot.rewind().await.unwrap();
+        let mut file = snapshot.try_clone().await.unwrap().into_std().await;
+        let mut sum = None;
+        crate::snapshot::read(
+            &mut BufReader::new(&mut file),
+            &[SUM],
+            |family, key, value| {
+                assert_eq!((family, key), (SUM, SUM.as_bytes()));
+                sum = Some(decode("sum", value)?);
+                Ok(())
+            },
+        )
+        .unwrap();
+        snapshot.rewind().await.unwrap();
+        sum.expect("the sum's row")
+    }
+
+    /// Entry `index` of term 1, adding `number`, proposed at `timestamp_ms`.
+    fn entry_at(index: u64, number: u64, timestamp_ms: i64) -> Entry<C<Sum>> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                timestamp_ms,
+                requests: Arc::new([number]),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_installs_a_snapshot_keeps_time_from_going_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(&dir);
+        // A later leader's clock is behind: the entry is applied at the time before it.
+        let entries = [entry_at(1, 5, 1_000), entry_at(2, 1, 400)];
+        machine.apply(entries).await.unwrap();
+        let copy_dir = tempfile::tempdir().unwrap();
+        let metrics = RaftMetrics::register(&mut Registry::default());
+        let mut copy = machine
+            .copy_through_snapshot(copy_dir.path(), 2, &metrics)
+            .await
+            .unwrap();
+        for replica in [&mut machine, &mut copy] {
+            replica.apply([entry_at(3, 1, 700)]).await.unwrap();
+            let time = replica.state.read().unwrap().last_timestamp_ms;
+            assert_eq!(time, 1_000);
+        }
+        drop(copy);
+        let copy = open(&copy_dir);
+        assert_eq!(copy.state.read().unwrap().last_timestamp_ms, 1_000);
+        assert_eq!(copy.read(|sum| sum.0), 7);
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_install_was_cut_short_starts_again_empty_with_its_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(&dir);
+        machine.apply([entry(1, 5)]).await.unwrap();
+        let meta = machine.build_snapshot().await.unwrap().meta;
+        let snapshot = machine.snapshot_now().await.unwrap().snapshot;
+        let mut whole = Vec::new();
+        snapshot.into_std().await.read_to_end(&mut whole).unwrap();
+
+        let other_dir = tempfile::tempdir().unwrap();
+        let metrics = RaftMetrics::register(&mut Registry::default());
+        let (mut log, mut other) = open_storage::<Sum>(other_dir.path(), 2, &metrics).unwrap();
+        let vote = Vote::new(3, 1);
+        log.save_vote(&vote).await.unwrap();
+        log.write_entries([entry(1, 2), entry(2, 2)]).unwrap();
+        other.apply([entry(1, 2), entry(2, 2)]).await.unwrap();
+        // The snapshot ends before its last row.
+        let mut cut = snapshot_file(&other.db).unwrap();
+        cut.write_all(&whole[..whole.len() - 2]).unwrap();
+        let installed = other
+            .install_snapshot(&meta, Box::new(tokio::fs::File::from_std(cut)))
+            .await;
+        assert!(installed.is_err());
+        drop((log, other));
+
+        let (mut log, other) = open_storage::<Sum>(other_dir.path(), 2, &metrics).unwrap();
+        assert_eq!(other.read(|sum| sum.0), 0);
+        assert_eq!(other.last_applied(), None);
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None));
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
     }
 
     /// `Sum` in a later storage format.
@@ -958,12 +1125,8 @@ mod tests {
             self.0.apply(request, timestamp_ms, writes)
         }
 
-        fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-            Sum::snapshot(view)
-        }
-
-        fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
-            self.0.install(snapshot, writes)
+        fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error> {
+            self.0.installed(view)
         }
 
         fn digest(&self, view: &AppView<'_>) -> Result<[u8; 32], Error> {

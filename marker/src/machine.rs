@@ -10,38 +10,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use auticuro::ledger::TxnId;
-use consensus::{App, AppView, Error, Writes, decode, encode, event_log};
-use serde::{Deserialize, Serialize};
+use consensus::{App, AppView, Error, Writes, event_log};
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::LifecycleCounts;
 use crate::saga::{
-    Coordinator, CoordinatorCommand, CoordinatorResponse, CoordinatorState, LoggedEvent, Step,
-    Transaction,
+    Coordinator, CoordinatorCommand, CoordinatorResponse, CoordinatorState, Step, Transaction,
 };
 
 const TRANSACTIONS: &str = "coordinator_transactions";
 /// The ids of the transactions not done (empty values): what a replica loads, however many
 /// done records `TRANSACTIONS` keeps.
 const IN_FLIGHT: &str = "coordinator_in_flight";
-
-#[derive(Serialize, Deserialize)]
-pub struct CoordinatorSnapshot {
-    pub state: CoordinatorState,
-    pub events: Vec<LoggedEvent>,
-}
-
-impl CoordinatorSnapshot {
-    /// Reads a snapshot sent by the leader (bytes from the network).
-    pub fn decode(bytes: &[u8]) -> Result<CoordinatorSnapshot, Error> {
-        decode("coordinator snapshot", bytes)
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        encode(self)
-    }
-}
 
 pub struct CoordinatorMachine {
     coordinator: Coordinator,
@@ -196,31 +177,9 @@ impl App for CoordinatorMachine {
         }
     }
 
-    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-        let events = event_log::read(view, 1, u64::MAX, usize::MAX)?
-            .into_iter()
-            .map(|(_, event)| event)
-            .collect();
-        let state = CoordinatorState {
-            last_seq: event_log::last_seq(view)?,
-            transactions: stored_transactions(view)?,
-        };
-        Ok(CoordinatorSnapshot { state, events }.encode())
-    }
-
-    fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
-        let snapshot = CoordinatorSnapshot::decode(snapshot)?;
-        for transaction in &snapshot.state.transactions {
-            Self::write_transaction(transaction, writes);
-            if !transaction.done {
-                writes.put(IN_FLIGHT, transaction.txn_id.as_str().as_bytes(), &[]);
-            }
-        }
-        for event in &snapshot.events {
-            event_log::append(writes, event.seq, event);
-        }
-        self.coordinator = Coordinator::import(snapshot.state);
-        self.coordinator.forget_done();
+    /// Loads the coordinator from the installed rows; event subscribers keep their watch.
+    fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error> {
+        self.coordinator = Self::load(view)?.coordinator;
         // Their transactions may have moved on: failing, they read the new state.
         self.waiting.get_mut().expect("no poisoned lock").clear();
         self.woken.clear();
@@ -241,16 +200,6 @@ impl App for CoordinatorMachine {
     }
 }
 
-/// Every transaction record on disk, done or not, in id order.
-fn stored_transactions(view: &AppView<'_>) -> Result<Vec<Transaction>, Error> {
-    let mut transactions = Vec::new();
-    view.for_each_decoded(TRANSACTIONS, "transaction", |_, transaction| {
-        transactions.push(transaction);
-        Ok(())
-    })?;
-    Ok(transactions)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -263,6 +212,16 @@ mod tests {
 
     use super::*;
     use crate::saga::{AbortReason, Decision, NewTransaction, plan, txn_id_for};
+
+    /// Every transaction record on disk, done or not, in id order.
+    fn stored_transactions(view: &AppView<'_>) -> Result<Vec<Transaction>, Error> {
+        let mut transactions = Vec::new();
+        view.for_each_decoded(TRANSACTIONS, "transaction", |_, transaction| {
+            transactions.push(transaction);
+            Ok(())
+        })?;
+        Ok(transactions)
+    }
 
     type Machine = StateMachineStore<CoordinatorMachine>;
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
-use consensus::{App, AppView, Error, ProposeError, Proposer, Writes, decode, encode};
+use consensus::{App, AppView, Error, ProposeError, Proposer, Writes};
 use futures::Stream;
 use proto::marker::v1 as pb;
 use proto::marker::v1::topology_service_client::TopologyServiceClient;
@@ -113,14 +113,9 @@ impl App for TopologyMachine {
         ReplaceResult::Replaced(topology)
     }
 
-    fn snapshot(view: &AppView<'_>) -> Result<Vec<u8>, Error> {
-        Ok(encode(&read_topology(view)?))
-    }
-
-    fn install(&mut self, snapshot: &[u8], writes: &mut Writes<'_>) -> Result<(), Error> {
-        let topology: Topology = decode("topology snapshot", snapshot)?;
-        writes.put(TOPOLOGY, CURRENT, snapshot);
-        self.current.send_replace(topology);
+    /// Reads the installed topology; watchers keep their watch.
+    fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error> {
+        self.current.send_replace(read_topology(view)?);
         Ok(())
     }
 

@@ -3,13 +3,14 @@
 //! the tests below call them over random bytes and corrupted valid encodings on every run.
 
 use auticuro::events::StoredEvent;
+use auticuro::ledger::{Account, DedupRecord, HoldRecord, TxnRecord};
 use auticuro::ledger::{
     AccountId, Amount, Command, CommandKind, Currency, Ledger, Limits, Metadata, RequestId,
 };
-use auticuro::machine::{LedgerMachine, LedgerSnapshot};
-use consensus::TypeConfig;
-use marker::machine::CoordinatorSnapshot;
-use marker::saga::Coordinator;
+use auticuro::machine::LedgerMachine;
+use consensus::{App, TypeConfig};
+use marker::machine::CoordinatorMachine;
+use marker::saga::Transaction;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use prost::Message;
 use proto::auticuro::v1 as pb;
@@ -76,37 +77,25 @@ pub fn command(bytes: &[u8]) {
     }
 }
 
-/// A storage snapshot sent by a leader: decoded and loaded, the state exports to a snapshot
-/// that loads to the same digest.
-pub fn ledger_snapshot(bytes: &[u8]) {
-    let Ok(snapshot) = LedgerSnapshot::decode(bytes) else {
-        return;
-    };
-    let ledger = Ledger::import(snapshot.state);
-    let again = LedgerSnapshot {
-        state: ledger.export(),
-        events: snapshot.events,
-    };
-    let reloaded = LedgerSnapshot::decode(&again.encode()).expect("an exported snapshot decodes");
-    assert_eq!(Ledger::import(reloaded.state).digest(), ledger.digest());
-}
-
-/// A coordinator snapshot sent by a leader, the same way.
-pub fn coordinator_snapshot(bytes: &[u8]) {
-    let Ok(snapshot) = CoordinatorSnapshot::decode(bytes) else {
-        return;
-    };
-    let coordinator = Coordinator::import(snapshot.state);
-    let again = CoordinatorSnapshot {
-        state: coordinator.export(),
-        events: snapshot.events,
-    };
-    let reloaded =
-        CoordinatorSnapshot::decode(&again.encode()).expect("an exported snapshot decodes");
-    assert_eq!(
-        Coordinator::import(reloaded.state).digest(),
-        coordinator.digest()
-    );
+/// A snapshot sent by a leader, as a storage or a coordinator replica reads it: its rows, and
+/// each row's value decoded as every record a load decodes. A snapshot that reads has only
+/// rows of the replica's families.
+pub fn snapshot(bytes: &[u8]) {
+    for families in [
+        LedgerMachine::COLUMN_FAMILIES,
+        CoordinatorMachine::COLUMN_FAMILIES,
+    ] {
+        let _ = consensus::snapshot::read(&mut &bytes[..], families, |family, _, value| {
+            assert!(families.contains(&family));
+            let what = "a snapshot's row";
+            let _ = consensus::decode::<Account>(what, value);
+            let _ = consensus::decode::<TxnRecord>(what, value);
+            let _ = consensus::decode::<HoldRecord>(what, value);
+            let _ = consensus::decode::<DedupRecord>(what, value);
+            let _ = consensus::decode::<Transaction>(what, value);
+            Ok(())
+        });
+    }
 }
 
 /// Events: a stored event (from a snapshot or the event log) as `Subscribe` serves it (the shard
@@ -172,13 +161,18 @@ mod tests {
         }
     }
 
-    fn valid_ledger_snapshot() -> Vec<u8> {
-        let ledger = sample_ledger();
-        LedgerSnapshot {
-            state: ledger.export(),
-            events: Vec::new(),
+    /// A snapshot of the sample ledger's accounts (the first of a storage replica's families).
+    fn valid_snapshot() -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut writer = consensus::snapshot::Writer::new(&mut bytes, 7).unwrap();
+        for account in sample_ledger().accounts() {
+            let value = consensus::encode(account);
+            writer
+                .row(0, account.id.as_str().as_bytes(), &value)
+                .unwrap();
         }
-        .encode()
+        writer.finish().unwrap();
+        bytes
     }
 
     fn valid_event() -> Vec<u8> {
@@ -220,10 +214,21 @@ mod tests {
         // Otherwise the corruptions below would test nothing but the first decoding step.
         let message = pb::Command::decode(valid_command().as_slice()).unwrap();
         assert!(auticuro::convert::command(Some(&message)).is_ok());
-        assert!(LedgerSnapshot::decode(&valid_ledger_snapshot()).is_ok());
+        let mut accounts = 0;
+        let read = consensus::snapshot::read(
+            &mut valid_snapshot().as_slice(),
+            LedgerMachine::COLUMN_FAMILIES,
+            |_, _, value| {
+                consensus::decode::<Account>("account", value)?;
+                accounts += 1;
+                Ok(())
+            },
+        );
+        let expected = sample_ledger().accounts().count();
+        assert_eq!((read.unwrap(), accounts), (7, expected));
         assert!(pb::Event::decode(valid_event().as_slice()).is_ok());
         command(&valid_command());
-        ledger_snapshot(&valid_ledger_snapshot());
+        snapshot(&valid_snapshot());
         event(&valid_event());
     }
 
@@ -233,8 +238,7 @@ mod tests {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             command(&bytes);
-            ledger_snapshot(&bytes);
-            coordinator_snapshot(&bytes);
+            snapshot(&bytes);
             event(&bytes);
             raft_message(&bytes);
         }
@@ -244,7 +248,7 @@ mod tests {
             edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..6)
         ) {
             command(&corrupt(valid_command(), &edits));
-            ledger_snapshot(&corrupt(valid_ledger_snapshot(), &edits));
+            snapshot(&corrupt(valid_snapshot(), &edits));
             event(&corrupt(valid_event(), &edits));
         }
     }
