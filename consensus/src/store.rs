@@ -667,7 +667,7 @@ impl<A: App> StateMachineStore<A> {
             )
         };
         #[cfg(test)]
-        tests::pause_if_asked();
+        tests::pause_if_asked(self.db.path());
         let view = AppView {
             db: &self.db,
             snapshot: Some(&moment),
@@ -883,12 +883,16 @@ mod tests {
     const SUM: &str = "sum";
     const WAIT: Duration = Duration::from_secs(5);
 
-    /// When set, the next snapshot says it has begun reading and waits for a go.
-    static PAUSE_SNAPSHOT: Mutex<Option<(Sender<()>, Receiver<()>)>> = Mutex::new(None);
+    /// When set, the next snapshot of the replica in that directory says it has begun reading
+    /// and waits for a go.
+    type Pause = (std::path::PathBuf, Sender<()>, Receiver<()>);
+    static PAUSE_SNAPSHOT: Mutex<Option<Pause>> = Mutex::new(None);
 
-    pub(super) fn pause_if_asked() {
-        let pause = PAUSE_SNAPSHOT.lock().unwrap().take();
-        if let Some((begun, go)) = pause {
+    pub(super) fn pause_if_asked(replica: &Path) {
+        let mut pause = PAUSE_SNAPSHOT.lock().unwrap();
+        if pause.as_ref().is_some_and(|(path, _, _)| path == replica) {
+            let (_, begun, go) = pause.take().unwrap();
+            drop(pause);
             begun.send(()).unwrap();
             go.recv_timeout(WAIT * 2).unwrap();
         }
@@ -974,7 +978,7 @@ mod tests {
 
         let (begun_sender, begun) = channel();
         let (go, go_receiver) = channel();
-        *PAUSE_SNAPSHOT.lock().unwrap() = Some((begun_sender, go_receiver));
+        *PAUSE_SNAPSHOT.lock().unwrap() = Some((dir.path().into(), begun_sender, go_receiver));
         let mut reader = machine.clone();
         let encoding = tokio::spawn(async move { reader.get_current_snapshot().await });
         tokio::task::spawn_blocking(move || begun.recv_timeout(WAIT))
