@@ -572,6 +572,23 @@ mod tests {
         assert_eq!(stamps, ids.map(|id| (id, 4_000)));
         let expected = ids.map(|id| age_key(4_000, id));
         assert_eq!(by_age, expected);
+
+        // A prune in one entry and a pruned id in the next, applied together (the pruned rows
+        // are there until the write).
+        let entry = |index, commands: Vec<Command>| Entry::<TypeConfig<LedgerMachine>> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                timestamp_ms: 5_000,
+                requests: Arc::from(commands),
+            }),
+        };
+        let together = [
+            entry(5, vec![command("prune-later", prune(4_500))]),
+            entry(6, vec![command("pay", pay(5))]),
+        ];
+        let results = machine.apply(together).await.unwrap();
+        let paid = &results[1][0];
+        assert_eq!((paid.outcome, paid.duplicate), (Outcome::Ok, false));
     }
 
     #[tokio::test]
