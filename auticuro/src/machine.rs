@@ -209,9 +209,9 @@ impl App for LedgerMachine {
 
     /// Reads the held two-phase records and the pending holds only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let held = read_indexed(store, TRANSACTIONS_HELD, TRANSACTIONS, "transaction")?;
-        let pending = read_indexed(store, HOLDS_PENDING, HOLDS, "hold")?;
-        let state = read_state(store, held, pending)?;
+        let held = store.indexed_rows(TRANSACTIONS_HELD, TRANSACTIONS, "transaction")?;
+        let pending = store.indexed_rows(HOLDS_PENDING, HOLDS, "hold")?;
+        let state = read_state(store, by_id(held, txn_key)?, by_id(pending, txn_key)?)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(LedgerMachine {
             ledger: Ledger::import(state),
@@ -246,9 +246,7 @@ impl App for LedgerMachine {
             }
         }
         for (txn_id, record) in &applied.changes.transactions {
-            // New: held by a reserve, or a tombstone left by a void that came first.
-            let new = matches!(record.state, LegState::Held | LegState::Tombstone);
-            put_transaction(writes, txn_id, record, new);
+            put_transaction(writes, txn_id, record);
         }
         for (hold_id, record) in &applied.changes.holds {
             put_hold(writes, hold_id, record);
@@ -320,11 +318,8 @@ fn read_state(
     holds: Vec<(TxnId, HoldRecord)>,
 ) -> Result<LedgerState, Error> {
     let last_seq = event_log::last_seq(store)?;
-    let mut accounts: Vec<Account> = Vec::new();
-    store.for_each_decoded(ACCOUNTS, "account", |_, account| {
-        accounts.push(account);
-        Ok(())
-    })?;
+    let accounts: Vec<(_, Account)> = store.decoded_rows(ACCOUNTS, "account")?;
+    let accounts = accounts.into_iter().map(|(_, account)| account).collect();
     let fences = store
         .get_decoded(LEDGER_META, FENCES, "fences")?
         .unwrap_or_default();
@@ -338,19 +333,14 @@ fn read_state(
     })
 }
 
-/// The records of `family` whose ids `index` names, by id.
-fn read_indexed<T: serde::de::DeserializeOwned>(
-    store: &AppView<'_>,
-    index: &str,
-    family: &str,
-    what: &'static str,
-) -> Result<Vec<(TxnId, T)>, Error> {
-    let mut records = Vec::new();
-    store.for_each_indexed(index, family, what, |key, record| {
-        records.push((txn_key(key)?, record));
-        Ok(())
-    })?;
-    Ok(records)
+/// Stored rows with their keys read by `id`.
+fn by_id<K, T>(
+    rows: Vec<(Vec<u8>, T)>,
+    id: impl Fn(&[u8]) -> Result<K, Error>,
+) -> Result<Vec<(K, T)>, Error> {
+    rows.into_iter()
+        .map(|(key, row)| Ok((id(&key)?, row)))
+        .collect()
 }
 
 fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupRecord) {
@@ -362,12 +352,13 @@ fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupReco
     );
 }
 
-/// Writes a two-phase record, and files it by age when `new` (a record keeps its reserve time
-/// as it settles, so it is filed once). A held record is filed as held until it settles.
-fn put_transaction(writes: &mut Writes<'_>, txn_id: &TxnId, record: &TxnRecord, new: bool) {
+/// Writes a two-phase record, and files it by age when it is new: held by a reserve, or a
+/// tombstone left by a void that came first (a record keeps its reserve time as it settles, so
+/// it is filed once). A held record is filed as held until it settles.
+fn put_transaction(writes: &mut Writes<'_>, txn_id: &TxnId, record: &TxnRecord) {
     let key = txn_id.as_str().as_bytes();
     writes.put_encoded(TRANSACTIONS, key, record);
-    if new {
+    if matches!(record.state, LegState::Held | LegState::Tombstone) {
         writes.put(
             TRANSACTIONS_BY_AGE,
             &age_key(record.at_ms, txn_id.as_str()),
@@ -433,12 +424,7 @@ mod tests {
         what: &'static str,
         key: impl Fn(&[u8]) -> Result<K, Error>,
     ) -> Result<Vec<(K, T)>, Error> {
-        let mut records = Vec::new();
-        store.for_each_decoded(family, what, |stored, record| {
-            records.push((key(stored)?, record));
-            Ok(())
-        })?;
-        Ok(records)
+        by_id(store.decoded_rows(family, what)?, key)
     }
 
     /// Every stored idempotency record, by request id.

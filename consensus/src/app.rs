@@ -226,46 +226,48 @@ impl<'a> AppView<'a> {
         Ok(())
     }
 
-    /// Calls `visit` with every row of a column family, its value decoded, in key order,
-    /// without holding them all at once. The first row that does not decode, or the first
-    /// error of `visit`, fails the whole read (later rows are not visited).
-    pub fn for_each_decoded<T: DeserializeOwned>(
+    /// Every row of a column family, its value decoded, in key order. The first row that does
+    /// not decode fails the whole read.
+    pub fn decoded_rows<T: DeserializeOwned>(
         &self,
         column_family: &str,
         what: &'static str,
-        mut visit: impl FnMut(&[u8], T) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<(Vec<u8>, T)>, Error> {
+        let mut rows = Vec::new();
         let mut failure = None;
         self.for_each_in(column_family, &[], None, |key, value| {
-            if failure.is_none()
-                && let Err(error) = crate::decode(what, value).and_then(|row| visit(key, row))
-            {
-                failure = Some(error);
+            if failure.is_none() {
+                match crate::decode(what, value) {
+                    Ok(row) => rows.push((key.to_vec(), row)),
+                    Err(error) => failure = Some(error),
+                }
             }
         })?;
-        failure.map_or(Ok(()), Err)
+        failure.map_or(Ok(rows), Err)
     }
 
-    /// Calls `visit` with each row of `column_family` named by a key of `index` (a family of
-    /// keys only), decoded, in the index's key order: how a load reads the few rows it needs
-    /// from a family that keeps many. A key of `index` without its row is corrupt storage; the
-    /// first error fails the whole read.
-    pub fn for_each_indexed<T: DeserializeOwned>(
+    /// The rows of `column_family` named by the keys of `index` (a family of keys only),
+    /// decoded, in the index's key order: how a load reads the few rows it needs from a family
+    /// that keeps many. A key of `index` without its row is corrupt storage; the first error
+    /// fails the whole read.
+    pub fn indexed_rows<T: DeserializeOwned>(
         &self,
         index: &str,
         column_family: &str,
         what: &'static str,
-        mut visit: impl FnMut(&[u8], T) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<(Vec<u8>, T)>, Error> {
         let mut keys = Vec::new();
         self.for_each_in(index, &[], None, |key, _| keys.push(key.to_vec()))?;
-        for key in keys {
-            let bytes = self.get(column_family, &key)?.ok_or_else(|| {
-                Error::Corrupt(format!("{index} names a row that {column_family} lacks"))
-            })?;
-            visit(&key, crate::decode(what, &bytes)?)?;
-        }
-        Ok(())
+        keys.into_iter()
+            .map(|key| {
+                let row = self
+                    .get_decoded(column_family, &key, what)?
+                    .ok_or_else(|| {
+                        Error::Corrupt(format!("{index} names a row that {column_family} lacks"))
+                    })?;
+                Ok((key, row))
+            })
+            .collect()
     }
 
     /// Feeds every row of a column family to `update`, in key order, each key and each value

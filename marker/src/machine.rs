@@ -116,14 +116,10 @@ impl App for CoordinatorMachine {
 
     /// Reads the transactions in flight only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let mut transactions = Vec::new();
-        store.for_each_indexed(IN_FLIGHT, TRANSACTIONS, "transaction", |_, transaction| {
-            transactions.push(transaction);
-            Ok(())
-        })?;
+        let in_flight = store.indexed_rows(IN_FLIGHT, TRANSACTIONS, "transaction")?;
         let state = CoordinatorState {
             last_seq: event_log::last_seq(store)?,
-            transactions,
+            transactions: in_flight.into_iter().map(|(_, row)| row).collect(),
         };
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(CoordinatorMachine {
@@ -215,12 +211,8 @@ mod tests {
 
     /// Every transaction record on disk, done or not, in id order.
     fn stored_transactions(view: &AppView<'_>) -> Result<Vec<Transaction>, Error> {
-        let mut transactions = Vec::new();
-        view.for_each_decoded(TRANSACTIONS, "transaction", |_, transaction| {
-            transactions.push(transaction);
-            Ok(())
-        })?;
-        Ok(transactions)
+        let rows = view.decoded_rows(TRANSACTIONS, "transaction")?;
+        Ok(rows.into_iter().map(|(_, row)| row).collect())
     }
 
     type Machine = StateMachineStore<CoordinatorMachine>;
