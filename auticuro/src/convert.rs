@@ -221,6 +221,31 @@ pub fn account(account: &Account) -> pb::Account {
     }
 }
 
+/// The inverse of [`account`]: an account as an event carries it, read back when a replica
+/// loads (`events::stored_accounts`).
+pub fn stored_account(value: &pb::Account) -> Result<Account, Invalid> {
+    Ok(Account {
+        id: account_id(&value.account_id)?,
+        currency: currency(&value.currency)?,
+        scale: u8::try_from(value.scale).map_err(|_| Outcome::InvalidCurrency)?,
+        state: match pb::AccountState::try_from(value.state) {
+            Ok(pb::AccountState::Active) => AccountState::Active,
+            Ok(pb::AccountState::Frozen) => AccountState::Frozen,
+            Ok(pb::AccountState::Closed) => AccountState::Closed,
+            _ => return Err(Outcome::InvalidAccountId),
+        },
+        balance: amount(value.balance.as_ref())?,
+        pending_out: amount(value.pending_out.as_ref())?,
+        pending_in: amount(value.pending_in.as_ref())?,
+        limits: Limits {
+            lower: optional_amount(value.lower_limit.as_ref())?,
+            upper: optional_amount(value.upper_limit.as_ref())?,
+        },
+        version: value.version,
+        metadata: metadata(&value.metadata)?,
+    })
+}
+
 pub fn rejection(invalid: Invalid) -> pb::CommandResult {
     pb::CommandResult {
         outcome: outcome(invalid) as i32,

@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
-use consensus::{StateMachineStore, event_log};
+use consensus::{Error, StateMachineStore, event_log};
 use prost::Message as _;
 use prost::bytes::BufMut;
 use prost::encoding::{WireType, encode_key, encode_varint};
@@ -51,6 +51,20 @@ pub fn write_stored(event: &Event, buffer: &mut Vec<u8>) {
     for account in &event.accounts {
         message(buffer, 7, |buffer| write_account(buffer, account));
     }
+}
+
+/// The accounts of an event that [`write_stored`] kept: their state after its command.
+pub fn stored_accounts(stored: &[u8]) -> Result<Vec<Account>, Error> {
+    let event = pb::Event::decode(stored)
+        .map_err(|error| Error::Corrupt(format!("a stored event: {error}")))?;
+    event
+        .accounts
+        .iter()
+        .map(|account| {
+            crate::convert::stored_account(account)
+                .map_err(|outcome| Error::Corrupt(format!("a stored event's account: {outcome:?}")))
+        })
+        .collect()
 }
 
 fn write_kind(buffer: &mut Vec<u8>, kind: &CommandKind) {
@@ -495,6 +509,7 @@ mod tests {
                 assert_eq!(sent, expected.encode_to_vec(), "{:?}", event.command.kind);
                 assert_eq!(stored.decode().unwrap(), expected);
             }
+            assert_eq!(stored_accounts(&stored).unwrap(), event.accounts);
         }
     }
 }

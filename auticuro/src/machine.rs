@@ -1,6 +1,8 @@
 //! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
 //! each command changed in RocksDB, keeps the event log, and wakes event subscribers.
 
+use std::collections::{HashMap, HashSet};
+
 use consensus::{App, AppView, Error, Writes, event_log};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -11,7 +13,11 @@ use crate::ledger::{
     LegState, Outcome, RequestId, TxnId, TxnRecord,
 };
 
+/// The accounts as of the event `ACCOUNTS_SEQ` names: a checkpoint, written every
+/// [`CHECKPOINT_EVERY`] events. A load replays the accounts of the events after it, which carry
+/// every changed account's state, so a command writes no account rows of its own.
 const ACCOUNTS: &str = "accounts";
+const CHECKPOINT_EVERY: u64 = if cfg!(test) { 16 } else { 65_536 };
 const TRANSACTIONS: &str = "transactions";
 /// The two-phase records' keys by reserve time: [`age_key`] → nothing, for prunes.
 const TRANSACTIONS_BY_AGE: &str = "transactions_by_age";
@@ -27,6 +33,7 @@ const DEDUP: &str = "dedup";
 const DEDUP_BY_AGE: &str = "dedup_by_age";
 const LEDGER_META: &str = "ledger_meta";
 const FENCES: &[u8] = b"fences";
+const ACCOUNTS_SEQ: &[u8] = b"accounts_seq";
 
 /// What a command returns to its caller once applied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +59,8 @@ pub struct LedgerMachine {
     /// The cutoff of a prune applied since the last write reached the disk: the records it
     /// deletes are on disk until the write, and no longer count.
     pruning_below_ms: Option<i64>,
+    /// The accounts changed since the last checkpoint of `ACCOUNTS`.
+    changed_accounts: HashSet<AccountId>,
 }
 
 impl LedgerMachine {
@@ -167,6 +176,19 @@ impl LedgerMachine {
         self.pruning_below_ms = Some(older_than_ms);
     }
 
+    /// Writes the accounts changed since the last checkpoint, as of event `seq` (the last
+    /// applied).
+    fn checkpoint_accounts(&mut self, seq: u64, writes: &mut Writes<'_>) {
+        for id in self.changed_accounts.drain() {
+            let account = self
+                .ledger
+                .account(&id)
+                .expect("accounts are never removed");
+            writes.put_encoded(ACCOUNTS, id.as_str().as_bytes(), account);
+        }
+        writes.put_encoded(LEDGER_META, ACCOUNTS_SEQ, &seq);
+    }
+
     /// Watches the last applied (and persisted) event seq.
     pub fn subscribe_applied_seq(&self) -> watch::Receiver<u64> {
         self.applied_seq.subscribe()
@@ -190,8 +212,6 @@ impl App for LedgerMachine {
         LEDGER_META,
     ];
 
-    const REWRITTEN_FAMILIES: &'static [&'static str] = &[ACCOUNTS];
-
     const READ_FAMILIES: &'static [&'static str] = &[
         DEDUP,
         DEDUP_BY_AGE,
@@ -205,18 +225,21 @@ impl App for LedgerMachine {
     /// 4: two-phase records are also filed by age (`TRANSACTIONS_BY_AGE`).
     /// 5: held two-phase records are filed in `TRANSACTIONS_HELD`.
     /// 6: pending holds are filed in `HOLDS_PENDING`.
-    const STORAGE_FORMAT: u32 = 6;
+    /// 7: `ACCOUNTS` is a checkpoint, as of `ACCOUNTS_SEQ`.
+    const STORAGE_FORMAT: u32 = 7;
 
     /// Reads the held two-phase records and the pending holds only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
         let held = store.indexed_rows(TRANSACTIONS_HELD, TRANSACTIONS, "transaction")?;
         let pending = store.indexed_rows(HOLDS_PENDING, HOLDS, "hold")?;
-        let state = read_state(store, by_id(held, txn_key)?, by_id(pending, txn_key)?)?;
+        let (state, changed_accounts) =
+            read_state(store, by_id(held, txn_key)?, by_id(pending, txn_key)?)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(LedgerMachine {
             ledger: Ledger::import(state),
             applied_seq,
             pruning_below_ms: None,
+            changed_accounts,
         })
     }
 
@@ -235,14 +258,16 @@ impl App for LedgerMachine {
         }
         let applied = self.ledger.apply(command, timestamp_ms);
         if let Some(event) = &applied.event {
-            for account in &event.accounts {
-                writes.put_encoded(ACCOUNTS, account.id.as_str().as_bytes(), account);
-            }
+            self.changed_accounts
+                .extend(event.accounts.iter().map(|account| account.id.clone()));
             event_log::append_written(writes, event.seq, |buffer| {
                 crate::events::write_stored(event, buffer)
             });
             if matches!(event.command.kind, CommandKind::FenceCoordinator { .. }) {
                 writes.put_encoded(LEDGER_META, FENCES, &self.ledger.fences());
+            }
+            if event.seq % CHECKPOINT_EVERY == 0 {
+                self.checkpoint_accounts(event.seq, writes);
             }
         }
         for (txn_id, record) in &applied.changes.transactions {
@@ -289,7 +314,9 @@ impl App for LedgerMachine {
 
     /// Loads the ledger from the installed rows; event subscribers keep their watch.
     fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error> {
-        self.ledger = Self::load(view)?.ledger;
+        let loaded = Self::load(view)?;
+        self.ledger = loaded.ledger;
+        self.changed_accounts = loaded.changed_accounts;
         self.pruning_below_ms = None;
         Ok(())
     }
@@ -311,26 +338,61 @@ impl App for LedgerMachine {
 }
 
 /// The ledger state persisted in the column families, with the two-phase records and holds
-/// given and no idempotency records.
+/// given and no idempotency records; and the accounts changed since the checkpoint.
 fn read_state(
     store: &AppView<'_>,
     transactions: Vec<(TxnId, TxnRecord)>,
     holds: Vec<(TxnId, HoldRecord)>,
-) -> Result<LedgerState, Error> {
+) -> Result<(LedgerState, HashSet<AccountId>), Error> {
     let last_seq = event_log::last_seq(store)?;
-    let accounts: Vec<(_, Account)> = store.decoded_rows(ACCOUNTS, "account")?;
-    let accounts = accounts.into_iter().map(|(_, account)| account).collect();
+    let (accounts, changed) = read_accounts(store, last_seq)?;
     let fences = store
         .get_decoded(LEDGER_META, FENCES, "fences")?
         .unwrap_or_default();
-    Ok(LedgerState {
+    let state = LedgerState {
         last_seq,
         accounts,
         transactions,
         holds,
         dedup: Vec::new(),
         fences,
-    })
+    };
+    Ok((state, changed))
+}
+
+/// The accounts as of event `last_seq`: the checkpoint, then the accounts of each event after
+/// it; and the ids of those.
+fn read_accounts(
+    store: &AppView<'_>,
+    last_seq: u64,
+) -> Result<(Vec<Account>, HashSet<AccountId>), Error> {
+    let checkpoint: Vec<(_, Account)> = store.decoded_rows(ACCOUNTS, "account")?;
+    let mut accounts: HashMap<AccountId, Account> = checkpoint
+        .into_iter()
+        .map(|(_, account)| (account.id.clone(), account))
+        .collect();
+    let mut changed = HashSet::new();
+    let mut next = store
+        .get_decoded::<u64>(LEDGER_META, ACCOUNTS_SEQ, "accounts seq")?
+        .unwrap_or(0)
+        + 1;
+    while next <= last_seq {
+        let events = event_log::read_stored(store, next, last_seq, 4096)?;
+        if events.is_empty() {
+            return Err(Error::Corrupt(format!("the event log lacks event {next}")));
+        }
+        for (seq, stored) in events {
+            if seq != next {
+                return Err(Error::Corrupt(format!("the event log lacks event {next}")));
+            }
+            for account in crate::events::stored_accounts(&stored)? {
+                changed.insert(account.id.clone());
+                accounts.insert(account.id.clone(), account);
+            }
+            next += 1;
+        }
+    }
+    Ok((accounts.into_values().collect(), changed))
 }
 
 /// Stored rows with their keys read by `id`.
@@ -781,13 +843,14 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
-        /// Whatever the commands (retries and prunes among them) and however the log packs
-        /// them, a replica answers as a ledger that holds every record, and stores what it
-        /// holds.
+        /// Whatever the commands (retries and prunes among them), however the log packs them
+        /// and wherever the replica restarts, it answers as a ledger that holds every record,
+        /// and stores what it holds.
         #[test]
         fn a_replica_applies_as_a_ledger_that_holds_every_record(
             ops in prop::collection::vec(op(), 1..80),
             sizes in prop::collection::vec(1usize..8, 80),
+            restart_after in 1usize..30,
         ) {
             let mut commands = setup_commands();
             for (index, op) in ops.iter().enumerate() {
@@ -805,6 +868,13 @@ mod tests {
                 index += 1;
                 next += entry.len();
                 let results = runtime.block_on(apply(&mut machine, index as u64, timestamp_ms, entry.to_vec()));
+                if index == restart_after {
+                    // Loaded from the accounts' checkpoint and the events after it, then on.
+                    let digest = machine.digest().unwrap();
+                    drop(machine);
+                    machine = open(&dir);
+                    prop_assert_eq!(machine.digest().unwrap(), digest);
+                }
                 for (command, result) in entry.iter().zip(results) {
                     let expected = holding.apply(command, timestamp_ms);
                     prop_assert_eq!(

@@ -327,11 +327,6 @@ pub trait App: Sized + Send + Sync + 'static {
     /// memtables and bloom filters (`store`).
     const READ_FAMILIES: &'static [&'static str] = &[];
 
-    /// Those of `COLUMN_FAMILIES` whose few rows nearly every command rewrites (balances): their
-    /// memtables fill with old versions that a flush sorts only to drop, so they are kept small
-    /// (`store`).
-    const REWRITTEN_FAMILIES: &'static [&'static str] = &[];
-
     /// The version of what the application keeps on disk, raised whenever that changes in a way
     /// an older replica could not read (1: every format from before this number was kept). A
     /// replica refuses a data directory written in another one (`store::open_storage`).

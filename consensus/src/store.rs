@@ -82,11 +82,10 @@ pub fn open_storage<A: App>(
     // RocksDB flushes the families holding the oldest WAL file.
     options.set_max_total_wal_size(256 << 20);
     debug_assert!(
-        A::REWRITTEN_FAMILIES
+        A::READ_FAMILIES
             .iter()
-            .chain(A::READ_FAMILIES)
             .all(|family| A::COLUMN_FAMILIES.contains(family)),
-        "App::REWRITTEN_FAMILIES and App::READ_FAMILIES name only families of App::COLUMN_FAMILIES"
+        "App::READ_FAMILIES names only families of App::COLUMN_FAMILIES"
     );
     let families = [LOG, RAFT_META, SM_META]
         .iter()
@@ -140,13 +139,11 @@ fn check_storage_format<A: App>(db: &DB) -> Result<(), Error> {
 /// it is flushed or read, so they can be large, and a transaction's records mostly meet their
 /// newer versions before a flush. The sort is a burst of CPU on the flush thread, and the three
 /// replicas of a group apply the same writes: with memtables of one size they would all sort at
-/// the same moment. The families whose few rows every command rewrites
-/// (`App::REWRITTEN_FAMILIES`, the balances) get 1 MiB memtables: at 32 MiB, 600,000 versions of
-/// 1,000 accounts took each replica 250 ms of CPU to sort into a 20 KB file (bench-query's
-/// projection lag went to 140–510 ms in that second); at 1 MiB a flush takes 5 ms. The other
-/// families' rows are real (an idempotency record per command), and a flush sorts hundreds of
-/// thousands of them (230 ms of CPU for the idempotency records in bench-query): each replica's
-/// memtables are sized by its node id (24, 32 or 40 MiB), so the replicas of a group, filling
+/// the same moment. (A family whose few rows every command rewrote would fill them with old
+/// versions that a flush sorts only to drop: at 32 MiB, 600,000 versions of 1,000 balances took
+/// each replica 250 ms of CPU to sort into a 20 KB file. The ledger checkpoints its balances
+/// instead.) A flush sorts hundreds of thousands of rows (230 ms of CPU for the idempotency
+/// records in bench-query): each replica's memtables are sized by its node id (24, 32 or 40 MiB), so the replicas of a group, filling
 /// them at the same rate, flush at different moments (they meet only at common multiples: 96,
 /// 120 MiB). The state's keys are random (request ids, transaction ids), so every flushed file
 /// overlaps all the data below it; leveled compaction would rewrite that ever-growing level on
@@ -169,20 +166,16 @@ fn family_options<A: App>(family: &str, node_id: NodeId) -> Options {
         options.set_block_based_table_factory(&table);
     } else {
         options.set_memtable_factory(MemtableFactory::Vector);
-        options.set_write_buffer_size(state_memtable_mib::<A>(family, node_id) << 20);
+        options.set_write_buffer_size(state_memtable_mib(node_id) << 20);
         options.set_compaction_style(DBCompactionStyle::Universal);
     }
     options
 }
 
-/// The memtable size of one of the application's state families on replica `node_id`, in MiB
-/// (see [`family_options`]).
-fn state_memtable_mib<A: App>(family: &str, node_id: NodeId) -> usize {
-    if A::REWRITTEN_FAMILIES.contains(&family) {
-        1
-    } else {
-        24 + 8 * (node_id % 3) as usize
-    }
+/// The memtable size of the application's state families on replica `node_id`, in MiB (see
+/// [`family_options`]).
+fn state_memtable_mib(node_id: NodeId) -> usize {
+    24 + 8 * (node_id % 3) as usize
 }
 
 /// After a snapshot's install was cut short: empties the state and the log (keeping the vote),
@@ -949,9 +942,7 @@ mod tests {
 
     #[test]
     fn replicas_of_a_group_get_state_memtables_of_different_sizes() {
-        let sizes: Vec<usize> = (1..=3)
-            .map(|node| state_memtable_mib::<Sum>(SUM, node))
-            .collect();
+        let sizes: Vec<usize> = (1..=3).map(state_memtable_mib).collect();
         assert_eq!(sizes, [32, 40, 24]);
     }
 
