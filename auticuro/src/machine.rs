@@ -1,5 +1,6 @@
 //! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
-//! each command changed in RocksDB, keeps the event log, and wakes event subscribers.
+//! each command changed in RocksDB (the accounts through its event, and a checkpoint now and
+//! then), keeps the event log, and wakes event subscribers.
 
 use std::collections::{HashMap, HashSet};
 
