@@ -1,6 +1,6 @@
 //! The ledger as a Raft application: applies commands through `ledger::Ledger`, persists what
-//! each command changed in RocksDB (the accounts through its event, and a checkpoint now and
-//! then), keeps the event log, and wakes event subscribers.
+//! each command changed in RocksDB (the accounts through its event, their rows a share at a
+//! time: `StaleAccounts`), keeps the event log, and wakes event subscribers.
 
 use std::collections::{HashMap, HashSet};
 
@@ -14,10 +14,11 @@ use crate::ledger::{
     LegState, Outcome, RequestId, TxnId, TxnRecord,
 };
 
-/// The accounts as of the event `ACCOUNTS_SEQ` names: a checkpoint, written every
-/// [`CHECKPOINT_EVERY`] events. A load replays the accounts of the events after it, which carry
-/// every changed account's state, so a command writes no account rows of its own.
+/// The accounts, current but for those changed after the event `ACCOUNTS_SEQ` names: a load
+/// replays the accounts of the events after it (which carry every changed account's state), so
+/// a command writes no account rows of its own ([`StaleAccounts`]).
 const ACCOUNTS: &str = "accounts";
+/// The events of one generation of [`StaleAccounts`].
 const CHECKPOINT_EVERY: u64 = if cfg!(test) { 16 } else { 65_536 };
 const TRANSACTIONS: &str = "transactions";
 /// The two-phase records' keys by reserve time: [`age_key`] → nothing, for prunes.
@@ -60,8 +61,71 @@ pub struct LedgerMachine {
     /// The cutoff of a prune applied since the last write reached the disk: the records it
     /// deletes are on disk until the write, and no longer count.
     pruning_below_ms: Option<i64>,
-    /// The accounts changed since the last checkpoint of `ACCOUNTS`.
-    changed_accounts: HashSet<AccountId>,
+    stale_accounts: StaleAccounts,
+}
+
+/// The accounts whose rows in `ACCOUNTS` are older than their state, in two generations of
+/// [`CHECKPOINT_EVERY`] events: `older` were changed in the last generation that ended, `newer`
+/// since. Each event writes a share of `older`, so that they are all written when the current
+/// generation ends; then `ACCOUNTS_SEQ` moves to the end of the older one, whose changes are all
+/// written, and `newer` becomes `older`. The writes are spread over the events (no burst of every
+/// changed account at once on all replicas together), and a load replays at most two
+/// generations.
+struct StaleAccounts {
+    /// Written from the end, in id order, the same on every replica.
+    older: Vec<AccountId>,
+    /// How many of `older` each event writes.
+    per_event: usize,
+    newer: HashSet<AccountId>,
+}
+
+impl StaleAccounts {
+    /// The accounts that the events after `ACCOUNTS_SEQ` up to `last_seq` changed (`changed`,
+    /// each with its event's seq), as stale as they may be.
+    fn loaded(last_seq: u64, changed: impl IntoIterator<Item = (u64, AccountId)>) -> StaleAccounts {
+        let generation_end = last_seq - last_seq % CHECKPOINT_EVERY;
+        let mut older = HashSet::new();
+        let mut newer = HashSet::new();
+        for (seq, id) in changed {
+            if seq <= generation_end {
+                older.insert(id);
+            } else {
+                newer.insert(id);
+            }
+        }
+        let mut older: Vec<AccountId> = older.into_iter().collect();
+        older.sort();
+        let events_left = (generation_end + CHECKPOINT_EVERY - last_seq) as usize;
+        StaleAccounts {
+            per_event: older.len().div_ceil(events_left),
+            older,
+            newer,
+        }
+    }
+
+    /// After event `seq`, which changed `changed`: writes this event's share of the older
+    /// generation's accounts (the last of them if `seq` ends the current one, then moves on).
+    fn write(
+        &mut self,
+        ledger: &Ledger,
+        seq: u64,
+        changed: impl Iterator<Item = AccountId>,
+        writes: &mut Writes<'_>,
+    ) {
+        self.newer.extend(changed);
+        let count = self.per_event.min(self.older.len());
+        for id in self.older.split_off(self.older.len() - count) {
+            let account = ledger.account(&id).expect("accounts are never removed");
+            writes.put_encoded(ACCOUNTS, id.as_str().as_bytes(), account);
+        }
+        if seq % CHECKPOINT_EVERY == 0 {
+            debug_assert!(self.older.is_empty(), "each event writes its share");
+            writes.put_encoded(LEDGER_META, ACCOUNTS_SEQ, &(seq - CHECKPOINT_EVERY));
+            self.older = self.newer.drain().collect();
+            self.older.sort();
+            self.per_event = self.older.len().div_ceil(CHECKPOINT_EVERY as usize);
+        }
+    }
 }
 
 impl LedgerMachine {
@@ -177,19 +241,6 @@ impl LedgerMachine {
         self.pruning_below_ms = Some(older_than_ms);
     }
 
-    /// Writes the accounts changed since the last checkpoint, as of event `seq` (the last
-    /// applied).
-    fn checkpoint_accounts(&mut self, seq: u64, writes: &mut Writes<'_>) {
-        for id in self.changed_accounts.drain() {
-            let account = self
-                .ledger
-                .account(&id)
-                .expect("accounts are never removed");
-            writes.put_encoded(ACCOUNTS, id.as_str().as_bytes(), account);
-        }
-        writes.put_encoded(LEDGER_META, ACCOUNTS_SEQ, &seq);
-    }
-
     /// Watches the last applied (and persisted) event seq.
     pub fn subscribe_applied_seq(&self) -> watch::Receiver<u64> {
         self.applied_seq.subscribe()
@@ -226,21 +277,21 @@ impl App for LedgerMachine {
     /// 4: two-phase records are also filed by age (`TRANSACTIONS_BY_AGE`).
     /// 5: held two-phase records are filed in `TRANSACTIONS_HELD`.
     /// 6: pending holds are filed in `HOLDS_PENDING`.
-    /// 7: `ACCOUNTS` is a checkpoint, as of `ACCOUNTS_SEQ`.
+    /// 7: `ACCOUNTS` is current but for the accounts changed after `ACCOUNTS_SEQ`.
     const STORAGE_FORMAT: u32 = 7;
 
     /// Reads the held two-phase records and the pending holds only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
         let held = store.indexed_rows(TRANSACTIONS_HELD, TRANSACTIONS, "transaction")?;
         let pending = store.indexed_rows(HOLDS_PENDING, HOLDS, "hold")?;
-        let (state, changed_accounts) =
+        let (state, stale_accounts) =
             read_state(store, by_id(held, txn_key)?, by_id(pending, txn_key)?)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
         Ok(LedgerMachine {
             ledger: Ledger::import(state),
             applied_seq,
             pruning_below_ms: None,
-            changed_accounts,
+            stale_accounts,
         })
     }
 
@@ -259,17 +310,15 @@ impl App for LedgerMachine {
         }
         let applied = self.ledger.apply(command, timestamp_ms);
         if let Some(event) = &applied.event {
-            self.changed_accounts
-                .extend(event.accounts.iter().map(|account| account.id.clone()));
             event_log::append_written(writes, event.seq, |buffer| {
                 crate::events::write_stored(event, buffer)
             });
             if matches!(event.command.kind, CommandKind::FenceCoordinator { .. }) {
                 writes.put_encoded(LEDGER_META, FENCES, &self.ledger.fences());
             }
-            if event.seq % CHECKPOINT_EVERY == 0 {
-                self.checkpoint_accounts(event.seq, writes);
-            }
+            let changed = event.accounts.iter().map(|account| account.id.clone());
+            self.stale_accounts
+                .write(&self.ledger, event.seq, changed, writes);
         }
         for (txn_id, record) in &applied.changes.transactions {
             put_transaction(writes, txn_id, record);
@@ -317,7 +366,7 @@ impl App for LedgerMachine {
     fn installed(&mut self, view: &AppView<'_>) -> Result<(), Error> {
         let loaded = Self::load(view)?;
         self.ledger = loaded.ledger;
-        self.changed_accounts = loaded.changed_accounts;
+        self.stale_accounts = loaded.stale_accounts;
         self.pruning_below_ms = None;
         Ok(())
     }
@@ -339,12 +388,12 @@ impl App for LedgerMachine {
 }
 
 /// The ledger state persisted in the column families, with the two-phase records and holds
-/// given and no idempotency records; and the accounts changed since the checkpoint.
+/// given and no idempotency records; and the accounts whose rows are stale.
 fn read_state(
     store: &AppView<'_>,
     transactions: Vec<(TxnId, TxnRecord)>,
     holds: Vec<(TxnId, HoldRecord)>,
-) -> Result<(LedgerState, HashSet<AccountId>), Error> {
+) -> Result<(LedgerState, StaleAccounts), Error> {
     let last_seq = event_log::last_seq(store)?;
     let (accounts, changed) = read_accounts(store, last_seq)?;
     let fences = store
@@ -358,21 +407,21 @@ fn read_state(
         dedup: Vec::new(),
         fences,
     };
-    Ok((state, changed))
+    Ok((state, StaleAccounts::loaded(last_seq, changed)))
 }
 
-/// The accounts as of event `last_seq`: the checkpoint, then the accounts of each event after
-/// it; and the ids of those.
+/// The accounts as of event `last_seq`: their rows, then the accounts of each event after
+/// `ACCOUNTS_SEQ`; and those, each with its event's seq.
 fn read_accounts(
     store: &AppView<'_>,
     last_seq: u64,
-) -> Result<(Vec<Account>, HashSet<AccountId>), Error> {
-    let checkpoint: Vec<(_, Account)> = store.decoded_rows(ACCOUNTS, "account")?;
-    let mut accounts: HashMap<AccountId, Account> = checkpoint
+) -> Result<(Vec<Account>, Vec<(u64, AccountId)>), Error> {
+    let rows: Vec<(_, Account)> = store.decoded_rows(ACCOUNTS, "account")?;
+    let mut accounts: HashMap<AccountId, Account> = rows
         .into_iter()
         .map(|(_, account)| (account.id.clone(), account))
         .collect();
-    let mut changed = HashSet::new();
+    let mut changed = Vec::new();
     let mut next = store
         .get_decoded::<u64>(LEDGER_META, ACCOUNTS_SEQ, "accounts seq")?
         .unwrap_or(0)
@@ -387,7 +436,7 @@ fn read_accounts(
                 return Err(Error::Corrupt(format!("the event log lacks event {next}")));
             }
             for account in crate::events::stored_accounts(&stored)? {
-                changed.insert(account.id.clone());
+                changed.push((seq, account.id.clone()));
                 accounts.insert(account.id.clone(), account);
             }
             next += 1;
@@ -545,6 +594,54 @@ mod tests {
             }),
         };
         machine.apply([entry]).await.unwrap().remove(0)
+    }
+
+    /// The accounts changed in one generation are written over the next, even when the replica
+    /// restarts in between, before `ACCOUNTS_SEQ` passes their changes.
+    #[tokio::test]
+    async fn stale_account_rows_are_written_over_the_next_generation_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(&dir);
+        // Events 1–16, the first generation: 16 accounts.
+        let mut creates = vec![
+            command("c-alice", create("alice")),
+            command("c-bob", create("bob")),
+        ];
+        creates.extend((0..14).map(|i| command(&format!("c-{i}"), create(&format!("a{i}")))));
+        apply(&mut machine, 1, 1_000, creates).await;
+        assert!(stored_keys(&machine, ACCOUNTS).is_empty());
+        // Each event of the second writes its share of them (with USD's clearing account, 17
+        // in 16 events: two each). The replica restarts after event 17 (two written; it writes
+        // all 17 again in the 15 events left) and after event 28 (all 17 again in 4 events).
+        let accounts = machine.read(|app| app.ledger().accounts().count());
+        assert_eq!(accounts, 17);
+        for seq in 17..=32 {
+            if seq == 18 || seq == 29 {
+                drop(machine);
+                machine = open(&dir);
+            }
+            let paid = apply(
+                &mut machine,
+                seq,
+                1_000,
+                vec![command(&format!("p-{seq}"), pay(1))],
+            );
+            assert_eq!(paid.await[0].seq, seq);
+            if seq == 17 {
+                assert_eq!(stored_keys(&machine, ACCOUNTS).len(), 2);
+            }
+        }
+        // Event 32 ends the second generation: every account of the first has its row.
+        assert_eq!(stored_keys(&machine, ACCOUNTS).len(), accounts);
+        let accounts_seq =
+            machine
+                .store()
+                .view()
+                .get_decoded::<u64>(LEDGER_META, ACCOUNTS_SEQ, "seq");
+        assert_eq!(accounts_seq.unwrap(), Some(16));
+        let digest = machine.digest().unwrap();
+        drop(machine);
+        assert_eq!(open(&dir).digest().unwrap(), digest);
     }
 
     fn held(machine: &Machine, request_id: &str) -> bool {
