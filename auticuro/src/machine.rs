@@ -19,7 +19,7 @@ use crate::ledger::{
 /// a command writes no account rows of its own ([`StaleAccounts`]).
 const ACCOUNTS: &str = "accounts";
 /// The events of one generation of [`StaleAccounts`].
-const CHECKPOINT_EVERY: u64 = if cfg!(test) { 16 } else { 65_536 };
+const GENERATION_EVENTS: u64 = if cfg!(test) { 16 } else { 65_536 };
 const TRANSACTIONS: &str = "transactions";
 /// The two-phase records' keys by reserve time: [`age_key`] → nothing, for prunes.
 const TRANSACTIONS_BY_AGE: &str = "transactions_by_age";
@@ -65,7 +65,7 @@ pub struct LedgerMachine {
 }
 
 /// The accounts whose rows in `ACCOUNTS` are older than their state, in two generations of
-/// [`CHECKPOINT_EVERY`] events: `older` were changed in the last generation that ended, `newer`
+/// [`GENERATION_EVENTS`] events: `older` were changed in the last generation that ended, `newer`
 /// since. Each event writes a share of `older`, so that they are all written when the current
 /// generation ends; then `ACCOUNTS_SEQ` moves to the end of the older one, whose changes are all
 /// written, and `newer` becomes `older`. The writes are spread over the events (no burst of every
@@ -83,7 +83,7 @@ impl StaleAccounts {
     /// The accounts that the events after `ACCOUNTS_SEQ` up to `last_seq` changed (`changed`,
     /// each with its event's seq), as stale as they may be.
     fn loaded(last_seq: u64, changed: impl IntoIterator<Item = (u64, AccountId)>) -> StaleAccounts {
-        let generation_end = last_seq - last_seq % CHECKPOINT_EVERY;
+        let generation_end = last_seq - last_seq % GENERATION_EVENTS;
         let mut older = HashSet::new();
         let mut newer = HashSet::new();
         for (seq, id) in changed {
@@ -95,7 +95,7 @@ impl StaleAccounts {
         }
         let mut older: Vec<AccountId> = older.into_iter().collect();
         older.sort();
-        let events_left = (generation_end + CHECKPOINT_EVERY - last_seq) as usize;
+        let events_left = (generation_end + GENERATION_EVENTS - last_seq) as usize;
         StaleAccounts {
             per_event: older.len().div_ceil(events_left),
             older,
@@ -118,12 +118,12 @@ impl StaleAccounts {
             let account = ledger.account(&id).expect("accounts are never removed");
             writes.put_encoded(ACCOUNTS, id.as_str().as_bytes(), account);
         }
-        if seq % CHECKPOINT_EVERY == 0 {
+        if seq % GENERATION_EVENTS == 0 {
             debug_assert!(self.older.is_empty(), "each event writes its share");
-            writes.put_encoded(LEDGER_META, ACCOUNTS_SEQ, &(seq - CHECKPOINT_EVERY));
+            writes.put_encoded(LEDGER_META, ACCOUNTS_SEQ, &(seq - GENERATION_EVENTS));
             self.older = self.newer.drain().collect();
             self.older.sort();
-            self.per_event = self.older.len().div_ceil(CHECKPOINT_EVERY as usize);
+            self.per_event = self.older.len().div_ceil(GENERATION_EVENTS as usize);
         }
     }
 }

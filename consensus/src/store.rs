@@ -141,10 +141,11 @@ fn check_storage_format<A: App>(db: &DB) -> Result<(), Error> {
 /// replicas of a group apply the same writes: with memtables of one size they would all sort at
 /// the same moment. (A family whose few rows every command rewrote would fill them with old
 /// versions that a flush sorts only to drop: at 32 MiB, 600,000 versions of 1,000 balances took
-/// each replica 250 ms of CPU to sort into a 20 KB file. The ledger checkpoints its balances
-/// instead.) A flush sorts hundreds of thousands of rows (230 ms of CPU for the idempotency
-/// records in bench-query): each replica's memtables are sized by its node id (24, 32 or 40 MiB), so the replicas of a group, filling
-/// them at the same rate, flush at different moments (they meet only at common multiples: 96,
+/// each replica 250 ms of CPU to sort into a 20 KB file. The ledger writes its balances' rows
+/// a share at a time instead.) A flush sorts hundreds of thousands of rows (230 ms of CPU for
+/// the idempotency records in bench-query): each replica's memtables are sized by its node id
+/// (24, 32 or 40 MiB), so the replicas of a group, filling them at the same rate, flush at
+/// different moments (they meet only at common multiples: 96,
 /// 120 MiB). The state's keys are random (request ids, transaction ids), so every flushed file
 /// overlaps all the data below it; leveled compaction would rewrite that ever-growing level on
 /// each flush (in bench-storage the idempotency records were written out again 3 to 11 times
@@ -157,14 +158,13 @@ fn check_storage_format<A: App>(db: &DB) -> Result<(), Error> {
 /// good, shrinks to a third and stays compressed, like the rest of the state.
 fn family_options<A: App>(family: &str, node_id: NodeId) -> Options {
     let mut options = Options::default();
-    if [LOG, RAFT_META, SM_META].contains(&family) {
-        options.set_write_buffer_size(4 << 20);
+    if [LOG, RAFT_META, SM_META].contains(&family) || A::READ_FAMILIES.contains(&family) {
         options.set_compression_type(DBCompressionType::None);
-    } else if family == event_log::EVENTS {
+    }
+    if [LOG, RAFT_META, SM_META, event_log::EVENTS].contains(&family) {
         options.set_write_buffer_size(4 << 20);
     } else if A::READ_FAMILIES.contains(&family) {
         options.set_write_buffer_size(4 << 20);
-        options.set_compression_type(DBCompressionType::None);
         options.set_compaction_style(DBCompactionStyle::Universal);
         // Most reads look for a key that is nowhere (a new request id): bloom filters answer
         // that for the memtables and for each file without searching them.
