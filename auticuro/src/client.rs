@@ -2,69 +2,47 @@
 //! unknown outcomes with the same request id, see [`consensus::client`]) and the slot table
 //! that routes accounts to shards.
 
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use consensus::batch::{BatchLimits, run_batches};
-use consensus::client::{Answer, LeaderClient};
+use consensus::client::{Answer, LeaderClient, SharedCalls};
 pub use consensus::client::{Unknown, channel};
 use prost::Message;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
-use tokio::sync::{mpsc, oneshot};
 
 /// How long a `min_seq` read waits for the replica to catch up before answering `NotCaughtUp`.
 pub const READ_WAIT_MS_MAX: u32 = 2_000;
 
-/// The most `ExecuteMany` calls one client has in flight to its shard; commands that arrive
-/// meanwhile queue and leave together in the next call.
-const CALLS_IN_FLIGHT_MAX: usize = 2;
-/// The most commands in one `ExecuteMany` call (the shard accepts up to
-/// `service::EXECUTE_MANY_COMMANDS_MAX`).
-const CALL_COMMANDS_MAX: usize = 256;
-/// The most encoded command bytes in one call, well under the 4 MiB message limit.
-const CALL_BYTES_MAX: usize = 1 << 20;
-/// How long a call waits for more commands when another call is in flight.
-const GATHER_WINDOW: Duration = Duration::from_micros(300);
-/// The pause before resending commands whose call found no leader.
-const RESEND_PAUSE: Duration = Duration::from_millis(20);
-
-/// Where a queued command's caller waits for its result.
-type Reply = oneshot::Sender<Result<pb::CommandResult, Unknown>>;
-
-/// A command waiting for its `ExecuteMany` call.
-struct Queued {
-    command: pb::Command,
-    deadline: Instant,
-    reply: Reply,
-}
+type Queued = consensus::client::Queued<pb::Command, pb::CommandResult>;
 
 pub struct ShardClient {
-    group: Arc<LeaderClient>,
-    /// The queue of commands to execute, started by the first `execute`.
-    commands: OnceLock<mpsc::UnboundedSender<Queued>>,
+    /// Commands share `ExecuteMany` calls (the shard takes up to
+    /// `service::EXECUTE_MANY_COMMANDS_MAX` in one).
+    calls: SharedCalls<pb::Command, pb::CommandResult>,
 }
 
 impl ShardClient {
     pub fn new(shard_id: u32, replicas: Vec<String>) -> ShardClient {
+        let group = LeaderClient::new(format!("shard {shard_id}"), replicas);
         ShardClient {
-            group: Arc::new(LeaderClient::new(format!("shard {shard_id}"), replicas)),
-            commands: OnceLock::new(),
+            calls: SharedCalls::new(group, pb::Command::encoded_len, |group, call, deadline| {
+                Box::pin(async move { execute_many(&group, call, deadline).await })
+            }),
         }
     }
 
     pub fn replicas(&self) -> Vec<String> {
-        self.group.replicas()
+        self.calls.group.replicas()
     }
 
     /// Replaces the replica addresses (after a membership change).
     pub fn set_replicas(&self, replicas: Vec<String>) {
-        self.group.set_replicas(replicas);
+        self.calls.group.set_replicas(replicas);
     }
 
     /// The shared channel to one replica.
     pub fn channel(&self, address: &str) -> Result<tonic::transport::Channel, String> {
-        self.group.channel(address)
+        self.calls.group.channel(address)
     }
 
     /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
@@ -75,33 +53,7 @@ impl ShardClient {
         command: pb::Command,
         deadline: Instant,
     ) -> Result<pb::CommandResult, Unknown> {
-        let queue = self.commands.get_or_init(|| {
-            let (queue, commands) = mpsc::unbounded_channel();
-            tokio::spawn(send_calls(self.group.clone(), commands));
-            queue
-        });
-        let mut last_error = String::from("no attempt made");
-        while Instant::now() < deadline {
-            let (reply, answer) = oneshot::channel();
-            let queued = Queued {
-                command: command.clone(),
-                deadline,
-                reply,
-            };
-            if queue.send(queued).is_err() {
-                break;
-            }
-            // Answered by the deadline even when the calls ahead of this one take longer: the
-            // command may still be sent later, which its request id makes harmless.
-            match tokio::time::timeout_at(deadline.into(), answer).await {
-                Ok(Ok(Ok(result))) => return Ok(result),
-                Ok(Ok(Err(unknown))) => last_error = unknown.last_error,
-                Ok(Err(_)) => last_error = "the client was dropped".into(),
-                Err(_) => last_error = "no answer by the deadline".into(),
-            }
-            tokio::time::sleep(RESEND_PAUSE).await;
-        }
-        Err(Unknown { last_error })
+        self.calls.send(command, deadline).await
     }
 
     /// Reads an account on the leader: linearizable when `min_seq` is `None`, else once the
@@ -122,13 +74,12 @@ impl ShardClient {
             min_seq: min_seq.unwrap_or(0),
             wait_ms_max: READ_WAIT_MS_MAX,
         };
-        self.group
+        self.calls
+            .group
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(request.clone());
-                request.set_timeout(
-                    timeout + std::time::Duration::from_millis(READ_WAIT_MS_MAX.into()),
-                );
+                request.set_timeout(timeout + Duration::from_millis(READ_WAIT_MS_MAX.into()));
                 async move {
                     use pb::get_account_response::Reply;
                     Ok(
@@ -151,7 +102,8 @@ impl ShardClient {
         hold_id: &str,
         deadline: Instant,
     ) -> Result<Option<pb::Hold>, Unknown> {
-        self.group
+        self.calls
+            .group
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(pb::GetHoldRequest {
@@ -178,7 +130,8 @@ impl ShardClient {
         txn_id: &str,
         deadline: Instant,
     ) -> Result<pb::TransactionLegs, Unknown> {
-        self.group
+        self.calls
+            .group
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(pb::GetTransactionLegsRequest {
@@ -213,7 +166,8 @@ impl ShardClient {
         coordinator_shard_id: u32,
         deadline: Instant,
     ) -> Result<u64, Unknown> {
-        self.group
+        self.calls
+            .group
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(pb::CountHoldsRequest {
@@ -236,41 +190,10 @@ impl ShardClient {
     }
 }
 
-/// Takes the queued commands in calls of up to `CALL_COMMANDS_MAX`, at most
-/// `CALLS_IN_FLIGHT_MAX` at once; ends when the client is dropped. With another call in flight,
-/// a call waits `GATHER_WINDOW` for more: the call that freed its slot most likely answered
-/// callers who are sending their next commands right now.
-async fn send_calls(group: Arc<LeaderClient>, commands: mpsc::UnboundedReceiver<Queued>) {
-    let limits = BatchLimits {
-        in_flight_max: CALLS_IN_FLIGHT_MAX,
-        items_max: CALL_COMMANDS_MAX,
-        weight_max: CALL_BYTES_MAX,
-        window: GATHER_WINDOW,
-        window_only_when_busy: true,
-    };
-    let weight = |queued: &Queued| queued.command.encoded_len();
-    run_batches(commands, limits, weight, |call| {
-        let group = group.clone();
-        async move { execute_many(&group, call).await }
-    })
-    .await;
-}
-
-/// One `ExecuteMany` call, following redirects until the soonest deadline among its commands;
-/// answers every command (an unknown outcome sends it back to its caller's retry loop).
-async fn execute_many(group: &LeaderClient, call: Vec<Queued>) {
-    let now = Instant::now();
-    let (call, expired): (Vec<Queued>, Vec<Queued>) =
-        call.into_iter().partition(|queued| queued.deadline > now);
-    let expired = expired.into_iter().map(|queued| queued.reply).collect();
-    answer_all(expired, "the deadline passed while queued");
-    let Some(deadline) = call.iter().map(|queued| queued.deadline).min() else {
-        return;
-    };
-    let (commands, replies): (Vec<_>, Vec<_>) = call
-        .into_iter()
-        .map(|queued| (queued.command, queued.reply))
-        .unzip();
+/// One `ExecuteMany` call, following redirects until `deadline`; answers every command (an
+/// unknown outcome sends it back to its caller's retry loop).
+async fn execute_many(group: &LeaderClient, call: Vec<Queued>, deadline: Instant) {
+    let commands = call.iter().map(|queued| queued.request.clone()).collect();
     let request = pb::ExecuteManyRequest { commands };
     let results = group
         .on_leader(deadline, |channel, timeout| {
@@ -295,24 +218,19 @@ async fn execute_many(group: &LeaderClient, call: Vec<Queued>) {
         })
         .await;
     match results {
-        Ok(results) if results.len() == replies.len() => {
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(Ok(result));
+        Ok(results) if results.len() == call.len() => {
+            for (queued, result) in call.into_iter().zip(results) {
+                queued.answer(Ok(result));
             }
         }
         Ok(results) => {
-            let last_error = format!("{} results for {} commands", results.len(), replies.len());
-            answer_all(replies, &last_error)
+            let last_error = format!("{} results for {} commands", results.len(), call.len());
+            call.into_iter()
+                .for_each(|queued| queued.unknown(&last_error));
         }
-        Err(unknown) => answer_all(replies, &unknown.last_error),
-    }
-}
-
-fn answer_all(replies: Vec<Reply>, last_error: &str) {
-    for reply in replies {
-        let _ = reply.send(Err(Unknown {
-            last_error: last_error.to_string(),
-        }));
+        Err(unknown) => call
+            .into_iter()
+            .for_each(|queued| queued.unknown(&unknown.last_error)),
     }
 }
 

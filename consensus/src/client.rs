@@ -4,10 +4,15 @@
 //! apply anything twice.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
+
+use crate::batch::{BatchLimits, run_batches};
 
 /// How long one attempt may take before it counts as unknown and is retried.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -138,5 +143,122 @@ impl LeaderClient {
         Err(Unknown {
             last_error: format!("{}: {last_error}", self.name),
         })
+    }
+}
+
+/// A request waiting for its shared call, and where its caller waits for the answer.
+pub struct Queued<T, R> {
+    pub request: T,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<R, Unknown>>,
+}
+
+impl<T, R> Queued<T, R> {
+    pub fn answer(self, answer: Result<R, Unknown>) {
+        let _ = self.reply.send(answer);
+    }
+
+    /// Answers that the outcome is unknown: the caller sends the request again.
+    pub fn unknown(self, last_error: &str) {
+        self.answer(Err(Unknown {
+            last_error: last_error.to_string(),
+        }));
+    }
+}
+
+/// One call for many requests to the group, made until the deadline (the soonest of theirs):
+/// it answers every request it is given.
+pub type CallMany<T, R> =
+    fn(Arc<LeaderClient>, Vec<Queued<T, R>>, Instant) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How requests share calls: at most 2 calls in flight to the group, each of up to 256
+/// requests and 1 MiB of them (well under the 4 MiB message limit; every service that takes
+/// many requests in one call takes at least 256). With another call in flight, a call waits up
+/// to 300 µs for more: the call that freed its slot most likely answered callers who are
+/// sending their next requests right now.
+const SHARED_CALLS: BatchLimits = BatchLimits {
+    in_flight_max: 2,
+    items_max: 256,
+    weight_max: 1 << 20,
+    window: Duration::from_micros(300),
+    window_only_when_busy: true,
+};
+
+/// Requests to a group's leader that share calls: what callers queue while calls are in
+/// flight leaves together in the next one (within `SHARED_CALLS`), so a busy client pays one
+/// round trip for many requests. Every request must be idempotent: one whose outcome is
+/// unknown is sent again until its deadline.
+pub struct SharedCalls<T, R> {
+    pub group: Arc<LeaderClient>,
+    /// A request's encoded size.
+    weight: fn(&T) -> usize,
+    call: CallMany<T, R>,
+    /// The queue, started by the first request.
+    queue: OnceLock<mpsc::UnboundedSender<Queued<T, R>>>,
+}
+
+impl<T: Clone + Send + 'static, R: Send + 'static> SharedCalls<T, R> {
+    pub fn new(
+        group: LeaderClient,
+        weight: fn(&T) -> usize,
+        call: CallMany<T, R>,
+    ) -> SharedCalls<T, R> {
+        SharedCalls {
+            group: Arc::new(group),
+            weight,
+            call,
+            queue: OnceLock::new(),
+        }
+    }
+
+    /// Sends `request` in a shared call, and again after each unknown outcome, until
+    /// `deadline`.
+    pub async fn send(&self, request: T, deadline: Instant) -> Result<R, Unknown> {
+        let queue = self.queue.get_or_init(|| {
+            let (queue, requests) = mpsc::unbounded_channel();
+            let (group, call, weight) = (self.group.clone(), self.call, self.weight);
+            tokio::spawn(run_batches(
+                requests,
+                SHARED_CALLS,
+                move |queued: &Queued<T, R>| weight(&queued.request),
+                move |batch: Vec<Queued<T, R>>| {
+                    let now = Instant::now();
+                    let (live, expired): (Vec<_>, Vec<_>) =
+                        batch.into_iter().partition(|queued| queued.deadline > now);
+                    for queued in expired {
+                        queued.unknown("the deadline passed while queued");
+                    }
+                    let group = group.clone();
+                    async move {
+                        if let Some(deadline) = live.iter().map(|queued| queued.deadline).min() {
+                            call(group, live, deadline).await;
+                        }
+                    }
+                },
+            ));
+            queue
+        });
+        let mut last_error = String::from("no attempt made");
+        while Instant::now() < deadline {
+            let (reply, answer) = oneshot::channel();
+            let queued = Queued {
+                request: request.clone(),
+                deadline,
+                reply,
+            };
+            if queue.send(queued).is_err() {
+                break;
+            }
+            // Answered by the deadline even when the calls ahead of this one take longer: the
+            // request may still be sent later, which its idempotency makes harmless.
+            match tokio::time::timeout_at(deadline.into(), answer).await {
+                Ok(Ok(Ok(result))) => return Ok(result),
+                Ok(Ok(Err(unknown))) => last_error = unknown.last_error,
+                Ok(Err(_)) => last_error = "the client was dropped".into(),
+                Err(_) => last_error = "no answer by the deadline".into(),
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        Err(Unknown { last_error })
     }
 }

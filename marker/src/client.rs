@@ -2,65 +2,62 @@
 //! tools): follows the leader and retries unknown outcomes with the same idempotency key, which
 //! the coordinator turns into the same transaction id, so a retry never begins a second one.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use consensus::client::{Answer, LeaderClient, Unknown};
+use consensus::client::{Answer, LeaderClient, SharedCalls, Unknown};
+use prost::Message;
 use proto::marker::v1 as pb;
 use proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient;
 use proto::marker::v1::coordinator_client::CoordinatorClient as GrpcClient;
+use proto::marker::v1::submit_response::Reply;
 use tonic::transport::Channel;
 
+type Queued = consensus::client::Queued<pb::SubmitRequest, Reply>;
+
 pub struct CoordinatorClient {
-    group: LeaderClient,
+    /// Submits share `SubmitMany` calls (the coordinator takes up to
+    /// `service::SUBMIT_MANY_REQUESTS_MAX` in one). A call's slot frees once the leader has
+    /// taken it: the answers come on its stream after that.
+    submits: SharedCalls<pb::SubmitRequest, Reply>,
 }
 
 impl CoordinatorClient {
     pub fn new(coordinator_shard_id: u32, replicas: Vec<String>) -> CoordinatorClient {
+        let group = LeaderClient::new(
+            format!("coordinator shard {coordinator_shard_id}"),
+            replicas,
+        );
         CoordinatorClient {
-            group: LeaderClient::new(
-                format!("coordinator shard {coordinator_shard_id}"),
-                replicas,
+            submits: SharedCalls::new(
+                group,
+                pb::SubmitRequest::encoded_len,
+                |group, call, deadline| Box::pin(submit_many(group, call, deadline)),
             ),
         }
     }
 
+    fn group(&self) -> &LeaderClient {
+        &self.submits.group
+    }
+
     pub fn replicas(&self) -> Vec<String> {
-        self.group.replicas()
+        self.group().replicas()
     }
 
     pub fn set_replicas(&self, replicas: Vec<String>) {
-        self.group.set_replicas(replicas);
+        self.group().set_replicas(replicas);
     }
 
-    /// Submits on the leader; every answer other than a redirect is returned as it came.
+    /// Submits on the leader, again (same key: the same transaction) after each unknown
+    /// outcome until `deadline`; every other answer is returned as it came. Concurrent
+    /// submits share `SubmitMany` calls, so a busy client pays one call for many.
     pub async fn submit(
         &self,
         request: pb::SubmitRequest,
         deadline: Instant,
-    ) -> Result<pb::submit_response::Reply, Unknown> {
-        self.group
-            .on_leader(deadline, |channel, timeout| {
-                let mut client = GrpcClient::new(channel);
-                let mut request = tonic::Request::new(request.clone());
-                // The coordinator may wait for the decision: allow for it on top of the attempt.
-                request.set_timeout(
-                    timeout
-                        + std::time::Duration::from_millis(u64::from(
-                            request.get_ref().wait_ms_max,
-                        )),
-                );
-                async move {
-                    use pb::submit_response::Reply;
-                    Ok(match client.submit(request).await?.into_inner().reply {
-                        Some(Reply::Redirect(redirect)) => {
-                            Answer::Redirect(redirect.leader_address)
-                        }
-                        Some(reply) => Answer::Done(reply),
-                        None => Answer::Empty,
-                    })
-                }
-            })
-            .await
+    ) -> Result<Reply, Unknown> {
+        self.submits.send(request, deadline).await
     }
 
     /// The transaction as the leader knows it; `None` when it does not exist on this shard.
@@ -69,7 +66,7 @@ impl CoordinatorClient {
         txn_id: &str,
         deadline: Instant,
     ) -> Result<Option<pb::Transaction>, Unknown> {
-        self.group
+        self.group()
             .on_leader(deadline, |channel, timeout| {
                 let mut client = GrpcClient::new(channel);
                 let mut request = tonic::Request::new(pb::GetTransactionRequest {
@@ -102,7 +99,7 @@ impl CoordinatorClient {
         limit: u32,
         deadline: Instant,
     ) -> Result<Vec<pb::InFlightTransaction>, Unknown> {
-        self.group
+        self.group()
             .on_leader(deadline, |channel, timeout| {
                 let mut client = CoordinatorAdminClient::new(channel);
                 let mut request = tonic::Request::new(pb::ListInFlightRequest { limit });
@@ -123,7 +120,7 @@ impl CoordinatorClient {
         force_abort: bool,
         deadline: Instant,
     ) -> Result<pb::admin_response::Reply, Unknown> {
-        self.group
+        self.group()
             .on_leader(deadline, |channel, timeout| {
                 let mut client = CoordinatorAdminClient::new(channel);
                 let txn_id = txn_id.to_string();
@@ -156,9 +153,9 @@ impl CoordinatorClient {
         &self,
         txn_id: &str,
     ) -> Result<tonic::Streaming<pb::TransactionStatusChange>, tonic::Status> {
-        let address = self.group.target(0);
+        let address = self.group().target(0);
         let channel: Channel = self
-            .group
+            .group()
             .channel(&address)
             .map_err(tonic::Status::unavailable)?;
         let reply = GrpcClient::new(channel)
@@ -168,4 +165,77 @@ impl CoordinatorClient {
             .await?;
         Ok(reply.into_inner())
     }
+}
+
+/// One `SubmitMany` call to the leader (following redirects until `deadline`), whose answers
+/// are read as they come, after the call's slot is freed. A submit answered with a redirect
+/// (a new leader), or left unanswered when the stream ends, is answered unknown: its caller
+/// sends it again, to the leader the redirect named.
+async fn submit_many(group: Arc<LeaderClient>, call: Vec<Queued>, deadline: Instant) {
+    let requests: Vec<pb::SubmitRequest> =
+        call.iter().map(|queued| queued.request.clone()).collect();
+    // The coordinator may wait for decisions: allow for the longest on top of the attempt.
+    let wait = Duration::from_millis(u64::from(
+        requests
+            .iter()
+            .map(|request| request.wait_ms_max)
+            .max()
+            .unwrap_or(0),
+    ));
+    let request = pb::SubmitManyRequest { requests };
+    let opened = group
+        .on_leader(deadline, |channel, timeout| {
+            let mut client = GrpcClient::new(channel);
+            let mut request = tonic::Request::new(request.clone());
+            request.set_timeout(timeout + wait);
+            async move {
+                Ok(Answer::Done(
+                    client.submit_many(request).await?.into_inner(),
+                ))
+            }
+        })
+        .await;
+    let mut answers = match opened {
+        Ok(answers) => answers,
+        Err(unknown) => {
+            call.into_iter()
+                .for_each(|queued| queued.unknown(&unknown.last_error));
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut waiting: Vec<Option<Queued>> = call.into_iter().map(Some).collect();
+        let last_error = loop {
+            let answer = match answers.message().await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => break "the coordinator ended the call without answering".to_string(),
+                Err(status) => break status.to_string(),
+            };
+            let Some(queued) = waiting
+                .get_mut(answer.index as usize)
+                .and_then(Option::take)
+            else {
+                continue;
+            };
+            use pb::submit_many_reply::Result as Answered;
+            match answer.result {
+                Some(Answered::Response(pb::SubmitResponse {
+                    reply: Some(Reply::Redirect(redirect)),
+                })) => {
+                    group.remember_leader(redirect.leader_address);
+                    queued.unknown("redirected to the leader");
+                }
+                Some(Answered::Response(pb::SubmitResponse { reply: Some(reply) })) => {
+                    queued.answer(Ok(reply))
+                }
+                Some(Answered::Unknown(error)) => queued.unknown(&error),
+                Some(Answered::Response(pb::SubmitResponse { reply: None })) | None => {
+                    queued.unknown("an empty answer")
+                }
+            }
+        };
+        for queued in waiting.into_iter().flatten() {
+            queued.unknown(&last_error);
+        }
+    });
 }

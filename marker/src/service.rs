@@ -25,6 +25,8 @@ use crate::topology::{CoordinatorState, TopologyClient, state_message};
 
 /// The longest a submit waits for the decision.
 pub const SUBMIT_WAIT_MAX: Duration = Duration::from_secs(30);
+/// The most submits in one `SubmitMany` call.
+pub const SUBMIT_MANY_REQUESTS_MAX: usize = 1_024;
 pub const IDEMPOTENCY_KEY_LENGTH_MAX: usize = 128;
 pub const TENANT_ID_LENGTH_MAX: usize = 64;
 pub const LIST_IN_FLIGHT_LIMIT_MAX: u32 = 1_000;
@@ -314,18 +316,14 @@ fn valid_key(text: &str, length_max: usize) -> bool {
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl CoordinatorRpc for CoordinatorService {
-    async fn submit(
-        &self,
-        request: Request<pb::SubmitRequest>,
-    ) -> Result<Response<pb::SubmitResponse>, Status> {
+impl CoordinatorService {
+    /// One submit, as `Submit` answers it and as each of `SubmitMany`'s requests is answered.
+    async fn submit_one(&self, request: pb::SubmitRequest) -> Result<pb::SubmitResponse, Status> {
         use pb::submit_response::Reply;
-        let request = request.into_inner();
         let invalid = |outcome: Outcome| {
-            Ok(Response::new(pb::SubmitResponse {
+            Ok(pb::SubmitResponse {
                 reply: Some(Reply::Invalid(convert::outcome(outcome) as i32)),
-            }))
+            })
         };
         if !valid_key(&request.tenant_id, TENANT_ID_LENGTH_MAX)
             || !valid_key(&request.idempotency_key, IDEMPOTENCY_KEY_LENGTH_MAX)
@@ -359,13 +357,13 @@ impl CoordinatorRpc for CoordinatorService {
                 &request.idempotency_key,
             ))?;
             if let Some(transaction) = begun {
-                return Ok(Response::new(pb::SubmitResponse {
+                return Ok(pb::SubmitResponse {
                     reply: Some(Reply::Transaction(self.message(&transaction))),
-                }));
+                });
             }
             let version = self.driver.placement.borrow().topology_version;
             let reply = Reply::NotAccepting(pb::TopologyVersion { version });
-            return Ok(Response::new(pb::SubmitResponse { reply: Some(reply) }));
+            return Ok(pb::SubmitResponse { reply: Some(reply) });
         }
         let storage = &self.driver.storage;
         let new = NewTransaction {
@@ -390,7 +388,7 @@ impl CoordinatorRpc for CoordinatorService {
                 let reply = Reply::IdempotencyMismatch(pb::IdempotencyMismatch {
                     txn_id: txn_id.to_string(),
                 });
-                return Ok(Response::new(pb::SubmitResponse { reply: Some(reply) }));
+                return Ok(pb::SubmitResponse { reply: Some(reply) });
             }
             Ok(CoordinatorResponse::NotFound) => {
                 return Err(Status::internal("begin found nothing"));
@@ -400,7 +398,7 @@ impl CoordinatorRpc for CoordinatorService {
                 leader_address,
             }) => {
                 let reply = Reply::Redirect(self.redirect(leader_id, leader_address));
-                return Ok(Response::new(pb::SubmitResponse { reply: Some(reply) }));
+                return Ok(pb::SubmitResponse { reply: Some(reply) });
             }
             Err(error) => return Err(Status::unavailable(error.to_string())),
         };
@@ -418,9 +416,55 @@ impl CoordinatorRpc for CoordinatorService {
         } else {
             transaction
         };
-        Ok(Response::new(pb::SubmitResponse {
+        Ok(pb::SubmitResponse {
             reply: Some(Reply::Transaction(self.message(&transaction))),
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorService {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        self.submit_one(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type SubmitManyStream = Boxed<pb::SubmitManyReply>;
+
+    async fn submit_many(
+        &self,
+        request: Request<pb::SubmitManyRequest>,
+    ) -> Result<Response<Self::SubmitManyStream>, Status> {
+        use pb::submit_many_reply::Result as Answer;
+        let requests = request.into_inner().requests;
+        if requests.len() > SUBMIT_MANY_REQUESTS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "at most {SUBMIT_MANY_REQUESTS_MAX} requests per call"
+            )));
+        }
+        // Every submit runs at once; the stream gives each answer as it comes.
+        let answers: futures::stream::FuturesUnordered<_> = requests
+            .into_iter()
+            .enumerate()
+            .map(|(index, request)| {
+                let service = self.clone();
+                async move {
+                    let result = match service.submit_one(request).await {
+                        Ok(response) => Answer::Response(response),
+                        Err(status) => Answer::Unknown(status.message().to_string()),
+                    };
+                    Ok(pb::SubmitManyReply {
+                        index: index as u32,
+                        result: Some(result),
+                    })
+                }
+            })
+            .collect();
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn get_transaction(

@@ -8,10 +8,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use integration_tests::bench::{self, PhaseReport};
 use integration_tests::platform::{Platform, leg};
+use marker::client::CoordinatorClient;
 use proto::marker::v1 as pb;
 use serde::Serialize;
 
@@ -27,6 +29,11 @@ struct Args {
     /// payments do, instead of only for the decision.
     #[arg(long)]
     until_done: bool,
+    /// Submit through one shared `marker::client::CoordinatorClient`, the client the gateway
+    /// uses: it packs the submits that queue while its calls are being sent into one
+    /// `SubmitMany`. Without it, every client makes its own `Submit` call.
+    #[arg(long)]
+    client: bool,
     /// Accounts per storage shard.
     #[arg(long, default_value_t = 100)]
     accounts: usize,
@@ -65,19 +72,28 @@ async fn main() -> anyhow::Result<()> {
         platform.coordinator.address_of(leader).to_string()
     };
     let channel = auticuro::client::channel(&address)?;
+    let shared = args.client.then(|| {
+        let replicas = platform.coordinator.addresses();
+        Arc::new(CoordinatorClient::new(
+            1,
+            replicas.split(',').map(String::from).collect(),
+        ))
+    });
     eprintln!("{} clients for {} s…", args.clients, args.seconds);
     static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
     let until_done = args.until_done;
     let phase = bench::closed_loop(
-        if until_done {
-            "cross-shard, until done"
-        } else {
-            "cross-shard, max"
+        match (until_done, args.client) {
+            (false, false) => "cross-shard, max",
+            (true, false) => "cross-shard, until done",
+            (false, true) => "cross-shard, max, shared client",
+            (true, true) => "cross-shard, until done, shared client",
         },
         args.clients,
         args.seconds,
         move |_, mut rng| {
             let mut client = pb::coordinator_client::CoordinatorClient::new(channel.clone());
+            let shared = shared.clone();
             let accounts = accounts.clone();
             async move {
                 let from_shard = rng.below(2);
@@ -93,7 +109,13 @@ async fn main() -> anyhow::Result<()> {
                     wait_until_done: until_done,
                     hold_id: String::new(),
                 };
-                let reply = client.submit(request).await?.into_inner().reply;
+                let reply = match shared {
+                    Some(shared) => {
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        Some(shared.submit(request, deadline).await?)
+                    }
+                    None => client.submit(request).await?.into_inner().reply,
+                };
                 let committed = matches!(reply, Some(pb::submit_response::Reply::Transaction(t)) if t.status == pb::TransactionStatus::Committed as i32);
                 Ok((committed, rng))
             }

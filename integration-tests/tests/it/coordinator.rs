@@ -809,3 +809,126 @@ async fn a_payment_aborts_at_its_deadline_when_a_shard_stays_unavailable() {
     restart_shard(&mut platform, 2).await;
     platform.check_invariants(std::slice::from_ref(&late)).await;
 }
+
+/// Concurrent submits through `marker::client::CoordinatorClient` share `SubmitMany` calls.
+/// Sent first to a follower, they follow its redirects to the leader; each gets its own answer;
+/// a key sent again gives its transaction back, and a changed body under it a mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submits_share_calls_through_the_coordinator_client() {
+    use pb::submit_response::Reply;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let platform = Platform::start(&[]).await;
+    let alice = platform.open(1, "alice", 1_000).await;
+    let bob = platform.open(2, "bob", 0).await;
+    // Knowing no leader, the client asks the second replica first: a follower here.
+    let leader = platform.coordinator.leader().await.unwrap();
+    let (leaders, followers): (Vec<_>, Vec<_>) = platform
+        .coordinator
+        .replicas
+        .iter()
+        .partition(|replica| replica.node_id == leader);
+    let replicas = [leaders[0], followers[0], followers[1]]
+        .map(|replica| replica.address.clone())
+        .to_vec();
+    let client = Arc::new(marker::client::CoordinatorClient::new(1, replicas));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pay = |key: String, amount: i128| {
+        submit_request(&key, vec![leg(&alice, -amount), leg(&bob, amount)])
+    };
+    let submits = (0..40).map(|i| {
+        let (client, request) = (client.clone(), pay(format!("shared-{i}"), 10));
+        async move { client.submit(request, deadline).await.unwrap() }
+    });
+    let mut transactions = Vec::new();
+    for reply in futures::future::join_all(submits).await {
+        match reply {
+            Reply::Transaction(transaction) => {
+                assert_eq!(transaction.status, pb::TransactionStatus::Committed as i32);
+                transactions.push(transaction);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let again = client
+        .submit(pay("shared-7".into(), 10), deadline)
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, Reply::Transaction(ref t) if t.txn_id == transactions[7].txn_id),
+        "{again:?}"
+    );
+    let changed = client
+        .submit(pay("shared-8".into(), 11), deadline)
+        .await
+        .unwrap();
+    assert!(
+        matches!(changed, Reply::IdempotencyMismatch(ref m) if m.txn_id == transactions[8].txn_id),
+        "{changed:?}"
+    );
+
+    let balances = platform.balances().await;
+    assert_eq!(minor(&balances[&alice].balance), 600);
+    assert_eq!(minor(&balances[&bob].balance), 400);
+    platform.check_invariants(&transactions).await;
+}
+
+/// `SubmitMany` answers each submit as soon as it settles, whatever its place in the call, and
+/// refuses a call of more submits than it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_many_answers_each_submit_as_it_settles() {
+    use pb::submit_many_reply::Result as Answered;
+    use pb::submit_response::Reply;
+
+    let platform = Platform::start(&[]).await;
+    let alice = platform.open(1, "alice", 1_000).await;
+    let bob = platform.open(2, "bob", 0).await;
+    let mut client = platform.client().await;
+    // The first waits for its decision; the second is refused at once, so it comes first.
+    let requests = vec![
+        submit_request("many-paid", vec![leg(&alice, -300), leg(&bob, 300)]),
+        submit_request("many-unbalanced", vec![leg(&alice, -5), leg(&bob, 4)]),
+    ];
+    let mut answers = client
+        .submit_many(pb::SubmitManyRequest { requests })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!(first.index, 1);
+    assert!(
+        matches!(
+            first.result,
+            Some(Answered::Response(pb::SubmitResponse {
+                reply: Some(Reply::Invalid(_))
+            }))
+        ),
+        "{first:?}"
+    );
+    let second = answers.message().await.unwrap().unwrap();
+    assert_eq!(second.index, 0);
+    let Some(Answered::Response(pb::SubmitResponse {
+        reply: Some(Reply::Transaction(paid)),
+    })) = second.result
+    else {
+        panic!("{second:?}");
+    };
+    assert_eq!(paid.status, pb::TransactionStatus::Committed as i32);
+    assert!(answers.message().await.unwrap().is_none());
+
+    let too_many = vec![
+        submit_request("many-over", vec![leg(&alice, -1), leg(&bob, 1)]);
+        marker::service::SUBMIT_MANY_REQUESTS_MAX + 1
+    ];
+    let refused = client
+        .submit_many(pb::SubmitManyRequest { requests: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let balances = platform.balances().await;
+    assert_eq!(minor(&balances[&alice].balance), 700);
+    assert_eq!(minor(&balances[&bob].balance), 300);
+    platform.check_invariants(&[paid]).await;
+}
