@@ -118,7 +118,7 @@ impl StaleAccounts {
             let account = ledger.account(&id).expect("accounts are never removed");
             writes.put_encoded(ACCOUNTS, id.as_str().as_bytes(), account);
         }
-        if seq % GENERATION_EVENTS == 0 {
+        if seq.is_multiple_of(GENERATION_EVENTS) {
             debug_assert!(self.older.is_empty(), "each event writes its share");
             writes.put_encoded(LEDGER_META, ACCOUNTS_SEQ, &(seq - GENERATION_EVENTS));
             self.older = self.newer.drain().collect();
@@ -410,12 +410,15 @@ fn read_state(
     Ok((state, StaleAccounts::loaded(last_seq, changed)))
 }
 
+/// Accounts changed by events, each with its event's seq.
+type ChangedAccounts = Vec<(u64, AccountId)>;
+
 /// The accounts as of event `last_seq`: their rows, then the accounts of each event after
 /// `ACCOUNTS_SEQ`; and those, each with its event's seq.
 fn read_accounts(
     store: &AppView<'_>,
     last_seq: u64,
-) -> Result<(Vec<Account>, Vec<(u64, AccountId)>), Error> {
+) -> Result<(Vec<Account>, ChangedAccounts), Error> {
     let rows: Vec<(_, Account)> = store.decoded_rows(ACCOUNTS, "account")?;
     let mut accounts: HashMap<AccountId, Account> = rows
         .into_iter()
