@@ -168,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rng = Rng(7);
     let mut calls = tokio::task::JoinSet::new();
     let started = Instant::now();
+    let cpu = bench::MachineCpu::now();
     let mut sent = 0u64;
     while started.elapsed() < Duration::from_secs(args.seconds) {
         ticks.tick().await;
@@ -249,7 +250,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let mut lag = PhaseReport::new("commit to visible", 1, elapsed, &histogram, 0);
+    let mut lag = PhaseReport::new("commit to visible", 1, elapsed, cpu, &histogram, 0);
     // Not in the histogram: no event of theirs was there to become visible.
     lag.rejected = timeline.lock().unwrap().eventless;
     anyhow::ensure!(missing == 0, "{missing} events never became visible");

@@ -231,6 +231,7 @@ async fn run_phase(
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let rejected = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let cpu = bench::MachineCpu::now();
     let mut tasks = Vec::new();
     for (index, mut client) in clients.into_iter().enumerate() {
         let accounts = args.accounts;
@@ -285,6 +286,7 @@ async fn run_phase(
         name,
         args.clients,
         started.elapsed(),
+        cpu,
         &histogram,
         rejected.load(Ordering::Relaxed),
     ))
