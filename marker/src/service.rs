@@ -446,12 +446,14 @@ impl CoordinatorRpc for CoordinatorService {
                 "at most {SUBMIT_MANY_REQUESTS_MAX} requests per call"
             )));
         }
-        // Every submit runs at once; the stream gives each answer as it comes.
+        // Every submit runs at once; the stream gives each answer as it comes. One copy of
+        // the service serves them all.
+        let service = Arc::new(self.clone());
         let answers: futures::stream::FuturesUnordered<_> = requests
             .into_iter()
             .enumerate()
             .map(|(index, request)| {
-                let service = self.clone();
+                let service = service.clone();
                 async move {
                     let result = match service.submit_one(request).await {
                         Ok(response) => Answer::Response(response),
