@@ -295,6 +295,24 @@ impl App for LedgerMachine {
         })
     }
 
+    /// The stored records `apply` recalls: the request's idempotency record, the transaction's
+    /// two-phase record and the hold's record, when the ledger does not hold them.
+    fn reads<'r>(&self, command: &'r Command, read: &mut dyn FnMut(&'static str, &'r [u8])) {
+        if self.ledger.dedup_record(&command.request_id).is_none() {
+            read(DEDUP, command.request_id.as_str().as_bytes());
+        }
+        if let Some(txn_id) = command.kind.two_phase_txn_id()
+            && self.ledger.transaction(txn_id).is_none()
+        {
+            read(TRANSACTIONS, txn_id.as_str().as_bytes());
+        }
+        if let Some(hold_id) = command.kind.hold_id()
+            && self.ledger.hold(hold_id).is_none()
+        {
+            read(HOLDS, hold_id.as_str().as_bytes());
+        }
+    }
+
     fn apply(
         &mut self,
         command: &Command,

@@ -3,7 +3,7 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use rocksdb::{DB, ReadOptions, WriteBatch};
+use rocksdb::{DB, DBPinnableSlice, ReadOptions, WriteBatch};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,8 @@ pub struct Writes<'a> {
     scratch: Vec<u8>,
     /// The first read that failed: it fails the whole apply call, as a failed write does.
     failure: Option<Error>,
+    /// The rows the entry's requests said they would read ([`App::reads`]).
+    fetched: Fetched<'a>,
 }
 
 impl<'a> Writes<'a> {
@@ -40,6 +42,39 @@ impl<'a> Writes<'a> {
             batch,
             scratch: Vec::new(),
             failure: None,
+            fetched: Fetched::default(),
+        }
+    }
+
+    /// Reads at once, with one batched lookup per column family, the rows that `requests` will
+    /// read ([`App::reads`]): a batched lookup probes each file's bloom filter for all its keys
+    /// together, for much less than a `get` per row.
+    pub(crate) fn fetch<A: App>(&mut self, app: &A, requests: &'a [A::Request]) {
+        let mut wanted: Vec<(&'static str, &'a [u8])> = Vec::new();
+        for request in requests {
+            app.reads(request, &mut |family, key| wanted.push((family, key)));
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let options = ReadOptions::default();
+        for run in wanted.chunk_by(|a, b| a.0 == b.0) {
+            let family = run[0].0;
+            let keys: Vec<&[u8]> = run.iter().map(|(_, key)| *key).collect();
+            let cf = self
+                .db
+                .cf_handle(family)
+                .expect("application column families are opened");
+            let values = self.db.batched_multi_get_cf_opt(cf, &keys, true, &options);
+            let mut rows = Vec::with_capacity(keys.len());
+            for (key, value) in keys.into_iter().zip(values) {
+                match value {
+                    Ok(value) => rows.push((key, value)),
+                    Err(error) => {
+                        self.failure.get_or_insert(error.into());
+                    }
+                }
+            }
+            self.fetched.families.push((family, rows));
         }
     }
 
@@ -71,8 +106,13 @@ impl<'a> Writes<'a> {
         key: &[u8],
         what: &'static str,
     ) -> Option<T> {
-        let row = self.committed().get(column_family, key);
-        let value = row.and_then(|row| row.map(|bytes| crate::decode(what, &bytes)).transpose());
+        let value = match self.fetched.row(column_family, key) {
+            Some(row) => row.map(|bytes| crate::decode(what, bytes)).transpose(),
+            None => self
+                .committed()
+                .get(column_family, key)
+                .and_then(|row| row.map(|bytes| crate::decode(what, &bytes)).transpose()),
+        };
         self.fail(value).flatten()
     }
 
@@ -128,6 +168,26 @@ impl<'a> Writes<'a> {
             .cf_handle(column_family)
             .expect("application column families are opened");
         self.batch.delete_cf(&cf, key);
+    }
+}
+
+/// Rows read ahead for one entry ([`Writes::fetch`]), by column family, in key order.
+#[derive(Default)]
+struct Fetched<'a> {
+    families: Vec<(&'static str, Vec<(&'a [u8], Option<DBPinnableSlice<'a>>)>)>,
+}
+
+impl Fetched<'_> {
+    /// `None` when the row was not read ahead; else what it holds.
+    fn row(&self, column_family: &str, key: &[u8]) -> Option<Option<&[u8]>> {
+        let (_, rows) = self
+            .families
+            .iter()
+            .find(|(family, _)| *family == column_family)?;
+        let found = rows
+            .binary_search_by(|(row_key, _)| (*row_key).cmp(key))
+            .ok()?;
+        Some(rows[found].1.as_deref())
     }
 }
 
@@ -342,6 +402,17 @@ pub trait App: Sized + Send + Sync + 'static {
         timestamp_ms: i64,
         writes: &mut Writes<'_>,
     ) -> Self::Response;
+
+    /// Names the rows of `READ_FAMILIES` that applying `request` will read with
+    /// [`Writes::get_committed`], by calling `read(family, key)` for each. The rows of a whole
+    /// entry are then read together, before its requests apply ([`Writes::fetch`]); a row not
+    /// named is read when asked for, so naming is only an optimization.
+    fn reads<'r>(
+        &self,
+        _request: &'r Self::Request,
+        _read: &mut dyn FnMut(&'static str, &'r [u8]),
+    ) {
+    }
 
     /// Called once the writes of applied entries are durable in RocksDB: the place to wake
     /// readers and subscribers of the new state.

@@ -764,6 +764,7 @@ impl<A: App> RaftStateMachine<C<A>> for StateMachineStore<A> {
                     let timestamp_ms = proposal.timestamp_ms.max(state.last_timestamp_ms);
                     state.last_timestamp_ms = timestamp_ms;
                     let mut writes = Writes::new(&self.db, &mut batch);
+                    writes.fetch(&state.app, &proposal.requests);
                     let results = proposal
                         .requests
                         .iter()
@@ -1140,6 +1141,92 @@ mod tests {
         fn applied_seq(&self) -> u64 {
             self.0.applied_seq()
         }
+    }
+
+    const A_ROWS: &str = "a_rows";
+    const B_ROWS: &str = "b_rows";
+
+    /// Counts how often each name was applied, in a row per name (names that start with `a`
+    /// in one family, the others in another). Each request answers the count that earlier
+    /// apply calls left; it names that read ahead ([`App::reads`]) unless it ends with `!`
+    /// (which is not part of the name).
+    struct Counts;
+
+    fn row_of(name: &str) -> (&'static str, &[u8]) {
+        let family = if name.starts_with('a') {
+            A_ROWS
+        } else {
+            B_ROWS
+        };
+        (family, name.trim_end_matches('!').as_bytes())
+    }
+
+    impl App for Counts {
+        type Request = String;
+        type Response = u64;
+
+        const COLUMN_FAMILIES: &'static [&'static str] = &[A_ROWS, B_ROWS];
+        const READ_FAMILIES: &'static [&'static str] = &[A_ROWS, B_ROWS];
+
+        fn load(_: &AppView<'_>) -> Result<Self, Error> {
+            Ok(Counts)
+        }
+
+        fn reads<'r>(&self, name: &'r String, read: &mut dyn FnMut(&'static str, &'r [u8])) {
+            if !name.ends_with('!') {
+                let (family, key) = row_of(name);
+                read(family, key);
+            }
+        }
+
+        fn apply(&mut self, name: &String, _: i64, writes: &mut Writes<'_>) -> u64 {
+            let (family, key) = row_of(name);
+            let count: u64 = writes.get_committed(family, key, "count").unwrap_or(0);
+            writes.put_encoded(family, key, &(count + 1));
+            count
+        }
+
+        fn installed(&mut self, _: &AppView<'_>) -> Result<(), Error> {
+            Ok(())
+        }
+
+        fn digest(&self, _: &AppView<'_>) -> Result<[u8; 32], Error> {
+            Ok([0; 32])
+        }
+
+        fn applied_seq(&self) -> u64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_read_ahead_for_an_entry_are_those_earlier_apply_calls_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open_as::<Counts>(&dir).unwrap();
+        let entry = |index: u64, names: &[&str]| Entry::<C<Counts>> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                timestamp_ms: 0,
+                requests: names.iter().map(|name| name.to_string()).collect(),
+            }),
+        };
+        let first = machine
+            .apply([entry(1, &["a1", "b1", "a2!", "b2"])])
+            .await
+            .unwrap();
+        assert_eq!(first, [vec![0, 0, 0, 0]]);
+        // Rows named or not, present or not, in both families, and one named twice; an
+        // entry's own writes are not among what it reads.
+        let second = machine
+            .apply([entry(2, &["b2", "a1", "a1", "b1", "b3", "a2!", "a3", "a0"])])
+            .await
+            .unwrap();
+        assert_eq!(second, [vec![1, 1, 1, 1, 0, 1, 0, 0]]);
+        let third = machine
+            .apply([entry(3, &["a1", "a3", "a2", "b3!"])])
+            .await
+            .unwrap();
+        assert_eq!(third, [vec![2, 1, 2, 1]]);
     }
 
     #[derive(Clone, Debug)]

@@ -131,6 +131,18 @@ impl App for CoordinatorMachine {
         })
     }
 
+    /// The stored record of a transaction the coordinator does not hold, which `apply` recalls.
+    fn reads<'r>(
+        &self,
+        command: &'r CoordinatorCommand,
+        read: &mut dyn FnMut(&'static str, &'r [u8]),
+    ) {
+        let txn_id = command.txn_id();
+        if self.coordinator.transaction(txn_id).is_none() {
+            read(TRANSACTIONS, txn_id.as_str().as_bytes());
+        }
+    }
+
     fn apply(
         &mut self,
         command: &CoordinatorCommand,
