@@ -171,10 +171,13 @@ impl<'a> Writes<'a> {
     }
 }
 
+/// A row read ahead: its key and what it holds.
+type FetchedRow<'a> = (&'a [u8], Option<DBPinnableSlice<'a>>);
+
 /// Rows read ahead for one entry ([`Writes::fetch`]), by column family, in key order.
 #[derive(Default)]
 struct Fetched<'a> {
-    families: Vec<(&'static str, Vec<(&'a [u8], Option<DBPinnableSlice<'a>>)>)>,
+    families: Vec<(&'static str, Vec<FetchedRow<'a>>)>,
 }
 
 impl Fetched<'_> {
