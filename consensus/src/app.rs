@@ -55,6 +55,9 @@ impl<'a> Writes<'a> {
         for request in requests {
             app.reads(request, &mut |family, key| wanted.push((family, key)));
         }
+        if wanted.is_empty() {
+            return;
+        }
         wanted.sort_unstable();
         wanted.dedup();
         let options = ReadOptions::default();
