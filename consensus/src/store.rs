@@ -192,8 +192,8 @@ fn family_options<A: App>(family: &str, node_id: NodeId) -> Options {
 /// (`dedup_by_age`: a stamp, then an id) flush one time range after another, so their files
 /// never needed merging; in `bench-storage --batch 64` they were rewritten all the same (0.3 s
 /// of each replica's CPU per run, a quarter to two fifths of the read families' compactions).
-/// (Set first: `get_options_from_string` returns new options
-/// that would not keep what the crate ties to the old ones, such as a block cache.)
+/// (Set first: `get_options_from_string` returns new options that would not keep what the
+/// crate ties to the old ones, such as a block cache.)
 fn default_options() -> Options {
     Options::default()
         .get_options_from_string("compaction_options_universal={allow_trivial_move=true}")
