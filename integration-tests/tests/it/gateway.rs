@@ -1163,6 +1163,77 @@ async fn idempotency_claims_in_one_batch_answer_as_if_made_one_by_one() {
     );
 }
 
+/// Completing a key updates its row where it lies: the table's pages keep room for responses
+/// the size of a payment's, so the update is heap-only and its indexes get no new entries.
+#[tokio::test(flavor = "multi_thread")]
+async fn completing_a_key_keeps_its_row_on_its_page() {
+    use access_gateway::store::{self, Completion, NewClaim, Records};
+    let database = integration_tests::postgres::fresh_database().await.unwrap();
+    let pool = store::connect(&database.url).await.unwrap();
+    let records = Records::start(pool.clone());
+    let keys: Vec<String> = (0..200).map(|index| format!("pay-{index:06}")).collect();
+    // Claimed together, as under load: the rows fill their pages as far as the table lets them.
+    let claims = keys.iter().enumerate().map(|(index, key)| {
+        records.claim(NewClaim {
+            tenant_id: "acme".into(),
+            idempotency_key: key.clone(),
+            request_hash: [7; 32],
+            txn_id: Some(format!("{index:040}")),
+            coordinator_shard_id: Some(1),
+        })
+    });
+    for claimed in futures::future::join_all(claims).await {
+        claimed.unwrap();
+    }
+    let pages = || async {
+        sqlx::query_as::<_, (String, f64)>(
+            "SELECT idempotency_key, (ctid::text::point)[0] FROM idempotency_keys",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(key, page)| (key, page as u64))
+        .collect::<BTreeMap<String, u64>>()
+    };
+    let before = pages().await;
+    assert!(
+        before.values().any(|page| *page > 0),
+        "the claims span several pages: {before:?}"
+    );
+    let leg = |wallet: usize, amount: &str| {
+        json!({
+            "account": format!("wallet-{wallet:06}"),
+            "amount": amount,
+            "currency": "USD",
+        })
+    };
+    for (index, key) in keys.iter().enumerate() {
+        // A payment's response: its transaction, two legs and a consistency token.
+        let response = json!({
+            "transaction_id": format!("txn_{index:032x}"),
+            "kind": "payment",
+            "status": "committed",
+            "done": true,
+            "legs": [leg(index, "-0.01"), leg(index + 1, "0.01")],
+            "metadata": {},
+            "created_at_ms": 1_796_000_000_000_u64 + index as u64,
+            "decided_at_ms": 1_796_000_000_010_u64 + index as u64,
+            "consistency_token": format!("ct_{index:064x}"),
+        });
+        records
+            .complete(Completion {
+                tenant_id: "acme".into(),
+                idempotency_key: key.clone(),
+                status_code: 201,
+                response,
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(pages().await, before);
+}
+
 /// Every connection of the gateway's pool plans each statement for its arguments, so the
 /// batched idempotency statements never keep a plan made while their table was empty.
 #[tokio::test(flavor = "multi_thread")]
