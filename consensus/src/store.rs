@@ -1291,8 +1291,11 @@ mod tests {
         };
         let deadline = std::time::Instant::now() + WAIT;
         while !compacted() {
-            let now = std::time::Instant::now();
-            assert!(now < deadline, "no compaction ran: {:?}", files(&db));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no compaction ran: {:?}",
+                files(&db)
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The same files, some of them on another level now.
