@@ -31,18 +31,22 @@ impl ShardClient {
         }
     }
 
+    fn group(&self) -> &LeaderClient {
+        &self.calls.group
+    }
+
     pub fn replicas(&self) -> Vec<String> {
-        self.calls.group.replicas()
+        self.group().replicas()
     }
 
     /// Replaces the replica addresses (after a membership change).
     pub fn set_replicas(&self, replicas: Vec<String>) {
-        self.calls.group.set_replicas(replicas);
+        self.group().set_replicas(replicas);
     }
 
     /// The shared channel to one replica.
     pub fn channel(&self, address: &str) -> Result<tonic::transport::Channel, String> {
-        self.calls.group.channel(address)
+        self.group().channel(address)
     }
 
     /// Executes a command, retrying unknown outcomes with the same request id until `deadline`.
@@ -74,8 +78,7 @@ impl ShardClient {
             min_seq: min_seq.unwrap_or(0),
             wait_ms_max: READ_WAIT_MS_MAX,
         };
-        self.calls
-            .group
+        self.group()
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(request.clone());
@@ -102,8 +105,7 @@ impl ShardClient {
         hold_id: &str,
         deadline: Instant,
     ) -> Result<Option<pb::Hold>, Unknown> {
-        self.calls
-            .group
+        self.group()
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(pb::GetHoldRequest {
@@ -130,8 +132,7 @@ impl ShardClient {
         txn_id: &str,
         deadline: Instant,
     ) -> Result<pb::TransactionLegs, Unknown> {
-        self.calls
-            .group
+        self.group()
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(pb::GetTransactionLegsRequest {
@@ -166,8 +167,7 @@ impl ShardClient {
         coordinator_shard_id: u32,
         deadline: Instant,
     ) -> Result<u64, Unknown> {
-        self.calls
-            .group
+        self.group()
             .on_leader(deadline, |channel, timeout| {
                 let mut client = LedgerClient::new(channel);
                 let mut request = tonic::Request::new(pb::CountHoldsRequest {
