@@ -1,6 +1,7 @@
 //! What the benchmark programs share: a deterministic generator, latency histograms, a
 //! closed-loop driver, and one report format (a table for people, JSON for machines).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -53,15 +54,21 @@ pub struct PhaseReport {
     /// The share of the machine's CPU time the hypervisor gave to other guests during the
     /// phase: runs with much of it are not comparable with runs without.
     pub steal_percent: f64,
+    /// `cpu_us_per_operation` by program (the processes' command name: `auticuro`, `marker`,
+    /// `postgres`, the benchmark itself…), those that ran during the phase, the busiest first;
+    /// what is left of the machine's is the kernel's own threads and processes that ended.
+    pub cpu_us_per_operation_by_program: Vec<(String, f64)>,
 }
 
 /// The machine's CPU time so far, from the first line of `/proc/stat` (zeros where there is
-/// none), in clock ticks.
-#[derive(Clone, Copy, Debug, Default)]
+/// none), and every process's, in clock ticks.
+#[derive(Clone, Debug, Default)]
 pub struct MachineCpu {
     busy: u64,
     steal: u64,
     total: u64,
+    /// By process id: the command name and the CPU time it has taken.
+    processes: HashMap<u32, (String, u64)>,
 }
 
 impl MachineCpu {
@@ -86,8 +93,65 @@ impl MachineCpu {
             busy: user + nice + system + irq + softirq,
             steal,
             total: user + nice + system + idle + iowait + irq + softirq + steal,
+            processes: processes_cpu(),
         }
     }
+
+    /// CPU seconds per program since `start`, the busiest first: a process's time since
+    /// `start`, or all of it for one started since.
+    fn by_program_since(&self, start: &MachineCpu) -> Vec<(String, f64)> {
+        let mut seconds: HashMap<&str, u64> = HashMap::new();
+        for (pid, (name, ticks)) in &self.processes {
+            let before = match start.processes.get(pid) {
+                Some((same, before)) if same == name => *before,
+                _ => 0,
+            };
+            *seconds.entry(name).or_default() += ticks.saturating_sub(before);
+        }
+        let mut programs: Vec<(String, f64)> = seconds
+            .into_iter()
+            .filter(|(_, ticks)| *ticks > 0)
+            .map(|(name, ticks)| (name.to_string(), ticks as f64 / Self::TICKS_PER_SECOND))
+            .collect();
+        programs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        programs
+    }
+}
+
+/// Every process's command name and user plus system time (`/proc/<pid>/stat`), by process id;
+/// processes that end while they are read are left out.
+fn processes_cpu() -> HashMap<u32, (String, u64)> {
+    let mut processes = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return processes;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: the name may hold spaces and parentheses, so it ends at
+        // the last `)`; user and system time are the 12th and 13th fields after it.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |index: usize| {
+            fields
+                .get(index)
+                .and_then(|field| field.parse::<u64>().ok())
+        };
+        if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+            processes.insert(pid, (stat[open + 1..close].to_string(), user + system));
+        }
+    }
+    processes
 }
 
 impl PhaseReport {
@@ -107,6 +171,7 @@ impl PhaseReport {
         let end = MachineCpu::now();
         let busy_seconds = end.busy.saturating_sub(cpu.busy) as f64 / MachineCpu::TICKS_PER_SECOND;
         let total = end.total.saturating_sub(cpu.total).max(1) as f64;
+        let per_operation = |seconds: f64| seconds * 1e6 / operations.max(1) as f64;
         PhaseReport {
             phase: phase.to_string(),
             clients,
@@ -117,8 +182,13 @@ impl PhaseReport {
             p50_ms: millis(0.5),
             p99_ms: millis(0.99),
             p999_ms: millis(0.999),
-            cpu_us_per_operation: busy_seconds * 1e6 / operations.max(1) as f64,
+            cpu_us_per_operation: per_operation(busy_seconds),
             steal_percent: end.steal.saturating_sub(cpu.steal) as f64 * 100.0 / total,
+            cpu_us_per_operation_by_program: end
+                .by_program_since(&cpu)
+                .into_iter()
+                .map(|(name, seconds)| (name, per_operation(seconds)))
+                .collect(),
         }
     }
 }
@@ -149,6 +219,19 @@ pub fn print_table(unit: &str, phases: &[PhaseReport]) {
             phase.p999_ms,
             phase.cpu_us_per_operation,
             phase.steal_percent
+        );
+    }
+    for phase in phases {
+        let programs: Vec<String> = phase
+            .cpu_us_per_operation_by_program
+            .iter()
+            .take(8)
+            .map(|(name, us)| format!("{name} {us:.0}"))
+            .collect();
+        println!(
+            "CPU µs/op by program, {}: {}",
+            phase.phase,
+            programs.join(", ")
         );
     }
 }
@@ -222,7 +305,10 @@ mod tests {
         let cpu = MachineCpu::now();
         assert!(
             cpu.total > 0 && cpu.busy + cpu.steal <= cpu.total,
-            "{cpu:?}"
+            "busy {}, steal {}, total {}",
+            cpu.busy,
+            cpu.steal,
+            cpu.total
         );
         let started = Instant::now();
         let mut spin = 0u64;
@@ -236,5 +322,18 @@ mod tests {
         // hypervisor gave to other guests meanwhile.
         assert!(phase.cpu_us_per_operation >= 5_000.0, "{phase:?}");
         assert!((0.0..=100.0).contains(&phase.steal_percent), "{phase:?}");
+        // The spinning was this process's: it is counted under this program's name.
+        let name = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let ours = phase
+            .cpu_us_per_operation_by_program
+            .iter()
+            .find(|(program, _)| program == name.trim_end())
+            .map(|(_, us)| *us);
+        assert!(ours.is_some_and(|us| us >= 5_000.0), "{phase:?}");
+        // Counted once (a thread's time is in its process's), so within the machine's.
+        assert!(
+            ours.is_some_and(|us| us <= phase.cpu_us_per_operation + 5_000.0),
+            "{phase:?}"
+        );
     }
 }
