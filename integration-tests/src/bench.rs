@@ -137,18 +137,26 @@ fn processes_cpu() -> HashMap<u32, (String, u64)> {
             continue;
         };
         // `pid (comm) state ppid …`: the name may hold spaces and parentheses, so it ends at
-        // the last `)`; user and system time are the 12th and 13th fields after it.
+        // the last `)`; the parent is the 2nd field after it, user and system time the 12th and
+        // 13th.
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |index: usize| {
+        let number = |index: usize| {
             fields
                 .get(index)
                 .and_then(|field| field.parse::<u64>().ok())
         };
-        if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
-            processes.insert(pid, (stat[open + 1..close].to_string(), user + system));
+        // The kernel's threads (`kthreadd`, pid 2, and its children) under one name, not one
+        // per worker (`kworker/1:1H-kblockd`…).
+        let name = if pid == 2 || number(1) == Some(2) {
+            "kernel threads".to_string()
+        } else {
+            stat[open + 1..close].to_string()
+        };
+        if let (Some(user), Some(system)) = (number(11), number(12)) {
+            processes.insert(pid, (name, user + system));
         }
     }
     processes
