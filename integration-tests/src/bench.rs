@@ -55,8 +55,8 @@ pub struct PhaseReport {
     /// phase: runs with much of it are not comparable with runs without.
     pub steal_percent: f64,
     /// `cpu_us_per_operation` by program (the processes' command name: `auticuro`, `marker`,
-    /// `postgres`, the benchmark itself…), those that ran during the phase, the busiest first;
-    /// what is left of the machine's is the kernel's own threads and processes that ended.
+    /// `postgres`, the benchmark itself, the kernel's threads…), those that ran during the phase,
+    /// the busiest first; what is left of the machine's is interrupts and processes that ended.
     pub cpu_us_per_operation_by_program: Vec<(String, f64)>,
 }
 
