@@ -9,6 +9,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use proto::raft::v1 as raft;
+use proto::raft::v1::raft_admin_client::RaftAdminClient;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
@@ -32,6 +34,31 @@ pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect_lazy())
+}
+
+/// How long an admin call to one replica may take before the replica counts as not answering,
+/// so that a call left without an answer cannot stall a loop that polls the replicas.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Raft status of the replica at `address`, or why it gave none within [`ADMIN_TIMEOUT`].
+pub async fn raft_status(address: &str) -> Result<raft::StatusResponse, String> {
+    raft_status_over(channel(address).map_err(|error| error.to_string())?).await
+}
+
+/// [`raft_status`] over a channel the caller keeps.
+pub async fn raft_status_over(channel: Channel) -> Result<raft::StatusResponse, String> {
+    admin_call(RaftAdminClient::new(channel).status(raft::StatusRequest {})).await
+}
+
+/// The answer of one admin call, or why there was none within [`ADMIN_TIMEOUT`].
+pub async fn admin_call<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(ADMIN_TIMEOUT, call).await {
+        Ok(Ok(answer)) => Ok(answer.into_inner()),
+        Ok(Err(status)) => Err(status.to_string()),
+        Err(_) => Err(format!("no answer within {ADMIN_TIMEOUT:?}")),
+    }
 }
 
 /// What one call to a replica gave.

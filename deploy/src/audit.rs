@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 
 use auticuro::client::channel;
+use consensus::client::admin_call;
 use proto::auticuro::v1 as pb;
 use proto::auticuro::v1::ledger_client::LedgerClient;
 use proto::raft::v1 as raft;
@@ -553,13 +554,8 @@ async fn replica_digests(shard_id: u32, replicas: &[String]) -> Check {
             let Ok(channel) = channel(address) else {
                 continue;
             };
-            let digest = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                RaftAdminClient::new(channel).digest(raft::DigestRequest {}),
-            )
-            .await;
-            if let Ok(Ok(digest)) = digest {
-                let digest = digest.into_inner();
+            let mut admin = RaftAdminClient::new(channel);
+            if let Ok(digest) = admin_call(admin.digest(raft::DigestRequest {})).await {
                 by_index
                     .entry(digest.applied_index)
                     .or_default()

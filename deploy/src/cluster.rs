@@ -392,10 +392,10 @@ pub async fn initialize_if_new(addresses: &[String]) -> Result<()> {
     let first = &addresses[0];
     let deadline = Instant::now() + GROUP_READY_TIMEOUT;
     let status = loop {
-        match admin(first).await?.status(raft::StatusRequest {}).await {
-            Ok(status) => break status.into_inner(),
-            Err(status) if Instant::now() > deadline => {
-                return Err(Error::Setup(format!("{first} does not answer: {status}")));
+        match consensus::client::raft_status(first).await {
+            Ok(status) => break status,
+            Err(error) if Instant::now() > deadline => {
+                return Err(Error::Setup(format!("{first} does not answer: {error}")));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -435,9 +435,8 @@ async fn initialize(addresses: &[String]) -> Result<()> {
 async fn wait_for_leader(address: &str) -> Result<()> {
     let deadline = Instant::now() + GROUP_READY_TIMEOUT;
     while Instant::now() < deadline {
-        if let Ok(mut client) = admin(address).await
-            && let Ok(status) = client.status(raft::StatusRequest {}).await
-            && status.into_inner().leader_node_id.is_some()
+        if let Ok(status) = consensus::client::raft_status(address).await
+            && status.leader_node_id.is_some()
         {
             return Ok(());
         }

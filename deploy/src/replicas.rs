@@ -27,20 +27,16 @@ async fn leader(replicas: &[String]) -> Result<(String, raft::StatusResponse)> {
     let deadline = Instant::now() + CHANGE_WAIT;
     loop {
         for address in replicas {
-            let Ok(mut client) = admin(address).await else {
+            let Ok(status) = consensus::client::raft_status(address).await else {
                 continue;
             };
-            let Ok(status) = client.status(raft::StatusRequest {}).await else {
+            let Some(leader) = status.leader_address else {
                 continue;
             };
-            let Some(leader) = status.into_inner().leader_address else {
-                continue;
-            };
-            if let Ok(status) = admin(&leader).await?.status(raft::StatusRequest {}).await {
-                let status = status.into_inner();
-                if status.state == raft::ServerState::Leader as i32 {
-                    return Ok((leader, status));
-                }
+            if let Ok(status) = consensus::client::raft_status(&leader).await
+                && status.state == raft::ServerState::Leader as i32
+            {
+                return Ok((leader, status));
             }
         }
         if Instant::now() > deadline {

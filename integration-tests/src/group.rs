@@ -19,17 +19,6 @@ use crate::{HarnessError, Result};
 /// How long a cluster operation (an election, a catch-up) may take before the test fails.
 pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long one admin call may take, so that a call left without an answer cannot stall the
-/// loops that poll the replicas (`Group::leader`, `digests_at`). A 600-s chaos soak once stopped
-/// in its fault loop for good while every replica answered new calls.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn with_timeout<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(CALL_TIMEOUT);
-    request
-}
-
 pub struct Replica {
     pub node_id: u64,
     /// The address everyone uses: the process's own, or its proxy's.
@@ -375,21 +364,17 @@ impl Group {
     }
 
     pub async fn status(&self, node_id: u64) -> Result<raft::StatusResponse> {
-        let mut admin = self.admin(node_id).await?;
-        Ok(admin
-            .status(with_timeout(raft::StatusRequest {}))
+        let channel = self.channel(self.address_of(node_id)).await?;
+        consensus::client::raft_status_over(channel)
             .await
-            .map_err(setup_error("status"))?
-            .into_inner())
+            .map_err(|error| HarnessError::Setup(format!("status: {error}")))
     }
 
     pub async fn digest(&self, node_id: u64) -> Result<raft::DigestResponse> {
         let mut admin = self.admin(node_id).await?;
-        Ok(admin
-            .digest(with_timeout(raft::DigestRequest {}))
+        consensus::client::admin_call(admin.digest(raft::DigestRequest {}))
             .await
-            .map_err(setup_error("digest"))?
-            .into_inner())
+            .map_err(|error| HarnessError::Setup(format!("digest: {error}")))
     }
 
     /// Waits until every running replica has applied `seq`; returns their digests.

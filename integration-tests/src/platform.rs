@@ -287,8 +287,10 @@ impl Platform {
                     proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient::new(
                         channel,
                     );
-                if let Ok(status) = admin.status(pb::CoordinatorStatusRequest {}).await {
-                    in_flight = status.into_inner().in_flight;
+                let status =
+                    consensus::client::admin_call(admin.status(pb::CoordinatorStatusRequest {}));
+                if let Ok(status) = status.await {
+                    in_flight = status.in_flight;
                     if in_flight == 0 {
                         return 0;
                     }

@@ -5,17 +5,13 @@
 //! operator console.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use auticuro::client::channel;
+use consensus::client::admin_call;
 use proto::marker::v1 as pb;
 use proto::marker::v1::coordinator_admin_client::CoordinatorAdminClient;
 use proto::raft::v1 as raft;
-use proto::raft::v1::raft_admin_client::RaftAdminClient;
 use serde::Serialize;
-
-/// How long one replica may take to answer before it counts as unreachable.
-const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Serialize)]
 pub struct ReplicaStatus {
@@ -68,17 +64,7 @@ fn state_name(state: i32) -> &'static str {
 }
 
 async fn replica_status(address: &str) -> (ReplicaStatus, Option<raft::StatusResponse>) {
-    let answer = match channel(address) {
-        Ok(channel) => tokio::time::timeout(
-            REPLICA_TIMEOUT,
-            RaftAdminClient::new(channel).status(raft::StatusRequest {}),
-        )
-        .await
-        .ok()
-        .and_then(std::result::Result::ok)
-        .map(tonic::Response::into_inner),
-        Err(_) => None,
-    };
+    let answer = consensus::client::raft_status(address).await.ok();
     let status = ReplicaStatus {
         address: address.to_string(),
         reachable: answer.is_some(),
@@ -125,13 +111,9 @@ pub async fn in_flight(addresses: &[String]) -> Option<u64> {
         let Ok(channel) = channel(address) else {
             continue;
         };
-        let status = tokio::time::timeout(
-            REPLICA_TIMEOUT,
-            CoordinatorAdminClient::new(channel).status(pb::CoordinatorStatusRequest {}),
-        )
-        .await;
-        if let Ok(Ok(status)) = status {
-            most = Some(most.unwrap_or(0).max(status.into_inner().in_flight));
+        let mut admin = CoordinatorAdminClient::new(channel);
+        if let Ok(status) = admin_call(admin.status(pb::CoordinatorStatusRequest {})).await {
+            most = Some(most.unwrap_or(0).max(status.in_flight));
         }
     }
     most
