@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// How long a benchmark client waits after a redirect that named no leader (an election).
+pub const REDIRECT_PAUSE: Duration = Duration::from_millis(10);
+
 /// A small deterministic generator (xorshift64*), so runs are comparable.
 pub struct Rng(pub u64);
 

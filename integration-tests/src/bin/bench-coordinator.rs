@@ -1,7 +1,8 @@
 //! bench-coordinator: cross-shard transfers through one coordinator shard of three `marker`
 //! processes over two storage shards of three `auticuro` processes each (fsync on). Every
 //! transfer debits an account on one shard and credits one on the other, so each runs the full
-//! reservation saga. Prints throughput and p50/p99/p999 latency as a table and JSON.
+//! reservation saga. Prints throughput and p50/p99/p999 latency as a table and JSON. A leader
+//! change moves the clients to the new leader; the submits it redirected count as rejected.
 //!
 //! Run with a release build: `cargo run --release -p integration-tests --bin bench-coordinator`.
 
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use consensus::client::LeaderClient;
 use integration_tests::bench::{self, PhaseReport};
 use integration_tests::platform::{Platform, leg};
 use marker::client::CoordinatorClient;
@@ -67,18 +69,24 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let accounts = Arc::new(accounts);
-    let address = {
-        let leader = platform.coordinator.leader().await?;
-        platform.coordinator.address_of(leader).to_string()
-    };
-    let channel = auticuro::client::channel(&address)?;
-    let shared = args.client.then(|| {
-        let replicas = platform.coordinator.addresses();
-        Arc::new(CoordinatorClient::new(
-            1,
-            replicas.split(',').map(String::from).collect(),
-        ))
-    });
+    let replicas: Vec<String> = platform
+        .coordinator
+        .addresses()
+        .split(',')
+        .map(String::from)
+        .collect();
+    // The clients' own calls go to the replica believed to lead; a redirect moves them on.
+    let leader = Arc::new(LeaderClient::new(
+        "coordinator shard 1".into(),
+        replicas.clone(),
+    ));
+    let first_leader = platform.coordinator.leader().await?;
+    leader.remember_leader(Some(
+        platform.coordinator.address_of(first_leader).to_string(),
+    ));
+    let shared = args
+        .client
+        .then(|| Arc::new(CoordinatorClient::new(1, replicas)));
     eprintln!("{} clients for {} s…", args.clients, args.seconds);
     static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
     let until_done = args.until_done;
@@ -92,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         args.clients,
         args.seconds,
         move |_, mut rng| {
-            let mut client = pb::coordinator_client::CoordinatorClient::new(channel.clone());
+            let leader = leader.clone();
             let shared = shared.clone();
             let accounts = accounts.clone();
             async move {
@@ -114,7 +122,21 @@ async fn main() -> anyhow::Result<()> {
                         let deadline = Instant::now() + Duration::from_secs(60);
                         Some(shared.submit(request, deadline).await?)
                     }
-                    None => client.submit(request).await?.into_inner().reply,
+                    None => {
+                        let target = leader.target(0);
+                        let channel = leader.channel(&target).map_err(anyhow::Error::msg)?;
+                        let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+                        let reply = client.submit(request).await?.into_inner().reply;
+                        if let Some(pb::submit_response::Reply::Redirect(redirect)) = &reply {
+                            // Not done, so counted as rejected. Without a leader known yet (an
+                            // election), wait for one.
+                            match &redirect.leader_address {
+                                Some(address) => leader.remember_leader(Some(address.clone())),
+                                None => tokio::time::sleep(bench::REDIRECT_PAUSE).await,
+                            }
+                        }
+                        reply
+                    }
                 };
                 let committed = matches!(reply, Some(pb::submit_response::Reply::Transaction(t)) if t.status == pb::TransactionStatus::Committed as i32);
                 Ok((committed, rng))

@@ -116,9 +116,6 @@ async fn open_accounts(shard: &Group, accounts: usize) -> anyhow::Result<()> {
 /// How long the shard client may retry one transfer whose outcome it has not learned.
 const SHARD_CLIENT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// How long a client waits after a redirect that named no leader.
-const REDIRECT_PAUSE: Duration = Duration::from_millis(10);
-
 /// How a benchmark client reaches the shard.
 enum Client {
     /// Its own calls, on the connection of one of the `--connections` leader clients (each
@@ -153,7 +150,7 @@ impl Client {
                 match redirect {
                     Some(address) => leader.remember_leader(Some(address)),
                     // Redirected with no leader known yet (an election): wait for one.
-                    None if sent.redirected > 0 => tokio::time::sleep(REDIRECT_PAUSE).await,
+                    None if sent.redirected > 0 => tokio::time::sleep(bench::REDIRECT_PAUSE).await,
                     None => {}
                 }
                 Ok(sent)
