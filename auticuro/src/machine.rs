@@ -20,15 +20,19 @@ use crate::ledger::{
 const ACCOUNTS: &str = "accounts";
 /// The events of one generation of [`StaleAccounts`].
 const GENERATION_EVENTS: u64 = if cfg!(test) { 16 } else { 65_536 };
+/// The settled two-phase records (posted, voided, tombstones), each written once, when it
+/// settles.
 const TRANSACTIONS: &str = "transactions";
 /// The two-phase records' keys by reserve time: [`age_key`] → nothing, for prunes.
 const TRANSACTIONS_BY_AGE: &str = "transactions_by_age";
-/// The held two-phase records' keys → nothing: what a replica loads, however many settled
-/// records `TRANSACTIONS` keeps.
+/// The held two-phase records: what a replica loads, however many settled records
+/// `TRANSACTIONS` keeps. Its memtables are vectors, so a reserve costs an append where the
+/// skiplist of `TRANSACTIONS` (a read family) would take a random insert.
 const TRANSACTIONS_HELD: &str = "transactions_held";
+/// The settled (captured, voided) holds, each written once, when it settles.
 const HOLDS: &str = "holds";
-/// The pending (open or capturing) holds' keys → nothing: what a replica loads, however many
-/// settled holds `HOLDS` keeps.
+/// The pending (open or capturing) holds, rewritten as they change: what a replica loads,
+/// however many settled holds `HOLDS` keeps.
 const HOLDS_PENDING: &str = "holds_pending";
 const DEDUP: &str = "dedup";
 /// The idempotency records' keys by stamp: [`age_key`] → nothing, for prunes.
@@ -278,12 +282,14 @@ impl App for LedgerMachine {
     /// 5: held two-phase records are filed in `TRANSACTIONS_HELD`.
     /// 6: pending holds are filed in `HOLDS_PENDING`.
     /// 7: `ACCOUNTS` is current but for the accounts changed after `ACCOUNTS_SEQ`.
-    const STORAGE_FORMAT: u32 = 7;
+    /// 8: held two-phase records and pending holds live in `TRANSACTIONS_HELD` and
+    /// `HOLDS_PENDING`; `TRANSACTIONS` and `HOLDS` keep the settled ones only.
+    const STORAGE_FORMAT: u32 = 8;
 
     /// Reads the held two-phase records and the pending holds only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
-        let held = store.indexed_rows(TRANSACTIONS_HELD, TRANSACTIONS, "transaction")?;
-        let pending = store.indexed_rows(HOLDS_PENDING, HOLDS, "hold")?;
+        let held = store.decoded_rows(TRANSACTIONS_HELD, "transaction")?;
+        let pending = store.decoded_rows(HOLDS_PENDING, "hold")?;
         let (state, stale_accounts) =
             read_state(store, by_id(held, txn_key)?, by_id(pending, txn_key)?)?;
         let (applied_seq, _) = watch::channel(state.last_seq);
@@ -396,7 +402,9 @@ impl App for LedgerMachine {
         hasher.update(self.ledger.digest());
         view.hash_rows(DEDUP, |bytes| hasher.update(bytes))?;
         view.hash_rows(TRANSACTIONS, |bytes| hasher.update(bytes))?;
+        view.hash_rows(TRANSACTIONS_HELD, |bytes| hasher.update(bytes))?;
         view.hash_rows(HOLDS, |bytes| hasher.update(bytes))?;
+        view.hash_rows(HOLDS_PENDING, |bytes| hasher.update(bytes))?;
         Ok(hasher.finalize().into())
     }
 
@@ -485,12 +493,11 @@ fn put_dedup(writes: &mut Writes<'_>, request_id: &RequestId, record: &DedupReco
     );
 }
 
-/// Writes a two-phase record, and files it by age when it is new: held by a reserve, or a
-/// tombstone left by a void that came first (a record keeps its reserve time as it settles, so
-/// it is filed once). A held record is filed as held until it settles.
+/// Writes a two-phase record: held, or settled (moved out of the held ones). Files it by age
+/// when it is new: held by a reserve, or a tombstone left by a void that came first (a record
+/// keeps its reserve time as it settles, so it is filed once).
 fn put_transaction(writes: &mut Writes<'_>, txn_id: &TxnId, record: &TxnRecord) {
     let key = txn_id.as_str().as_bytes();
-    writes.put_encoded(TRANSACTIONS, key, record);
     if matches!(record.state, LegState::Held | LegState::Tombstone) {
         writes.put(
             TRANSACTIONS_BY_AGE,
@@ -499,20 +506,23 @@ fn put_transaction(writes: &mut Writes<'_>, txn_id: &TxnId, record: &TxnRecord) 
         );
     }
     match record.state {
-        LegState::Held => writes.put(TRANSACTIONS_HELD, key, &[]),
-        LegState::Posted | LegState::Voided => writes.delete(TRANSACTIONS_HELD, key),
-        LegState::Tombstone => {}
+        LegState::Held => writes.put_encoded(TRANSACTIONS_HELD, key, record),
+        LegState::Posted | LegState::Voided => {
+            writes.delete(TRANSACTIONS_HELD, key);
+            writes.put_encoded(TRANSACTIONS, key, record);
+        }
+        LegState::Tombstone => writes.put_encoded(TRANSACTIONS, key, record),
     }
 }
 
-/// Writes a hold, filed as pending until it settles.
+/// Writes a hold: pending, or settled (moved out of the pending ones).
 fn put_hold(writes: &mut Writes<'_>, hold_id: &TxnId, record: &HoldRecord) {
     let key = hold_id.as_str().as_bytes();
-    writes.put_encoded(HOLDS, key, record);
     if record.is_pending() {
-        writes.put(HOLDS_PENDING, key, &[]);
+        writes.put_encoded(HOLDS_PENDING, key, record);
     } else {
         writes.delete(HOLDS_PENDING, key);
+        writes.put_encoded(HOLDS, key, record);
     }
 }
 
@@ -840,6 +850,8 @@ mod tests {
         assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), filed);
         let filed_held = vec![b"kept".to_vec()];
         assert_eq!(stored_keys(&machine, TRANSACTIONS_HELD), filed_held);
+        let settled = vec![b"old".to_vec(), b"recent".to_vec()];
+        assert_eq!(stored_keys(&machine, TRANSACTIONS), settled);
 
         // A replica that loads from disk, or installs a snapshot, has the same legs.
         let other_dir = tempfile::tempdir().unwrap();
@@ -850,6 +862,7 @@ mod tests {
         assert_eq!(legs(&other, "recent"), (None, Some(LegState::Posted)));
         assert_eq!(stored_keys(&other, TRANSACTIONS_BY_AGE), filed);
         assert_eq!(stored_keys(&other, TRANSACTIONS_HELD), filed_held);
+        assert_eq!(stored_keys(&other, TRANSACTIONS), settled);
     }
 
     #[tokio::test]
@@ -914,6 +927,8 @@ mod tests {
         let open = Some(HoldState::Open);
         assert_eq!(hold(&machine, "c"), (open.clone(), open.clone()));
         assert_eq!(stored_keys(&machine, HOLDS_PENDING), vec![b"c".to_vec()]);
+        let settled = vec![b"a".to_vec(), b"b".to_vec()];
+        assert_eq!(stored_keys(&machine, HOLDS), settled);
 
         // Commands naming a settled hold find it on disk: it is not placed, voided nor captured
         // again.
@@ -935,6 +950,7 @@ mod tests {
             assert_eq!(hold(replica, "b"), (None, Some(HoldState::Voided)));
             assert_eq!(hold(replica, "c"), (open.clone(), open.clone()));
             assert_eq!(stored_keys(replica, HOLDS_PENDING), vec![b"c".to_vec()]);
+            assert_eq!(stored_keys(replica, HOLDS), settled);
         }
     }
 
@@ -1009,26 +1025,25 @@ mod tests {
                 prop_assert_eq!(read_dedup(&view).unwrap(), all.dedup.clone());
                 let dedup_ages = all.dedup.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, DEDUP_BY_AGE), age_keys(dedup_ages));
-                let transactions: Vec<(TxnId, TxnRecord)> = read_keyed(&view, TRANSACTIONS, "transaction", txn_key).unwrap();
-                prop_assert_eq!(&transactions, &all.transactions);
                 let leg_ages = all.transactions.iter().map(|(id, record)| (id.as_str(), record.at_ms));
                 prop_assert_eq!(stored_keys(&machine, TRANSACTIONS_BY_AGE), age_keys(leg_ages));
-                // In memory, and filed as held: the held legs only.
-                let held: Vec<_> = all.transactions.iter().filter(|(_, record)| record.state == LegState::Held).cloned().collect();
-                let mut held_keys: Vec<Vec<u8>> = held.iter().map(|(id, _)| id.as_str().as_bytes().to_vec()).collect();
-                held_keys.sort();
-                prop_assert_eq!(stored_keys(&machine, TRANSACTIONS_HELD), held_keys);
+                // Each leg with those of its kind, held or settled; in memory: the held only.
+                let (held, settled): (Vec<_>, Vec<_>) = all.transactions.iter().cloned().partition(|(_, record)| record.state == LegState::Held);
+                let stored: Vec<(TxnId, TxnRecord)> = read_keyed(&view, TRANSACTIONS, "transaction", txn_key).unwrap();
+                prop_assert_eq!(stored, settled);
+                let stored: Vec<(TxnId, TxnRecord)> = read_keyed(&view, TRANSACTIONS_HELD, "transaction", txn_key).unwrap();
+                prop_assert_eq!(&stored, &held);
                 prop_assert_eq!(machine.read(|app| app.ledger().export().transactions), held);
                 for (txn_id, record) in &all.transactions {
                     let read = machine.read_stored(|app, view| app.transaction(view, txn_id)).unwrap();
                     prop_assert_eq!(read.as_ref(), Some(record));
                 }
-                // Every hold on disk; in memory, and filed as pending: the pending ones only.
-                let holds: Vec<(TxnId, HoldRecord)> = read_keyed(&view, HOLDS, "hold", txn_key).unwrap();
-                prop_assert_eq!(&holds, &all.holds);
-                let pending: Vec<_> = all.holds.iter().filter(|(_, record)| record.is_pending()).cloned().collect();
-                let pending_keys: Vec<Vec<u8>> = pending.iter().map(|(id, _)| id.as_str().as_bytes().to_vec()).collect();
-                prop_assert_eq!(stored_keys(&machine, HOLDS_PENDING), pending_keys);
+                // Each hold with those of its kind, pending or settled; in memory: the pending only.
+                let (pending, settled): (Vec<_>, Vec<_>) = all.holds.iter().cloned().partition(|(_, record)| record.is_pending());
+                let stored: Vec<(TxnId, HoldRecord)> = read_keyed(&view, HOLDS, "hold", txn_key).unwrap();
+                prop_assert_eq!(stored, settled);
+                let stored: Vec<(TxnId, HoldRecord)> = read_keyed(&view, HOLDS_PENDING, "hold", txn_key).unwrap();
+                prop_assert_eq!(&stored, &pending);
                 prop_assert_eq!(machine.read(|app| app.ledger().export().holds), pending);
                 for (hold_id, record) in &all.holds {
                     let read = machine.read_stored(|app, view| app.hold(view, hold_id)).unwrap();

@@ -313,30 +313,6 @@ impl<'a> AppView<'a> {
         failure.map_or(Ok(rows), Err)
     }
 
-    /// The rows of `column_family` named by the keys of `index` (a family of keys only),
-    /// decoded, in the index's key order: how a load reads the few rows it needs from a family
-    /// that keeps many. A key of `index` without its row is corrupt storage; the first error
-    /// fails the whole read.
-    pub fn indexed_rows<T: DeserializeOwned>(
-        &self,
-        index: &str,
-        column_family: &str,
-        what: &'static str,
-    ) -> Result<Vec<(Vec<u8>, T)>, Error> {
-        let mut keys = Vec::new();
-        self.for_each_in(index, &[], None, |key, _| keys.push(key.to_vec()))?;
-        keys.into_iter()
-            .map(|key| {
-                let row = self
-                    .get_decoded(column_family, &key, what)?
-                    .ok_or_else(|| {
-                        Error::Corrupt(format!("{index} names a row that {column_family} lacks"))
-                    })?;
-                Ok((key, row))
-            })
-            .collect()
-    }
-
     /// Feeds every row of a column family to `update`, in key order, each key and each value
     /// after its length (so that different rows never feed the same bytes): how a digest covers
     /// state kept on disk only.
