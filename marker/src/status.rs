@@ -1,8 +1,9 @@
 //! The status of a running platform, asked of every Raft group listed in the topology (the
 //! topology group, storage shards, coordinator shards not removed): leader, members, applied
 //! seq, the coordinators' in-flight transactions and, when given, how far the read side has
-//! projected each storage shard. `walletctl status` prints it; the gateway serves it to the
-//! operator console.
+//! projected each storage shard. Every replica is asked at once, so the replicas that give no
+//! answer cost the report one timeout (`consensus::client::ADMIN_TIMEOUT`) in all. `walletctl
+//! status` prints it; the gateway serves it to the operator console.
 
 use std::collections::BTreeMap;
 
@@ -81,8 +82,8 @@ async fn replica_status(address: &str) -> (ReplicaStatus, Option<raft::StatusRes
 async fn group_status(kind: &'static str, group_id: u32, addresses: &[String]) -> GroupStatus {
     let mut replicas = Vec::new();
     let mut answers = Vec::new();
-    for address in addresses {
-        let (status, answer) = replica_status(address).await;
+    let asked = futures::future::join_all(addresses.iter().map(|a| replica_status(a))).await;
+    for (status, answer) in asked {
         replicas.push(status);
         answers.extend(answer);
     }
@@ -106,17 +107,16 @@ async fn group_status(kind: &'static str, group_id: u32, addresses: &[String]) -
 
 /// Transactions in flight on a coordinator shard, the most any replica reports.
 pub async fn in_flight(addresses: &[String]) -> Option<u64> {
-    let mut most = None;
-    for address in addresses {
-        let Ok(channel) = channel(address) else {
-            continue;
-        };
-        let mut admin = CoordinatorAdminClient::new(channel);
-        if let Ok(status) = admin_call(admin.status(pb::CoordinatorStatusRequest {})).await {
-            most = Some(most.unwrap_or(0).max(status.in_flight));
-        }
-    }
-    most
+    let asked = addresses.iter().map(|address| async move {
+        let mut admin = CoordinatorAdminClient::new(channel(address).ok()?);
+        let status = admin_call(admin.status(pb::CoordinatorStatusRequest {})).await;
+        status.ok().map(|status| status.in_flight)
+    });
+    futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .flatten()
+        .max()
 }
 
 /// The status of the platform behind `topology_replicas`; `projected` is the read side's applied
@@ -129,26 +129,39 @@ pub async fn status(
         .get()
         .await
         .map_err(|error| format!("reading the topology: {error}"))?;
-    let mut groups = vec![group_status("topology", 0, topology_replicas).await];
-    for (shard_id, replicas) in &topology.storage_shards {
-        let mut group = group_status("storage", *shard_id, replicas).await;
-        group.projection = projected.map(|seqs| {
-            let applied_seq = seqs.get(shard_id).copied().unwrap_or(0);
-            Projection {
-                applied_seq,
-                lag_events: group.applied_seq.saturating_sub(applied_seq),
-            }
+    let storage = topology
+        .storage_shards
+        .iter()
+        .map(|(shard_id, replicas)| async move {
+            let mut group = group_status("storage", *shard_id, replicas).await;
+            group.projection = projected.map(|seqs| {
+                let applied_seq = seqs.get(shard_id).copied().unwrap_or(0);
+                Projection {
+                    applied_seq,
+                    lag_events: group.applied_seq.saturating_sub(applied_seq),
+                }
+            });
+            group
         });
-        groups.push(group);
-    }
-    let serving = topology
+    let coordinators = topology
         .coordinators
         .iter()
-        .filter(|(_, entry)| entry.state != crate::topology::CoordinatorState::Removed);
-    for (coordinator_id, entry) in serving {
-        let mut group = group_status("coordinator", *coordinator_id, &entry.replicas).await;
-        group.in_flight = in_flight(&entry.replicas).await;
-        groups.push(group);
-    }
+        .filter(|(_, entry)| entry.state != crate::topology::CoordinatorState::Removed)
+        .map(|(coordinator_id, entry)| async move {
+            let (mut group, in_flight) = tokio::join!(
+                group_status("coordinator", *coordinator_id, &entry.replicas),
+                in_flight(&entry.replicas)
+            );
+            group.in_flight = in_flight;
+            group
+        });
+    let (topology_group, storage, coordinators) = tokio::join!(
+        group_status("topology", 0, topology_replicas),
+        futures::future::join_all(storage),
+        futures::future::join_all(coordinators)
+    );
+    let mut groups = vec![topology_group];
+    groups.extend(storage);
+    groups.extend(coordinators);
     Ok(PlatformStatus { groups })
 }
