@@ -284,7 +284,9 @@ impl App for LedgerMachine {
     /// 7: `ACCOUNTS` is current but for the accounts changed after `ACCOUNTS_SEQ`.
     /// 8: held two-phase records and pending holds live in `TRANSACTIONS_HELD` and
     /// `HOLDS_PENDING`; `TRANSACTIONS` and `HOLDS` keep the settled ones only.
-    const STORAGE_FORMAT: u32 = 8;
+    /// 9: two-phase records keep the seq that settled them; posts and voids keep no idempotency
+    /// record.
+    const STORAGE_FORMAT: u32 = 9;
 
     /// Reads the held two-phase records and the pending holds only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
@@ -301,10 +303,11 @@ impl App for LedgerMachine {
         })
     }
 
-    /// The stored records `apply` recalls: the request's idempotency record, the transaction's
-    /// two-phase record and the hold's record, when the ledger does not hold them.
+    /// The stored records `apply` recalls: the request's idempotency record (none for a post or
+    /// a void), the transaction's two-phase record and the hold's record, when the ledger does
+    /// not hold them.
     fn reads<'r>(&self, command: &'r Command, read: &mut dyn FnMut(&'static str, &'r [u8])) {
-        if self.ledger.dedup_record(&command.request_id).is_none() {
+        if !command.kind.is_settle() && self.ledger.dedup_record(&command.request_id).is_none() {
             read(DEDUP, command.request_id.as_str().as_bytes());
         }
         if let Some(txn_id) = command.kind.two_phase_txn_id()
@@ -325,7 +328,9 @@ impl App for LedgerMachine {
         timestamp_ms: i64,
         writes: &mut Writes<'_>,
     ) -> CommandResult {
-        self.recall_dedup(&command.request_id, writes);
+        if !command.kind.is_settle() {
+            self.recall_dedup(&command.request_id, writes);
+        }
         if let Some(txn_id) = command.kind.two_phase_txn_id() {
             self.recall_transaction(txn_id, writes);
         }

@@ -165,6 +165,12 @@ impl CommandKind {
         }
     }
 
+    /// A post or a void: idempotent by its transaction, it keeps no idempotency record
+    /// (`Ledger::apply`).
+    pub fn is_settle(&self) -> bool {
+        matches!(self, CommandKind::Post { .. } | CommandKind::Void { .. })
+    }
+
     /// The transaction whose two-phase record (`Reserve`, `Post`, `Void`) the command reads.
     pub fn two_phase_txn_id(&self) -> Option<&TxnId> {
         match self {

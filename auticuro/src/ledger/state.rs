@@ -40,6 +40,9 @@ pub struct TxnRecord {
     pub hold_id: Option<TxnId>,
     /// Leader time of the reserve (or of the tombstone).
     pub at_ms: i64,
+    /// The seq of the event that settled it (posted, voided, tombstoned), 0 while held: the
+    /// answer to a resend of that post or void.
+    pub settled_seq: u64,
 }
 
 /// Where a hold stands. `Captured` and `Voided` are final.
@@ -369,6 +372,9 @@ impl Ledger {
 
     /// Applies one command at the leader's timestamp. Never fails: rejections are outcomes.
     pub fn apply(&mut self, command: &Command, timestamp_ms: i64) -> Applied {
+        if command.kind.is_settle() {
+            return self.settle(command, timestamp_ms);
+        }
         let fingerprint = fingerprint(&command.kind);
         if let Some(record) = self.dedup.get(&command.request_id) {
             let outcome = if record.fingerprint == fingerprint {
@@ -423,6 +429,52 @@ impl Ledger {
                 ..changes
             },
         }
+    }
+
+    /// Applies a post or a void. They are idempotent by their transaction rather than by request
+    /// id: the two-phase record answers a resend of a settle it holds (whatever its request id)
+    /// with the seq that settled it, so they keep no idempotency record.
+    fn settle(&mut self, command: &Command, timestamp_ms: i64) -> Applied {
+        let answered = |outcome, duplicate, seq, detail_account_id| Applied {
+            outcome,
+            duplicate,
+            seq,
+            detail_account_id,
+            event: None,
+            changes: Changes::default(),
+        };
+        if let Some(seq) = self.settled_by(&command.kind) {
+            return answered(Outcome::Ok, true, seq, None);
+        }
+        match self.execute(&command.kind, timestamp_ms) {
+            Ok(effect) => {
+                let (record, event, changes) = self.commit(command, effect, timestamp_ms);
+                Applied {
+                    event,
+                    changes,
+                    ..answered(Outcome::Ok, false, record.seq, None)
+                }
+            }
+            Err(rejection) => answered(rejection.outcome, false, 0, rejection.account_id),
+        }
+    }
+
+    /// The seq that settled the transaction the way `kind` (a post or a void of its owner)
+    /// would, if it is settled so.
+    fn settled_by(&self, kind: &CommandKind) -> Option<u64> {
+        let (txn_id, owner, posts) = match kind {
+            CommandKind::Post { txn_id, owner } => (txn_id, owner, true),
+            CommandKind::Void { txn_id, owner } => (txn_id, owner, false),
+            _ => return None,
+        };
+        let record = self.transactions.get(txn_id)?;
+        let settled = match record.state {
+            LegState::Held => false,
+            LegState::Posted => posts,
+            LegState::Voided | LegState::Tombstone => !posts,
+        };
+        (settled && record.owner.coordinator_shard_id == owner.coordinator_shard_id)
+            .then_some(record.settled_seq)
     }
 
     fn commit(
@@ -847,6 +899,7 @@ impl Ledger {
             legs: legs.to_vec(),
             hold_id: hold_id.cloned(),
             at_ms: timestamp_ms,
+            settled_seq: 0,
         };
         Ok(Effect {
             accounts,
@@ -922,6 +975,7 @@ impl Ledger {
             .unwrap_or_default();
         let record = TxnRecord {
             state: LegState::Posted,
+            settled_seq: self.last_seq + 1,
             ..record.clone()
         };
         Ok(Effect {
@@ -940,6 +994,7 @@ impl Ledger {
                 legs: Vec::new(),
                 hold_id: None,
                 at_ms: timestamp_ms,
+                settled_seq: self.last_seq + 1,
             };
             return Ok(Effect {
                 transactions: vec![(txn_id.clone(), tombstone)],
@@ -950,8 +1005,10 @@ impl Ledger {
             return Err(Rejection::new(Outcome::TransactionOwnedByOther));
         }
         match record.state {
-            LegState::Voided | LegState::Tombstone => Ok(Effect::accounts(Vec::new())),
-            LegState::Posted => Err(Rejection::new(Outcome::LegNotHeld)),
+            // `Ledger::settle` answers a void of a voided transaction itself.
+            LegState::Voided | LegState::Tombstone | LegState::Posted => {
+                Err(Rejection::new(Outcome::LegNotHeld))
+            }
             LegState::Held => {
                 let capture = self.capturing_hold(record);
                 let mut accounts = Vec::with_capacity(record.legs.len());
@@ -975,6 +1032,7 @@ impl Ledger {
                     .unwrap_or_default();
                 let record = TxnRecord {
                     state: LegState::Voided,
+                    settled_seq: self.last_seq + 1,
                     ..record.clone()
                 };
                 Ok(Effect {

@@ -948,7 +948,8 @@ fn reserved_credits_are_not_spendable_and_count_against_the_upper_limit() {
 fn void_releases_a_hold_and_is_idempotent() {
     let mut shard = Shard::with_customers();
     shard.reserve("t1", COORDINATOR, &[("alice", -30), ("bob", 30)]);
-    assert!(shard.void("t1", COORDINATOR).outcome.is_ok());
+    let voided = shard.void("t1", COORDINATOR);
+    assert!(voided.outcome.is_ok());
     let alice = shard.ledger.account(&id("alice")).unwrap();
     assert_eq!((alice.balance.0, alice.pending_out.0), (100, 0));
     assert_eq!(shard.ledger.account(&id("bob")).unwrap().pending_in.0, 0);
@@ -956,10 +957,55 @@ fn void_releases_a_hold_and_is_idempotent() {
         shard.ledger.transaction(&txn("t1")).unwrap().state,
         LegState::Voided
     );
+    // Another void (a new request id) is answered by the record, as a resend of the first.
     let again = shard.void("t1", COORDINATOR);
-    assert_eq!(again.outcome, Outcome::Ok);
-    assert!(again.event.unwrap().accounts.is_empty());
+    assert_eq!(
+        (again.outcome, again.duplicate, again.seq),
+        (Outcome::Ok, true, voided.seq)
+    );
+    assert!(again.event.is_none() && again.changes == Changes::default());
     assert_eq!(shard.post("t1", COORDINATOR).outcome, Outcome::LegNotHeld);
+}
+
+#[test]
+fn a_post_or_void_resent_is_answered_by_the_two_phase_record_with_no_idempotency_record() {
+    let mut shard = Shard::with_customers();
+    shard.reserve("t1", COORDINATOR, &[("alice", -30), ("bob", 30)]);
+    let post = Command::settle(&txn("t1"), COORDINATOR, 1, true);
+    let posted = shard.ledger.apply(&post, T0);
+    assert_eq!((posted.outcome, posted.duplicate), (Outcome::Ok, false));
+    assert!(posted.changes.dedup_inserted.is_none());
+    assert!(shard.ledger.dedup_record(&post.request_id).is_none());
+    // The same request again, and a post of the same owner under another request id.
+    for resend in [
+        post.clone(),
+        Command {
+            request_id: RequestId::parse("other").unwrap(),
+            ..post.clone()
+        },
+    ] {
+        let again = shard.ledger.apply(&resend, T0 + 1);
+        assert_eq!(
+            (again.outcome, again.duplicate, again.seq, again.event),
+            (Outcome::Ok, true, posted.seq, None)
+        );
+    }
+    assert_eq!(shard.ledger.account(&id("alice")).unwrap().balance.0, 70);
+    // Another coordinator's post, and a void of the posted transaction, are still refused.
+    assert_eq!(
+        shard.post("t1", OTHER_COORDINATOR).outcome,
+        Outcome::TransactionOwnedByOther
+    );
+    assert_eq!(shard.void("t1", COORDINATOR).outcome, Outcome::LegNotHeld);
+    // A void that comes first leaves a tombstone whose seq answers the void again.
+    let tombstoned = shard
+        .ledger
+        .apply(&Command::settle(&txn("t2"), COORDINATOR, 1, false), T0);
+    let again = shard.void("t2", COORDINATOR);
+    assert_eq!(
+        (again.outcome, again.duplicate, again.seq),
+        (Outcome::Ok, true, tombstoned.seq)
+    );
 }
 
 #[test]
@@ -992,7 +1038,9 @@ fn post_is_legal_only_on_held_legs_of_the_owner() {
         Outcome::TransactionOwnedByOther
     );
     assert!(shard.post("t1", COORDINATOR).outcome.is_ok());
-    assert_eq!(shard.post("t1", COORDINATOR).outcome, Outcome::LegNotHeld);
+    // A post of a posted transaction is a resend (`a_post_or_void_resent_is_answered_…`).
+    let again = shard.post("t1", COORDINATOR);
+    assert_eq!((again.outcome, again.duplicate), (Outcome::Ok, true));
     assert_eq!(shard.void("t1", COORDINATOR).outcome, Outcome::LegNotHeld);
     assert_eq!(shard.balance("alice"), 90);
 }
