@@ -819,22 +819,32 @@ mod tests {
             command("r-kept", reserve("kept")),
             command("p-old", post("old")),
         ];
-        apply(&mut machine, 2, 2_000, first).await;
+        let first = apply(&mut machine, 2, 2_000, first).await;
         // Once written, a settled leg leaves memory; a held one stays. Readers find both.
         assert_eq!(legs(&machine, "old"), (None, Some(LegState::Posted)));
         let held = Some(LegState::Held);
         assert_eq!(legs(&machine, "kept"), (held, held));
+        // A post keeps no idempotency record: its leg's record answers a resend.
+        let dedup_ids = stored_keys(&machine, DEDUP);
+        assert!(dedup_ids.contains(&b"r-old".to_vec()) && !dedup_ids.contains(&b"p-old".to_vec()));
 
-        // Commands naming a settled leg find it on disk: it is not reserved again, nor voided.
+        // Commands naming a settled leg find it on disk: it is not reserved again, nor voided,
+        // and a post again (any request id) is the first one's duplicate.
         let late = vec![
             command("r-old-2", reserve("old")),
             command("v-old", void("old")),
+            command("p-old", post("old")),
+            command("p-old-2", post("old")),
         ];
         let late = apply(&mut machine, 3, 3_000, late).await;
         assert_eq!(
             (late[0].outcome, late[1].outcome),
             (Outcome::TransactionAlreadyReserved, Outcome::LegNotHeld)
         );
+        for resent in &late[2..] {
+            let answer = (resent.outcome, resent.duplicate, resent.seq);
+            assert_eq!(answer, (Outcome::Ok, true, first[2].seq));
+        }
 
         // A prune deletes the settled legs reserved before its cutoff, never a held one; a void
         // after it in the same entry leaves a new tombstone (the old record on disk no longer
