@@ -10,7 +10,16 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// How long a benchmark client waits after a redirect that named no leader (an election).
-pub const REDIRECT_PAUSE: Duration = Duration::from_millis(10);
+const REDIRECT_PAUSE: Duration = Duration::from_millis(10);
+
+/// Follows a redirect of a benchmark client's own call: to the leader it names, or, when it
+/// names none (an election), after `REDIRECT_PAUSE`.
+pub async fn follow_redirect(leader: &consensus::client::LeaderClient, address: Option<String>) {
+    match address {
+        Some(address) => leader.remember_leader(Some(address)),
+        None => tokio::time::sleep(REDIRECT_PAUSE).await,
+    }
+}
 
 /// A small deterministic generator (xorshift64*), so runs are comparable.
 pub struct Rng(pub u64);

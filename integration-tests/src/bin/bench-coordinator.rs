@@ -128,12 +128,9 @@ async fn main() -> anyhow::Result<()> {
                         let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
                         let reply = client.submit(request).await?.into_inner().reply;
                         if let Some(pb::submit_response::Reply::Redirect(redirect)) = &reply {
-                            // Not done, so counted as rejected. Without a leader known yet (an
-                            // election), wait for one.
-                            match &redirect.leader_address {
-                                Some(address) => leader.remember_leader(Some(address.clone())),
-                                None => tokio::time::sleep(bench::REDIRECT_PAUSE).await,
-                            }
+                            // Not done, so counted as rejected.
+                            let address = redirect.leader_address.clone();
+                            bench::follow_redirect(&leader, address).await;
                         }
                         reply
                     }

@@ -147,11 +147,8 @@ impl Client {
                     .map_err(anyhow::Error::msg)?;
                 let (sent, redirect) =
                     send_calls(&mut LedgerClient::new(channel), commands).await?;
-                match redirect {
-                    Some(address) => leader.remember_leader(Some(address)),
-                    // Redirected with no leader known yet (an election): wait for one.
-                    None if sent.redirected > 0 => tokio::time::sleep(bench::REDIRECT_PAUSE).await,
-                    None => {}
+                if redirect.is_some() || sent.redirected > 0 {
+                    bench::follow_redirect(leader, redirect).await;
                 }
                 Ok(sent)
             }
