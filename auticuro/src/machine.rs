@@ -286,7 +286,9 @@ impl App for LedgerMachine {
     /// `HOLDS_PENDING`; `TRANSACTIONS` and `HOLDS` keep the settled ones only.
     /// 9: two-phase records keep the seq that settled them; posts and voids keep no idempotency
     /// record.
-    const STORAGE_FORMAT: u32 = 9;
+    /// 10: two-phase records keep the idempotency record of the reserve that held them; accepted
+    /// reserves keep no other.
+    const STORAGE_FORMAT: u32 = 10;
 
     /// Reads the held two-phase records and the pending holds only.
     fn load(store: &AppView<'_>) -> Result<Self, Error> {
@@ -824,15 +826,17 @@ mod tests {
         assert_eq!(legs(&machine, "old"), (None, Some(LegState::Posted)));
         let held = Some(LegState::Held);
         assert_eq!(legs(&machine, "kept"), (held, held));
-        // A post keeps no idempotency record: its leg's record answers a resend.
-        let dedup_ids = stored_keys(&machine, DEDUP);
-        assert!(dedup_ids.contains(&b"r-old".to_vec()) && !dedup_ids.contains(&b"p-old".to_vec()));
+        // Accepted reserves and posts keep no idempotency record: their leg's record answers a
+        // resend.
+        assert_eq!(stored_keys(&machine, DEDUP), vec![b"open".to_vec()]);
 
-        // Commands naming a settled leg find it on disk: it is not reserved again, nor voided,
-        // and a post again (any request id) is the first one's duplicate.
+        // Commands naming a settled leg find it on disk: it is not reserved again (another
+        // request id), nor voided; the reserve again is its duplicate, and so is a post again
+        // (any request id).
         let late = vec![
             command("r-old-2", reserve("old")),
             command("v-old", void("old")),
+            command("r-old", reserve("old")),
             command("p-old", post("old")),
             command("p-old-2", post("old")),
         ];
@@ -841,7 +845,9 @@ mod tests {
             (late[0].outcome, late[1].outcome),
             (Outcome::TransactionAlreadyReserved, Outcome::LegNotHeld)
         );
-        for resent in &late[2..] {
+        let answer = (late[2].outcome, late[2].duplicate, late[2].seq);
+        assert_eq!(answer, (Outcome::Ok, true, first[0].seq));
+        for resent in &late[3..] {
             let answer = (resent.outcome, resent.duplicate, resent.seq);
             assert_eq!(answer, (Outcome::Ok, true, first[2].seq));
         }

@@ -43,6 +43,18 @@ pub struct TxnRecord {
     /// The seq of the event that settled it (posted, voided, tombstoned), 0 while held: the
     /// answer to a resend of that post or void.
     pub settled_seq: u64,
+    /// The reserve that held it (none for a tombstone): its idempotency record, kept here
+    /// instead of among the others.
+    pub reserved_by: Option<Reserved>,
+}
+
+/// What a two-phase record keeps of the reserve that held it, to answer a resend of that
+/// request as its idempotency record would ([`Ledger::apply`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Reserved {
+    pub request_id: RequestId,
+    pub fingerprint: [u8; 32],
+    pub seq: u64,
 }
 
 /// Where a hold stands. `Captured` and `Voided` are final.
@@ -375,9 +387,8 @@ impl Ledger {
         if command.kind.is_settle() {
             return self.settle(command, timestamp_ms);
         }
-        let fingerprint = fingerprint(&command.kind);
-        if let Some(record) = self.dedup.get(&command.request_id) {
-            let outcome = if record.fingerprint == fingerprint {
+        if let Some(record) = self.idempotency_record(command) {
+            let outcome = if record.fingerprint == fingerprint(&command.kind) {
                 record.outcome
             } else {
                 Outcome::DuplicateWithDifferentPayload
@@ -387,20 +398,16 @@ impl Ledger {
                 outcome,
                 duplicate: same,
                 seq: if same { record.seq } else { 0 },
-                detail_account_id: if same {
-                    record.detail_account_id.clone()
-                } else {
-                    None
-                },
+                detail_account_id: if same { record.detail_account_id } else { None },
                 event: None,
                 changes: Changes::default(),
             };
         }
-        let (record, event, changes) = match self.execute(&command.kind, timestamp_ms) {
+        let (record, event, changes) = match self.execute(command, timestamp_ms) {
             Ok(effect) => self.commit(command, effect, timestamp_ms),
             Err(rejection) => (
                 DedupRecord {
-                    fingerprint,
+                    fingerprint: [0; 32],
                     outcome: rejection.outcome,
                     detail_account_id: rejection.account_id,
                     seq: 0,
@@ -410,25 +417,53 @@ impl Ledger {
                 Changes::default(),
             ),
         };
-        let record = DedupRecord {
-            fingerprint,
-            ..record
-        };
-        self.dedup
-            .insert(command.request_id.clone(), record.clone());
-        self.by_age
-            .record_dedup(record.at_ms, command.request_id.clone());
+        // An accepted reserve's two-phase record keeps its idempotency record.
+        let keeps_own = !(matches!(command.kind, CommandKind::Reserve { .. }) && event.is_some());
+        let dedup_inserted = keeps_own.then(|| {
+            let record = DedupRecord {
+                fingerprint: fingerprint(&command.kind),
+                ..record.clone()
+            };
+            self.dedup
+                .insert(command.request_id.clone(), record.clone());
+            self.by_age
+                .record_dedup(record.at_ms, command.request_id.clone());
+            (command.request_id.clone(), record)
+        });
         Applied {
             outcome: record.outcome,
             duplicate: false,
             seq: record.seq,
-            detail_account_id: record.detail_account_id.clone(),
+            detail_account_id: record.detail_account_id,
             event,
             changes: Changes {
-                dedup_inserted: Some((command.request_id.clone(), record)),
+                dedup_inserted,
                 ..changes
             },
         }
+    }
+
+    /// The idempotency record of the command's request id: its own, or, for a reserve that held
+    /// its transaction, the one its two-phase record keeps.
+    fn idempotency_record(&self, command: &Command) -> Option<DedupRecord> {
+        if let Some(record) = self.dedup.get(&command.request_id) {
+            return Some(record.clone());
+        }
+        let CommandKind::Reserve { txn_id, .. } = &command.kind else {
+            return None;
+        };
+        let record = self.transactions.get(txn_id)?;
+        let reserved = record
+            .reserved_by
+            .as_ref()
+            .filter(|reserved| reserved.request_id == command.request_id)?;
+        Some(DedupRecord {
+            fingerprint: reserved.fingerprint,
+            outcome: Outcome::Ok,
+            detail_account_id: None,
+            seq: reserved.seq,
+            at_ms: record.at_ms,
+        })
     }
 
     /// Applies a post or a void. They are idempotent by their transaction rather than by request
@@ -446,7 +481,7 @@ impl Ledger {
         if let Some(seq) = self.settled_by(&command.kind) {
             return answered(Outcome::Ok, true, seq, None);
         }
-        match self.execute(&command.kind, timestamp_ms) {
+        match self.execute(command, timestamp_ms) {
             Ok(effect) => {
                 let (record, event, changes) = self.commit(command, effect, timestamp_ms);
                 Applied {
@@ -539,7 +574,8 @@ impl Ledger {
         (record, Some(event), changes)
     }
 
-    fn execute(&self, kind: &CommandKind, timestamp_ms: i64) -> Result<Effect, Rejection> {
+    fn execute(&self, command: &Command, timestamp_ms: i64) -> Result<Effect, Rejection> {
+        let kind = &command.kind;
         if let CommandKind::Reserve { owner, .. }
         | CommandKind::Post { owner, .. }
         | CommandKind::Void { owner, .. } = kind
@@ -586,7 +622,14 @@ impl Ledger {
                 legs,
                 hold_id,
                 ..
-            } => self.reserve(txn_id, *owner, legs, hold_id.as_ref(), timestamp_ms),
+            } => self.reserve(
+                command,
+                txn_id,
+                *owner,
+                legs,
+                hold_id.as_ref(),
+                timestamp_ms,
+            ),
             CommandKind::PlaceHold {
                 hold_id,
                 account_id,
@@ -855,6 +898,7 @@ impl Ledger {
 
     fn reserve(
         &self,
+        command: &Command,
         txn_id: &TxnId,
         owner: Owner,
         legs: &[Leg],
@@ -900,6 +944,11 @@ impl Ledger {
             hold_id: hold_id.cloned(),
             at_ms: timestamp_ms,
             settled_seq: 0,
+            reserved_by: Some(Reserved {
+                request_id: command.request_id.clone(),
+                fingerprint: fingerprint(&command.kind),
+                seq: self.last_seq + 1,
+            }),
         };
         Ok(Effect {
             accounts,
@@ -995,6 +1044,7 @@ impl Ledger {
                 hold_id: None,
                 at_ms: timestamp_ms,
                 settled_seq: self.last_seq + 1,
+                reserved_by: None,
             };
             return Ok(Effect {
                 transactions: vec![(txn_id.clone(), tombstone)],

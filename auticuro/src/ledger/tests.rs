@@ -1009,6 +1009,82 @@ fn a_post_or_void_resent_is_answered_by_the_two_phase_record_with_no_idempotency
 }
 
 #[test]
+fn an_accepted_reserve_keeps_its_idempotency_record_in_its_two_phase_record() {
+    let mut shard = Shard::with_customers();
+    let reserve = |amount: i128| Command {
+        request_id: RequestId::for_step(&txn("t1"), "reserve", 1),
+        kind: CommandKind::Reserve {
+            txn_id: txn("t1"),
+            owner: COORDINATOR,
+            legs: vec![leg("alice", -amount), leg("bob", amount)],
+            hold_id: None,
+            metadata: Metadata::default(),
+        },
+    };
+    let reserved = shard.ledger.apply(&reserve(30), T0);
+    assert_eq!((reserved.outcome, reserved.duplicate), (Outcome::Ok, false));
+    assert!(reserved.changes.dedup_inserted.is_none());
+    assert!(shard.ledger.dedup_record(&reserve(30).request_id).is_none());
+    // Resent while held and once posted: the first outcome, or the payload's mismatch.
+    for post_first in [false, true] {
+        if post_first {
+            assert!(shard.post("t1", COORDINATOR).outcome.is_ok());
+        }
+        let again = shard.ledger.apply(&reserve(30), T0 + 1);
+        assert_eq!(
+            (again.outcome, again.duplicate, again.seq, again.event),
+            (Outcome::Ok, true, reserved.seq, None)
+        );
+        let changed = shard.ledger.apply(&reserve(31), T0 + 1);
+        assert_eq!(
+            (changed.outcome, changed.duplicate, changed.seq),
+            (Outcome::DuplicateWithDifferentPayload, false, 0)
+        );
+        assert!(changed.changes.dedup_inserted.is_none());
+    }
+    // The same reserve under another request id is another request, refused.
+    assert_eq!(
+        shard
+            .reserve("t1", COORDINATOR, &[("alice", -30), ("bob", 30)])
+            .outcome,
+        Outcome::TransactionAlreadyReserved
+    );
+    assert_eq!((shard.balance("alice"), shard.balance("bob")), (70, 30));
+}
+
+#[test]
+fn a_refused_reserve_keeps_its_own_idempotency_record() {
+    let mut shard = Shard::with_customers();
+    let reserve = Command {
+        request_id: RequestId::for_step(&txn("t1"), "reserve", 1),
+        kind: CommandKind::Reserve {
+            txn_id: txn("t1"),
+            owner: COORDINATOR,
+            legs: vec![leg("alice", -150), leg("bob", 150)],
+            hold_id: None,
+            metadata: Metadata::default(),
+        },
+    };
+    let refused = shard.ledger.apply(&reserve, T0);
+    assert_eq!(refused.outcome, Outcome::InsufficientFunds);
+    assert!(refused.changes.dedup_inserted.is_some());
+    // Funds that arrive later do not change the answer to a resend.
+    assert!(
+        shard
+            .transfer("sys:funding:USD", "alice", 100)
+            .outcome
+            .is_ok()
+    );
+    let again = shard.ledger.apply(&reserve, T0 + 1);
+    assert_eq!(
+        (again.outcome, again.duplicate, again.event),
+        (Outcome::InsufficientFunds, true, None)
+    );
+    assert_eq!(shard.ledger.account(&id("alice")).unwrap().pending_out.0, 0);
+    assert!(shard.ledger.transaction(&txn("t1")).is_none());
+}
+
+#[test]
 fn void_of_an_unknown_transaction_writes_a_tombstone_that_rejects_a_late_reserve() {
     let mut shard = Shard::with_customers();
     assert!(shard.void("t9", COORDINATOR).outcome.is_ok());
